@@ -1,0 +1,272 @@
+"""Typed run configuration: loaded from TOML, overridden by ``--set a.b=c``, validated once.
+
+Every field has a docstring with its unit; ``shardwise train --help-config`` prints them.
+Inside the library the validated models are trusted; all checks that need the world size
+(parallel degrees, batch divisibility) live in `resolve_batch` and
+`shardwise.distributed.dims.ParallelDims`, and run before any process group exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shardwise.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = "gpt"
+    """Registered model name (see `shardwise.registry.MODELS`)."""
+    preset: str = "tiny"
+    """Size preset of the model: tiny, mini, small, medium, large, xl."""
+    n_layers: int | None = Field(None, ge=1)
+    """Transformer blocks; overrides the preset."""
+    d_model: int | None = Field(None, ge=1)
+    """Hidden size in elements; overrides the preset."""
+    n_heads: int | None = Field(None, ge=1)
+    """Attention heads; must divide d_model; overrides the preset."""
+    d_ff: int | None = Field(None, ge=1)
+    """MLP hidden size in elements; default 4*d_model (GELU) or 8/3*d_model (SwiGLU)."""
+    vocab_size: int = Field(256, ge=2)
+    """Vocabulary size in tokens (256 for the byte-level tokenizer)."""
+    positions: Literal["rope", "learned"] = "rope"
+    """Position encoding: rotary (rope) or a learned table (learned)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP flavour."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability (0 keeps runs bit-reproducible across layouts)."""
+    init_std: float = Field(0.02, gt=0.0)
+    """Standard deviation of the normal weight init."""
+
+
+class DataConfig(_Section):
+    source: Literal["embedded", "file"] = "embedded"
+    """embedded: Python standard library source text (no download); file: `path`."""
+    path: str | None = None
+    """Local .txt or .jsonl file (or a directory of them) when source = "file"."""
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    """File format; auto picks by extension."""
+    jsonl_field: str = "text"
+    """Field holding the text in each JSON line."""
+    seq_len: int = Field(128, ge=2)
+    """Tokens per training sequence."""
+    max_bytes: int = Field(8_000_000, ge=1)
+    """Upper bound on corpus bytes read into memory."""
+
+
+class ParallelConfig(_Section):
+    dp_replicate: int = Field(1, ge=1)
+    """Data-parallel replicas (replicated model states, across nodes)."""
+    dp_shard: int = Field(-1, ge=-1)
+    """Data-parallel shard degree; -1 = whatever the other degrees leave of the world size."""
+    pp: int = Field(1, ge=1)
+    """Pipeline stages."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree."""
+    sp: int = Field(1, ge=1)
+    """Sequence-parallel degree (ring attention / Ulysses)."""
+    tp_mode: Literal["1d", "2d", "2.5d", "3d"] = "1d"
+    """Tensor-parallel layout."""
+    tp_depth: int = Field(1, ge=1)
+    """Depth d of the 2.5D layout."""
+
+
+class PrecisionConfig(_Section):
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Parameter and compute dtype; auto asks the accelerator (bf16 where fast, else fp32)."""
+    reduce_dtype: Literal["fp32", "param"] = "fp32"
+    """Dtype gradients are reduced in: fp32, or the parameter dtype."""
+    initial_scale: float = Field(2.0**16, gt=0)
+    """fp16 only: initial loss scale."""
+    growth_interval: int = Field(1000, ge=1)
+    """fp16 only: clean steps before the loss scale doubles."""
+    hysteresis: int = Field(2, ge=1)
+    """fp16 only: the h-th overflow (not necessarily consecutive) halves the loss scale."""
+    min_scale: float = Field(1.0, gt=0)
+    """fp16 only: the loss scale never goes below this."""
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay for matrices (biases, norms and embeddings get none)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up, in optimizer steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip; 0 disables."""
+
+
+class TrainingConfig(_Section):
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    micro_batch: int = Field(8, ge=1)
+    """Sequences per rank per forward/backward."""
+    global_batch: int | None = Field(None, ge=1)
+    """Sequences per optimizer step over all data-parallel ranks; default micro_batch * dp."""
+    seed: int = 1234
+    """Seed of model init and data order."""
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    """Recompute block activations in backward: none, every block, or every n-th block."""
+    checkpoint_every_n: int = Field(2, ge=1)
+    """n for activation_checkpointing = every_n."""
+
+
+class DistributedConfig(_Section):
+    timeout_s: float = Field(300.0, gt=0)
+    """Seconds a collective may wait before every rank aborts with a message."""
+    bucket_mb: float = Field(25.0, gt=0)
+    """Gradient bucket size in MiB (one collective per bucket)."""
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Save every this many steps; 0 = only at the end."""
+    keep: int = Field(2, ge=1)
+    """Most recent checkpoints kept."""
+
+
+class LogConfig(_Section):
+    every: int = Field(10, ge=1)
+    """Steps between progress-line refreshes (metrics.jsonl gets every step)."""
+    progress: bool = True
+    """Show the progress bar."""
+
+
+class Config(_Section):
+    """The whole run. Sections mirror the TOML tables."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Validate a nested dict; errors become one-line `ConfigError`s."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_describe(err)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+        """Load TOML (or start from defaults when `path` is None), then apply overrides."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            file = Path(path)
+            if not file.is_file():
+                raise ConfigError(f"config file {str(file)!r} does not exist")
+            try:
+                raw = tomllib.loads(file.read_text())
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+        for item in overrides:
+            _apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (unset optional fields are left out)."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields of some sections changed: ``cfg.replace(train={"steps": 5})``."""
+        raw = self.model_dump()
+        for name, fields in sections.items():
+            raw[name].update(fields)
+        return Config.from_dict(raw)
+
+
+def resolve_batch(train: TrainingConfig, dp_degree: int) -> int:
+    """Micro-batches accumulated per optimizer step, checked against the global batch."""
+    per_step = train.micro_batch * dp_degree
+    global_batch = train.global_batch or per_step
+    if global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={global_batch} is not divisible by micro_batch x dp = "
+            f"{train.micro_batch} x {dp_degree} = {per_step}; use a multiple of {per_step}"
+        )
+    return global_batch // per_step
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+    node[leaf] = _parse_value(text.strip())
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (``3``, ``1e-3``, ``true``, ``[0.9, 0.95]``, ``"x"``) or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return _unknown_key(first["loc"])
+    value = first.get("input")
+    return f"{where}={value!r}: {first['msg'].lower()}"
+
+
+def _unknown_key(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    valid = list(model.model_fields)
+    name = ".".join(str(p) for p in loc)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+    return f"unknown config key {name!r}; {hint or 'valid keys: ' + ', '.join(valid)}"
+
+
+def config_reference() -> str:
+    """Markdown table of every config key with its default and docstring (docs/config.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `shardwise.config.config_reference()`; a test keeps it in sync.",
+        "Set keys in a TOML file (`[section]` tables) or with `--set section.key=value`.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for section, field in Config.model_fields.items():
+        for name, info in field.annotation.model_fields.items():
+            default = "unset" if info.default is None else f"`{info.default!r}`"
+            lines.append(f"| `{section}.{name}` | {default} | {info.description} |")
+    return "\n".join(lines) + "\n"
