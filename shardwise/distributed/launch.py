@@ -1,0 +1,470 @@
+"""Starting ranks and reporting how they ended: `shardwise run` and `train --nproc N`.
+
+Both go through torch's elastic agent (the machinery behind ``torchrun``), never a home-made
+launcher, so everything torchrun supports (multi-node rendezvous, ``--nnodes``,
+``--rdzv-endpoint``, restarts) keeps working.
+
+Parent side:
+    `launch(entry_module, args, nproc)` runs ``python -m entry_module *args`` on ``nproc`` local
+    ranks with a standalone rendezvous; `run_torchrun(argv)` hands a torchrun command line to
+    `torch.distributed.run`. Either raises one `LaunchError` with one line per failed rank.
+
+Worker side:
+    `init_worker(timeout_s)` joins the process group with the collective timeout;
+    `run_worker(main)` turns whatever ended ``main`` into one line and an exit code.
+
+Multi-node under Slurm (one agent per node; the first node hosts the rendezvous)::
+
+    #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    srun shardwise run --nnodes=$SLURM_NNODES --nproc-per-node=8 \\
+        --rdzv-backend=c10d --rdzv-endpoint=$head:29500 --rdzv-id=$SLURM_JOB_ID \\
+        -- train.py --config gpt-small.toml
+
+[Note: how a rank's failure reaches the user]
+A failing worker (inside `run_worker`) prints ``shardwise: error: rank R: <line>`` on its
+stderr and writes the same line to the error file the elastic agent gave it
+(``TORCHELASTIC_ERROR_FILE``, torch's "string message" format). The agent stops the other
+ranks (SIGTERM, then SIGKILL after `_SHUTDOWN_TIMEOUT_S`) and raises ``ChildFailedError``
+carrying every failed rank's exit code and error file; `_summarize` turns that into the
+`LaunchError`. A rank that died without writing a file (``os._exit``, a signal, a script not
+wrapped by `run_worker`) is described by its exit code or signal alone. torch's own logging
+and its framed ``ChildFailedError`` report are silenced for the duration of the launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn
+
+from shardwise.errors import LaunchError, ShardwiseError
+
+_SHUTDOWN_TIMEOUT_S = 5
+"""Seconds the agent waits after SIGTERM before it SIGKILLs the surviving ranks."""
+
+_TORCH_LAUNCH_LOGGERS = (
+    "torch.distributed.elastic",
+    "torch.distributed.launcher",
+    "torch.distributed.run",
+)
+"""Prefixes of the loggers torch's launcher logs through (silenced during a launch)."""
+_TORCH_LAZY_LOGGER_MODULES = (
+    "torch.distributed.elastic.rendezvous.c10d_rendezvous_backend",
+    "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
+    "torch.distributed.elastic.rendezvous.static_tcp_rendezvous",
+    "torch.distributed.launcher.api",
+    "torch.distributed.run",
+)
+"""Modules the agent imports only when it needs them; their loggers are silenced too."""
+_AGENT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+"""Signals the elastic agent installs handlers for (its default ``signals_to_handle``)."""
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it; it may be taken later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a server could not bind ``port`` on all interfaces right now.
+
+    SO_REUSEADDR mirrors torch's TCPStore, so lingering TIME_WAIT connections do not count.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def launch(
+    entry_module: str,
+    args: list[str],
+    nproc: int,
+    *,
+    master_port: int | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run ``python -m entry_module *args`` on ``nproc`` local ranks and wait for all of them.
+
+    The rendezvous store listens on ``master_port``, or on a port the OS picks. ``env`` is
+    added to the ranks' environment. Rank output goes straight to this process's stdout and
+    stderr. Raises `LaunchError` before starting anything when the options are unusable,
+    and once, with one line per failed rank, when a rank fails.
+    """
+    if nproc < 1:
+        raise LaunchError(f"--nproc={nproc} must be at least 1")
+    if master_port is not None and port_in_use(master_port):
+        raise LaunchError(
+            f"port {master_port} is already in use; pass another --master-port or leave it "
+            "out to pick a free one"
+        )
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    rank_env = dict(env or {})
+    if nproc > 1:  # torchrun's default too: N ranks with N threads each oversubscribe a CPU
+        rank_env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    with _error_dir() as log_dir:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"localhost:{master_port or 0}",  # 0: the store binds a free port
+            max_restarts=0,
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir, **rank_env}):
+            elastic_launch(config, sys.executable)("-u", "-m", entry_module, *args)
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """``shardwise run [torchrun args] -- script.py [script args]``: torchrun, summarised.
+
+    ``argv`` is parsed by `torch.distributed.run` itself; the return value is the exit code
+    (0), failures raise `LaunchError` as in `launch`.
+    """
+    from torch.distributed import run as torchrun
+
+    options = torchrun.parse_args(argv)
+    script = options.training_script
+    if not (options.module or options.no_python) and not Path(script).is_file():
+        raise LaunchError(f"script {script!r} does not exist")
+    with _error_dir(options.log_dir) as log_dir:
+        options.log_dir = log_dir
+        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir}):
+            torchrun.run(options)
+    return 0
+
+
+@contextlib.contextmanager
+def _error_dir(chosen: str | None = None) -> Iterator[str]:
+    """Where ranks leave error files and tracebacks: ``chosen``, or a temporary folder.
+
+    A temporary folder is removed afterwards unless it holds a traceback named to the user.
+    """
+    folder = chosen or tempfile.mkdtemp(prefix="shardwise-launch-")
+    try:
+        yield folder
+    finally:
+        if not chosen and not any(Path(folder).rglob("*.traceback")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _agent_scope(rank_env: dict[str, str]) -> Iterator[None]:
+    """Run the elastic agent quietly and leave this process as it found it.
+
+    The agent reads the ranks' environment from ``os.environ``, writes to it
+    (``TORCHELASTIC_SIGNALS_TO_HANDLE``, ``OMP_NUM_THREADS``) and installs signal handlers;
+    all three are restored on the way out. Its exceptions become `LaunchError`s.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+    saved_env = dict(os.environ)
+    saved_signals = _save_signal_handlers()
+    os.environ.update(rank_env)
+    try:
+        with _quiet_torch_logging():
+            yield
+    except ChildFailedError as err:
+        raise LaunchError(_summarize(err.failures)) from None
+    except RendezvousError as err:
+        raise LaunchError(f"rendezvous failed: {type(err).__name__}: {err}") from None
+    except SignalException as err:
+        if err.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise LaunchError(f"stopped by {err.sigval.name}; every rank was stopped") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+
+
+def _save_signal_handlers() -> dict[int, object]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # the agent only installs handlers from the main thread
+    signums = [getattr(signal, name) for name in _AGENT_SIGNALS if hasattr(signal, name)]
+    return {signum: signal.getsignal(signum) for signum in signums}
+
+
+@contextlib.contextmanager
+def _quiet_torch_logging() -> Iterator[None]:
+    """Raise every torch launcher logger to CRITICAL while the agent runs.
+
+    torch gives each of its modules its own logger with its own level (from ``LOGLEVEL``),
+    so the parent logger's level does not reach them; set each one, after importing the
+    modules whose loggers would otherwise appear only once the launch has started.
+    """
+    for module in _TORCH_LAZY_LOGGER_MODULES:
+        importlib.import_module(module)
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(_TORCH_LAUNCH_LOGGERS)]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
+_NO_MESSAGE = ("", "<NONE>")
+"""Messages of a rank that wrote no error file (``<NONE>`` is torch's placeholder)."""
+_STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
+"""Exit codes of ranks the agent stopped because another rank failed."""
+
+
+def _summarize(failures: dict) -> str:
+    """One line per failed rank (``{global rank: ProcessFailure}``), root causes first.
+
+    The agent also reports the ranks it stopped itself (SIGTERM, then SIGKILL); those get
+    one common last line, since the rank that never joined a collective is among them.
+    A rank that only lost its peer (``peer_closed`` in its error file) comes after the rank
+    that went away.
+    """
+    failed, stopped = [], []
+    for rank, failure in failures.items():
+        data = _error_data(failure)
+        if not data and failure.exitcode in _STOP_SIGNALS:
+            stopped.append(rank)
+        else:
+            stamp = data.get("timestamp", failure.timestamp)
+            key = (bool(data.get("peer_closed")), float(stamp), rank)
+            failed.append((key, _describe_failure(rank, failure, data)))
+    if not failed:  # someone else stopped the ranks: that is the news
+        return "\n".join(f"rank {r} was stopped by {failures[r].signal_name()}" for r in stopped)
+    lines = [line for _, line in sorted(failed)]
+    if stopped:
+        ranks = ", ".join(map(str, sorted(stopped)))
+        lines.append(
+            f"rank {ranks} was still running; the launcher stopped it"
+            if len(stopped) == 1
+            else f"ranks {ranks} were still running; the launcher stopped them"
+        )
+    return "\n".join(lines)
+
+
+def _error_data(failure: object) -> dict:
+    """The rank's error file as a dict, empty when it wrote none."""
+    data = getattr(failure, "error_file_data", None) or {}
+    message = data.get("message")
+    return {} if message is None or message in _NO_MESSAGE else data
+
+
+def _describe_failure(rank: int, failure: object, data: dict) -> str:
+    message = data.get("message")
+    if isinstance(message, dict):  # written by torch's @record: first line + where the rest is
+        first = (str(message.get("message", "")).strip().splitlines() or ["?"])[0]
+        message = f"{first} (traceback in {failure.error_file})"
+    if failure.exitcode in _STOP_SIGNALS and message:
+        # The rank had reported its failure and was stopped while exiting: its own code.
+        code = data.get("exit_code")
+        head = f"rank {rank} exited with code {code}" if code else f"rank {rank} failed"
+        return f"{head}: {message}"
+    if failure.exitcode < 0:
+        head = f"rank {rank} was killed by signal {failure.signal_name()}"
+    else:
+        head = f"rank {rank} exited with code {failure.exitcode}"
+    return f"{head}: {message}" if message else f"{head} without an error message (see its output)"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank, 0 .. world_size - 1."""
+    local_rank: int
+    """Rank on this node; picks the device."""
+    world_size: int
+    """Number of ranks in the job."""
+
+
+_collective_timeout_s: float | None = None
+"""This process's collective timeout, kept by `init_worker` for `run_worker`'s message."""
+
+
+def init_worker(timeout_s: float) -> WorkerInfo:
+    """Join the job's process group; a collective raises after ``timeout_s`` seconds.
+
+    Reads the variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) and binds this process to its device first.
+    """
+    global _collective_timeout_s
+    import torch.distributed as dist
+
+    from shardwise.accelerator import get_accelerator
+
+    try:
+        info = WorkerInfo(
+            rank=int(os.environ["RANK"]),
+            local_rank=int(os.environ["LOCAL_RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    except KeyError as err:
+        raise LaunchError(
+            f"environment variable {err.args[0]} is not set; start this program with "
+            "`shardwise run` or `shardwise train --nproc N`"
+        ) from None
+    accelerator = get_accelerator()
+    accelerator.set_device(info.local_rank)
+    # The timeout given here is the one a blocked collective honours (gloo reads it per op).
+    dist.init_process_group(accelerator.backend, timeout=timedelta(seconds=timeout_s))
+    _collective_timeout_s = timeout_s
+    return info
+
+
+def run_worker(main: Callable[[], None]) -> NoReturn:
+    """Run ``main()`` on this rank and exit: 0 on success, 2 on a `ShardwiseError`, else 1.
+
+    A failure is printed as one line, ``shardwise: error: rank R: ...``, and written to the
+    agent's error file (see [Note: how a rank's failure reaches the user]). An unexpected
+    exception's traceback goes to a file named in that line; ``SHARDWISE_DEBUG=1`` prints
+    every traceback. The process group is destroyed however ``main`` ends.
+    """
+    try:
+        main()
+        code = 0
+    except KeyboardInterrupt:  # Ctrl-C reached every rank; the launcher reports it once
+        code = 130
+    except Exception as err:  # noqa: BLE001 - every failure is reported, then the rank exits
+        code = _report_failure(err)
+    finally:
+        _destroy_process_group()
+    sys.exit(code)
+
+
+def _report_failure(err: Exception) -> int:
+    rank = os.environ.get("RANK", "?")
+    if isinstance(err, ShardwiseError):
+        line, code = " ".join(str(err).split("\n")), 2
+    elif _is_collective_failure(err):
+        line, code = _describe_collective_failure(err), 1
+    else:
+        path = _write_traceback(rank, err)
+        line, code = f"{type(err).__name__}: {_first_line(err)} (traceback in {path})", 1
+    if os.environ.get("SHARDWISE_DEBUG") == "1":
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"shardwise: error: rank {rank}: {line}", file=sys.stderr, flush=True)
+    _write_error_file(line, exit_code=code, peer_closed=_is_peer_closed(err))
+    return code
+
+
+# Phrases of transport failures that surface as plain RuntimeErrors (gloo raises those).
+_TRANSPORT_FAILURES = ("timed out", "closed by peer", "reset by peer", "broken pipe")
+_CLOSED_BY_PEER = ("closed by peer", "reset by peer", "broken pipe")
+
+
+def _is_collective_failure(err: Exception) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):
+        return True
+    text = _first_line(err).lower()
+    return isinstance(err, RuntimeError) and any(p in text for p in _TRANSPORT_FAILURES)
+
+
+def _describe_collective_failure(err: Exception) -> str:
+    from shardwise.distributed.comm import last_collective
+
+    name = last_collective()
+    subject = f"collective {name}" if name else "a collective outside shardwise.distributed.comm"
+    first = _first_line(err)
+    if "timed out" in first.lower() and _collective_timeout_s is not None:
+        return (
+            f"{subject} timed out after {_collective_timeout_s:g} s: another rank never "
+            "joined it (raise distributed.timeout_s if that rank is only slow)"
+        )
+    if _is_peer_closed(err):
+        return f"{subject} failed: another rank closed its connection (it probably failed)"
+    return f"{subject} failed: {first}"
+
+
+def _is_peer_closed(err: Exception) -> bool:
+    return _is_collective_failure(err) and any(
+        p in _first_line(err).lower() for p in _CLOSED_BY_PEER
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error, without the ``[file.cc:123] `` prefix of C++ errors."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else type(err).__name__
+    return re.sub(r"^\[[^\]]+:\d+\]\s*", "", first)
+
+
+def _write_traceback(rank: str, err: BaseException) -> str:
+    agent_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    folder = os.environ.get("SHARDWISE_ERROR_DIR") or (
+        os.path.dirname(agent_file) if agent_file else tempfile.gettempdir()
+    )
+    path = os.path.join(folder, f"rank{rank}.traceback")
+    with open(path, "w") as file:
+        file.write("".join(traceback.format_exception(err)))
+    return path
+
+
+def _write_error_file(line: str, *, exit_code: int, peer_closed: bool) -> None:
+    """Hand the line to the agent in torch's string-message error-file format.
+
+    Two fields are ours (torch ignores them): ``exit_code``, since the agent may stop this
+    rank with SIGTERM while it exits, and ``peer_closed``, which tells `_summarize` that the
+    failure only follows another rank's.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {
+            "message": line,
+            "timestamp": time.time(),
+            "exit_code": exit_code,
+            "peer_closed": peer_closed,
+        }
+        with open(path, "w") as file:
+            json.dump(record, file)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # the failure being reported matters more
+            dist.destroy_process_group()

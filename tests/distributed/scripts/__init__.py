@@ -1,0 +1,1 @@
+"""Programs the launcher tests start on several ranks: ``python -m tests.distributed.scripts.X``."""

@@ -1,0 +1,307 @@
+"""Tests of shardwise/distributed/launch.py.
+
+Logic (ports, the failure summary, `run_worker`'s classification) is tested in this process;
+the launcher itself with real 2-rank jobs through torch's elastic agent. Each job runs under
+a SIGALRM deadline: the agent shuts its ranks down on any exception, so a hang becomes a
+failure, not a stuck test run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from shardwise.distributed import launch as launch_mod
+from shardwise.distributed.launch import (
+    free_port,
+    init_worker,
+    launch,
+    port_in_use,
+    run_torchrun,
+    run_worker,
+)
+from shardwise.errors import ConfigError, LaunchError
+
+REPO = str(Path(__file__).resolve().parents[2])
+SCRIPTS = "tests.distributed.scripts"
+JOB_DEADLINE_S = 60
+"""A job still running after this long is interrupted (its ranks are stopped) and fails."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    def expire(signum, frame):
+        raise TimeoutError(f"job still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_job(module: str, *args: str, nproc: int = 2) -> tuple[float, LaunchError | None]:
+    """Launch ``module`` on ``nproc`` ranks; the seconds it took and its error, if any."""
+    start = time.monotonic()
+    try:
+        with deadline(JOB_DEADLINE_S):
+            launch(f"{SCRIPTS}.{module}", list(args), nproc, env={"PYTHONPATH": REPO})
+    except LaunchError as err:
+        return time.monotonic() - start, err
+    return time.monotonic() - start, None
+
+
+_EARLIER_CHILDREN: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _note_earlier_children():
+    """Children that exist before a test (other modules' pools, multiprocessing's resource
+    tracker) are not the launcher's."""
+    _EARLIER_CHILDREN.clear()
+    _EARLIER_CHILDREN.update(_all_child_pids())
+
+
+def child_pids() -> list[int]:
+    """Children started during this test and still alive (ranks the agent left behind)."""
+    return [pid for pid in _all_child_pids() if pid not in _EARLIER_CHILDREN]
+
+
+def _all_child_pids() -> list[int]:
+    me, found = str(os.getpid()), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                found.append(int(entry.name))
+    return found
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_port_in_use_sees_a_listening_socket():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert port_in_use(sock.getsockname()[1])
+    port = free_port()
+    assert 0 < port < 65536 and not port_in_use(port)
+
+
+def test_busy_master_port_fails_before_anything_starts():
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(LaunchError) as info:
+            launch(f"{SCRIPTS}.allreduce_ok", [], 2, master_port=port)
+    assert str(info.value) == (
+        f"port {port} is already in use; pass another --master-port or leave it out to pick "
+        "a free one"
+    )
+    assert time.monotonic() - start < 1.0 and not child_pids()
+
+
+def test_nproc_below_one_is_refused():
+    with pytest.raises(LaunchError, match=r"^--nproc=0 must be at least 1$"):
+        launch(f"{SCRIPTS}.allreduce_ok", [], 0)
+
+
+def test_run_torchrun_missing_script():
+    with pytest.raises(LaunchError, match=r"^script 'no_such_script\.py' does not exist$"):
+        run_torchrun(["--nproc-per-node", "2", "--", "no_such_script.py", "--lr", "3"])
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def failure(exitcode: int, message=None, timestamp: float = 100.0, **extra) -> SimpleNamespace:
+    """Stand-in for torch's ProcessFailure (``<NONE>``: the rank wrote no error file)."""
+    data = {"message": "<NONE>"} if message is None else {"message": message, **extra}
+    if isinstance(message, str):
+        data.setdefault("timestamp", timestamp)
+    names = {-signal.SIGTERM: "SIGTERM", -signal.SIGKILL: "SIGKILL", -signal.SIGSEGV: "SIGSEGV"}
+    return SimpleNamespace(
+        exitcode=exitcode,
+        error_file_data=data,
+        error_file="/logs/0/error.json",
+        timestamp=int(timestamp),
+        signal_name=lambda: names.get(exitcode, "<N/A>"),
+    )
+
+
+def test_summary_puts_the_root_cause_first_and_the_stopped_ranks_last():
+    summary = launch_mod._summarize(
+        {
+            0: failure(
+                1, "collective x failed: another rank closed its connection", 99.0, peer_closed=True
+            ),
+            1: failure(2, "parallel.tp=3 does not divide n_heads=8", 100.5),
+            2: failure(-signal.SIGTERM),
+            3: failure(-signal.SIGKILL),
+        }
+    )
+    assert summary.splitlines() == [
+        "rank 1 exited with code 2: parallel.tp=3 does not divide n_heads=8",
+        "rank 0 exited with code 1: collective x failed: another rank closed its connection",
+        "ranks 2, 3 were still running; the launcher stopped them",
+    ]
+
+
+def test_summary_of_ranks_without_a_message():
+    summary = launch_mod._summarize(
+        {
+            1: failure(3),
+            0: failure(-signal.SIGSEGV),
+            2: failure(-signal.SIGTERM, "lost a peer"),  # stopped while exiting after a failure
+            4: failure(-signal.SIGTERM, "config is wrong", 101.0, exit_code=2),
+            3: failure(1, {"message": "ValueError: bad\nmore", "extraInfo": {"timestamp": "100"}}),
+        }
+    ).splitlines()
+    assert summary == [
+        "rank 0 was killed by signal SIGSEGV without an error message (see its output)",
+        "rank 1 exited with code 3 without an error message (see its output)",
+        "rank 2 failed: lost a peer",
+        "rank 3 exited with code 1: ValueError: bad (traceback in /logs/0/error.json)",
+        "rank 4 exited with code 2: config is wrong",
+    ]
+    only_stopped = launch_mod._summarize({0: failure(-signal.SIGTERM)})
+    assert only_stopped == "rank 0 was stopped by SIGTERM"
+
+
+# --------------------------------------------------------------------------- run_worker
+
+
+@pytest.fixture
+def worker_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("SHARDWISE_ERROR_DIR", str(tmp_path))
+    monkeypatch.delenv("SHARDWISE_DEBUG", raising=False)
+    return tmp_path
+
+
+def run_worker_here(main) -> int:
+    with pytest.raises(SystemExit) as info:
+        run_worker(main)
+    return info.value.code
+
+
+def raiser(err: Exception):
+    def main() -> None:
+        raise err
+
+    return main
+
+
+def test_run_worker_exit_codes_and_lines(worker_env, capsys, monkeypatch):
+    assert run_worker_here(lambda: None) == 0
+    assert not (worker_env / "error.json").exists()
+
+    assert run_worker_here(raiser(ConfigError("data.seq_len=0: must be >= 2"))) == 2
+    assert capsys.readouterr().err == "shardwise: error: rank 1: data.seq_len=0: must be >= 2\n"
+    record = json.loads((worker_env / "error.json").read_text())
+    assert record["message"] == "data.seq_len=0: must be >= 2" and record["exit_code"] == 2
+    assert not record["peer_closed"]
+
+    monkeypatch.setattr(launch_mod, "_collective_timeout_s", 3.0)
+    timeout = RuntimeError("[../gloo/unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
+    assert run_worker_here(raiser(timeout)) == 1
+    line = capsys.readouterr().err
+    assert line.startswith("shardwise: error: rank 1: ") and "timed out after 3 s" in line
+    assert line.count("\n") == 1
+
+    closed = RuntimeError("[../gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:1. Bye")
+    assert run_worker_here(raiser(closed)) == 1
+    assert "another rank closed its connection" in capsys.readouterr().err
+    assert json.loads((worker_env / "error.json").read_text())["peer_closed"]
+
+
+def test_run_worker_writes_the_traceback_of_an_unexpected_error(worker_env, capsys, monkeypatch):
+    assert run_worker_here(raiser(ValueError("bad value"))) == 1
+    path = worker_env / "rank1.traceback"
+    assert capsys.readouterr().err == (
+        f"shardwise: error: rank 1: ValueError: bad value (traceback in {path})\n"
+    )
+    text = path.read_text()
+    assert text.startswith("Traceback") and "in main" in text and "ValueError: bad value" in text
+
+    monkeypatch.setenv("SHARDWISE_DEBUG", "1")
+    assert run_worker_here(raiser(ValueError("bad value"))) == 1
+    assert capsys.readouterr().err.startswith("Traceback")
+
+
+def test_init_worker_outside_a_launch(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LaunchError, match="RANK is not set; start this program with"):
+        init_worker(timeout_s=5)
+
+
+# --------------------------------------------------------------------------- real jobs
+
+
+def test_two_ranks_all_reduce(capfd):
+    seconds, error = run_job("allreduce_ok")
+    assert error is None
+    assert "allreduce ok: sum=3 world_size=2" in capfd.readouterr().out
+    assert not child_pids()
+    print(f"2-rank job: {seconds:.1f} s")
+
+
+def test_rank_exiting_abruptly_stops_the_job():
+    seconds, error = run_job("rank1_fails", "exit")
+    assert error is not None and seconds < 20, seconds
+    lines = str(error).splitlines()
+    assert lines[0] == "rank 1 exited with code 3 without an error message (see its output)"
+    assert "another rank closed its connection" in str(error)  # rank 0 was in the all_reduce
+    assert not child_pids()
+
+
+def test_collective_timeout_names_the_rank_and_the_collective():
+    seconds, error = run_job("rank1_fails", "sleep", "3")
+    assert error is not None and 3 < seconds < 20, seconds
+    lines = str(error).splitlines()
+    assert lines[0].startswith("rank 0 exited with code 1: ")
+    assert "timed out after 3 s: another rank never joined it" in lines[0]
+    assert "collective all_reduce on " in lines[0]  # comm's name of the pending collective
+    assert lines[-1] == "rank 1 was still running; the launcher stopped it"  # slept 30 s
+    assert not child_pids()
+
+
+def test_shardwise_error_on_a_rank_reaches_the_launch_error():
+    _, error = run_job("rank1_fails", "config")
+    assert error is not None
+    assert str(error).splitlines()[0] == (
+        "rank 1 exited with code 2: parallel.tp=3 does not divide n_heads=8; use 1, 2, 4 or 8"
+    )
+
+
+def test_run_torchrun_reports_a_crash_with_its_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    script = str(Path(REPO, *SCRIPTS.split("."), "rank1_fails.py"))
+    argv = ["--nproc-per-node=2", "--log-dir", str(tmp_path), "--", script, "crash"]
+    env_before, sigterm_before = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    with deadline(JOB_DEADLINE_S), pytest.raises(LaunchError) as info:
+        run_torchrun(argv)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("rank 1 ") and "ValueError: bad value in user code" in first
+    traceback_file = Path(first.split("(traceback in ")[1].rstrip(")"))
+    assert traceback_file.parent == tmp_path and "ValueError" in traceback_file.read_text()
+    assert dict(os.environ) == env_before  # the agent's writes are undone
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
