@@ -1,0 +1,270 @@
+"""The training engine: forward, backward, optimizer step, on a data-parallel mesh.
+
+`initialize(model, optimizer_factory, config)` returns an `Engine`. `train_step(batch)` runs
+a whole optimizer step (all micro-batches of gradient accumulation); DeepSpeed-style loops
+call `forward`, `backward(loss)` and `step()` per micro-batch instead, and `step()` acts at
+the accumulation boundary only.
+
+The engine composes: activation checkpointing, the precision policy (parameters in the
+compute dtype, fp32 master weights for the optimizer, loss scaling for fp16), the bucketed
+`GradReducer` (the only place gradients are communicated) and global-norm clipping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from shardwise.accelerator import get_accelerator
+from shardwise.activation_checkpointing import apply_activation_checkpointing
+from shardwise.config import Config, resolve_batch
+from shardwise.distributed import comm
+from shardwise.distributed.dims import ParallelDims, dp_mesh
+from shardwise.distributed.reducer import GradReducer
+from shardwise.errors import ConfigError, TrainingError
+from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
+from shardwise.precision import make_loss_scaler, policy_from_config
+
+log = logging.getLogger("shardwise")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+
+
+def check_supported(dims: ParallelDims) -> None:
+    """Reject degrees this version cannot run yet, before any process waits on them."""
+    for name in ("pp", "tp", "sp"):
+        degree = getattr(dims, name)
+        if degree > 1:
+            raise ConfigError(
+                f"parallel.{name}={degree} is not supported yet; "
+                f"this version trains with data parallelism only (parallel.{name}=1)"
+            )
+
+
+class Engine:
+    """Trains `model` with data parallelism over the mesh's ``dp`` axis."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        config: Config,
+        mesh: object | None,
+        loss_fn: LossFn = cross_entropy_loss,
+    ) -> None:
+        self.config = config
+        self.accelerator = get_accelerator()
+        self.policy = policy_from_config(config.precision, self.accelerator)
+        self.loss_fn = loss_fn
+        self.dp_mesh = dp_mesh(mesh) if mesh is not None else None
+        self.dp_size = self.dp_mesh.size() if mesh is not None else 1
+        self.grad_accum = resolve_batch(config.train, self.dp_size)
+
+        apply_activation_checkpointing(
+            model, config.train.activation_checkpointing, config.train.checkpoint_every_n
+        )
+        local_rank = int(dist.get_rank()) if dist.is_initialized() else 0
+        self.device = self.accelerator.device(local_rank)
+        self.model = model.to(device=self.device, dtype=self.policy.param_dtype)
+        self._broadcast_from_first_rank()
+
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.reducer = GradReducer(
+            self.params,
+            group=self.dp_mesh,
+            group_size=self.dp_size,
+            bucket_bytes=int(config.distributed.bucket_mb * 2**20),
+            reduce_dtype=self.policy.reduce_dtype,
+            result_dtype=self.policy.master_dtype,
+        )
+        self.masters = self._make_master_weights()
+        groups = _map_groups(param_groups(self.model, config.optim.weight_decay), self.masters)
+        self.optimizer = optimizer_factory(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(config.optim, config.train.steps)
+        )
+        self.scaler = make_loss_scaler(self.policy, config.precision)
+        self.global_step = 0
+        self.last_grad_norm = 0.0
+        self._micro_step = 0
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _broadcast_from_first_rank(self) -> None:
+        """Start every replica from rank 0's weights, as DDP does, whatever the init."""
+        if self.dp_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+                comm.broadcast_(tensor, 0, self.dp_mesh)
+
+    def _make_master_weights(self) -> dict[int, nn.Parameter]:
+        """Optimizer-side parameter per model parameter; its grad is the reduced gradient.
+
+        With fp32 parameters the master is the parameter itself (no copy).
+        """
+        masters = {}
+        for param in self.params:
+            if self.policy.needs_master_weights:
+                master = nn.Parameter(param.detach().to(self.policy.master_dtype))
+            else:
+                master = param
+            master.grad = self.reducer.reduced_grad(param)
+            masters[id(param)] = master
+        return masters
+
+    # -- the three-call loop -----------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs.to(self.device, non_blocking=True))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; the last micro-batch of a step reduces gradients."""
+        sync = self._micro_step == self.grad_accum - 1
+        self.reducer.prepare(sync=sync)
+        scaled = loss / self.grad_accum
+        if self.scaler is not None:
+            scaled = self.scaler.scale_loss(scaled)
+        scaled.backward()
+        if sync:
+            self.reducer.finish()
+        self._micro_step += 1
+
+    def step(self) -> bool:
+        """Optimizer step at the accumulation boundary; returns whether weights changed."""
+        if self._micro_step < self.grad_accum:
+            return False
+        flats = self.reducer.reduced_flat()
+        should_step = True
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale_and_check_(flats)
+            should_step = self.scaler.update(found_inf)
+        if should_step:
+            self.last_grad_norm = _clip_global_norm_(flats, self.config.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self._copy_masters_to_params()
+        self.reducer.zero_grad()
+        self._micro_step = 0
+        self.global_step += 1
+        return should_step
+
+    def _copy_masters_to_params(self) -> None:
+        if not self.policy.needs_master_weights:
+            return
+        with torch.no_grad():
+            for param in self.params:
+                param.copy_(self.masters[id(param)])
+
+    # -- one call per step -------------------------------------------------------------
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """One optimizer step on this rank's rows of the global batch; returns the mean loss
+        over the whole global batch (all micro-batches, all data-parallel ranks)."""
+        inputs, targets = batch
+        if inputs.shape[0] % self.grad_accum:
+            raise ConfigError(
+                f"batch of {inputs.shape[0]} rows does not split into "
+                f"{self.grad_accum} micro-batches of train.micro_batch"
+            )
+        loss_sum = torch.zeros((), device=self.device)
+        targets = targets.to(self.device, non_blocking=True)
+        for micro_in, micro_tgt in zip(
+            inputs.chunk(self.grad_accum), targets.chunk(self.grad_accum), strict=True
+        ):
+            loss = self.loss_fn(self.forward(micro_in), micro_tgt)
+            self.backward(loss)
+            loss_sum += loss.detach().float()
+        mean_loss = self._mean_over_dp(loss_sum / self.grad_accum)
+        if not torch.isfinite(mean_loss) and self.scaler is None:
+            raise TrainingError(
+                f"loss is {mean_loss.item()} at step {self.global_step + 1}: training diverged; "
+                "lower optim.lr or set optim.grad_clip"
+            )
+        self.step()
+        return mean_loss.item()
+
+    def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            comm.all_reduce_(value, self.dp_mesh)
+            value = value / self.dp_size
+        return value
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs (replicated across data-parallel ranks)."""
+        return {
+            "model": self.model.state_dict(),
+            "masters": [m.detach() for m in self.masters.values()]
+            if self.policy.needs_master_weights
+            else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if state["masters"] is not None:
+            with torch.no_grad():
+                for master, saved in zip(self.masters.values(), state["masters"], strict=True):
+                    master.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+
+
+def initialize(
+    model: nn.Module,
+    optimizer_factory: OptimizerFactory | None = None,
+    config: Config | None = None,
+    *,
+    mesh: object | None = None,
+    loss_fn: LossFn = cross_entropy_loss,
+) -> Engine:
+    """Wrap `model` for training. Without `mesh`, one is built from ``config.parallel`` and
+    the initialised process group (or none in a single process)."""
+    config = config or Config()
+    if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
+        dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
+        check_supported(dims)
+        mesh = dims.build_mesh(get_accelerator().device_type)
+    factory = optimizer_factory or default_optimizer_factory(config.optim)
+    return Engine(model, factory, config, mesh, loss_fn)
+
+
+def _map_groups(groups: list[dict], masters: dict[int, nn.Parameter]) -> list[dict]:
+    return [{**g, "params": [masters[id(p)] for p in g["params"]]} for g in groups]
+
+
+def _clip_global_norm_(flats: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm over the flat gradient buffers (padding is zero); scale to `max_norm`.
+
+    Same rule as torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6),
+    applied only when below one. Returns the norm before clipping.
+    """
+    norms = torch.stack([torch.linalg.vector_norm(f, dtype=torch.float32) for f in flats])
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(flats, coef)
+    return total.item()
