@@ -1,0 +1,156 @@
+"""``shardwise train | run | bench``.
+
+Every user error (`ShardwiseError`) is printed as one line, ``shardwise: error: ...``, with exit
+code 2 and no traceback; ``SHARDWISE_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from shardwise.errors import ConfigError, ShardwiseError
+
+DEFAULT_NPROC = 2
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (no arguments: tiny GPT on the embedded corpus)"
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=50 (repeatable)",
+    )
+    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="processes (ranks) to start")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/train-<time>)")
+    p.add_argument("--resume", type=Path, help="continue a run from its directory or checkpoint")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+
+
+def _resolve_config(args: argparse.Namespace):
+    from shardwise.config import Config
+
+    config_file = args.config
+    if args.resume is not None and config_file is None:
+        config_file = _saved_config(args.resume)
+    return Config.from_file(config_file, args.overrides)
+
+
+def _saved_config(resume: Path) -> Path:
+    for directory in (resume, *resume.parents[:2]):
+        if (directory / "config.toml").is_file():
+            return directory / "config.toml"
+    raise ConfigError(f"--resume {str(resume)!r}: no config.toml found there; pass --config")
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return args.out
+    if args.resume is not None:
+        return _saved_config(args.resume).parent
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint import find_checkpoint
+    from shardwise.data import build_data
+    from shardwise.trainer import validate
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    if args.resume is not None:
+        find_checkpoint(args.resume)
+    cfg = _resolve_config(args)
+    dims = validate(cfg, args.nproc)
+    # Read the data once here: a missing file or a too-small corpus fails before any launch.
+    build_data(cfg.data, cfg.train.global_batch or cfg.train.micro_batch * dims.dp, 0, dims.dp, 0)
+    out = _run_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
+    print(f"shardwise train: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
+    if args.nproc == 1:
+        from shardwise.trainer import train
+
+        train(cfg, out, args.resume)
+    else:
+        from shardwise.distributed.launch import launch
+
+        worker_args = ["--config", str(out / "config.toml"), "--out", str(out)]
+        if args.resume is not None:
+            worker_args += ["--resume", str(args.resume)]
+        launch("shardwise.trainer", worker_args, args.nproc, master_port=args.master_port)
+    _print_summary(out)
+    return 0
+
+
+def _print_summary(out: Path) -> None:
+    from shardwise.metrics import read_metrics
+
+    records = read_metrics(out / "metrics.jsonl")
+    if records:
+        first, last = records[0], records[-1]
+        print(
+            f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+            f"metrics.jsonl, loss.png, config.toml and checkpoints/ in {out}",
+            file=sys.stderr,
+        )
+
+
+def cmd_run(argv: list[str]) -> int:
+    from shardwise.distributed.launch import run_torchrun
+
+    return run_torchrun(argv)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run benchmark NAME against its peers; last line is JSON")
+    p.add_argument("name", metavar="NAME", help="benchmark (a file of benchmarks/), e.g. dp")
+    p.add_argument("--quick", action="store_true", help="a short run (fewer steps)")
+    p.add_argument("--json", action="store_true", help="print only the JSON result line")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shardwise.bench import run_benchmark
+
+    run_benchmark(args.name, quick=args.quick, json_only=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _bench_parser(sub)
+    sub.add_parser(
+        "run",
+        help="launch a script on N ranks via torchrun: shardwise run [torchrun args] -- script.py",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["run"]:
+            code = cmd_run(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            code = cmd_bench(args) if args.command == "bench" else cmd_train(args)
+    except ShardwiseError as err:
+        if os.environ.get("SHARDWISE_DEBUG"):
+            raise
+        print(f"shardwise: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("shardwise: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

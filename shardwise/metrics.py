@@ -1,0 +1,89 @@
+"""Run outputs: metrics.jsonl (one object per step), loss.png, and the progress display."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+METRIC_KEYS = ("step", "loss", "lr", "tokens_per_s", "step_s", "peak_mem_bytes", "grad_norm")
+
+
+class MetricsLog:
+    """Appends one JSON object per step; on resume, drops records past the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int = 0) -> None:
+        self.path = path
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash loses at most the step in flight
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("shardwise train")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; a plain line every `every` steps otherwise (CI)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool) -> None:
+        self.console = Console(stderr=True)
+        self.every = every
+        self.enabled = enabled
+        self._bar: Progress | None = None
+        if enabled and self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, stats="")
+            self._bar.start()
+
+    def update(self, record: dict[str, Any], total: int) -> None:
+        if not self.enabled:
+            return
+        stats = (
+            f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"mem {record['peak_mem_bytes'] / 2**20:,.0f} MiB"
+        )
+        if self._bar is not None:
+            self._bar.update(self._task, completed=record["step"], stats=stats)
+        elif record["step"] % self.every == 0 or record["step"] in (1, total):
+            self.console.print(f"step {record['step']}/{total}  {stats}", highlight=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,137 @@
+"""The training loop behind ``shardwise train``; runs inside every rank.
+
+``python -m shardwise.trainer --config DIR/config.toml --out DIR [--resume CKPT]`` is what the
+launcher starts on each rank; `train` is also callable in-process (tests, ``--nproc 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import shardwise.models  # noqa: F401  (registers the built-in models)
+from shardwise.accelerator import get_accelerator
+from shardwise.checkpoint import load_checkpoint, save_checkpoint
+from shardwise.config import Config, resolve_batch
+from shardwise.data import build_data
+from shardwise.distributed.dims import ParallelDims
+from shardwise.engine import Engine, check_supported, initialize
+from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
+from shardwise.registry import MODELS
+
+log = logging.getLogger("shardwise")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished `train` call reports (rank 0's view)."""
+
+    losses: list[float]
+    """Loss of every step this call ran, in order."""
+    checkpoint: Path
+    """The final checkpoint directory."""
+
+
+def validate(cfg: Config, world_size: int) -> ParallelDims:
+    """Every check that needs the world size; runs in the CLI before any process starts."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    check_supported(dims)
+    resolve_batch(cfg.train, dims.dp)
+    return dims
+
+
+def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
+    """Model + engine for this rank; returns (engine, dp_rank, dp_size)."""
+    dims = validate(cfg, world_size)
+    accel = get_accelerator()
+    mesh = dims.build_mesh(accel.device_type) if world_size > 1 else None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    builder = MODELS.get(cfg.model.name)
+    model = builder(cfg.model, cfg.data.seq_len, device=accel.device(rank), seed=cfg.train.seed)
+    engine = initialize(model, None, cfg, mesh=mesh)
+    dp_rank = dims.dp_rank(mesh) if mesh is not None else 0
+    return engine, dp_rank, dims.dp
+
+
+def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    torch.manual_seed(cfg.train.seed)
+    engine, dp_rank, dp_size = build_engine(cfg, world_size)
+    global_batch = cfg.train.micro_batch * dp_size * engine.grad_accum
+    data = build_data(cfg.data, global_batch, dp_rank, dp_size, cfg.train.seed)
+    if resume is not None:
+        engine_state, trainer_state = load_checkpoint(resume, engine.device)
+        engine.load_state_dict(engine_state)
+        data.load_state_dict(trainer_state["data"])
+    start, total = engine.global_step, cfg.train.steps
+    ckpt_root = out_dir / "checkpoints"
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start) if is_main else None
+    progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
+    tokens_per_step = global_batch * cfg.data.seq_len
+    losses: list[float] = []
+    try:
+        for step in range(start + 1, total + 1):
+            lr = engine.lr  # the rate this step uses; the scheduler advances inside the step
+            t0 = time.perf_counter()
+            loss = engine.train_step(data.next_batch())
+            engine.accelerator.synchronize()
+            step_s = time.perf_counter() - t0
+            losses.append(loss)
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "tokens_per_s": tokens_per_step / step_s,
+                "step_s": step_s,
+                "peak_mem_bytes": engine.accelerator.peak_memory_bytes(),
+                "grad_norm": engine.last_grad_norm,
+            }
+            if metrics is not None:
+                metrics.write(record)
+            progress.update(record, total)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
+                _save(engine, data, ckpt_root, cfg)
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    final = _save(engine, data, ckpt_root, cfg)
+    if is_main:
+        plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
+    return RunSummary(losses=losses, checkpoint=final)
+
+
+def _save(engine: Engine, data, root: Path, cfg: Config) -> Path:
+    trainer_state = {"step": engine.global_step, "data": data.state_dict()}
+    return save_checkpoint(
+        root, engine.global_step, engine.state_dict(), trainer_state, keep=cfg.checkpoint.keep
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each launched rank."""
+    from shardwise.distributed.launch import init_worker, run_worker
+
+    parser = argparse.ArgumentParser(prog="shardwise.trainer")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        cfg = Config.from_file(args.config)
+        init_worker(cfg.distributed.timeout_s)
+        train(cfg, args.out, args.resume)
+
+    run_worker(body)
+
+
+if __name__ == "__main__":
+    main()

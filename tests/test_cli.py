@@ -1,0 +1,201 @@
+"""Bad input through the CLI: one clear line on stderr, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from shardwise.cli import main
+
+TINY = [
+    "--set",
+    "model.n_layers=1",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_heads=2",
+    "--set",
+    "data.seq_len=16",
+    "--set",
+    "data.max_bytes=20000",
+    "--set",
+    "train.steps=3",
+    "--set",
+    "log.progress=false",
+]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("shardwise: error:")]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_SETS = {
+    "unknown-key": (["--set", "train.stepz=3"], "did you mean 'train.steps'"),
+    "unknown-section": (["--set", "trian.steps=3"], "did you mean 'train'"),
+    "wrong-type": (["--set", "train.steps=abc"], "train.steps='abc'"),
+    "bad-choice": (["--set", "precision.dtype=fp8"], "'auto', 'fp32', 'bf16' or 'fp16'"),
+    "out-of-range": (["--set", "train.steps=0"], "greater than or equal to 1"),
+    "malformed-set": (["--set", "trainsteps"], "not of the form section.key=value"),
+    "degrees-vs-world": (
+        ["--nproc", "2", "--set", "parallel.dp_shard=3"],
+        "do not match world size 2",
+    ),
+    "2d-not-square": (
+        ["--nproc", "2", "--set", "parallel.tp=2", "--set", "parallel.tp_mode=2d"],
+        "2d",
+    ),
+    "tp-not-yet": (
+        ["--nproc", "2", "--set", "parallel.tp=2"],
+        "parallel.tp=2 is not supported yet",
+    ),
+    "batch-not-divisible": (
+        ["--nproc", "2", "--set", "train.micro_batch=4", "--set", "train.global_batch=10"],
+        "not divisible by micro_batch x dp = 4 x 2 = 8",
+    ),
+    "missing-data-file": (
+        ["--set", "data.source=file", "--set", "data.path=/no/such.txt"],
+        "does not exist",
+    ),
+    "nproc-zero": (["--nproc", "0"], "--nproc 0 must be at least 1"),
+    "missing-config": (["--config", "/no/such.toml"], "does not exist"),
+    "resume-nothing": (["--resume", "/no/such/run"], "no finished checkpoint"),
+    "unknown-model": (["--set", "model.name=gtp"], "did you mean 'gpt'"),
+    "bad-heads": (["--set", "model.n_heads=5"], "does not divide d_model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETS), ids=list(BAD_SETS))
+def test_bad_input_is_one_line(case, capsys, tmp_path):
+    argv, pattern = BAD_SETS[case]
+    code, err = run_cli(["train", "--out", str(tmp_path), *argv], capsys)
+    assert_one_line_error(code, err, pattern)
+
+
+def test_invalid_toml(capsys, tmp_path):
+    path = write(tmp_path, "bad.toml", "[train\nsteps = 3\n")
+    code, err = run_cli(["train", "--config", path], capsys)
+    assert_one_line_error(code, err, "is not valid TOML")
+
+
+def test_bad_jsonl_line(capsys, tmp_path):
+    path = write(tmp_path, "data.jsonl", '{"text": "ok"}\n{not json\n')
+    argv = ["train", "--set", "data.source=file", "--set", f"data.path={path}"]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "line 2")
+
+
+def test_corpus_too_small(capsys, tmp_path):
+    path = write(tmp_path, "tiny.txt", "hello world")
+    argv = ["train", "--set", "data.source=file", "--set", f"data.path={path}"]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "one global batch needs")
+
+
+def test_port_in_use(capsys, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        code, err = run_cli(
+            ["train", "--out", str(tmp_path), "--master-port", str(port), *TINY], capsys
+        )
+    assert_one_line_error(code, err, f"port {port} is already in use")
+
+
+def test_non_finite_loss_single_process(capsys, tmp_path):
+    argv = [
+        "train",
+        "--nproc",
+        "1",
+        "--out",
+        str(tmp_path),
+        *TINY,
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.grad_clip=0",
+        "--set",
+        "optim.warmup_steps=0",
+    ]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "training diverged")
+
+
+def _console(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-c", "from shardwise.cli import main; main()", *argv]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_non_finite_loss_on_two_ranks_through_the_launcher(tmp_path):
+    """The real path: torchrun machinery, a rank raises, the parent prints one line."""
+    argv = [
+        "train",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path),
+        *TINY,
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.grad_clip=0",
+        "--set",
+        "optim.warmup_steps=0",
+    ]
+    proc = _console(argv, tmp_path)
+    assert proc.returncode != 0
+    assert "training diverged" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_train_two_ranks_then_resume_through_the_launcher(tmp_path):
+    run = tmp_path / "run"
+    first = _console(
+        [
+            "train",
+            "--nproc",
+            "2",
+            "--out",
+            str(run),
+            *TINY,
+            "--set",
+            "train.steps=4",
+            "--set",
+            "checkpoint.every=2",
+        ],
+        tmp_path,
+    )
+    assert first.returncode == 0, first.stderr
+    for name in ("metrics.jsonl", "loss.png", "config.toml", "checkpoints/latest"):
+        assert (run / name).is_file(), name
+    full = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = _console(
+        ["train", "--nproc", "2", "--resume", str(run / "checkpoints" / "step_00000002")], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again] == [r["loss"] for r in full]
