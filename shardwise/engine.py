@@ -155,7 +155,7 @@ class Engine:
             self.optimizer.step()
             self.scheduler.step()
             self._copy_masters_to_params()
-        self.reducer.zero_grad()
+        self.reducer.release_grads()
         self._micro_step = 0
         self.global_step += 1
         return should_step

@@ -1,9 +1,15 @@
 """Bucketed gradient reduction that overlaps with backward.
 
-Gradients live in flat per-bucket buffers: each parameter's ``.grad`` is a view into its
-bucket, so autograd accumulates in place and a bucket is reduced with one collective.
+Gradients live in flat per-bucket buffers, so a bucket is reduced with one collective.
 A post-accumulate-grad hook counts the parameters of a bucket that are ready; a full bucket
 is launched asynchronously while backward goes on computing earlier layers.
+
+[Note: first touch] After a step every ``.grad`` is released (None). The first backward of
+the next step hands each parameter a fresh gradient, which the hook copies into the bucket
+before pointing ``.grad`` at its bucket view; later micro-batches accumulate into the view
+in place. One copy per step instead of zeroing 4 bytes per parameter and accumulating into
+them (measured 12 ms/step for 25M parameters on one CPU core). Parameters that got no
+gradient in a step have their slot zeroed in `finish`.
 
 [Note: launch order] gloo and NCCL match collectives by issue order, so every rank must
 launch buckets in the same order. Buckets are only launched in index order: a bucket that
@@ -40,7 +46,7 @@ class Bucket:
     """The buffer the collective runs on: `reduced`, or `grads` when reducing in the
     parameter dtype (then copied into `reduced` once the collective is done)."""
     ready: int = 0
-    launched: bool = False
+    """Parameters whose gradient for this step is complete (counted in the sync backward)."""
     work: object | None = field(default=None, repr=False)
 
     def view_of(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
@@ -82,9 +88,13 @@ class GradReducer:
         self._sync = sync
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
+        bucket, index = self._slot[id(param)]
+        view = bucket.view_of(bucket.grads, index)
+        if param.grad.data_ptr() != view.data_ptr():  # first touch this step
+            view.copy_(param.grad)
+            param.grad = view
         if not self._sync:
             return  # accumulation micro-batch: gradients stay local
-        bucket, _ = self._slot[id(param)]
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
             self._launch_ready()
@@ -104,25 +114,30 @@ class GradReducer:
         if self.group_size > 1:
             bucket.comm_buffer.div_(self.group_size)
             bucket.work = comm.all_reduce_(bucket.comm_buffer, self.group, async_op=True)
-        bucket.launched = True
         self._next_launch += 1
 
     def finish(self) -> None:
         """Launch what is left (unused parameters), wait for every bucket, reset counters."""
         while self._next_launch < len(self.buckets):
-            self._launch(self.buckets[self._next_launch])
+            bucket = self.buckets[self._next_launch]
+            for index, param in enumerate(bucket.params):
+                if param.grad is None:  # no gradient this step: its slot holds an old one
+                    param.grad = bucket.view_of(bucket.grads, index).zero_()
+            self._launch(bucket)
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
             if bucket.comm_buffer is not bucket.reduced:
                 bucket.reduced.copy_(bucket.comm_buffer)
-            bucket.work, bucket.ready, bucket.launched = None, 0, False
+            bucket.work, bucket.ready = None, 0
         self._next_launch = 0
         self._sync = False
 
-    def zero_grad(self) -> None:
+    def release_grads(self) -> None:
+        """Drop the parameters' gradients after a step (see [Note: first touch])."""
         for bucket in self.buckets:
-            bucket.grads.zero_()
+            for param in bucket.params:
+                param.grad = None
 
     def reduced_flat(self) -> list[torch.Tensor]:
         """The reduced gradient buffers (padding is zero), for norms and unscaling."""
@@ -138,15 +153,21 @@ class GradReducer:
             handle.remove()
 
 
+FIRST_BUCKET_BYTES = 2**20
+"""The first bucket closes early (as DDP's does) so communication starts as soon as the last
+layers' gradients exist, instead of after `bucket_bytes` of them."""
+
+
 def _bucket_params(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
     """Group parameters in reverse model order (≈ the order backward produces gradients),
-    one dtype per bucket, closing a bucket once it holds `bucket_bytes`."""
+    one dtype per bucket, closing a bucket once it holds its byte budget."""
     groups: list[list[nn.Parameter]] = []
     open_by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     size_by_dtype: dict[torch.dtype, int] = {}
     for param in reversed(params):
         current = open_by_dtype.get(param.dtype)
-        if current is None or size_by_dtype[param.dtype] >= bucket_bytes:
+        budget = min(FIRST_BUCKET_BYTES, bucket_bytes) if len(groups) <= 1 else bucket_bytes
+        if current is None or size_by_dtype[param.dtype] >= budget:
             current = open_by_dtype[param.dtype] = []
             size_by_dtype[param.dtype] = 0
             groups.append(current)

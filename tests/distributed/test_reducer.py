@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardwise.accelerator import get_accelerator
+from shardwise.distributed.dims import ParallelDims, dp_mesh
+from shardwise.distributed.reducer import FIRST_BUCKET_BYTES, GradReducer
+
+
+class TwoPaths(nn.Module):
+    """`skip` is used only when asked: an unused parameter in some steps or on some ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.skip = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, use_skip: bool) -> torch.Tensor:
+        h = self.a(x)
+        if use_skip:
+            h = h + self.skip(x)
+        return self.b(h).sum()
+
+
+def make(model: nn.Module, group=None, size: int = 1, bucket_bytes: int = 64) -> GradReducer:
+    return GradReducer(
+        list(model.parameters()), group, size, bucket_bytes, torch.float32, torch.float32
+    )
+
+
+def reference_grads(model: nn.Module, batches: list[tuple[torch.Tensor, bool]]) -> list:
+    model.zero_grad(set_to_none=True)
+    for x, use_skip in batches:
+        model(x, use_skip).backward()
+    return [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+    ]
+
+
+def run_step(model, reducer, batches) -> list[torch.Tensor]:
+    for i, (x, use_skip) in enumerate(batches):
+        reducer.prepare(sync=i == len(batches) - 1)
+        model(x, use_skip).backward()
+    reducer.finish()
+    grads = [reducer.reduced_grad(p).clone() for p in model.parameters()]
+    reducer.release_grads()
+    return grads
+
+
+def test_accumulation_and_unused_parameters_give_exact_gradients():
+    model = TwoPaths()
+    reducer = make(model)
+    x = [torch.randn(2, 4) for _ in range(3)]
+    steps = [
+        [(x[0], True), (x[1], True)],  # every parameter used
+        [(x[2], False)],  # `skip` unused: its slot must not keep step 1's gradient
+        [(x[0], False), (x[1], True)],  # `skip` used only in the second micro-batch
+    ]
+    for batches in steps:
+        got = run_step(model, reducer, batches)
+        ref_model = TwoPaths()
+        ref_model.load_state_dict(model.state_dict())
+        want = reference_grads(ref_model, batches)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_gradients_live_in_the_bucket_after_backward():
+    model = TwoPaths()
+    reducer = make(model)
+    reducer.prepare(sync=True)
+    model(torch.randn(2, 4), True).backward()
+    storages = {b.grads.untyped_storage().data_ptr() for b in reducer.buckets}
+    assert all(p.grad.untyped_storage().data_ptr() in storages for p in model.parameters())
+    reducer.finish()
+
+
+def test_buckets_reverse_order_padding_and_small_first_bucket():
+    layers = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(6)])  # 256 KiB each
+    reducer = make(layers, size=3, bucket_bytes=3 * 2**20)
+    first = reducer.buckets[0]
+    assert first.params[0] is layers[-1].weight  # backward order: last layer first
+    assert sum(p.numel() * 4 for p in first.params) >= FIRST_BUCKET_BYTES
+    assert len(first.params) == FIRST_BUCKET_BYTES // (256 * 256 * 4)
+    assert all(b.grads.numel() % 3 == 0 for b in reducer.buckets)
+    assert sum(len(b.params) for b in reducer.buckets) == 6
+
+
+def _average_with_a_rank_skipping_a_parameter() -> list[torch.Tensor]:
+    rank = dist.get_rank()
+    mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
+    model = TwoPaths()
+    reducer = make(model, dp_mesh(mesh), 2)
+    x = torch.full((2, 4), float(rank + 1))
+    return run_step(model, reducer, [(x, rank == 0)])
+
+
+def test_two_ranks_average_even_when_one_rank_skips_a_parameter(pool2):
+    got = pool2.run(_average_with_a_rank_skipping_a_parameter)
+    model = TwoPaths()
+    per_rank = [
+        reference_grads(model, [(torch.full((2, 4), float(r + 1)), r == 0)]) for r in range(2)
+    ]
+    want = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+    for rank_grads in got:
+        for g, w in zip(rank_grads, want, strict=True):
+            torch.testing.assert_close(g, w)
