@@ -371,7 +371,7 @@ def _reduce_scatter(
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = (g.size - 1) * inp.nbytes / g.size
-    launch = partial(dist.reduce_scatter_tensor, out, inp, op=op, group=g.pg, async_op=async_op)
+    launch = partial(dist.reduce_scatter_single, out, inp, op=op, group=g.pg, async_op=async_op)
     return _issue("reduce_scatter", g, inp, wire, launch, async_op, rec)
 
 
@@ -380,7 +380,7 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool,
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = float((g.size - 1) * inp.nbytes)
-    launch = partial(dist.all_gather_into_tensor, out, inp, group=g.pg, async_op=async_op)
+    launch = partial(dist.all_gather_single, out, inp, group=g.pg, async_op=async_op)
     return _issue("all_gather", g, inp, wire, launch, async_op, rec)
 
 
