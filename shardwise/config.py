@@ -82,6 +82,16 @@ class ParallelConfig(_Section):
     """Depth d of the 2.5D layout."""
 
 
+class ZeroConfig(_Section):
+    stage: int = Field(0, ge=0, le=3)
+    """ZeRO stage: 0 = replicated (DP), 1 = shard optimizer states, 2 = + gradients,
+    3 = + parameters."""
+    reshard_after_forward: bool = True
+    """Stage 3: free gathered parameters after forward (gather again for backward)."""
+    prefetch: bool = True
+    """Stage 3: gather the next module's parameters while the current one computes."""
+
+
 class PrecisionConfig(_Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Parameter and compute dtype; auto asks the accelerator (bf16 where fast, else fp32)."""
@@ -158,6 +168,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     parallel: ParallelConfig = ParallelConfig()
+    zero: ZeroConfig = ZeroConfig()
     precision: PrecisionConfig = PrecisionConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainingConfig = TrainingConfig()

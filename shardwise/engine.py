@@ -30,6 +30,7 @@ from shardwise.distributed.reducer import GradReducer
 from shardwise.errors import ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
+from shardwise.zero.optimizer import OptimizerShards
 
 log = logging.getLogger("shardwise")
 
@@ -83,14 +84,15 @@ class Engine:
         self.reducer = GradReducer(
             self.params,
             group=self.dp_mesh,
-            group_size=self.dp_size,
             bucket_bytes=int(config.distributed.bucket_mb * 2**20),
             reduce_dtype=self.policy.reduce_dtype,
-            result_dtype=self.policy.master_dtype,
+            scatter=config.zero.stage >= 2,
         )
-        self.masters = self._make_master_weights()
-        groups = _map_groups(param_groups(self.model, config.optim.weight_decay), self.masters)
-        self.optimizer = optimizer_factory(groups)
+        self.shards = OptimizerShards(
+            self.model, self.reducer, self.policy, self.dp_mesh, config.zero.stage
+        )
+        groups = param_groups(self.model, config.optim.weight_decay)
+        self.optimizer = optimizer_factory(self.shards.param_groups(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(config.optim, config.train.steps)
         )
@@ -108,21 +110,6 @@ class Engine:
         with torch.no_grad():
             for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
                 comm.broadcast_(tensor, 0, self.dp_mesh)
-
-    def _make_master_weights(self) -> dict[int, nn.Parameter]:
-        """Optimizer-side parameter per model parameter; its grad is the reduced gradient.
-
-        With fp32 parameters the master is the parameter itself (no copy).
-        """
-        masters = {}
-        for param in self.params:
-            if self.policy.needs_master_weights:
-                master = nn.Parameter(param.detach().to(self.policy.master_dtype))
-            else:
-                master = param
-            master.grad = self.reducer.reduced_grad(param)
-            masters[id(param)] = master
-        return masters
 
     # -- the three-call loop -----------------------------------------------------------
 
@@ -145,27 +132,22 @@ class Engine:
         """Optimizer step at the accumulation boundary; returns whether weights changed."""
         if self._micro_step < self.grad_accum:
             return False
-        flats = self.reducer.reduced_flat()
+        grads, group = self.shards.owned_grads(), self.shards.norm_group
         should_step = True
         if self.scaler is not None:
-            found_inf = self.scaler.unscale_and_check_(flats)
+            found_inf = self.scaler.unscale_and_check_(grads, group)
             should_step = self.scaler.update(found_inf)
         if should_step:
-            self.last_grad_norm = _clip_global_norm_(flats, self.config.optim.grad_clip)
+            self.last_grad_norm = _clip_global_norm_(grads, self.config.optim.grad_clip, group)
+            self.shards.attach_grads()
             self.optimizer.step()
             self.scheduler.step()
-            self._copy_masters_to_params()
+            self.shards.sync_params()
+            self.shards.release_grads()
         self.reducer.release_grads()
         self._micro_step = 0
         self.global_step += 1
         return should_step
-
-    def _copy_masters_to_params(self) -> None:
-        if not self.policy.needs_master_weights:
-            return
-        with torch.no_grad():
-            for param in self.params:
-                param.copy_(self.masters[id(param)])
 
     # -- one call per step -------------------------------------------------------------
 
@@ -201,19 +183,42 @@ class Engine:
             value = value / self.dp_size
         return value
 
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds per category of model state, read from the tensors themselves
+        (each storage counted once, padding included)."""
+        reducer_buffers = [b.grads for b in self.reducer.buckets if b.grads is not None]
+        reducer_buffers += [b.reduced for b in self.reducer.buckets]
+        masters = [s.master for s in self.shards.slices] if self.policy.needs_master_weights else []
+        states = [
+            t
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        ]
+        return {
+            "params": _storage_bytes(self.model.parameters()),
+            "grads": _storage_bytes(reducer_buffers),
+            "master_params": _storage_bytes(masters),
+            "optimizer_states": _storage_bytes(states),
+            "buffers": _storage_bytes(self.model.buffers()),
+        }
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- state ----------------------------------------------------------------------------
 
+    @property
+    def state_is_replicated(self) -> bool:
+        """Whether every data-parallel rank holds the same state (else each saves its own)."""
+        return not self.shards.sharded
+
     def state_dict(self) -> dict:
-        """Everything an exact resume needs (replicated across data-parallel ranks)."""
+        """Everything an exact resume needs: this rank's shards and the full model weights."""
         return {
             "model": self.model.state_dict(),
-            "masters": [m.detach() for m in self.masters.values()]
-            if self.policy.needs_master_weights
-            else None,
+            "shards": self.shards.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -222,10 +227,7 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        if state["masters"] is not None:
-            with torch.no_grad():
-                for master, saved in zip(self.masters.values(), state["masters"], strict=True):
-                    master.copy_(saved)
+        self.shards.load_state_dict(state["shards"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
@@ -252,18 +254,26 @@ def initialize(
     return Engine(model, factory, config, mesh, loss_fn)
 
 
-def _map_groups(groups: list[dict], masters: dict[int, nn.Parameter]) -> list[dict]:
-    return [{**g, "params": [masters[id(p)] for p in g["params"]]} for g in groups]
+def _storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
-def _clip_global_norm_(flats: list[torch.Tensor], max_norm: float) -> float:
-    """Global L2 norm over the flat gradient buffers (padding is zero); scale to `max_norm`.
+def _clip_global_norm_(flats: list[torch.Tensor], max_norm: float, group: object | None) -> float:
+    """Global L2 norm over flat gradient buffers (padding is zero); scale to `max_norm`.
 
-    Same rule as torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6),
-    applied only when below one. Returns the norm before clipping.
+    With `group`, the buffers are disjoint slices held by its ranks: the squared norms are
+    summed over it. Same rule as torch.nn.utils.clip_grad_norm_: coefficient
+    max_norm / (norm + 1e-6), applied only when below one. Returns the norm before clipping.
     """
-    norms = torch.stack([torch.linalg.vector_norm(f, dtype=torch.float32) for f in flats])
-    total = torch.linalg.vector_norm(norms)
+    squares = torch.stack([torch.linalg.vector_norm(f, dtype=torch.float32) for f in flats]) ** 2
+    total_sq = squares.sum()
+    if group is not None:
+        comm.all_reduce_(total_sq, group)
+    total = total_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(flats, coef)

@@ -111,7 +111,12 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
 def _save(engine: Engine, data, root: Path, cfg: Config) -> Path:
     trainer_state = {"step": engine.global_step, "data": data.state_dict()}
     return save_checkpoint(
-        root, engine.global_step, engine.state_dict(), trainer_state, keep=cfg.checkpoint.keep
+        root,
+        engine.global_step,
+        engine.state_dict(),
+        trainer_state,
+        keep=cfg.checkpoint.keep,
+        replicated=engine.state_is_replicated,
     )
 
 

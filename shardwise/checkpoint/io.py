@@ -1,7 +1,8 @@
 """Atomic checkpoint directories.
 
-Layout of ``<root>/step_00000100/``: ``engine.pt`` (written by rank 0: data-parallel state is
-replicated), ``rank<R>.pt`` (per-rank RNG state), ``trainer.json`` (step, data position) and
+Layout of ``<root>/step_00000100/``: ``engine.pt`` (written by rank 0 when every rank holds
+the same state) or ``engine_rank<R>.pt`` (one per rank when optimizer state is sharded),
+``rank<R>.pt`` (per-rank RNG state), ``trainer.json`` (step, data position) and
 ``manifest.json`` (written last). Everything is written into ``.step_00000100.tmp/`` and
 renamed once complete, and ``<root>/latest`` names the newest finished checkpoint, so a
 crash during a save leaves the previous checkpoint intact and never a half one.
@@ -42,10 +43,16 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _engine_file(replicated: bool, rank: int) -> str:
+    return "engine.pt" if replicated else f"engine_rank{rank}.pt"
+
+
 def save_checkpoint(
-    root: Path, step: int, engine_state: dict, trainer_state: dict, keep: int
+    root: Path, step: int, engine_state: dict, trainer_state: dict, keep: int, replicated: bool
 ) -> Path:
-    """Collective: every rank calls it. Returns the finished checkpoint directory."""
+    """Collective: every rank calls it. Returns the finished checkpoint directory.
+
+    `replicated`: every rank's `engine_state` is the same (rank 0 writes it alone)."""
     rank, world = _rank_and_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -53,13 +60,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    if rank == 0 or not replicated:
+        torch.save(engine_state, tmp / _engine_file(replicated, rank))
     if rank == 0:
-        torch.save(engine_state, tmp / "engine.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state))
     torch.save(_rng_state(), tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "world_size": world}))
+        manifest = {"step": step, "world_size": world, "replicated": replicated}
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(root, final.name)
@@ -105,7 +114,8 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict]:
             f"{world}; resume with --nproc {manifest['world_size']} "
             "(resharding to another layout comes with the checkpoint-resharding feature)"
         )
-    engine_state = torch.load(ckpt / "engine.pt", map_location=device, weights_only=False)
+    engine_file = ckpt / _engine_file(manifest["replicated"], rank)
+    engine_state = torch.load(engine_file, map_location=device, weights_only=False)
     trainer_state = json.loads((ckpt / "trainer.json").read_text())
     rng = torch.load(ckpt / f"rank{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["cpu"])

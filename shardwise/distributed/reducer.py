@@ -1,8 +1,14 @@
-"""Bucketed gradient reduction that overlaps with backward.
+"""Bucketed gradient reduction that overlaps with backward: all-reduce (DP, ZeRO-1) or
+reduce-scatter (ZeRO-2).
 
 Gradients live in flat per-bucket buffers, so a bucket is reduced with one collective.
 A post-accumulate-grad hook counts the parameters of a bucket that are ready; a full bucket
 is launched asynchronously while backward goes on computing earlier layers.
+
+[Note: launch order] gloo and NCCL match collectives by issue order, so every rank must
+launch buckets in the same order. Buckets are only launched in index order: a bucket that
+becomes ready early waits until all buckets before it were launched. Buckets that never get
+ready (parameters unused this step) are launched in `finish`, still in index order.
 
 [Note: first touch] After a step every ``.grad`` is released (None). The first backward of
 the next step hands each parameter a fresh gradient, which the hook copies into the bucket
@@ -11,14 +17,10 @@ in place. One copy per step instead of zeroing 4 bytes per parameter and accumul
 them (measured 12 ms/step for 25M parameters on one CPU core). Parameters that got no
 gradient in a step have their slot zeroed in `finish`.
 
-[Note: launch order] gloo and NCCL match collectives by issue order, so every rank must
-launch buckets in the same order. Buckets are only launched in index order: a bucket that
-becomes ready early waits until all buckets before it were launched. Buckets that never get
-ready (parameters unused this step) are launched in `finish`, still in index order.
-
-[Note: shard-ready layout] Buckets are padded to a multiple of the group size. ZeRO-1/2
-reduce-scatter the same buffers: rank r then owns the slice [r*n/P, (r+1)*n/P) of every
-bucket, and each parameter knows its offset in the bucket.
+[Note: shard layout] Buckets are padded to a multiple of the group size P; rank r owns the
+slice [r*n/P, (r+1)*n/P) of every bucket of n elements (`Bucket.shard`). In reduce-scatter
+mode (ZeRO-2) a rank keeps only the reduced gradient of its slice and the full-size gradient
+buffer is freed after the collective, so between steps gradients cost n/P elements a bucket.
 """
 
 from __future__ import annotations
@@ -37,20 +39,29 @@ class Bucket:
 
     params: list[nn.Parameter]
     offsets: list[int]
-    """Element offset of each parameter in `grads` / `reduced`."""
-    grads: torch.Tensor
-    """Flat gradient buffer in the parameter dtype; every ``param.grad`` is a view of it."""
+    """Element offset of each parameter in the bucket's flat layout."""
+    numel: int
+    """Elements of the flat layout, padded to a multiple of the group size."""
+    shard: tuple[int, int]
+    """[start, end) of the flat layout whose reduced gradient this rank keeps: its slice
+    when reduce-scattering, else the whole bucket."""
     reduced: torch.Tensor
-    """Flat buffer in the result dtype holding the averaged gradient (may be `grads` itself)."""
-    comm_buffer: torch.Tensor
-    """The buffer the collective runs on: `reduced`, or `grads` when reducing in the
-    parameter dtype (then copied into `reduced` once the collective is done)."""
+    """Averaged gradient in the reduce dtype: the whole bucket, or only `shard` when
+    reduce-scattering. Without sharding and with the reduce dtype equal to the parameter
+    dtype it is `grads` itself."""
+    grads: torch.Tensor | None = None
+    """Full-size gradient buffer in the parameter dtype (every ``param.grad`` is a view of
+    it); None between steps when reduce-scattering."""
     ready: int = 0
     """Parameters whose gradient for this step is complete (counted in the sync backward)."""
     work: object | None = field(default=None, repr=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
     def view_of(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
-        """Parameter `index`'s slice of a flat buffer, shaped like the parameter."""
+        """Parameter `index`'s slice of a full-size flat buffer, shaped like the parameter."""
         param = self.params[index]
         start = self.offsets[index]
         return buffer[start : start + param.numel()].view_as(param)
@@ -63,19 +74,20 @@ class GradReducer:
         self,
         params: list[nn.Parameter],
         group: object | None,
-        group_size: int,
         bucket_bytes: int,
         reduce_dtype: torch.dtype,
-        result_dtype: torch.dtype,
+        scatter: bool = False,
     ) -> None:
-        """`group` is a 1-D DeviceMesh (or None with `group_size` 1); params in model order.
+        """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
-        Gradients are reduced in `reduce_dtype` and delivered in `result_dtype` (the dtype
-        of the optimizer's master weights)."""
+        Gradients are averaged in `reduce_dtype`; with `scatter` each rank keeps only the
+        reduced gradient of its shard of every bucket (ZeRO-2)."""
         self.group = group
-        self.group_size = group_size
+        self.group_size = comm.group_size(group)
+        self.scatter = scatter
+        rank = comm.group_rank(group)
         self.buckets = [
-            _make_bucket(group_params, reduce_dtype, result_dtype, group_size)
+            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter)
             for group_params in _bucket_params(params, bucket_bytes)
         ]
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
@@ -89,6 +101,8 @@ class GradReducer:
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
+        if bucket.grads is None:
+            bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=param.device)
         view = bucket.view_of(bucket.grads, index)
         if param.grad.data_ptr() != view.data_ptr():  # first touch this step
             view.copy_(param.grad)
@@ -109,17 +123,25 @@ class GradReducer:
     def _launch(self, bucket: Bucket) -> None:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
-        if bucket.comm_buffer is bucket.reduced and bucket.reduced is not bucket.grads:
-            bucket.reduced.copy_(bucket.grads)
-        if self.group_size > 1:
-            bucket.comm_buffer.div_(self.group_size)
-            bucket.work = comm.all_reduce_(bucket.comm_buffer, self.group, async_op=True)
+        if self.scatter:
+            source = bucket.grads.to(bucket.reduced.dtype).div_(self.group_size)
+            bucket.work = comm.reduce_scatter_(bucket.reduced, source, self.group, async_op=True)
+        else:
+            if bucket.reduced is not bucket.grads:
+                bucket.reduced.copy_(bucket.grads)
+            if self.group_size > 1:
+                bucket.reduced.div_(self.group_size)
+                bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
         self._next_launch += 1
 
     def finish(self) -> None:
         """Launch what is left (unused parameters), wait for every bucket, reset counters."""
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
+            if bucket.grads is None:  # no parameter of this bucket got a gradient
+                bucket.grads = torch.zeros(
+                    bucket.numel, dtype=bucket.dtype, device=bucket.reduced.device
+                )
             for index, param in enumerate(bucket.params):
                 if param.grad is None:  # no gradient this step: its slot holds an old one
                     param.grad = bucket.view_of(bucket.grads, index).zero_()
@@ -127,26 +149,26 @@ class GradReducer:
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
-            if bucket.comm_buffer is not bucket.reduced:
-                bucket.reduced.copy_(bucket.comm_buffer)
             bucket.work, bucket.ready = None, 0
         self._next_launch = 0
         self._sync = False
+        if self.scatter:
+            self.release_grads()
 
     def release_grads(self) -> None:
-        """Drop the parameters' gradients after a step (see [Note: first touch])."""
+        """Drop the parameters' gradients after a step (see [Note: first touch]); when
+        reduce-scattering also the full-size buffers (see [Note: shard layout])."""
         for bucket in self.buckets:
             for param in bucket.params:
                 param.grad = None
+            if self.scatter:
+                bucket.grads = None
 
-    def reduced_flat(self) -> list[torch.Tensor]:
-        """The reduced gradient buffers (padding is zero), for norms and unscaling."""
-        return [b.reduced for b in self.buckets]
-
-    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """The reduced gradient of `param`, a view shaped like it."""
-        bucket, index = self._slot[id(param)]
-        return bucket.view_of(bucket.reduced, index)
+    def reduced_range(self, bucket: Bucket, start: int, end: int) -> torch.Tensor:
+        """The reduced gradient of flat range [start, end) of `bucket` (inside its shard when
+        reduce-scattering)."""
+        base = bucket.shard[0] if self.scatter else 0
+        return bucket.reduced[start - base : end - base]
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -177,27 +199,21 @@ def _bucket_params(params: list[nn.Parameter], bucket_bytes: int) -> list[list[n
 
 
 def _make_bucket(
-    params: list[nn.Parameter],
-    reduce_dtype: torch.dtype,
-    result_dtype: torch.dtype,
-    group_size: int,
+    params: list[nn.Parameter], reduce_dtype: torch.dtype, group_size: int, rank: int, scatter: bool
 ) -> Bucket:
     offsets, total = [], 0
     for param in params:
         offsets.append(total)
         total += param.numel()
-    padded = -(-total // group_size) * group_size
+    numel = -(-total // group_size) * group_size
+    shard_numel = numel // group_size
+    shard = (rank * shard_numel, (rank + 1) * shard_numel) if scatter else (0, numel)
     device, dtype = params[0].device, params[0].dtype
-    grads = torch.zeros(padded, dtype=dtype, device=device)
-    reduced = (
-        grads if result_dtype == dtype else torch.zeros(padded, dtype=result_dtype, device=device)
-    )
-    comm_buffer = grads if reduce_dtype == dtype else reduced
-    if comm_buffer.dtype != reduce_dtype:
-        raise ValueError(f"cannot reduce {dtype} gradients in {reduce_dtype} into {result_dtype}")
-    bucket = Bucket(
-        params=params, offsets=offsets, grads=grads, reduced=reduced, comm_buffer=comm_buffer
-    )
-    for index, param in enumerate(params):
-        param.grad = bucket.view_of(grads, index)
-    return bucket
+    grads = None if scatter else torch.zeros(numel, dtype=dtype, device=device)
+    if scatter:
+        reduced = torch.zeros(shard_numel, dtype=reduce_dtype, device=device)
+    elif reduce_dtype == dtype:
+        reduced = grads
+    else:
+        reduced = torch.zeros(numel, dtype=reduce_dtype, device=device)
+    return Bucket(params, offsets, numel, shard, reduced, grads)

@@ -26,10 +26,18 @@ class TwoPaths(nn.Module):
         return self.b(h).sum()
 
 
-def make(model: nn.Module, group=None, size: int = 1, bucket_bytes: int = 64) -> GradReducer:
-    return GradReducer(
-        list(model.parameters()), group, size, bucket_bytes, torch.float32, torch.float32
-    )
+def make(model: nn.Module, group=None, bucket_bytes: int = 64, scatter: bool = False):
+    return GradReducer(list(model.parameters()), group, bucket_bytes, torch.float32, scatter)
+
+
+def reduced_grad(reducer: GradReducer, param: nn.Parameter) -> torch.Tensor:
+    """The averaged gradient of `param` (all of it must lie in this rank's kept range)."""
+    for bucket in reducer.buckets:
+        for offset, p in zip(bucket.offsets, bucket.params, strict=True):
+            if p is param:
+                flat = reducer.reduced_range(bucket, offset, offset + p.numel())
+                return flat.view_as(p)
+    raise KeyError(param)
 
 
 def reference_grads(model: nn.Module, batches: list[tuple[torch.Tensor, bool]]) -> list:
@@ -46,7 +54,7 @@ def run_step(model, reducer, batches) -> list[torch.Tensor]:
         reducer.prepare(sync=i == len(batches) - 1)
         model(x, use_skip).backward()
     reducer.finish()
-    grads = [reducer.reduced_grad(p).clone() for p in model.parameters()]
+    grads = [reduced_grad(reducer, p).clone() for p in model.parameters()]
     reducer.release_grads()
     return grads
 
@@ -81,12 +89,11 @@ def test_gradients_live_in_the_bucket_after_backward():
 
 def test_buckets_reverse_order_padding_and_small_first_bucket():
     layers = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(6)])  # 256 KiB each
-    reducer = make(layers, size=3, bucket_bytes=3 * 2**20)
+    reducer = make(layers, bucket_bytes=3 * 2**20)
     first = reducer.buckets[0]
     assert first.params[0] is layers[-1].weight  # backward order: last layer first
     assert sum(p.numel() * 4 for p in first.params) >= FIRST_BUCKET_BYTES
     assert len(first.params) == FIRST_BUCKET_BYTES // (256 * 256 * 4)
-    assert all(b.grads.numel() % 3 == 0 for b in reducer.buckets)
     assert sum(len(b.params) for b in reducer.buckets) == 6
 
 
@@ -94,7 +101,7 @@ def _average_with_a_rank_skipping_a_parameter() -> list[torch.Tensor]:
     rank = dist.get_rank()
     mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
     model = TwoPaths()
-    reducer = make(model, dp_mesh(mesh), 2)
+    reducer = make(model, dp_mesh(mesh))
     x = torch.full((2, 4), float(rank + 1))
     return run_step(model, reducer, [(x, rank == 0)])
 
@@ -109,3 +116,46 @@ def test_two_ranks_average_even_when_one_rank_skips_a_parameter(pool2):
     for rank_grads in got:
         for g, w in zip(rank_grads, want, strict=True):
             torch.testing.assert_close(g, w)
+
+
+def _reduce_scatter_keeps_own_slice(bucket_bytes: int) -> dict:
+    rank = dist.get_rank()
+    mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
+    model = TwoPaths()
+    reducer = make(model, dp_mesh(mesh), bucket_bytes=bucket_bytes, scatter=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    x = torch.arange(8.0).view(2, 4) * (rank + 1)
+    reducer.prepare(sync=True)
+    model(x, True).backward()
+    reducer.finish()
+    return {
+        "numel": [b.numel for b in reducer.buckets],
+        "shards": [b.shard for b in reducer.buckets],
+        "kept": [b.reduced.clone() for b in reducer.buckets],
+        "grads_freed": all(b.grads is None for b in reducer.buckets)
+        and all(p.grad is None for p in model.parameters()),
+        "order": [[names[id(p)] for p in b.params] for b in reducer.buckets],
+    }
+
+
+def test_reduce_scatter_keeps_only_this_ranks_slice(pool2):
+    results = pool2.run(_reduce_scatter_keeps_own_slice, 64)
+    model = TwoPaths()
+    inputs = [torch.arange(8.0).view(2, 4) * (r + 1) for r in range(2)]
+    grads = [reference_grads(model, [(x, True)]) for x in inputs]
+    mean = {id(p): (a + b) / 2 for p, a, b in zip(model.parameters(), *grads, strict=True)}
+    names = {id(p): name for name, p in model.named_parameters()}
+    mean_by_name = {names[k]: v for k, v in mean.items()}
+    for rank, result in enumerate(results):
+        assert result["grads_freed"]
+        for numel, (start, end), kept, order in zip(
+            result["numel"], result["shards"], result["kept"], result["order"], strict=True
+        ):
+            assert (start, end) == (rank * numel // 2, (rank + 1) * numel // 2)
+            flat = torch.zeros(numel)  # the averaged bucket, rebuilt from the reference
+            offset = 0
+            for name in order:
+                grad = mean_by_name[name].flatten()
+                flat[offset : offset + grad.numel()] = grad
+                offset += grad.numel()
+            torch.testing.assert_close(kept, flat[start:end])

@@ -1,0 +1,1 @@
+"""ZeRO: sharded optimizer states, gradients and parameters."""
