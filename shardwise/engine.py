@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,10 +28,11 @@ from shardwise.config import Config, resolve_batch
 from shardwise.distributed import comm
 from shardwise.distributed.dims import ParallelDims, dp_mesh
 from shardwise.distributed.reducer import GradReducer
-from shardwise.errors import ConfigError, TrainingError
+from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
 from shardwise.zero.optimizer import OptimizerShards
+from shardwise.zero.params import ShardedParams, zero3_units
 
 log = logging.getLogger("shardwise")
 
@@ -81,16 +83,29 @@ class Engine:
         self._broadcast_from_first_rank()
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        zero = config.zero
+        units = zero3_units(self.model) if zero.stage == 3 and self.dp_size > 1 else None
         self.reducer = GradReducer(
             self.params,
             group=self.dp_mesh,
             bucket_bytes=int(config.distributed.bucket_mb * 2**20),
             reduce_dtype=self.policy.reduce_dtype,
-            scatter=config.zero.stage >= 2,
+            scatter=zero.stage >= 2,
+            bucket_groups=[params for *_, params in reversed(units)] if units else None,
         )
         self.shards = OptimizerShards(
-            self.model, self.reducer, self.policy, self.dp_mesh, config.zero.stage
+            self.model, self.reducer, self.policy, self.dp_mesh, zero.stage
         )
+        self.sharded_params = None
+        if units:
+            self.sharded_params = ShardedParams(
+                [(name, module) for name, module, _ in units],
+                self.shards,
+                self.dp_mesh,
+                zero.reshard_after_forward,
+                zero.prefetch,
+            )
+            self.reducer.on_bucket_complete = self.sharded_params.on_bucket_complete
         groups = param_groups(self.model, config.optim.weight_decay)
         self.optimizer = optimizer_factory(self.shards.param_groups(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -126,6 +141,8 @@ class Engine:
         scaled.backward()
         if sync:
             self.reducer.finish()
+        if self.sharded_params is not None:
+            self.sharded_params.release_all()
         self._micro_step += 1
 
     def step(self) -> bool:
@@ -196,7 +213,9 @@ class Engine:
             if isinstance(t, torch.Tensor)
         ]
         return {
-            "params": _storage_bytes(self.model.parameters()),
+            "params": _storage_bytes(
+                [*self.model.parameters(), *(s.shard for s in self.shards.slices)]
+            ),
             "grads": _storage_bytes(reducer_buffers),
             "master_params": _storage_bytes(masters),
             "optimizer_states": _storage_bytes(states),
@@ -214,10 +233,28 @@ class Engine:
         """Whether every data-parallel rank holds the same state (else each saves its own)."""
         return not self.shards.sharded
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on every rank (copies; at ZeRO-3 gathered for it)."""
+        gathered = self.sharded_params.all_gathered() if self.sharded_params else nullcontext()
+        with gathered:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _model_state(self) -> dict:
+        """The model's state dict, less the parameters only shards hold (ZeRO-3)."""
+        state = self.model.state_dict()
+        if self.shards.params_sharded:
+            held = {id(p) for p in self.params}
+            names = [
+                n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in held
+            ]
+            for name in names:
+                state.pop(name, None)
+        return state
+
     def state_dict(self) -> dict:
-        """Everything an exact resume needs: this rank's shards and the full model weights."""
+        """Everything an exact resume needs: this rank's shards and the model's other state."""
         return {
-            "model": self.model.state_dict(),
+            "model": self._model_state(),
             "shards": self.shards.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -226,7 +263,14 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        expected_missing = set(self.model.state_dict()) - set(self._model_state())
+        result = self.model.load_state_dict(state["model"], strict=False)
+        if set(result.missing_keys) != expected_missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"checkpoint model state does not fit this model: missing "
+                f"{sorted(set(result.missing_keys) - expected_missing)[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}"
+            )
         self.shards.load_state_dict(state["shards"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

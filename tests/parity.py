@@ -91,7 +91,7 @@ def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
         rows = inputs.shape[0] // world
         part = slice(rank * rows, (rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
-    state = {k: v.detach().float().clone() for k, v in engine.model.state_dict().items()}
+    state = {k: v.float() for k, v in engine.full_state_dict().items()}
     return losses, state
 
 

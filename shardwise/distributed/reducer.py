@@ -54,6 +54,8 @@ class Bucket:
     it); None between steps when reduce-scattering."""
     ready: int = 0
     """Parameters whose gradient for this step is complete (counted in the sync backward)."""
+    arrived: int = 0
+    """Parameters whose gradient arrived in the current backward (any micro-batch)."""
     work: object | None = field(default=None, repr=False)
 
     @property
@@ -77,19 +79,24 @@ class GradReducer:
         bucket_bytes: int,
         reduce_dtype: torch.dtype,
         scatter: bool = False,
+        bucket_groups: list[list[nn.Parameter]] | None = None,
     ) -> None:
         """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
         Gradients are averaged in `reduce_dtype`; with `scatter` each rank keeps only the
-        reduced gradient of its shard of every bucket (ZeRO-2)."""
+        reduced gradient of its shard of every bucket (ZeRO-2/3). `bucket_groups` replaces
+        size-based bucketing with explicit buckets, in launch order (ZeRO-3: one per unit).
+        `on_bucket_complete(bucket)`, when set, runs once every parameter of a bucket got
+        its gradient in a backward."""
         self.group = group
         self.group_size = comm.group_size(group)
         self.scatter = scatter
         rank = comm.group_rank(group)
         self.buckets = [
             _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter)
-            for group_params in _bucket_params(params, bucket_bytes)
+            for group_params in bucket_groups or _bucket_params(params, bucket_bytes)
         ]
+        self.on_bucket_complete = None
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = False
         self._next_launch = 0
@@ -98,6 +105,8 @@ class GradReducer:
     def prepare(self, sync: bool) -> None:
         """Arm (sync=True) or disarm the hooks for the next backward."""
         self._sync = sync
+        for bucket in self.buckets:
+            bucket.arrived = 0
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
@@ -107,6 +116,9 @@ class GradReducer:
         if param.grad.data_ptr() != view.data_ptr():  # first touch this step
             view.copy_(param.grad)
             param.grad = view
+        bucket.arrived += 1
+        if bucket.arrived == len(bucket.params) and self.on_bucket_complete is not None:
+            self.on_bucket_complete(bucket)
         if not self._sync:
             return  # accumulation micro-batch: gradients stay local
         bucket.ready += 1

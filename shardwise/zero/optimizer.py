@@ -49,15 +49,29 @@ class OwnedSlice:
     start: int
     end: int
     flat_params: torch.Tensor
-    """The whole bucket's parameters, in the parameter dtype; model parameters are views."""
+    """The whole bucket's parameters, in the parameter dtype; model parameters are views. At
+    stage 3 its storage is empty except while the unit is gathered (zero/params.py)."""
+    shard: torch.Tensor
+    """The owned parameters in the parameter dtype: a view of `flat_params`, or at stage 3
+    the only persistent copy."""
     master: torch.Tensor
-    """The owned slice in the master dtype (a copy, or a view of `flat_params`)."""
+    """The owned slice in the master dtype (a copy, or `shard` itself)."""
     pieces: list[nn.Parameter]
     owners: list[nn.Parameter]
     """The model parameter each piece is a slice of."""
     infos: list[PieceInfo]
     grad_ranges: list[tuple[int, int]]
     """Flat range of each piece, for finding its reduced gradient."""
+
+
+def free_storage(tensor: torch.Tensor) -> None:
+    """Release a tensor's memory but keep it (and every view of it) as a valid object."""
+    tensor.untyped_storage().resize_(0)
+
+
+def alloc_storage(tensor: torch.Tensor) -> None:
+    """Give a tensor freed by `free_storage` its memory back (contents undefined)."""
+    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
 
 
 class OptimizerShards:
@@ -75,6 +89,7 @@ class OptimizerShards:
         self.policy = policy
         self.group = group
         self.sharded = stage >= 1 and comm.group_size(group) > 1
+        self.params_sharded = self.sharded and stage == 3
         names = {id(p): name for name, p in model.named_parameters()}
         rank, size = comm.group_rank(group), comm.group_size(group)
         self.slices = [
@@ -95,12 +110,15 @@ class OptimizerShards:
             param.data = view
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
-        owned_params = flat[start:end]
+        shard = flat[start:end]
+        if self.params_sharded:
+            shard = shard.clone()
+            free_storage(flat)
         if self.policy.needs_master_weights:
-            master = owned_params.to(self.policy.master_dtype)
+            master = shard.to(self.policy.master_dtype)
         else:
-            master = owned_params
-        owned = OwnedSlice(bucket, start, end, flat, master, [], [], [], [])
+            master = shard
+        owned = OwnedSlice(bucket, start, end, flat, shard, master, [], [], [], [])
         for offset, param in zip(bucket.offsets, bucket.params, strict=True):
             lo, hi = max(offset, start), min(offset + param.numel(), end)
             if lo < hi:
@@ -143,13 +161,12 @@ class OptimizerShards:
 
     def sync_params(self) -> None:
         """After the step: write the owned slice back into the parameters; all-gather the
-        slices when sharded."""
+        slices at stages 1 and 2 (stage 3 gathers each unit when it next runs)."""
         for owned in self.slices:
-            shard = owned.flat_params[owned.start : owned.end]
             if self.policy.needs_master_weights:
-                shard.copy_(owned.master)
-            if self.sharded:
-                comm.all_gather_(owned.flat_params, shard, self.group)
+                owned.shard.copy_(owned.master)
+            if self.sharded and not self.params_sharded:
+                comm.all_gather_(owned.flat_params, owned.shard, self.group)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -163,6 +180,9 @@ class OptimizerShards:
             "masters": [owned.master.clone() for owned in self.slices]
             if self.policy.needs_master_weights
             else None,
+            "param_shards": [owned.shard.clone() for owned in self.slices]
+            if self.params_sharded
+            else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,7 +193,8 @@ class OptimizerShards:
                 "run's (a different zero.stage, data-parallel degree or bucket size); resume "
                 "with the layout it was saved with"
             )
-        if state["masters"] is not None:
-            with torch.no_grad():
-                for owned, saved in zip(self.slices, state["masters"], strict=True):
-                    owned.master.copy_(saved)
+        with torch.no_grad():
+            for key, attr in (("masters", "master"), ("param_shards", "shard")):
+                if state[key] is not None:
+                    for owned, saved in zip(self.slices, state[key], strict=True):
+                        getattr(owned, attr).copy_(saved)

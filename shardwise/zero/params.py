@@ -1,0 +1,210 @@
+"""ZeRO-3: parameters sharded too, gathered just before a unit runs and released after.
+
+ZeRO paper section 5.3 (stage 3, P_os+g+p): each rank keeps 1/N of the parameters; a unit
+(a transformer block, or the root: embeddings, final norm, head) is all-gathered before its
+forward and again before its backward, and released after each, so per-step communication is
+two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data parallelism.
+
+A unit's parameters are permanent views of its flat buffer (`OwnedSlice.flat_params`); only
+the buffer's storage comes and goes (`alloc_storage` / `free_storage`), so nothing is ever
+re-pointed. Unit states and their legal moves are the table `_MOVES`:
+
+    SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
+    SHARDED --gather(sync)---------------------->  GATHERED
+
+[Note: unit hooks] Forward pre-hook: gather this unit, start gathering the next one
+(prefetch). Forward post-hook: release it (``reshard_after_forward``), unless autograd is
+running — activation checkpointing re-runs forwards inside backward, where the unit must
+stay. A hook on the unit's output gradient (it arrives just before the unit's backward): gather it
+again, start gathering the previous one. When all of a
+unit's gradients exist (the reducer's `on_bucket_complete`), release it; whatever is still
+gathered when backward ends (unused parameters) is released by `release_all`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.distributed.reducer import Bucket
+from shardwise.zero.optimizer import OptimizerShards, OwnedSlice, alloc_storage, free_storage
+
+
+class UnitState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+_MOVES = {
+    (UnitState.SHARDED, UnitState.GATHERING),
+    (UnitState.SHARDED, UnitState.GATHERED),
+    (UnitState.GATHERING, UnitState.GATHERED),
+    (UnitState.GATHERED, UnitState.SHARDED),
+}
+
+
+class UnitStateError(RuntimeError):
+    """An illegal unit move: a bug in the hook logic, never a user error."""
+
+
+@dataclass
+class Unit:
+    """A module whose parameters are gathered and released together."""
+
+    name: str
+    module: nn.Module
+    owned: OwnedSlice
+    state: UnitState = UnitState.SHARDED
+    work: object | None = field(default=None, repr=False)
+
+    def move(self, to: UnitState) -> None:
+        if (self.state, to) not in _MOVES:
+            raise UnitStateError(
+                f"unit {self.name!r}: {self.state.name} -> {to.name} is not a legal move"
+            )
+        self.state = to
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def zero3_units(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
+    """Units in forward order with their trainable parameters: the root (everything outside
+    ``model.blocks``), then each block. Frozen parameters stay replicated."""
+    blocks = getattr(model, "blocks", None)
+    blocks = list(blocks) if isinstance(blocks, nn.ModuleList) else []
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
+    units = [("root", model, root)]
+    units += [
+        (f"blocks.{i}", b, [p for p in b.parameters() if p.requires_grad])
+        for i, b in enumerate(blocks)
+    ]
+    return [unit for unit in units if unit[2]]
+
+
+class ShardedParams:
+    """Gathers and releases the parameters of each unit around its forward and backward."""
+
+    def __init__(
+        self,
+        units: list[tuple[str, nn.Module]],
+        shards: OptimizerShards,
+        group: object,
+        reshard_after_forward: bool,
+        prefetch: bool,
+    ) -> None:
+        """`units` in forward order; `shards.slices` hold one bucket per unit in reverse."""
+        self.group = group
+        self.reshard_after_forward = reshard_after_forward
+        self.prefetch = prefetch
+        slices = list(reversed(shards.slices))
+        self.units = [
+            Unit(name, module, owned) for (name, module), owned in zip(units, slices, strict=True)
+        ]
+        self._unit_of_bucket = {id(u.owned.bucket): u for u in self.units}
+        self._handles = []
+        for index, unit in enumerate(self.units):
+            self._handles += [
+                unit.module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i)),
+                unit.module.register_forward_hook(
+                    lambda _module, _inputs, out, i=index: self._after_forward(i, out)
+                ),
+            ]
+
+    # -- moves ------------------------------------------------------------------------------
+
+    def _start_gather(self, unit: Unit, async_op: bool) -> None:
+        owned = unit.owned
+        alloc_storage(owned.flat_params)
+        work = comm.all_gather_(owned.flat_params, owned.shard, self.group, async_op=async_op)
+        if async_op:
+            unit.move(UnitState.GATHERING)
+            unit.work = work
+        else:
+            unit.move(UnitState.GATHERED)
+
+    def _ensure_gathered(self, unit: Unit) -> None:
+        if unit.state is UnitState.SHARDED:
+            self._start_gather(unit, async_op=False)
+        elif unit.state is UnitState.GATHERING:
+            unit.work.wait()
+            unit.work = None
+            unit.move(UnitState.GATHERED)
+
+    def _prefetch(self, index: int) -> None:
+        if self.prefetch and 0 <= index < len(self.units):
+            unit = self.units[index]
+            if unit.state is UnitState.SHARDED:
+                self._start_gather(unit, async_op=True)
+
+    def _release(self, unit: Unit) -> None:
+        self._ensure_gathered(unit)  # a pending gather must land before its buffer goes
+        free_storage(unit.owned.flat_params)
+        unit.move(UnitState.SHARDED)
+
+    @contextlib.contextmanager
+    def all_gathered(self) -> Iterator[None]:
+        """Every unit gathered for the duration of the block (export, evaluation)."""
+        for unit in self.units:
+            self._ensure_gathered(unit)
+        try:
+            yield
+        finally:
+            self.release_all()
+
+    def release_all(self) -> None:
+        """After backward: every unit back to its shard."""
+        for unit in self.units:
+            if unit.state is not UnitState.SHARDED:
+                self._release(unit)
+
+    # -- hooks (see [Note: unit hooks]) -----------------------------------------------------
+
+    def _before_forward(self, index: int) -> None:
+        self._ensure_gathered(self.units[index])
+        if not _in_backward():
+            self._prefetch(index + 1)
+
+    def _after_forward(self, index: int, output: object) -> None:
+        # The gradient of the unit's output arrives just before the unit's own backward.
+        for tensor in _tensors(output):
+            if tensor.requires_grad:
+                tensor.register_hook(lambda grad, i=index: self._before_backward(i))
+        if self.reshard_after_forward and not _in_backward():
+            self._release(self.units[index])
+
+    def _before_backward(self, index: int) -> None:
+        self._ensure_gathered(self.units[index])
+        self._prefetch(index - 1)
+
+    def on_bucket_complete(self, bucket: Bucket) -> None:
+        """The reducer's callback: a unit's gradients all exist, so its parameters can go.
+
+        The root (index 0) spans the whole forward: its head's gradient arrives first in
+        backward but its embedding's last, so it completes last and goes here too."""
+        unit = self._unit_of_bucket[id(bucket)]
+        if unit.state is not UnitState.SHARDED:
+            self._release(unit)
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()

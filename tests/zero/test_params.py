@@ -1,0 +1,154 @@
+"""ZeRO-3 (zero/params.py): parity, memory, communication volume, resume, unit state table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shardwise.distributed.comm import CommStats
+from shardwise.engine import initialize
+from shardwise.zero.params import Unit, UnitState, UnitStateError
+from tests.parity import (
+    BF16_RTOL,
+    assert_parity,
+    build_model,
+    engine_run,
+    global_batches,
+    make_config,
+    reference_run,
+)
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [{}, {"reshard_after_forward": False}, {"prefetch": False}],
+    ids=["default", "keep-after-forward", "no-prefetch"],
+)
+def test_stage3_two_ranks_match_single_process(pool2, zero):
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=3).replace(zero=zero)
+    want = reference_run(cfg, freeze=True)
+    for got in pool2.run(engine_run, cfg, freeze=True):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def test_stage3_four_ranks_match_single_process(pool4):
+    cfg = make_config(micro_batch=1, global_batch=8, zero_stage=3)
+    want = reference_run(cfg, freeze=True)
+    for got in pool4.run(engine_run, cfg, freeze=True):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def test_stage3_with_activation_checkpointing(pool2):
+    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=3, activation_checkpointing="full")
+    want = reference_run(cfg)
+    for got in pool2.run(engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def test_stage3_bf16_within_documented_tolerance(pool2):
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=3, dtype="bf16")
+    want_losses, _ = reference_run(make_config(micro_batch=1, global_batch=4))
+    for losses, _ in pool2.run(engine_run, cfg):
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(want_losses), rtol=BF16_RTOL, atol=0
+        )
+
+
+def _stage3_state_between_steps(dtype: str) -> dict:
+    world = dist.get_world_size()
+    cfg = make_config(
+        micro_batch=1, global_batch=world, zero_stage=3, dtype=dtype, reduce_dtype="param"
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    engine.train_step(global_batches(cfg, 1)[0])
+    psi = sum(p.numel() for p in engine.params)
+    return {
+        "bytes_per_param": sum(engine.memory_report().values()) / psi,
+        "all_sharded": all(u.state is UnitState.SHARDED for u in engine.sharded_params.units),
+        "units": [u.name for u in engine.sharded_params.units],
+    }
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_stage3_model_states_are_16_psi_over_n(pool4, dtype):
+    for result in pool4.run(_stage3_state_between_steps, dtype):
+        assert result["all_sharded"]
+        assert result["units"] == ["root", "blocks.0", "blocks.1"]
+        # Padding every unit to 4 ranks and Adam's step counters add a little.
+        assert result["bytes_per_param"] == pytest.approx(16 / 4, rel=0.02)
+
+
+def _bytes_of_one_step(stage: int) -> dict:
+    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=stage)
+    engine = initialize(build_model(cfg), None, cfg)
+    batches = global_batches(cfg, 2)
+    rank = dist.get_rank()
+    engine.train_step(tuple(t[2 * rank : 2 * rank + 2] for t in batches[0]))  # warm-up
+    with CommStats() as stats:
+        engine.train_step(tuple(t[2 * rank : 2 * rank + 2] for t in batches[1]))
+    element = 4  # fp32
+    return {
+        "by_op": {op: stats.total(op=op) for op in ("all_reduce", "all_gather", "reduce_scatter")},
+        "bucket_bytes": [b.numel * element for b in engine.reducer.buckets],
+    }
+
+
+def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(pool2):
+    n = 2
+    stage0 = pool2.run(_bytes_of_one_step, 0)[0]
+    stage3 = pool2.run(_bytes_of_one_step, 3)[0]
+    scalar = 2 * (n - 1) / n * 4  # all-reduce of one fp32 (the step's loss, the grad norm)
+    # Stage 0: one all-reduce per bucket, plus the loss.
+    assert stage0["by_op"] == {
+        "all_reduce": 2 * (n - 1) / n * sum(stage0["bucket_bytes"]) + scalar,
+        "all_gather": 0,
+        "reduce_scatter": 0,
+    }
+    # Stage 3: every unit gathered for forward and again for backward, gradients
+    # reduce-scattered; the loss and the sharded gradient norm are all-reduced.
+    units = sum(stage3["bucket_bytes"])
+    assert stage3["by_op"] == {
+        "all_reduce": 2 * scalar,
+        "all_gather": 2 * (n - 1) / n * units,
+        "reduce_scatter": (n - 1) / n * units,
+    }
+    moved0 = stage0["by_op"]["all_reduce"] - scalar
+    moved3 = stage3["by_op"]["all_gather"] + stage3["by_op"]["reduce_scatter"]
+    padding = units / sum(stage0["bucket_bytes"])  # units pad separately from size buckets
+    assert moved3 / moved0 == pytest.approx(1.5 * padding, rel=1e-12)
+    assert padding == pytest.approx(1.0, abs=1e-3)
+
+
+def _train_then_resume(out_dir: str) -> tuple[list[float], list[float]]:
+    from pathlib import Path
+
+    from shardwise.trainer import train
+
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=3, dtype="bf16").replace(
+        data={"max_bytes": 20_000},
+        checkpoint={"every": 2},
+        log={"progress": False},
+        train={"steps": 4},
+    )
+    out = Path(out_dir)
+    full = train(cfg, out).losses
+    resumed = train(cfg, out, resume=out / "checkpoints" / "step_00000002").losses
+    return full, resumed
+
+
+def test_stage3_resumes_exactly(pool2, tmp_path):
+    for full, resumed in pool2.run(_train_then_resume, str(tmp_path)):
+        assert resumed == full[2:]
+
+
+def test_unit_moves_follow_the_table():
+    unit = Unit("blocks.0", torch.nn.Linear(1, 1), owned=None)
+    unit.move(UnitState.GATHERING)
+    unit.move(UnitState.GATHERED)
+    unit.move(UnitState.SHARDED)
+    with pytest.raises(UnitStateError, match="SHARDED -> SHARDED is not a legal move"):
+        unit.move(UnitState.SHARDED)
+    unit.move(UnitState.GATHERED)
+    with pytest.raises(UnitStateError, match="GATHERED -> GATHERING"):
+        unit.move(UnitState.GATHERING)
