@@ -84,6 +84,7 @@ class Engine:
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         zero = config.zero
+        _check_shardable(self.params, zero.stage, self.dp_size)
         units = zero3_units(self.model) if zero.stage == 3 and self.dp_size > 1 else None
         self.reducer = GradReducer(
             self.params,
@@ -296,6 +297,16 @@ def initialize(
         mesh = dims.build_mesh(get_accelerator().device_type)
     factory = optimizer_factory or default_optimizer_factory(config.optim)
     return Engine(model, factory, config, mesh, loss_fn)
+
+
+def _check_shardable(params: list[nn.Parameter], stage: int, dp_size: int) -> None:
+    """Every rank raises the same error (same model, same degrees): nobody is left waiting."""
+    numel = sum(p.numel() for p in params)
+    if stage >= 1 and dp_size > numel:
+        raise ConfigError(
+            f"zero.stage={stage} shards over {dp_size} data-parallel ranks, but the model has "
+            f"only {numel} trainable elements; use at most {numel} ranks or zero.stage=0"
+        )
 
 
 def _storage_bytes(tensors) -> int:

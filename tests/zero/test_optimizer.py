@@ -131,3 +131,25 @@ def test_sharded_state_resumes_exactly(pool2, tmp_path, stage):
     for full, resumed in pool2.run(_train_then_resume, str(tmp_path), stage):
         assert resumed == full[2:]
     assert (tmp_path / "checkpoints" / "step_00000004" / "engine_rank1.pt").is_file()
+
+
+def _tiny_model_on_four_ranks() -> str:
+    cfg = Config().replace(zero={"stage": 1}, train={"micro_batch": 1})
+    try:
+        initialize(torch.nn.Linear(1, 1, bias=False), None, cfg)
+    except ConfigError as err:
+        return str(err)
+    return "no error"
+
+
+def test_more_ranks_than_parameter_elements_is_a_clear_error(pool4):
+    for message in pool4.run(_tiny_model_on_four_ranks):
+        assert message == (
+            "zero.stage=1 shards over 4 data-parallel ranks, but the model has only 1 trainable "
+            "elements; use at most 1 ranks or zero.stage=0"
+        )
+
+
+def test_offload_options_are_refused_until_the_feature_exists():
+    with pytest.raises(ConfigError, match="unknown config key 'offload'; valid keys: model, data"):
+        Config.from_file(None, ["offload.policy=auto"])
