@@ -70,8 +70,14 @@ class Engine:
         self.accelerator = get_accelerator()
         self.policy = policy_from_config(config.precision, self.accelerator)
         self.loss_fn = loss_fn
+        # [Note: hierarchical data parallelism] Gradients are averaged over every dp rank, but
+        # ZeRO shards only within `dp_shard`; the `dp_replicate` groups (typically one per
+        # node) hold identical shards, kept equal by an all-reduce of the reduced slices.
         self.dp_mesh = dp_mesh(mesh) if mesh is not None else None
         self.dp_size = self.dp_mesh.size() if mesh is not None else 1
+        self.shard_mesh = mesh["dp_shard"] if mesh is not None else None
+        replicate = mesh["dp_replicate"] if mesh is not None else None
+        self.replicate_mesh = replicate if comm.group_size(replicate) > 1 else None
         self.grad_accum = resolve_batch(config.train, self.dp_size)
 
         apply_activation_checkpointing(
@@ -84,25 +90,28 @@ class Engine:
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         zero = config.zero
-        _check_shardable(self.params, zero.stage, self.dp_size)
-        units = zero3_units(self.model) if zero.stage == 3 and self.dp_size > 1 else None
+        shard_size = comm.group_size(self.shard_mesh)
+        _check_shardable(self.params, zero.stage, shard_size)
+        units = zero3_units(self.model) if zero.stage == 3 and shard_size > 1 else None
+        scatter = zero.stage >= 2
         self.reducer = GradReducer(
             self.params,
-            group=self.dp_mesh,
+            group=self.shard_mesh if scatter else self.dp_mesh,
             bucket_bytes=int(config.distributed.bucket_mb * 2**20),
             reduce_dtype=self.policy.reduce_dtype,
-            scatter=zero.stage >= 2,
+            scatter=scatter,
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
+            replicate_group=self.replicate_mesh if scatter else None,
         )
         self.shards = OptimizerShards(
-            self.model, self.reducer, self.policy, self.dp_mesh, zero.stage
+            self.model, self.reducer, self.policy, self.shard_mesh, zero.stage
         )
         self.sharded_params = None
         if units:
             self.sharded_params = ShardedParams(
                 [(name, module) for name, module, _ in units],
                 self.shards,
-                self.dp_mesh,
+                self.shard_mesh,
                 zero.reshard_after_forward,
                 zero.prefetch,
             )
@@ -299,12 +308,12 @@ def initialize(
     return Engine(model, factory, config, mesh, loss_fn)
 
 
-def _check_shardable(params: list[nn.Parameter], stage: int, dp_size: int) -> None:
+def _check_shardable(params: list[nn.Parameter], stage: int, shard_size: int) -> None:
     """Every rank raises the same error (same model, same degrees): nobody is left waiting."""
     numel = sum(p.numel() for p in params)
-    if stage >= 1 and dp_size > numel:
+    if stage >= 1 and shard_size > numel:
         raise ConfigError(
-            f"zero.stage={stage} shards over {dp_size} data-parallel ranks, but the model has "
+            f"zero.stage={stage} shards over {shard_size} data-parallel ranks, but the model has "
             f"only {numel} trainable elements; use at most {numel} ranks or zero.stage=0"
         )
 

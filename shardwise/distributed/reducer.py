@@ -80,6 +80,7 @@ class GradReducer:
         reduce_dtype: torch.dtype,
         scatter: bool = False,
         bucket_groups: list[list[nn.Parameter]] | None = None,
+        replicate_group: object | None = None,
     ) -> None:
         """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
@@ -87,9 +88,12 @@ class GradReducer:
         reduced gradient of its shard of every bucket (ZeRO-2/3). `bucket_groups` replaces
         size-based bucketing with explicit buckets, in launch order (ZeRO-3: one per unit).
         `on_bucket_complete(bucket)`, when set, runs once every parameter of a bucket got
-        its gradient in a backward."""
+        its gradient in a backward. With `replicate_group` (hierarchical data parallelism,
+        reduce-scatter only) the kept slices are then all-reduced across the replicas."""
         self.group = group
         self.group_size = comm.group_size(group)
+        self.replicate_group = replicate_group
+        self._ranks_averaged = self.group_size * comm.group_size(replicate_group)
         self.scatter = scatter
         rank = comm.group_rank(group)
         self.buckets = [
@@ -136,13 +140,13 @@ class GradReducer:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
         if self.scatter:
-            source = bucket.grads.to(bucket.reduced.dtype).div_(self.group_size)
+            source = bucket.grads.to(bucket.reduced.dtype).div_(self._ranks_averaged)
             bucket.work = comm.reduce_scatter_(bucket.reduced, source, self.group, async_op=True)
         else:
             if bucket.reduced is not bucket.grads:
                 bucket.reduced.copy_(bucket.grads)
             if self.group_size > 1:
-                bucket.reduced.div_(self.group_size)
+                bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
         self._next_launch += 1
 
@@ -161,6 +165,8 @@ class GradReducer:
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
+            if self.replicate_group is not None:
+                comm.all_reduce_(bucket.reduced, self.replicate_group)
             bucket.work, bucket.ready = None, 0
         self._next_launch = 0
         self._sync = False

@@ -153,3 +153,27 @@ def test_more_ranks_than_parameter_elements_is_a_clear_error(pool4):
 def test_offload_options_are_refused_until_the_feature_exists():
     with pytest.raises(ConfigError, match="unknown config key 'offload'; valid keys: model, data"):
         Config.from_file(None, ["offload.policy=auto"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_hierarchical_dp_shards_within_and_replicates_across(pool4, stage):
+    """2 replicas x 2 shards: ZeRO shards over dp_shard only, replicas stay identical."""
+    cfg = make_config(micro_batch=1, global_batch=8, zero_stage=stage).replace(
+        parallel={"dp_replicate": 2}
+    )
+    want = reference_run(cfg, freeze=True)
+    for got in pool4.run(engine_run, cfg, freeze=True):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def _shard_sizes_with_replicas() -> list[int]:
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=2).replace(
+        parallel={"dp_replicate": 2}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    return [b.reduced.numel() * 2 == b.numel for b in engine.reducer.buckets]
+
+
+def test_hierarchical_dp_keeps_half_of_each_bucket_on_two_shards(pool4):
+    for halves in pool4.run(_shard_sizes_with_replicas):
+        assert all(halves)
