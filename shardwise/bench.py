@@ -12,6 +12,10 @@ line of stdout, one JSON object (the CLI contract of DESIGN.md)::
     {"bench": NAME, "metric": "...", "ours": x, "peers": {"torch_ddp": y},
      "ratio": {"torch_ddp": x / y}, "config": {...}}
 
+A benchmark that checks measurements against formulas rather than against a peer process
+(e.g. ``zero-memory``: measured bytes / formula bytes per case) names each case as a "peer"
+with the formula's value and gives the ratios itself (`BenchResult.ratio`).
+
 A benchmark prints its progress on stderr; stdout belongs to the harness (a summary line, then
 the JSON line; ``--json`` keeps only the JSON line).
 
@@ -55,14 +59,24 @@ class BenchResult:
     """Peer name (``"torch_ddp"``) -> its value of `metric`."""
     config: dict[str, Any] = field(default_factory=dict)
     """Everything needed to reproduce the figures (JSON-serialisable)."""
+    ratio: dict[str, float] | None = None
+    """The ratio of each peer, when it is not ``ours / peer``: for peers that are reference
+    values (formulas) of separately measured cases, ``measured / reference`` per case. Same
+    keys as `peers`. Default (None): the harness computes ``ours / peer``."""
 
     def __post_init__(self) -> None:
         values = {"ours": self.ours, **{f"peers[{k!r}]": v for k, v in self.peers.items()}}
+        if self.ratio is not None:
+            values.update({f"ratio[{k!r}]": v for k, v in self.ratio.items()})
         for name, value in values.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"benchmark {name}={value!r} is not a positive finite number")
         if not self.peers:
             raise ValueError("a benchmark result needs at least one peer to compare with")
+        if self.ratio is not None and set(self.ratio) != set(self.peers):
+            raise ValueError(
+                f"benchmark ratio keys {sorted(self.ratio)} are not its peers {sorted(self.peers)}"
+            )
 
 
 # --------------------------------------------------------------------------- finding benchmarks
@@ -112,13 +126,18 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 def result_record(name: str, result: BenchResult) -> dict[str, Any]:
-    """The JSON object of the CLI contract, with ``ratio = ours / peer`` per peer."""
+    """The JSON object of the CLI contract, with ``ratio = ours / peer`` per peer (or the
+    benchmark's own `BenchResult.ratio`)."""
+    if result.ratio is not None:
+        ratio = {peer: result.ratio[peer] for peer in result.peers}
+    else:
+        ratio = {peer: result.ours / value for peer, value in result.peers.items()}
     return {
         "bench": name,
         "metric": result.metric,
         "ours": result.ours,
         "peers": dict(result.peers),
-        "ratio": {peer: result.ours / value for peer, value in result.peers.items()},
+        "ratio": ratio,
         "config": result.config,
     }
 
@@ -134,15 +153,16 @@ def run_benchmark(name: str, quick: bool, json_only: bool = False) -> dict[str, 
         )
     record = result_record(name, result)
     if not json_only:
-        print(summary_line(record, time.perf_counter() - started), flush=True)
+        label = "ours/peer" if result.ratio is None else "ratio"
+        print(summary_line(record, time.perf_counter() - started, label), flush=True)
     print(json.dumps(record, allow_nan=False), flush=True)
     return record
 
 
-def summary_line(record: dict[str, Any], elapsed_s: float) -> str:
+def summary_line(record: dict[str, Any], elapsed_s: float, ratio_label: str = "ours/peer") -> str:
     """``bench dp: median_step_s ours 0.512 | torch_ddp 0.498 (ours/peer 1.028) | 95 s``."""
     peers = " | ".join(
-        f"{peer} {value:.4g} (ours/peer {record['ratio'][peer]:.3f})"
+        f"{peer} {value:.4g} ({ratio_label} {record['ratio'][peer]:.3f})"
         for peer, value in record["peers"].items()
     )
     return (

@@ -31,7 +31,7 @@ from shardwise.distributed.reducer import GradReducer
 from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
-from shardwise.zero.optimizer import OptimizerShards
+from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
 
 log = logging.getLogger("shardwise")
@@ -65,6 +65,7 @@ class Engine:
         config: Config,
         mesh: object | None,
         loss_fn: LossFn = cross_entropy_loss,
+        param_init: ParamInit | None = None,
     ) -> None:
         self.config = config
         self.accelerator = get_accelerator()
@@ -85,7 +86,9 @@ class Engine:
         )
         local_rank = int(dist.get_rank()) if dist.is_initialized() else 0
         self.device = self.accelerator.device(local_rank)
-        self.model = model.to(device=self.device, dtype=self.policy.param_dtype)
+        on_meta = any(p.is_meta for p in model.parameters())
+        placement = {} if on_meta else {"device": self.device}  # meta: filled in place later
+        self.model = model.to(dtype=self.policy.param_dtype, **placement)
         self._broadcast_from_first_rank()
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -102,10 +105,13 @@ class Engine:
             scatter=scatter,
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
             replicate_group=self.replicate_mesh if scatter else None,
+            device=self.device,
         )
+        _check_materialisable(self.model, param_init)
         self.shards = OptimizerShards(
-            self.model, self.reducer, self.policy, self.shard_mesh, zero.stage
+            self.model, self.reducer, self.policy, self.shard_mesh, zero.stage, param_init
         )
+        self._materialise_frozen(param_init)
         self.sharded_params = None
         if units:
             self.sharded_params = ShardedParams(
@@ -129,12 +135,22 @@ class Engine:
     # -- setup ---------------------------------------------------------------------------
 
     def _broadcast_from_first_rank(self) -> None:
-        """Start every replica from rank 0's weights, as DDP does, whatever the init."""
+        """Start every replica from rank 0's weights, as DDP does, whatever the init (a meta
+        model is filled later by `param_init`, the same on every rank)."""
         if self.dp_size == 1:
             return
         with torch.no_grad():
             for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
-                comm.broadcast_(tensor, 0, self.dp_mesh)
+                if not tensor.is_meta:
+                    comm.broadcast_(tensor, 0, self.dp_mesh)
+
+    def _materialise_frozen(self, param_init: ParamInit | None) -> None:
+        """Frozen parameters are not in buckets: fill those still on the meta device alone."""
+        for name, param in self.model.named_parameters():
+            if param.is_meta:
+                tensor = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+                param_init(name, tensor)
+                torch.utils.swap_tensors(param, nn.Parameter(tensor, requires_grad=False))
 
     # -- the three-call loop -----------------------------------------------------------
 
@@ -296,16 +312,33 @@ def initialize(
     *,
     mesh: object | None = None,
     loss_fn: LossFn = cross_entropy_loss,
+    param_init: ParamInit | None = None,
 ) -> Engine:
     """Wrap `model` for training. Without `mesh`, one is built from ``config.parallel`` and
-    the initialised process group (or none in a single process)."""
+    the initialised process group (or none in a single process). A model built on the meta
+    device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
+    shards."""
     config = config or Config()
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)
         mesh = dims.build_mesh(get_accelerator().device_type)
     factory = optimizer_factory or default_optimizer_factory(config.optim)
-    return Engine(model, factory, config, mesh, loss_fn)
+    return Engine(model, factory, config, mesh, loss_fn, param_init)
+
+
+def _check_materialisable(model: nn.Module, param_init: ParamInit | None) -> None:
+    meta_buffers = [name for name, b in model.named_buffers() if b.is_meta]
+    if meta_buffers:
+        raise ConfigError(
+            f"model buffer {meta_buffers[0]!r} is on the meta device; materialise buffers "
+            "before initialize() (only parameters are filled by param_init)"
+        )
+    if param_init is None and any(p.is_meta for p in model.parameters()):
+        raise ConfigError(
+            "the model's parameters are on the meta device: pass param_init=(name, tensor) -> "
+            "None to initialize() so they can be filled shard by shard"
+        )
 
 
 def _check_shardable(params: list[nn.Parameter], stage: int, shard_size: int) -> None:

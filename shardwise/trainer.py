@@ -10,6 +10,7 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,8 +54,12 @@ def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
     mesh = dims.build_mesh(accel.device_type) if world_size > 1 else None
     rank = dist.get_rank() if dist.is_initialized() else 0
     builder = MODELS.get(cfg.model.name)
-    model = builder(cfg.model, cfg.data.seq_len, device=accel.device(rank), seed=cfg.train.seed)
-    engine = initialize(model, None, cfg, mesh=mesh)
+    # ZeRO-3 builds the model on the meta device and fills it shard by shard.
+    on_meta = cfg.zero.stage == 3 and dims.dp_shard > 1
+    device = "meta" if on_meta else accel.device(rank)
+    model = builder(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
+    param_init = partial(model.init_parameter, seed=cfg.train.seed) if on_meta else None
+    engine = initialize(model, None, cfg, mesh=mesh, param_init=param_init)
     dp_rank = dims.dp_rank(mesh) if mesh is not None else 0
     return engine, dp_rank, dims.dp
 

@@ -45,11 +45,49 @@ def test_dp4_with_frozen_layer_and_tied_embeddings(pool4):
     torch.testing.assert_close(results[0][1][frozen], build_model(cfg).state_dict()[frozen])
 
 
+def _first_step_grads_and_losses(cfg) -> tuple[torch.Tensor, list[float]]:
+    """The averaged gradient of step 1 (before any optimizer update) and 5 steps' losses."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine = initialize(build_model(cfg), None, cfg)
+    grads, losses = None, []
+    for inputs, targets in global_batches(cfg):
+        rows = inputs.shape[0] // world
+        part = slice(rank * rows, (rank + 1) * rows)
+        micro = [
+            (x, y)
+            for x, y in zip(
+                inputs[part].chunk(engine.grad_accum),
+                targets[part].chunk(engine.grad_accum),
+                strict=True,
+            )
+        ]
+        total = 0.0
+        for x, y in micro:
+            loss = engine.loss_fn(engine.forward(x), y)
+            engine.backward(loss)
+            total += loss.item()
+        if grads is None:
+            grads = torch.cat([g.clone() for g in engine.shards.owned_grads()])
+        engine.step()
+        losses.append(total / len(micro))
+    return grads, losses
+
+
 def test_accumulation_k4_equals_one_big_batch(pool2):
-    accumulated = pool2.run(engine_run, make_config(micro_batch=1, global_batch=8))
-    big_batch = pool2.run(engine_run, make_config(micro_batch=4, global_batch=8))
-    for got, want in zip(accumulated, big_batch, strict=True):
-        assert_parity(got, want, rtol=1e-5)
+    """Gradients are compared before Adam touches them: Adam maps a 1-ulp difference in a
+    near-zero gradient (another summation order) to a full-size update difference."""
+    accumulated = pool2.run(
+        _first_step_grads_and_losses, make_config(micro_batch=1, global_batch=8)
+    )
+    big_batch = pool2.run(_first_step_grads_and_losses, make_config(micro_batch=4, global_batch=8))
+    for (grads, losses), (want_grads, want_losses) in zip(accumulated, big_batch, strict=True):
+        error = torch.linalg.vector_norm(grads - want_grads) / torch.linalg.vector_norm(want_grads)
+        assert error <= 1e-6, f"relative gradient error {error:.2e}"
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0
+        )
 
 
 def test_activation_checkpointing_keeps_parity(pool2):

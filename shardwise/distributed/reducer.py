@@ -62,6 +62,10 @@ class Bucket:
     def dtype(self) -> torch.dtype:
         return self.params[0].dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.reduced.device
+
     def view_of(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """Parameter `index`'s slice of a full-size flat buffer, shaped like the parameter."""
         param = self.params[index]
@@ -81,6 +85,7 @@ class GradReducer:
         scatter: bool = False,
         bucket_groups: list[list[nn.Parameter]] | None = None,
         replicate_group: object | None = None,
+        device: torch.device | None = None,
     ) -> None:
         """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
@@ -89,25 +94,34 @@ class GradReducer:
         size-based bucketing with explicit buckets, in launch order (ZeRO-3: one per unit).
         `on_bucket_complete(bucket)`, when set, runs once every parameter of a bucket got
         its gradient in a backward. With `replicate_group` (hierarchical data parallelism,
-        reduce-scatter only) the kept slices are then all-reduced across the replicas."""
+        reduce-scatter only) the kept slices are then all-reduced across the replicas.
+        Buffers go on `device` (default: the first parameter's), so parameters may still be
+        on the meta device; hooks are registered at the first `prepare`, after whoever
+        materialises them (ZeRO, see zero/optimizer.py) has swapped them in."""
         self.group = group
         self.group_size = comm.group_size(group)
         self.replicate_group = replicate_group
-        self._ranks_averaged = self.group_size * comm.group_size(replicate_group)
+        replicas = 1 if replicate_group is None else comm.group_size(replicate_group)
+        self._ranks_averaged = self.group_size * replicas
         self.scatter = scatter
         rank = comm.group_rank(group)
+        device = device or params[0].device
         self.buckets = [
-            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter)
+            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter, device)
             for group_params in bucket_groups or _bucket_params(params, bucket_bytes)
         ]
         self.on_bucket_complete = None
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = False
         self._next_launch = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        self._params = params
+        self._handles: list = []
 
     def prepare(self, sync: bool) -> None:
         """Arm (sync=True) or disarm the hooks for the next backward."""
+        if not self._handles:
+            hook = self._on_grad_ready
+            self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._params]
         self._sync = sync
         for bucket in self.buckets:
             bucket.arrived = 0
@@ -115,7 +129,7 @@ class GradReducer:
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
         if bucket.grads is None:
-            bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=param.device)
+            bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         view = bucket.view_of(bucket.grads, index)
         if param.grad.data_ptr() != view.data_ptr():  # first touch this step
             view.copy_(param.grad)
@@ -155,9 +169,7 @@ class GradReducer:
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
             if bucket.grads is None:  # no parameter of this bucket got a gradient
-                bucket.grads = torch.zeros(
-                    bucket.numel, dtype=bucket.dtype, device=bucket.reduced.device
-                )
+                bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
             for index, param in enumerate(bucket.params):
                 if param.grad is None:  # no gradient this step: its slot holds an old one
                     param.grad = bucket.view_of(bucket.grads, index).zero_()
@@ -217,7 +229,12 @@ def _bucket_params(params: list[nn.Parameter], bucket_bytes: int) -> list[list[n
 
 
 def _make_bucket(
-    params: list[nn.Parameter], reduce_dtype: torch.dtype, group_size: int, rank: int, scatter: bool
+    params: list[nn.Parameter],
+    reduce_dtype: torch.dtype,
+    group_size: int,
+    rank: int,
+    scatter: bool,
+    device: torch.device,
 ) -> Bucket:
     offsets, total = [], 0
     for param in params:
@@ -226,7 +243,7 @@ def _make_bucket(
     numel = -(-total // group_size) * group_size
     shard_numel = numel // group_size
     shard = (rank * shard_numel, (rank + 1) * shard_numel) if scatter else (0, numel)
-    device, dtype = params[0].device, params[0].dtype
+    dtype = params[0].dtype
     grads = None if scatter else torch.zeros(numel, dtype=dtype, device=device)
     if scatter:
         reduced = torch.zeros(shard_numel, dtype=reduce_dtype, device=device)

@@ -14,6 +14,7 @@ not depend on the device.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,33 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
 
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor, seed: int) -> None:
+        """Fill the parameter called `name` in place, deterministically in (`seed`, `name`).
+
+        Linear and Embedding weights ~ N(0, init_std); residual outputs (``attn.proj``,
+        ``mlp.down``) ~ N(0, init_std / sqrt(2 * n_layers)) so the residual stream's variance does
+        not grow with depth (GPT-2, Radford et al. 2019, sec. 2.3); LayerNorm weight 1, bias 0.
+        Each parameter draws from its own CPU generator seeded by `seed` and its name, so any
+        subset can be filled alone (ZeRO-3 fills one shard unit at a time) on any device.
+        """
+        if ".norm" in f".{name}":
+            tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("weight"):
+            residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+            std = (
+                self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+                if residual
+                else self.cfg.init_std
+            )
+            # mt19937 keeps 32 bits of a seed: mix seed and name into them.
+            mixed = zlib.crc32(f"{seed}:{name}".encode())
+            generator = torch.Generator(device="cpu").manual_seed(mixed)
+            values = torch.empty(tensor.shape, dtype=torch.float32)
+            tensor.copy_(values.normal_(0.0, std, generator=generator))
+        else:
+            tensor.zero_()
+
     def tie_weights(self) -> None:
         """Make ``head.weight`` the very Parameter of ``embed.weight`` (if tie_embeddings).
 
@@ -275,7 +303,8 @@ def build_gpt(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> GPT:
-    """A GPT built on the meta device, allocated on `device` and initialised from `seed`.
+    """A GPT built on the meta device, allocated on `device` and initialised from `seed`
+    (left on the meta device, uninitialised, when `device` is "meta").
 
     Nothing is allocated before ``to_empty``, so the weights are allocated once, directly on
     `device`; the CPU only ever holds the init values of one parameter at a time.
@@ -283,41 +312,19 @@ def build_gpt(
     cfg = gpt_config_from(model_cfg, seq_len)
     with torch.device("meta"):
         model = GPT(cfg)
+    if torch.device(device).type == "meta":
+        return model  # filled later, e.g. shard by shard: see `GPT.init_parameter`
     model.to_empty(device=device)
     model.tie_weights()
     init_weights(model, seed)
     return model
 
 
-@torch.no_grad()
 def init_weights(model: GPT, seed: int) -> None:
-    """Fill every parameter of `model` in place, deterministically in `seed` on any device.
-
-    Linear and Embedding weights ~ N(0, init_std); residual outputs (``attn.proj``,
-    ``mlp.down``) ~ N(0, init_std / sqrt(2 * n_layers)) so the residual stream's variance does
-    not grow with depth (GPT-2, Radford et al. 2019, sec. 2.3); LayerNorm weight 1, bias 0.
-    Values are drawn on a CPU generator in ``named_parameters`` order, which lists a tied
-    weight once, under its first name (``embed.weight``).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    owners: dict[int, nn.Module] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), module)  # a tied weight belongs to `embed`
-    residual_std = model.cfg.init_std / math.sqrt(2 * model.cfg.n_layers)
+    """Fill every parameter of `model` (`GPT.init_parameter`); a tied weight is filled once,
+    under its first name (``embed.weight``)."""
     for name, param in model.named_parameters():
-        owner = owners[id(param)]
-        if isinstance(owner, nn.LayerNorm):
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif isinstance(owner, (nn.Linear, nn.Embedding)) and name.endswith("weight"):
-            residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
-            std = residual_std if residual else model.cfg.init_std
-            values = torch.empty(param.shape, dtype=torch.float32)
-            param.copy_(values.normal_(0.0, std, generator=generator))
-        elif isinstance(owner, nn.Linear):
-            param.zero_()
-        else:
-            raise TypeError(f"init_weights does not know how to fill {name} of {type(owner)}")
+        model.init_parameter(name, param, seed)
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ which checkpoints save so that a later resharding can map them to any layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,19 @@ def alloc_storage(tensor: torch.Tensor) -> None:
     tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
 
 
+ParamInit = Callable[[str, torch.Tensor], None]
+"""Fills the parameter of the given name in place (e.g. ``GPT.init_parameter``)."""
+
+# [Note: building from the meta device] A model built on the meta device is materialised one
+# bucket at a time: each parameter is filled by `param_init` directly in its slot of the
+# bucket's flat buffer and the meta parameter is swapped for that view
+# (`torch.utils.swap_tensors` keeps the Python object, so modules, ties and the reducer's
+# lists still point at it). At stage 3 the buffer is then cut down to this rank's shard, so a
+# rank never holds more than one unit's full parameters: a model larger than one rank's
+# memory is built directly as shards. Hooks do not survive a swap, which is why the reducer
+# registers its hooks only at the first backward.
+
+
 class OptimizerShards:
     """Owns this rank's slice of every bucket: flat parameters, master weights, pieces."""
 
@@ -84,8 +98,12 @@ class OptimizerShards:
         policy: MixedPrecisionPolicy,
         group: object | None,
         stage: int,
+        param_init: ParamInit | None = None,
     ) -> None:
+        """`param_init(name, tensor)` fills parameters still on the meta device, straight
+        into their flat buffer (see [Note: building from the meta device])."""
         self.reducer = reducer
+        self.param_init = param_init
         self.policy = policy
         self.group = group
         self.sharded = stage >= 1 and comm.group_size(group) > 1
@@ -102,12 +120,19 @@ class OptimizerShards:
                 self._piece_of_param.setdefault(id(owner), []).append(piece)
 
     def _own(self, bucket: Bucket, names: dict[int, str], rank: int, size: int) -> OwnedSlice:
-        device = bucket.params[0].device
-        flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=device)
+        flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         for index, param in enumerate(bucket.params):
             view = bucket.view_of(flat, index)
-            view.copy_(param.detach())
-            param.data = view
+            # `.data` (not the view itself): the parameter must not share the flat buffer's
+            # version counter. ZeRO-3 re-gathers a unit for backward, writing the values the
+            # forward saved back into the buffer; autograd's in-place check would reject that
+            # write although nothing changed.
+            if param.is_meta:
+                self.param_init(names[id(param)], view)
+                torch.utils.swap_tensors(param, nn.Parameter(view.data))
+            else:
+                view.copy_(param.detach())
+                param.data = view
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
         shard = flat[start:end]

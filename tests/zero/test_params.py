@@ -152,3 +152,41 @@ def test_unit_moves_follow_the_table():
     unit.move(UnitState.GATHERED)
     with pytest.raises(UnitStateError, match="GATHERED -> GATHERING"):
         unit.move(UnitState.GATHERING)
+
+
+def _meta_built_stage3(cfg) -> tuple[list[float], dict, dict]:
+    from functools import partial
+
+    from shardwise.models.gpt import build_gpt
+
+    model = build_gpt(cfg.model, cfg.data.seq_len, device="meta")
+    seed = cfg.train.seed
+    engine = initialize(model, None, cfg, param_init=partial(model.init_parameter, seed=seed))
+    at_start = engine.memory_report()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for inputs, targets in global_batches(cfg):
+        rows = inputs.shape[0] // world
+        part = slice(rank * rows, (rank + 1) * rows)
+        losses.append(engine.train_step((inputs[part], targets[part])))
+    state = {k: v.float() for k, v in engine.full_state_dict().items()}
+    psi = sum(p.numel() for p in engine.params)
+    return losses, state, {k: v / psi for k, v in at_start.items()}
+
+
+def test_meta_model_is_built_directly_as_shards(pool2):
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=3)
+    want = reference_run(cfg)
+    for losses, state, at_start in pool2.run(_meta_built_stage3, cfg):
+        assert_parity((losses, state), want, rtol=1e-5)
+        assert at_start["params"] == pytest.approx(4 / 2, rel=0.02)  # fp32 shards only
+
+
+def test_meta_model_without_param_init_is_a_clear_error():
+    from shardwise.errors import ConfigError
+    from shardwise.models.gpt import build_gpt
+
+    cfg = make_config(micro_batch=2, global_batch=2)
+    model = build_gpt(cfg.model, cfg.data.seq_len, device="meta")
+    with pytest.raises(ConfigError, match="meta device: pass param_init"):
+        initialize(model, None, cfg)
