@@ -41,6 +41,7 @@ import json
 import os
 import statistics
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,9 +94,7 @@ FULL = Settings(warmup=5, iters=40)
 def run(quick: bool) -> BenchResult:
     """Launch the 2-rank job and report rank 0's medians."""
     settings = QUICK if quick else FULL
-    record = launch_workers(
-        "benchmarks.zero3", ["--settings", json.dumps(asdict(settings))], NPROC
-    )
+    record = launch_workers("benchmarks.zero3", ["--settings", json.dumps(asdict(settings))], NPROC)
     medians = record["median_s"]
     return BenchResult(
         metric="median_step_s",
@@ -185,24 +184,43 @@ def fsdp2_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: l
     return step
 
 
-def deepspeed_available() -> tuple[bool, str]:
-    """Whether DeepSpeed can be imported here, and why not (or its version)."""
+def deepspeed_version() -> tuple[str | None, str]:
+    """DeepSpeed's version if it can be imported here, else None and why not."""
     if get_accelerator().device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
     try:
         import deepspeed
     except Exception as err:  # noqa: BLE001 - any import failure just drops the contender
-        return False, f"{type(err).__name__}: {err}".splitlines()[0]
-    return True, str(deepspeed.__version__)
+        return None, f"{type(err).__name__}: {err}".splitlines()[0]
+    return str(deepspeed.__version__), ""
 
 
-def deepspeed_step(
-    cfg: Config, device: torch.device, dtype: torch.dtype, batches: list
-) -> StepFn:
+def deepspeed_contender(
+    cfg: Config, device: torch.device, dtype: torch.dtype, batches: list, version: str
+) -> tuple[StepFn | None, str]:
+    """The DeepSpeed step, or None when DeepSpeed imports but cannot set up this workload on
+    some rank (every rank then drops it alike); and the line for the JSON config."""
+    try:
+        step, error = deepspeed_step(cfg, device, dtype, batches), ""
+    except Exception as err:  # noqa: BLE001 - a peer that cannot run is left out, and said so
+        step, error = None, f"{type(err).__name__}: {err}".splitlines()[0]
+    ok = torch.tensor([0.0 if step is None else 1.0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 1.0:
+        return step, f"deepspeed {version}: contender {DEEPSPEED} ran"
+    reason = error or "it failed on another rank"
+    return None, f"deepspeed {version} failed to set up ({reason}): contender {DEEPSPEED} omitted"
+
+
+def deepspeed_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: list) -> StepFn:
     """The DeepSpeed peer: ZeRO-3 with the same torch AdamW, schedule and clipping. Returns
     this rank's loss."""
     import deepspeed
 
+    # DeepSpeed still calls the c10d names torch 2.13 deprecated, one warning per call.
+    warnings.filterwarnings(
+        "ignore", message=r".* is deprecated\. Please use ", category=FutureWarning
+    )
     deepspeed.init_distributed(dist_backend=get_accelerator().backend)
     model = build_gpt(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
     optimizer = default_optimizer_factory(cfg.optim)(param_groups(model, cfg.optim.weight_decay))
@@ -256,23 +274,28 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
     dtype = accel.default_dtype()
     cfg = engine_config(settings, dtype)
     batches = make_batches(settings, rank, world_size, cfg.model.vocab_size, device)
-    has_deepspeed, deepspeed_note = deepspeed_available()
-    builders = {
-        "ours": lambda: ours_step(cfg, device, batches),
-        "fsdp2": lambda: fsdp2_step(cfg, device, dtype, batches),
+    built = {
+        "ours": ours_step(cfg, device, batches),
+        "fsdp2": fsdp2_step(cfg, device, dtype, batches),
     }
-    if has_deepspeed:
-        builders[DEEPSPEED] = lambda: deepspeed_step(cfg, device, dtype, batches)
-    losses: dict[str, list[float]] = {name: [] for name in builders}
-    steps = {name: recording(build(), losses[name]) for name, build in builders.items()}
+    version, import_error = deepspeed_version()
+    if version is None:
+        deepspeed_note = f"not importable ({import_error}): contender {DEEPSPEED} omitted"
+    else:
+        step, deepspeed_note = deepspeed_contender(cfg, device, dtype, batches, version)
+        if step is not None:
+            built[DEEPSPEED] = step
+    losses: dict[str, list[float]] = {name: [] for name in built}
+    steps = {name: recording(step, losses[name]) for name, step in built.items()}
     total = settings.warmup + settings.iters
 
     def progress(name: str, index: int, seconds: float) -> None:
         if rank == 0:
             phase = "warm-up" if index < settings.warmup else "measured"
+            whose = "mean over ranks" if name == "ours" else "rank 0"
             print(
                 f"[zero3] step {index + 1}/{total} ({phase}) {name:15s} {seconds:.3f} s "
-                f"loss {losses[name][-1]:.4f}",
+                f"loss {losses[name][-1]:.4f} ({whose})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -292,11 +315,7 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
             summed = over_ranks(losses[name], device, dist.ReduceOp.SUM)
             losses[name] = [value / world_size for value in summed]
     config = describe(settings, cfg, dtype, world_size, slowest, losses)
-    config["deepspeed"] = (
-        f"deepspeed {deepspeed_note}: contender {DEEPSPEED} ran"
-        if has_deepspeed
-        else f"not importable ({deepspeed_note}): contender {DEEPSPEED} omitted"
-    )
+    config["deepspeed"] = deepspeed_note
     return {
         "median_s": {name: statistics.median(values) for name, values in slowest.items()},
         "config": config,
