@@ -19,8 +19,10 @@ gradient in a step have their slot zeroed in `finish`.
 
 [Note: shard layout] Buckets are padded to a multiple of the group size P; rank r owns the
 slice [r*n/P, (r+1)*n/P) of every bucket of n elements (`Bucket.shard`). In reduce-scatter
-mode (ZeRO-2) a rank keeps only the reduced gradient of its slice and the full-size gradient
-buffer is freed after the collective, so between steps gradients cost n/P elements a bucket.
+mode (ZeRO-2/3) a rank keeps only the reduced gradient of its slice. A bucket's full-size
+gradient buffer is freed as soon as the next bucket is launched (its own reduce-scatter is
+waited on then), so during backward at most two full buckets are alive, and between steps
+gradients cost n/P elements a bucket.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class GradReducer:
         self._next_launch = 0
         self._params = params
         self._handles: list = []
+        self._in_flight: list[Bucket] = []
 
     def prepare(self, sync: bool) -> None:
         """Arm (sync=True) or disarm the hooks for the next backward."""
@@ -129,7 +132,7 @@ class GradReducer:
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
         if bucket.grads is None:
-            bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+            bucket.grads = _new_grads(bucket)
         view = bucket.view_of(bucket.grads, index)
         if param.grad.data_ptr() != view.data_ptr():  # first touch this step
             view.copy_(param.grad)
@@ -163,36 +166,44 @@ class GradReducer:
                 bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
         self._next_launch += 1
+        self._in_flight.append(bucket)
+        while self.scatter and len(self._in_flight) > 1:
+            self._retire(self._in_flight.pop(0))  # see [Note: shard layout]
+
+    def _retire(self, bucket: Bucket) -> None:
+        """Wait for a bucket's reduction; when reduce-scattering, free its full-size buffer."""
+        if bucket.work is not None:
+            bucket.work.wait()
+            bucket.work = None
+        if self.replicate_group is not None:
+            comm.all_reduce_(bucket.reduced, self.replicate_group)
+        if self.scatter:
+            bucket.grads = None
+            for param in bucket.params:
+                param.grad = None
 
     def finish(self) -> None:
         """Launch what is left (unused parameters), wait for every bucket, reset counters."""
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
             if bucket.grads is None:  # no parameter of this bucket got a gradient
-                bucket.grads = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+                bucket.grads = _new_grads(bucket)
             for index, param in enumerate(bucket.params):
                 if param.grad is None:  # no gradient this step: its slot holds an old one
                     param.grad = bucket.view_of(bucket.grads, index).zero_()
             self._launch(bucket)
+        while self._in_flight:
+            self._retire(self._in_flight.pop(0))
         for bucket in self.buckets:
-            if bucket.work is not None:
-                bucket.work.wait()
-            if self.replicate_group is not None:
-                comm.all_reduce_(bucket.reduced, self.replicate_group)
-            bucket.work, bucket.ready = None, 0
+            bucket.ready = 0
         self._next_launch = 0
         self._sync = False
-        if self.scatter:
-            self.release_grads()
 
     def release_grads(self) -> None:
-        """Drop the parameters' gradients after a step (see [Note: first touch]); when
-        reduce-scattering also the full-size buffers (see [Note: shard layout])."""
+        """Drop the parameters' gradients after a step (see [Note: first touch])."""
         for bucket in self.buckets:
             for param in bucket.params:
                 param.grad = None
-            if self.scatter:
-                bucket.grads = None
 
     def reduced_range(self, bucket: Bucket, start: int, end: int) -> torch.Tensor:
         """The reduced gradient of flat range [start, end) of `bucket` (inside its shard when
@@ -203,6 +214,14 @@ class GradReducer:
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _new_grads(bucket: Bucket) -> torch.Tensor:
+    """A full-size gradient buffer for a reduce-scatter step. Only the padding is zeroed:
+    every parameter's slot is written by its first gradient or zeroed in `finish`."""
+    grads = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+    grads[bucket.offsets[-1] + bucket.params[-1].numel() :].zero_()
+    return grads
 
 
 FIRST_BUCKET_BYTES = 2**20

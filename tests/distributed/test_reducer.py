@@ -159,3 +159,29 @@ def test_reduce_scatter_keeps_only_this_ranks_slice(pool2):
                 flat[offset : offset + grad.numel()] = grad
                 offset += grad.numel()
             torch.testing.assert_close(kept, flat[start:end])
+
+
+def _alive_full_buffers_during_backward() -> tuple[int, bool]:
+    mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
+    groups = [[layer.weight] for layer in reversed(layers)]
+    reducer = GradReducer(list(layers.parameters()), dp_mesh(mesh), 64, torch.float32, True, groups)
+    most = 0
+
+    def count(_param) -> None:
+        nonlocal most
+        most = max(most, sum(b.grads is not None for b in reducer.buckets))
+
+    for layer in layers:
+        layer.weight.register_post_accumulate_grad_hook(count)
+    reducer.prepare(sync=True)
+    layers(torch.randn(4, 8)).sum().backward()
+    reducer.finish()
+    return most, all(b.grads is None for b in reducer.buckets)
+
+
+def test_reduce_scatter_frees_each_full_buffer_after_the_next_launch(pool2):
+    for most, all_freed in pool2.run(_alive_full_buffers_during_backward):
+        assert most <= 2, most  # one in flight, one being filled
+        assert all_freed
