@@ -56,7 +56,8 @@ def check_supported(dims: ParallelDims) -> None:
 
 
 class Engine:
-    """Trains `model` with data parallelism over the mesh's ``dp`` axis."""
+    """Trains `model` with data parallelism over the mesh's ``dp`` axes, state sharded by
+    ``zero.stage`` (0: replicated, 1–3: ZeRO)."""
 
     def __init__(
         self,
@@ -92,6 +93,22 @@ class Engine:
         self._broadcast_from_first_rank()
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._setup_zero(config, param_init)
+        groups = param_groups(self.model, config.optim.weight_decay)
+        self.optimizer = optimizer_factory(self.shards.param_groups(groups))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(config.optim, config.train.steps)
+        )
+        self.scaler = make_loss_scaler(self.policy, config.precision)
+        self.global_step = 0
+        self.last_grad_norm = 0.0
+        self._micro_step = 0
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _setup_zero(self, config: Config, param_init: ParamInit | None) -> None:
+        """The gradient reducer, this rank's optimizer shards and, at stage 3, the unit
+        gather/release hooks (docs/zero.md)."""
         zero = config.zero
         shard_size = comm.group_size(self.shard_mesh)
         _check_shardable(self.params, zero.stage, shard_size)
@@ -122,17 +139,6 @@ class Engine:
                 zero.prefetch,
             )
             self.reducer.on_bucket_complete = self.sharded_params.on_bucket_complete
-        groups = param_groups(self.model, config.optim.weight_decay)
-        self.optimizer = optimizer_factory(self.shards.param_groups(groups))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_multiplier(config.optim, config.train.steps)
-        )
-        self.scaler = make_loss_scaler(self.policy, config.precision)
-        self.global_step = 0
-        self.last_grad_norm = 0.0
-        self._micro_step = 0
-
-    # -- setup ---------------------------------------------------------------------------
 
     def _broadcast_from_first_rank(self) -> None:
         """Start every replica from rank 0's weights, as DDP does, whatever the init (a meta

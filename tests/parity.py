@@ -82,17 +82,38 @@ def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
-    """Runs on every rank of the pool: each rank trains on its slice of the global batch."""
+def train_rows(engine, cfg: Config) -> tuple[list[float], dict]:
+    """Train `engine` on this rank's rows of `global_batches`; losses and the final weights."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine = initialize(build_model(cfg, freeze), None, cfg)
     losses = []
     for inputs, targets in global_batches(cfg):
         rows = inputs.shape[0] // world
         part = slice(rank * rows, (rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
-    state = {k: v.float() for k, v in engine.full_state_dict().items()}
-    return losses, state
+    return losses, {k: v.float() for k, v in engine.full_state_dict().items()}
+
+
+def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
+    """Runs on every rank of the pool: each rank trains on its slice of the global batch."""
+    return train_rows(initialize(build_model(cfg, freeze), None, cfg), cfg)
+
+
+def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float]]:
+    """Through the trainer, bf16: 4 steps with a checkpoint at step 2, then again from it."""
+    from pathlib import Path
+
+    from shardwise.trainer import train
+
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype="bf16").replace(
+        data={"max_bytes": 20_000},
+        checkpoint={"every": 2},
+        log={"progress": False},
+        train={"steps": 4},
+    )
+    out = Path(out_dir)
+    full = train(cfg, out).losses
+    resumed = train(cfg, out, resume=out / "checkpoints" / "step_00000002").losses
+    return full, resumed
 
 
 def assert_parity(got: tuple, want: tuple, rtol: float) -> None:

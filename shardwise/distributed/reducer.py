@@ -211,10 +211,6 @@ class GradReducer:
         base = bucket.shard[0] if self.scatter else 0
         return bucket.reduced[start - base : end - base]
 
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
 
 def _new_grads(bucket: Bucket) -> torch.Tensor:
     """A full-size gradient buffer for a reduce-scatter step. Only the padding is zeroed:

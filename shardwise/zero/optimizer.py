@@ -195,9 +195,6 @@ class OptimizerShards:
 
     # -- state -----------------------------------------------------------------------------
 
-    def pieces(self) -> list[nn.Parameter]:
-        return [piece for owned in self.slices for piece in owned.pieces]
-
     def state_dict(self) -> dict:
         """Master slices (when kept) and the map of pieces to global parameter slices."""
         return {

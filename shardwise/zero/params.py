@@ -121,14 +121,11 @@ class ShardedParams:
             Unit(name, module, owned) for (name, module), owned in zip(units, slices, strict=True)
         ]
         self._unit_of_bucket = {id(u.owned.bucket): u for u in self.units}
-        self._handles = []
         for index, unit in enumerate(self.units):
-            self._handles += [
-                unit.module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i)),
-                unit.module.register_forward_hook(
-                    lambda _module, _inputs, out, i=index: self._after_forward(i, out)
-                ),
-            ]
+            unit.module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i))
+            unit.module.register_forward_hook(
+                lambda _module, _inputs, out, i=index: self._after_forward(i, out)
+            )
 
     # -- moves ------------------------------------------------------------------------------
 
@@ -204,7 +201,3 @@ class ShardedParams:
         unit = self._unit_of_bucket[id(bucket)]
         if unit.state is not UnitState.SHARDED:
             self._release(unit)
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()

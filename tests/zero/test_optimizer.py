@@ -20,6 +20,7 @@ from tests.parity import (
     global_batches,
     make_config,
     reference_run,
+    train_then_resume,
 )
 
 
@@ -109,26 +110,9 @@ def test_stage_outside_zero_to_three_is_a_clear_error():
         Config.from_file(None, ["zero.stage=4"])
 
 
-def _train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float]]:
-    from pathlib import Path
-
-    from shardwise.trainer import train
-
-    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype="bf16").replace(
-        data={"max_bytes": 20_000},
-        checkpoint={"every": 2},
-        log={"progress": False},
-        train={"steps": 4},
-    )
-    out = Path(out_dir)
-    full = train(cfg, out).losses
-    resumed = train(cfg, out, resume=out / "checkpoints" / "step_00000002").losses
-    return full, resumed
-
-
 @pytest.mark.parametrize("stage", [1, 2])
 def test_sharded_state_resumes_exactly(pool2, tmp_path, stage):
-    for full, resumed in pool2.run(_train_then_resume, str(tmp_path), stage):
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), stage):
         assert resumed == full[2:]
     assert (tmp_path / "checkpoints" / "step_00000004" / "engine_rank1.pt").is_file()
 

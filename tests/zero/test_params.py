@@ -17,6 +17,8 @@ from tests.parity import (
     global_batches,
     make_config,
     reference_run,
+    train_rows,
+    train_then_resume,
 )
 
 
@@ -120,25 +122,8 @@ def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(pool2):
     assert padding == pytest.approx(1.0, abs=1e-3)
 
 
-def _train_then_resume(out_dir: str) -> tuple[list[float], list[float]]:
-    from pathlib import Path
-
-    from shardwise.trainer import train
-
-    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=3, dtype="bf16").replace(
-        data={"max_bytes": 20_000},
-        checkpoint={"every": 2},
-        log={"progress": False},
-        train={"steps": 4},
-    )
-    out = Path(out_dir)
-    full = train(cfg, out).losses
-    resumed = train(cfg, out, resume=out / "checkpoints" / "step_00000002").losses
-    return full, resumed
-
-
 def test_stage3_resumes_exactly(pool2, tmp_path):
-    for full, resumed in pool2.run(_train_then_resume, str(tmp_path)):
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 3):
         assert resumed == full[2:]
 
 
@@ -163,13 +148,7 @@ def _meta_built_stage3(cfg) -> tuple[list[float], dict, dict]:
     seed = cfg.train.seed
     engine = initialize(model, None, cfg, param_init=partial(model.init_parameter, seed=seed))
     at_start = engine.memory_report()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    losses = []
-    for inputs, targets in global_batches(cfg):
-        rows = inputs.shape[0] // world
-        part = slice(rank * rows, (rank + 1) * rows)
-        losses.append(engine.train_step((inputs[part], targets[part])))
-    state = {k: v.float() for k, v in engine.full_state_dict().items()}
+    losses, state = train_rows(engine, cfg)
     psi = sum(p.numel() for p in engine.params)
     return losses, state, {k: v / psi for k, v in at_start.items()}
 
