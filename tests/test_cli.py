@@ -171,7 +171,8 @@ def test_non_finite_loss_on_two_ranks_through_the_launcher(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_train_two_ranks_then_resume_through_the_launcher(tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, stage):
     run = tmp_path / "run"
     first = _console(
         [
@@ -185,6 +186,8 @@ def test_train_two_ranks_then_resume_through_the_launcher(tmp_path):
             "train.steps=4",
             "--set",
             "checkpoint.every=2",
+            "--set",
+            f"zero.stage={stage}",
         ],
         tmp_path,
     )
