@@ -24,60 +24,35 @@ a step's time is that of the slowest rank (the job waits for it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from shardwise.accelerator import get_accelerator
-from shardwise.bench import (
-    BenchResult,
-    StepFn,
-    interleaved_step_times,
-    launch_workers,
-    write_worker_result,
+from benchmarks.gpt_workload import (
+    FULL,
+    NPROC,
+    QUICK,
+    Settings,
+    describe_workload,
+    engine_config,
+    make_batches,
+    ours_step,
+    time_contenders,
 )
+from shardwise.accelerator import get_accelerator
+from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
 from shardwise.config import Config
-from shardwise.engine import cross_entropy_loss, initialize
-from shardwise.models.gpt import GPT, build_gpt, count_params, gpt_config_from
+from shardwise.engine import cross_entropy_loss
+from shardwise.models.gpt import build_gpt
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
 
-NPROC = 2
-"""Ranks of the benchmark job."""
-CONTENDERS = ("ours", "torch_ddp")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The workload; the same for both contenders."""
-
-    warmup: int
-    """Untimed steps per contender before the measured ones."""
-    iters: int
-    """Measured steps per contender."""
-    preset: str = "mini"
-    """GPT size preset."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    micro_batch: int = 4
-    """Sequences per rank per step."""
-    bucket_mb: float = 25.0
-    """Gradient bucket size in MiB (torch DDP's default)."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    seed: int = 1234
-    """Seed of the initial weights and of the data."""
-
-
-QUICK = Settings(warmup=3, iters=10)
-FULL = Settings(warmup=5, iters=40)
+BUCKET_MB = 25.0
+"""Gradient bucket size in MiB for both contenders (torch DDP's default)."""
 
 
 def run(quick: bool) -> BenchResult:
@@ -93,49 +68,6 @@ def run(quick: bool) -> BenchResult:
 
 
 # --------------------------------------------------------------------------- the contenders
-
-
-def engine_config(settings: Settings, dtype: torch.dtype) -> Config:
-    """Our engine's config for the workload (also the source of the peer's optimizer)."""
-    return Config.from_dict(
-        {
-            "model": {"preset": settings.preset},
-            "data": {"seq_len": settings.seq_len},
-            "train": {
-                "micro_batch": settings.micro_batch,
-                "steps": settings.warmup + settings.iters,
-                "seed": settings.seed,
-            },
-            "precision": {"dtype": "bf16" if dtype == torch.bfloat16 else "fp32"},
-            "optim": {"grad_clip": settings.grad_clip},
-            "distributed": {"bucket_mb": settings.bucket_mb},
-        }
-    )
-
-
-def make_batches(
-    settings: Settings, rank: int, world_size: int, vocab_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) of every step: this rank's rows of a seeded global batch."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    rows = slice(rank * settings.micro_batch, (rank + 1) * settings.micro_batch)
-    batches = []
-    for _ in range(settings.warmup + settings.iters):
-        shape = (world_size * settings.micro_batch, settings.seq_len + 1)
-        tokens = torch.randint(0, vocab_size, shape, generator=generator)[rows].to(device)
-        batches.append((tokens[:, :-1], tokens[:, 1:]))
-    return batches
-
-
-def ours_step(cfg: Config, device: torch.device, batches: list) -> StepFn:
-    """Our contender: the engine's whole step (forward, backward, reduce, clip, update)."""
-    model = build_gpt(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
-    engine = initialize(model, default_optimizer_factory(cfg.optim), cfg)
-
-    def step(index: int) -> float:
-        return engine.train_step(batches[index])
-
-    return step
 
 
 def ddp_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: list) -> StepFn:
@@ -165,17 +97,6 @@ def ddp_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: lis
     return step
 
 
-def recording(step: StepFn, losses: list[float]) -> StepFn:
-    """`step`, appending each loss it returns to `losses` (for the progress lines)."""
-
-    def recorded(index: int) -> float:
-        loss = step(index)
-        losses.append(loss)
-        return loss
-
-    return recorded
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -184,113 +105,30 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
     accel = get_accelerator()
     device = accel.device(local_rank)
     dtype = accel.default_dtype()
-    cfg = engine_config(settings, dtype)
+    cfg = engine_config(settings, dtype, distributed={"bucket_mb": BUCKET_MB})
     batches = make_batches(settings, rank, world_size, cfg.model.vocab_size, device)
-    losses: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    steps = {
-        "ours": recording(ours_step(cfg, device, batches), losses["ours"]),
-        "torch_ddp": recording(ddp_step(cfg, device, dtype, batches), losses["torch_ddp"]),
+    contenders = {
+        "ours": ours_step(cfg, device, batches),
+        "torch_ddp": ddp_step(cfg, device, dtype, batches),
     }
-    total = settings.warmup + settings.iters
-
-    def progress(name: str, index: int, seconds: float) -> None:
-        if rank == 0:
-            phase = "warm-up" if index < settings.warmup else "measured"
-            print(
-                f"[dp] step {index + 1}/{total} ({phase}) {name:9s} {seconds:.3f} s "
-                f"loss {losses[name][-1]:.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    times = interleaved_step_times(
-        steps,
-        warmup=settings.warmup,
-        iters=settings.iters,
-        before_step=dist.barrier if dist.is_initialized() else None,
-        sync=accel.synchronize,
-        on_step=progress,
-    )
-    slowest = {name: over_ranks(t, device, dist.ReduceOp.MAX) for name, t in times.items()}
-    # train_step returns the loss averaged over the ranks; the peer's loop saw its own rows only.
-    world_mean = over_ranks(losses["torch_ddp"], device, dist.ReduceOp.SUM)
-    losses["torch_ddp"] = [value / world_size for value in world_mean]
+    slowest, losses = time_contenders("dp", settings, contenders, rank, device)
+    bf16 = dtype == torch.bfloat16
+    config = describe_workload(settings, cfg, dtype, world_size, slowest)
+    config["precision_detail"] = {
+        "ours": "bf16 params, fp32 master weights, fp32 grad reduce" if bf16 else "fp32",
+        "torch_ddp": "fp32 params + torch.autocast(bf16)" if bf16 else "fp32",
+    }
+    config["bucket_mb"] = BUCKET_MB
+    config["last_loss"] = {name: values[-1] for name, values in losses.items()}
     return {
         "median_s": {name: statistics.median(values) for name, values in slowest.items()},
-        "config": describe(settings, cfg, dtype, world_size, slowest, losses),
-    }
-
-
-def over_ranks(
-    values: list[float], device: torch.device, op: dist.ReduceOp.RedOpType
-) -> list[float]:
-    """Element-wise reduction of a list of numbers over the ranks (run after the timing)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def describe(
-    settings: Settings,
-    cfg: Config,
-    dtype: torch.dtype,
-    world_size: int,
-    seconds: dict[str, list[float]],
-    losses: dict[str, list[float]],
-) -> dict[str, Any]:
-    """The JSON ``config``: the workload, the precision of each side, the spread of times."""
-    accel = get_accelerator()
-    bf16 = dtype == torch.bfloat16
-    with torch.device("meta"):
-        params = count_params(GPT(gpt_config_from(cfg.model, cfg.data.seq_len)))
-    return {
-        "model": f"gpt-{settings.preset}",
-        "params": params,
-        "seq_len": settings.seq_len,
-        "nproc": world_size,
-        "micro_batch_per_rank": settings.micro_batch,
-        "grad_accum": 1,
-        "precision": "bf16" if bf16 else "fp32",
-        "precision_detail": {
-            "ours": "bf16 params, fp32 master weights, fp32 grad reduce" if bf16 else "fp32",
-            "torch_ddp": "fp32 params + torch.autocast(bf16)" if bf16 else "fp32",
-        },
-        "optimizer": "torch AdamW fused, shardwise.optim.param_groups, warm-up + cosine lr",
-        "grad_clip": settings.grad_clip,
-        "bucket_mb": settings.bucket_mb,
-        "device": accel.device_type,
-        "backend": accel.backend,
-        "threads_per_rank": torch.get_num_threads(),
-        "torch": torch.__version__.split("+")[0],
-        "warmup_steps": settings.warmup,
-        "measured_steps": settings.iters,
-        "schedule": "interleaved, one step each per round, order alternating; "
-        "barrier before each step; time = slowest rank",
-        "min_s": {name: min(values) for name, values in seconds.items()},
-        "max_s": {name: max(values) for name, values in seconds.items()},
-        "last_loss": {name: values[-1] for name, values in losses.items()},
+        "config": config,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each launched rank (``python -m benchmarks.dp``)."""
-    from shardwise.distributed.launch import init_worker, run_worker
-
-    parser = argparse.ArgumentParser(prog="benchmarks.dp")
-    parser.add_argument("--settings", required=True, help="Settings as a JSON object")
-    parser.add_argument("--result", required=True, help="file rank 0 writes its record to")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        settings = Settings(**json.loads(args.settings))
-        torch.set_num_threads(1)
-        info = init_worker(Config().distributed.timeout_s)
-        record = measure(settings, info.rank, info.local_rank, info.world_size)
-        if info.rank == 0:
-            write_worker_result(args.result, record)
-
-    run_worker(body)
+    worker_main("benchmarks.dp", Settings, measure, argv)
 
 
 if __name__ == "__main__":

@@ -36,59 +36,38 @@ of the slowest rank. After the measured steps the last losses of all contenders 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from shardwise.accelerator import get_accelerator
-from shardwise.bench import (
-    BenchResult,
-    StepFn,
-    interleaved_step_times,
-    launch_workers,
-    write_worker_result,
+from benchmarks.gpt_workload import (
+    FULL,
+    NPROC,
+    QUICK,
+    Settings,
+    describe_workload,
+    engine_config,
+    make_batches,
+    ours_step,
+    time_contenders,
 )
+from shardwise.accelerator import get_accelerator
+from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
 from shardwise.config import Config
-from shardwise.engine import cross_entropy_loss, initialize
-from shardwise.models.gpt import GPT, build_gpt, count_params, gpt_config_from
+from shardwise.engine import cross_entropy_loss
+from shardwise.models.gpt import build_gpt
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
 
-NPROC = 2
-"""Ranks of the benchmark job."""
 DEEPSPEED = "deepspeed_zero3"
 """Name of the optional DeepSpeed contender."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The workload; the same for every contender."""
-
-    warmup: int
-    """Untimed steps per contender before the measured ones."""
-    iters: int
-    """Measured steps per contender."""
-    preset: str = "mini"
-    """GPT size preset."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    micro_batch: int = 4
-    """Sequences per rank per step."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    seed: int = 1234
-    """Seed of the initial weights and of the data."""
-
-
-QUICK = Settings(warmup=3, iters=10)
-FULL = Settings(warmup=5, iters=40)
+ZERO = {"stage": 3, "reshard_after_forward": True, "prefetch": True}
+"""Our engine's ZeRO settings for this benchmark."""
 
 
 def run(quick: bool) -> BenchResult:
@@ -105,50 +84,6 @@ def run(quick: bool) -> BenchResult:
 
 
 # --------------------------------------------------------------------------- the contenders
-
-
-def engine_config(settings: Settings, dtype: torch.dtype) -> Config:
-    """Our engine's config for the workload (also the source of the peers' optimizer)."""
-    return Config.from_dict(
-        {
-            "model": {"preset": settings.preset},
-            "data": {"seq_len": settings.seq_len},
-            "train": {
-                "micro_batch": settings.micro_batch,
-                "steps": settings.warmup + settings.iters,
-                "seed": settings.seed,
-            },
-            "precision": {"dtype": "bf16" if dtype == torch.bfloat16 else "fp32"},
-            "optim": {"grad_clip": settings.grad_clip},
-            "zero": {"stage": 3, "reshard_after_forward": True, "prefetch": True},
-        }
-    )
-
-
-def make_batches(
-    settings: Settings, rank: int, world_size: int, vocab_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) of every step: this rank's rows of a seeded global batch."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    rows = slice(rank * settings.micro_batch, (rank + 1) * settings.micro_batch)
-    batches = []
-    for _ in range(settings.warmup + settings.iters):
-        shape = (world_size * settings.micro_batch, settings.seq_len + 1)
-        tokens = torch.randint(0, vocab_size, shape, generator=generator)[rows].to(device)
-        batches.append((tokens[:, :-1], tokens[:, 1:]))
-    return batches
-
-
-def ours_step(cfg: Config, device: torch.device, batches: list) -> StepFn:
-    """Our contender: the engine's whole step (gathers, forward, backward, reduce-scatter,
-    clip, update). Returns the loss averaged over the ranks."""
-    model = build_gpt(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
-    engine = initialize(model, default_optimizer_factory(cfg.optim), cfg)
-
-    def step(index: int) -> float:
-        return engine.train_step(batches[index])
-
-    return step
 
 
 def fsdp2_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: list) -> StepFn:
@@ -253,17 +188,6 @@ def deepspeed_step(cfg: Config, device: torch.device, dtype: torch.dtype, batche
     return step
 
 
-def recording(step: StepFn, losses: list[float]) -> StepFn:
-    """`step`, appending each loss it returns to `losses` (for the progress lines)."""
-
-    def recorded(index: int) -> float:
-        loss = step(index)
-        losses.append(loss)
-        return loss
-
-    return recorded
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -272,7 +196,7 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
     accel = get_accelerator()
     device = accel.device(local_rank)
     dtype = accel.default_dtype()
-    cfg = engine_config(settings, dtype)
+    cfg = engine_config(settings, dtype, zero=ZERO)
     batches = make_batches(settings, rank, world_size, cfg.model.vocab_size, device)
     built = {
         "ours": ours_step(cfg, device, batches),
@@ -285,50 +209,13 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         step, deepspeed_note = deepspeed_contender(cfg, device, dtype, batches, version)
         if step is not None:
             built[DEEPSPEED] = step
-    losses: dict[str, list[float]] = {name: [] for name in built}
-    steps = {name: recording(step, losses[name]) for name, step in built.items()}
-    total = settings.warmup + settings.iters
-
-    def progress(name: str, index: int, seconds: float) -> None:
-        if rank == 0:
-            phase = "warm-up" if index < settings.warmup else "measured"
-            whose = "mean over ranks" if name == "ours" else "rank 0"
-            print(
-                f"[zero3] step {index + 1}/{total} ({phase}) {name:15s} {seconds:.3f} s "
-                f"loss {losses[name][-1]:.4f} ({whose})",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    times = interleaved_step_times(
-        steps,
-        warmup=settings.warmup,
-        iters=settings.iters,
-        before_step=dist.barrier,
-        sync=accel.synchronize,
-        on_step=progress,
-    )
-    slowest = {name: over_ranks(t, device, dist.ReduceOp.MAX) for name, t in times.items()}
-    # train_step returns the loss averaged over the ranks; the peers' loops saw their own rows.
-    for name in losses:
-        if name != "ours":
-            summed = over_ranks(losses[name], device, dist.ReduceOp.SUM)
-            losses[name] = [value / world_size for value in summed]
+    slowest, losses = time_contenders("zero3", settings, built, rank, device)
     config = describe(settings, cfg, dtype, world_size, slowest, losses)
     config["deepspeed"] = deepspeed_note
     return {
         "median_s": {name: statistics.median(values) for name, values in slowest.items()},
         "config": config,
     }
-
-
-def over_ranks(
-    values: list[float], device: torch.device, op: dist.ReduceOp.RedOpType
-) -> list[float]:
-    """Element-wise reduction of a list of numbers over the ranks (run after the timing)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
 
 
 def describe(
@@ -341,10 +228,7 @@ def describe(
 ) -> dict[str, Any]:
     """The JSON ``config``: the workload, the precision of each side, the spread of times,
     the last losses."""
-    accel = get_accelerator()
     bf16 = dtype == torch.bfloat16
-    with torch.device("meta"):
-        params = count_params(GPT(gpt_config_from(cfg.model, cfg.data.seq_len)))
     last = {name: values[-1] for name, values in losses.items()}
     precision = {
         "ours": "bf16 params, fp32 master weights, fp32 grad reduce" if bf16 else "fp32",
@@ -355,28 +239,10 @@ def describe(
     if DEEPSPEED in losses:
         precision[DEEPSPEED] = "bf16.enabled (bf16 params, fp32 master weights)" if bf16 else "fp32"
     return {
-        "model": f"gpt-{settings.preset}",
-        "params": params,
-        "seq_len": settings.seq_len,
-        "nproc": world_size,
-        "micro_batch_per_rank": settings.micro_batch,
-        "grad_accum": 1,
+        **describe_workload(settings, cfg, dtype, world_size, seconds),
         "zero_stage": 3,
         "units": "root + each model.blocks[i]; resharded after forward; prefetch on",
-        "precision": "bf16" if bf16 else "fp32",
         "precision_detail": precision,
-        "optimizer": "torch AdamW fused, shardwise.optim.param_groups, warm-up + cosine lr",
-        "grad_clip": settings.grad_clip,
-        "device": accel.device_type,
-        "backend": accel.backend,
-        "threads_per_rank": torch.get_num_threads(),
-        "torch": torch.__version__.split("+")[0],
-        "warmup_steps": settings.warmup,
-        "measured_steps": settings.iters,
-        "schedule": "interleaved, one step each per round, order rotating; "
-        "barrier before each step; time = slowest rank",
-        "min_s": {name: min(values) for name, values in seconds.items()},
-        "max_s": {name: max(values) for name, values in seconds.items()},
         "last_loss": last,
         "last_loss_max_abs_diff": max(last.values()) - min(last.values()),
     }
@@ -384,22 +250,7 @@ def describe(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each launched rank (``python -m benchmarks.zero3``)."""
-    from shardwise.distributed.launch import init_worker, run_worker
-
-    parser = argparse.ArgumentParser(prog="benchmarks.zero3")
-    parser.add_argument("--settings", required=True, help="Settings as a JSON object")
-    parser.add_argument("--result", required=True, help="file rank 0 writes its record to")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        settings = Settings(**json.loads(args.settings))
-        torch.set_num_threads(1)
-        info = init_worker(Config().distributed.timeout_s)
-        record = measure(settings, info.rank, info.local_rank, info.world_size)
-        if info.rank == 0:
-            write_worker_result(args.result, record)
-
-    run_worker(body)
+    worker_main("benchmarks.zero3", Settings, measure, argv)
 
 
 if __name__ == "__main__":

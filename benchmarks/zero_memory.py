@@ -27,7 +27,6 @@ measured and formula bytes per parameter element of every category.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
-from shardwise.bench import BenchResult, launch_workers, write_worker_result
+from shardwise.bench import BenchResult, launch_workers, worker_main
 from shardwise.config import Config
 from shardwise.engine import initialize
 from shardwise.models.gpt import build_gpt
@@ -303,22 +302,7 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each launched rank (``python -m benchmarks.zero_memory``)."""
-    from shardwise.distributed.launch import init_worker, run_worker
-
-    parser = argparse.ArgumentParser(prog="benchmarks.zero_memory")
-    parser.add_argument("--settings", required=True, help="Settings as a JSON object")
-    parser.add_argument("--result", required=True, help="file rank 0 writes its record to")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        settings = Settings(**json.loads(args.settings))
-        torch.set_num_threads(1)
-        info = init_worker(Config().distributed.timeout_s)
-        record = measure(settings, info.rank, info.local_rank, info.world_size)
-        if info.rank == 0:
-            write_worker_result(args.result, record)
-
-    run_worker(body)
+    worker_main("benchmarks.zero_memory", Settings, measure, argv)
 
 
 if __name__ == "__main__":

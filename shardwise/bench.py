@@ -253,3 +253,35 @@ def write_worker_result(path: str | Path, record: dict[str, Any]) -> None:
     partial = target.with_suffix(".partial")
     partial.write_text(json.dumps(record, allow_nan=False))
     partial.replace(target)
+
+
+def worker_main(
+    prog: str,
+    settings_type: type,
+    measure: Callable[[Any, int, int, int], dict[str, Any]],
+    argv: list[str] | None = None,
+) -> None:
+    """Entry point of each rank `launch_workers` starts: ``--settings`` (a JSON object for
+    `settings_type`) and ``--result`` (the file rank 0 writes
+    ``measure(settings, rank, local_rank, world_size)`` to). One compute thread per rank."""
+    import argparse
+
+    import torch
+
+    from shardwise.config import Config
+    from shardwise.distributed.launch import init_worker, run_worker
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--settings", required=True, help="settings as a JSON object")
+    parser.add_argument("--result", required=True, help="file rank 0 writes its record to")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = settings_type(**json.loads(args.settings))
+        torch.set_num_threads(1)
+        info = init_worker(Config().distributed.timeout_s)
+        record = measure(settings, info.rank, info.local_rank, info.world_size)
+        if info.rank == 0:
+            write_worker_result(args.result, record)
+
+    run_worker(body)
