@@ -36,29 +36,16 @@ of the slowest rank. After the measured steps the last losses of all contenders 
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
 import warnings
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.gpt_workload import (
-    FULL,
-    NPROC,
-    QUICK,
-    Settings,
-    describe_workload,
-    engine_config,
-    make_batches,
-    ours_step,
-    time_contenders,
-)
+from benchmarks import gpt_workload
 from shardwise.accelerator import get_accelerator
-from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
+from shardwise.bench import BenchResult, StepFn, worker_main
 from shardwise.config import Config
 from shardwise.engine import cross_entropy_loss
 from shardwise.models.gpt import build_gpt
@@ -72,15 +59,7 @@ ZERO = {"stage": 3, "reshard_after_forward": True, "prefetch": True}
 
 def run(quick: bool) -> BenchResult:
     """Launch the 2-rank job and report rank 0's medians."""
-    settings = QUICK if quick else FULL
-    record = launch_workers("benchmarks.zero3", ["--settings", json.dumps(asdict(settings))], NPROC)
-    medians = record["median_s"]
-    return BenchResult(
-        metric="median_step_s",
-        ours=medians["ours"],
-        peers={name: value for name, value in medians.items() if name != "ours"},
-        config=record["config"],
-    )
+    return gpt_workload.run_job("benchmarks.zero3", quick)
 
 
 # --------------------------------------------------------------------------- the contenders
@@ -100,23 +79,8 @@ def fsdp2_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: l
     for block in model.blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
-    # After fully_shard: the groups hold the sharded (DTensor) parameters.
-    optimizer = default_optimizer_factory(cfg.optim)(param_groups(model, cfg.optim.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_multiplier(cfg.optim, cfg.train.steps)
-    )
-
-    def step(index: int) -> float:
-        inputs, targets = batches[index]
-        optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy_loss(model(inputs), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return loss.item()
-
-    return step
+    # After fully_shard: the optimizer's groups get the sharded (DTensor) parameters.
+    return gpt_workload.torch_peer_step(model, cfg, batches)
 
 
 def deepspeed_version() -> tuple[str | None, str]:
@@ -191,15 +155,14 @@ def deepspeed_step(cfg: Config, device: torch.device, dtype: torch.dtype, batche
 # --------------------------------------------------------------------------- the worker
 
 
-def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> dict[str, Any]:
+def measure(
+    settings: gpt_workload.Settings, rank: int, local_rank: int, world_size: int
+) -> dict[str, Any]:
     """Every contender on this rank; the per-step times are the slowest rank's."""
-    accel = get_accelerator()
-    device = accel.device(local_rank)
-    dtype = accel.default_dtype()
-    cfg = engine_config(settings, dtype, zero=ZERO)
-    batches = make_batches(settings, rank, world_size, cfg.model.vocab_size, device)
-    built = {
-        "ours": ours_step(cfg, device, batches),
+    work = gpt_workload.prepare(settings, rank, local_rank, world_size, zero=ZERO)
+    cfg, device, dtype, batches = work.cfg, work.device, work.dtype, work.batches
+    contenders = {
+        "ours": gpt_workload.ours_step(cfg, device, batches),
         "fsdp2": fsdp2_step(cfg, device, dtype, batches),
     }
     version, import_error = deepspeed_version()
@@ -208,49 +171,35 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
     else:
         step, deepspeed_note = deepspeed_contender(cfg, device, dtype, batches, version)
         if step is not None:
-            built[DEEPSPEED] = step
-    slowest, losses = time_contenders("zero3", settings, built, rank, device)
-    config = describe(settings, cfg, dtype, world_size, slowest, losses)
+            contenders[DEEPSPEED] = step
+    detail = precision_detail(dtype, DEEPSPEED in contenders)
+    record = gpt_workload.measure_contenders("zero3", work, contenders, detail, order="rotating")
+    config = record["config"]
+    last = config["last_loss"]
+    config["zero_stage"] = 3
+    config["units"] = "root + each model.blocks[i]; resharded after forward; prefetch on"
+    config["last_loss_max_abs_diff"] = max(last.values()) - min(last.values())
     config["deepspeed"] = deepspeed_note
-    return {
-        "median_s": {name: statistics.median(values) for name, values in slowest.items()},
-        "config": config,
-    }
+    return record
 
 
-def describe(
-    settings: Settings,
-    cfg: Config,
-    dtype: torch.dtype,
-    world_size: int,
-    seconds: dict[str, list[float]],
-    losses: dict[str, list[float]],
-) -> dict[str, Any]:
-    """The JSON ``config``: the workload, the precision of each side, the spread of times,
-    the last losses."""
+def precision_detail(dtype: torch.dtype, with_deepspeed: bool) -> dict[str, str]:
+    """The JSON ``config.precision_detail``: each contender's precision at `dtype`."""
     bf16 = dtype == torch.bfloat16
-    last = {name: values[-1] for name, values in losses.items()}
-    precision = {
+    detail = {
         "ours": "bf16 params, fp32 master weights, fp32 grad reduce" if bf16 else "fp32",
         "fsdp2": "fp32 sharded params, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)"
         if bf16
         else "fp32",
     }
-    if DEEPSPEED in losses:
-        precision[DEEPSPEED] = "bf16.enabled (bf16 params, fp32 master weights)" if bf16 else "fp32"
-    return {
-        **describe_workload(settings, cfg, dtype, world_size, seconds),
-        "zero_stage": 3,
-        "units": "root + each model.blocks[i]; resharded after forward; prefetch on",
-        "precision_detail": precision,
-        "last_loss": last,
-        "last_loss_max_abs_diff": max(last.values()) - min(last.values()),
-    }
+    if with_deepspeed:
+        detail[DEEPSPEED] = "bf16.enabled (bf16 params, fp32 master weights)" if bf16 else "fp32"
+    return detail
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each launched rank (``python -m benchmarks.zero3``)."""
-    worker_main("benchmarks.zero3", Settings, measure, argv)
+    worker_main("benchmarks.zero3", gpt_workload.Settings, measure, argv)
 
 
 if __name__ == "__main__":

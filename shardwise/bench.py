@@ -39,12 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from shardwise.errors import ShardwiseError
 
 StepFn = Callable[[int], object]
 """One training step; receives the step index (0, 1, ...) so contenders can share data."""
+SettingsT = TypeVar("SettingsT")
+"""A benchmark's settings (a dataclass built from the JSON ``--settings``)."""
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,8 @@ def write_worker_result(path: str | Path, record: dict[str, Any]) -> None:
 
 def worker_main(
     prog: str,
-    settings_type: type,
-    measure: Callable[[Any, int, int, int], dict[str, Any]],
+    settings_type: Callable[..., SettingsT],
+    measure: Callable[[SettingsT, int, int, int], dict[str, Any]],
     argv: list[str] | None = None,
 ) -> None:
     """Entry point of each rank `launch_workers` starts: ``--settings`` (a JSON object for

@@ -187,13 +187,13 @@ def one_rank_group(tmp_path):
 
 
 def test_dp_contenders_train_identically_on_a_tiny_model(one_rank_group):
-    from benchmarks import dp
+    from benchmarks import dp, gpt_workload
 
-    settings = dp.Settings(warmup=1, iters=2, preset="tiny", seq_len=16, micro_batch=2)
-    cfg = dp.engine_config(settings, torch.float32)
+    settings = gpt_workload.Settings(warmup=1, iters=2, preset="tiny", seq_len=16, micro_batch=2)
+    cfg = gpt_workload.engine_config(settings, torch.float32)
     device = torch.device("cpu")
-    batches = dp.make_batches(settings, 0, 1, cfg.model.vocab_size, device)
-    ours = dp.ours_step(cfg, device, batches)
+    batches = gpt_workload.make_batches(settings, 0, 1, cfg.model.vocab_size, device)
+    ours = gpt_workload.ours_step(cfg, device, batches)
     ddp = dp.ddp_step(cfg, device, torch.float32, batches)
     for index in range(3):
         # Same weights, data, optimizer and clipping: the losses agree step after step.
@@ -201,12 +201,12 @@ def test_dp_contenders_train_identically_on_a_tiny_model(one_rank_group):
 
 
 def test_dp_rows_differ_per_rank_and_repeat_per_seed():
-    from benchmarks import dp
+    from benchmarks.gpt_workload import Settings, make_batches
 
-    settings = dp.Settings(warmup=1, iters=1, seq_len=8, micro_batch=2)
-    rank0 = dp.make_batches(settings, 0, 2, 256, torch.device("cpu"))
-    rank1 = dp.make_batches(settings, 1, 2, 256, torch.device("cpu"))
-    again = dp.make_batches(settings, 0, 2, 256, torch.device("cpu"))
+    settings = Settings(warmup=1, iters=1, seq_len=8, micro_batch=2)
+    rank0 = make_batches(settings, 0, 2, 256, torch.device("cpu"))
+    rank1 = make_batches(settings, 1, 2, 256, torch.device("cpu"))
+    again = make_batches(settings, 0, 2, 256, torch.device("cpu"))
     assert len(rank0) == 2 and rank0[0][0].shape == (2, 8)
     assert not torch.equal(rank0[0][0], rank1[0][0])
     assert torch.equal(rank0[1][0], again[1][0])
