@@ -64,7 +64,7 @@ BAD_SETS = {
     ),
     "2d-not-square": (
         ["--nproc", "2", "--set", "parallel.tp=2", "--set", "parallel.tp_mode=2d"],
-        "2d",
+        "parallel.tp=2 does not fit tp_mode='2d', which needs tp = a square q^2",
     ),
     "tp-not-yet": (
         ["--nproc", "2", "--set", "parallel.tp=2"],
