@@ -21,6 +21,10 @@ STEPS = 5
 BF16_RTOL = 2e-2
 """bf16 rounds parameters to 8 mantissa bits after every step (fp32 master weights keep the
 update exact), so 5-step losses drift from fp32 by about 2^-8 relative; 2e-2 bounds it."""
+PARAM_RTOL = 5e-5
+"""fp32 parameters after 5 Adam steps, tensor-wise: the loss bound (1e-5) plus room for a
+different summation order. Measured: up to 1.2e-5 for hierarchical ZeRO-2 (reduce-scatter, then
+all-reduce across replicas) on an AVX2 AMD EPYC; ~1e-7 for most layouts."""
 SEQ = 16
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 4}
 
@@ -117,7 +121,8 @@ def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float
 
 
 def assert_parity(got: tuple, want: tuple, rtol: float) -> None:
-    """Losses element-wise; parameters tensor-wise: ||got - want|| <= rtol * ||want||.
+    """Losses element-wise within `rtol`; parameters tensor-wise:
+    ||got - want|| <= max(rtol, PARAM_RTOL) * ||want||.
 
     Element-wise relative error is ill-posed for parameters: Adam turns a 1-ulp difference in
     a near-zero gradient (summation order of a norm or an all-reduce) into a full-size update
@@ -128,8 +133,9 @@ def assert_parity(got: tuple, want: tuple, rtol: float) -> None:
     torch.testing.assert_close(
         torch.tensor(got_losses), torch.tensor(want_losses), rtol=rtol, atol=0
     )
+    param_rtol = max(rtol, PARAM_RTOL)
     for name, tensor in want_state.items():
         error = torch.linalg.vector_norm(got_state[name] - tensor) / torch.linalg.vector_norm(
             tensor
         )
-        assert error <= rtol, f"{name}: relative error {error:.2e} > {rtol:.0e}"
+        assert error <= param_rtol, f"{name}: relative error {error:.2e} > {param_rtol:.0e}"
