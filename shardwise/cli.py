@@ -61,9 +61,9 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint import find_checkpoint
+    from shardwise.checkpoint import check_resumable, find_checkpoint
     from shardwise.data import build_data
-    from shardwise.trainer import validate
+    from shardwise.trainer import checkpoint_layout, validate
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1")
@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         find_checkpoint(args.resume)
     cfg = _resolve_config(args)
     dims = validate(cfg, args.nproc)
+    if args.resume is not None:
+        check_resumable(args.resume, args.nproc, checkpoint_layout(cfg, args.nproc))
     # Read the data once here: a missing file or a too-small corpus fails before any launch.
     build_data(cfg.data, cfg.train.global_batch or cfg.train.micro_batch * dims.dp, 0, dims.dp, 0)
     out = _run_dir(args)

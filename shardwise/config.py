@@ -80,6 +80,9 @@ class ParallelConfig(_Section):
     """Tensor-parallel layout."""
     tp_depth: int = Field(1, ge=1)
     """Depth d of the 2.5D layout."""
+    tp_sequence_parallel: bool = False
+    """1d only: Megatron sequence parallelism — layer norms and residual adds run on sequence
+    shards (reduce-scatter / all-gather instead of all-reduce); seq_len must divide by tp."""
 
 
 class ZeroConfig(_Section):

@@ -5,9 +5,11 @@ a whole optimizer step (all micro-batches of gradient accumulation); DeepSpeed-s
 call `forward`, `backward(loss)` and `step()` per micro-batch instead, and `step()` acts at
 the accumulation boundary only.
 
-The engine composes: activation checkpointing, the precision policy (parameters in the
-compute dtype, fp32 master weights for the optimizer, loss scaling for fp16), the bucketed
-`GradReducer` (the only place gradients are communicated) and global-norm clipping.
+The engine composes: a tensor-parallel plan (the model split over the mesh's tp axes, its loss
+reading vocabulary-split logits), activation checkpointing, the precision policy (parameters
+in the compute dtype, fp32 master weights for the optimizer, loss scaling for fp16), the
+bucketed `GradReducer` (the only place data-parallel gradients are communicated) and
+global-norm clipping.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from shardwise.accelerator import get_accelerator
 from shardwise.activation_checkpointing import apply_activation_checkpointing
 from shardwise.config import Config, resolve_batch
 from shardwise.distributed import comm
-from shardwise.distributed.dims import ParallelDims, dp_mesh
+from shardwise.distributed.dims import ParallelDims, dp_mesh, tp_mesh
 from shardwise.distributed.reducer import GradReducer
 from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
+from shardwise.tensor_parallel import Plan, apply_tensor_parallel
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
 
@@ -46,18 +49,18 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def check_supported(dims: ParallelDims) -> None:
     """Reject degrees this version cannot run yet, before any process waits on them."""
-    for name in ("pp", "tp", "sp"):
+    for name in ("pp", "sp"):
         degree = getattr(dims, name)
         if degree > 1:
             raise ConfigError(
-                f"parallel.{name}={degree} is not supported yet; "
-                f"this version trains with data parallelism only (parallel.{name}=1)"
+                f"parallel.{name}={degree} is not supported yet; this version trains with "
+                f"data and tensor parallelism only (parallel.{name}=1)"
             )
 
 
 class Engine:
     """Trains `model` with data parallelism over the mesh's ``dp`` axes, state sharded by
-    ``zero.stage`` (0: replicated, 1–3: ZeRO)."""
+    ``zero.stage`` (0: replicated, 1–3: ZeRO), split by `tp_plan` over its tp axes."""
 
     def __init__(
         self,
@@ -67,11 +70,16 @@ class Engine:
         mesh: object | None,
         loss_fn: LossFn = cross_entropy_loss,
         param_init: ParamInit | None = None,
+        tp_plan: Plan | None = None,
     ) -> None:
         self.config = config
         self.accelerator = get_accelerator()
         self.policy = policy_from_config(config.precision, self.accelerator)
         self.loss_fn = loss_fn
+        self.tp_mesh = tp_mesh(mesh) if mesh is not None else None
+        self.tp = None
+        if self.tp_mesh is not None and comm.group_size(self.tp_mesh) > 1:
+            self._apply_tensor_parallel(model, mesh, tp_plan, loss_fn)
         # [Note: hierarchical data parallelism] Gradients are averaged over every dp rank, but
         # ZeRO shards only within `dp_shard`; the `dp_replicate` groups (typically one per
         # node) hold identical shards, kept equal by an all-reduce of the reduced slices.
@@ -105,6 +113,24 @@ class Engine:
         self._micro_step = 0
 
     # -- setup ---------------------------------------------------------------------------
+
+    def _apply_tensor_parallel(
+        self, model: nn.Module, mesh: object, plan: Plan | None, loss_fn: LossFn
+    ) -> None:
+        """Split the model over the tp axes; the plan's loss reads its split output."""
+        tp = comm.group_size(self.tp_mesh)
+        if plan is None:
+            raise ConfigError(
+                f"parallel.tp={tp} needs a tensor-parallel plan: pass tp_plan= to initialize() "
+                "(shardwise.registry.TP_PLANS has the built-in models' plans)"
+            )
+        if loss_fn is not cross_entropy_loss:
+            raise ConfigError(
+                f"a custom loss_fn cannot read the model's output at parallel.tp={tp}: the "
+                "tensor-parallel plan splits it and brings its own loss"
+            )
+        self.tp = apply_tensor_parallel(model, mesh, plan)
+        self.loss_fn = self.tp.loss_fn
 
     def _setup_zero(self, config: Config, param_init: ParamInit | None) -> None:
         """The gradient reducer, this rank's optimizer shards and, at stage 3, the unit
@@ -181,13 +207,21 @@ class Engine:
         """Optimizer step at the accumulation boundary; returns whether weights changed."""
         if self._micro_step < self.grad_accum:
             return False
-        grads, group = self.shards.owned_grads(), self.shards.norm_group
+        grads = self.shards.owned_grads()
+        groups = [
+            g
+            for g in (self.shards.norm_group, self.tp_mesh)
+            if g is not None and comm.group_size(g) > 1
+        ]
         should_step = True
         if self.scaler is not None:
-            found_inf = self.scaler.unscale_and_check_(grads, group)
+            found_inf = self.scaler.unscale_and_check_(grads, groups)
             should_step = self.scaler.update(found_inf)
         if should_step:
-            self.last_grad_norm = _clip_global_norm_(grads, self.config.optim.grad_clip, group)
+            squares = self._grad_squares(grads)
+            self.last_grad_norm = _clip_global_norm_(
+                grads, squares, self.config.optim.grad_clip, groups
+            )
             self.shards.attach_grads()
             self.optimizer.step()
             self.scheduler.step()
@@ -226,6 +260,20 @@ class Engine:
         self.step()
         return mean_loss.item()
 
+    def _grad_squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of squared gradient elements this rank owns, counting each element of the
+        model once: a tensor-parallel shard held by k tp ranks contributes 1/k per holder."""
+        squares = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]
+        if self.tp is None:
+            return torch.stack(squares).sum()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for owned, grad in zip(self.shards.slices, grads, strict=True):
+            for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
+                piece = grad[lo - owned.start : hi - owned.start]
+                weight = 1.0 / self.tp.replicas[id(owner)]
+                total += torch.linalg.vector_norm(piece, dtype=torch.float32) ** 2 * weight
+        return total
+
     def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
             comm.all_reduce_(value, self.dp_mesh)
@@ -262,11 +310,14 @@ class Engine:
 
     @property
     def state_is_replicated(self) -> bool:
-        """Whether every data-parallel rank holds the same state (else each saves its own)."""
-        return not self.shards.sharded
+        """Whether every rank holds the same state (else each saves its own)."""
+        return not self.shards.sharded and self.tp is None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state dict on every rank (copies; at ZeRO-3 gathered for it)."""
+        """The whole model's state dict on every rank (copies; at ZeRO-3 gathered for it).
+
+        Tensor-parallel shards are not gathered: with parallel.tp > 1 each rank gets its own.
+        """
         gathered = self.sharded_params.all_gathered() if self.sharded_params else nullcontext()
         with gathered:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -319,18 +370,19 @@ def initialize(
     mesh: object | None = None,
     loss_fn: LossFn = cross_entropy_loss,
     param_init: ParamInit | None = None,
+    tp_plan: Plan | None = None,
 ) -> Engine:
     """Wrap `model` for training. Without `mesh`, one is built from ``config.parallel`` and
     the initialised process group (or none in a single process). A model built on the meta
     device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
-    shards."""
+    shards. With parallel.tp > 1 the (materialised) model is split by `tp_plan`."""
     config = config or Config()
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)
         mesh = dims.build_mesh(get_accelerator().device_type)
     factory = optimizer_factory or default_optimizer_factory(config.optim)
-    return Engine(model, factory, config, mesh, loss_fn, param_init)
+    return Engine(model, factory, config, mesh, loss_fn, param_init, tp_plan)
 
 
 def _check_materialisable(model: nn.Module, param_init: ParamInit | None) -> None:
@@ -365,16 +417,18 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _clip_global_norm_(flats: list[torch.Tensor], max_norm: float, group: object | None) -> float:
-    """Global L2 norm over flat gradient buffers (padding is zero); scale to `max_norm`.
+def _clip_global_norm_(
+    flats: list[torch.Tensor], squares: torch.Tensor, max_norm: float, groups: list
+) -> float:
+    """Scale gradient buffers to the global L2 norm `max_norm`; `squares` is this rank's
+    share of the squared norm (padding is zero), summed over each of `groups` (ranks holding
+    disjoint slices: ZeRO shards, tensor-parallel shards).
 
-    With `group`, the buffers are disjoint slices held by its ranks: the squared norms are
-    summed over it. Same rule as torch.nn.utils.clip_grad_norm_: coefficient
-    max_norm / (norm + 1e-6), applied only when below one. Returns the norm before clipping.
+    Same rule as torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6),
+    applied only when below one. Returns the norm before clipping.
     """
-    squares = torch.stack([torch.linalg.vector_norm(f, dtype=torch.float32) for f in flats]) ** 2
-    total_sq = squares.sum()
-    if group is not None:
+    total_sq = squares.clone()
+    for group in groups:
         comm.all_reduce_(total_sq, group)
     total = total_sq.sqrt()
     if max_norm > 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,7 +215,7 @@ class DynamicLossScaler:
     """Dynamic loss scale for fp16 training, driven by the table `_TRANSITIONS`.
 
     Per optimizer step: ``scaler.scale_loss(loss).backward()``, then
-    ``found_inf = scaler.unscale_and_check_(grads, group)`` (before clipping), then
+    ``found_inf = scaler.unscale_and_check_(grads, groups)`` (before clipping), then
     ``if scaler.update(found_inf): optimizer.step()``.
     """
 
@@ -255,14 +255,12 @@ class DynamicLossScaler:
         """``loss * S``. Compute the loss in fp32: S = 2^16 is already inf in fp16."""
         return loss * self._state.scale
 
-    def unscale_and_check_(
-        self, grads: list[torch.Tensor], group: dist.ProcessGroup | None = None
-    ) -> bool:
+    def unscale_and_check_(self, grads: list[torch.Tensor], groups: Sequence = ()) -> bool:
         """Divide `grads` by S in place; return whether any is inf/NaN.
 
-        With `group`, the flag is all-reduced (MAX) over it, so ranks holding different
-        gradient shards (ZeRO-2/3) or different micro-batches take one decision together.
-        Every rank of `group` must call this, even with no gradients.
+        The flag is all-reduced (MAX) over each of `groups`, so ranks holding different
+        gradient shards (ZeRO-2/3, tensor parallelism) or different micro-batches take one
+        decision together. Every rank of a group must call this, even with no gradients.
         """
         device = grads[0].device if grads else _fallback_device()
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
@@ -272,7 +270,7 @@ class DynamicLossScaler:
             # torch's fused unscale-and-check (CPU and CUDA): grads *= inv, flag = 1 on inf/NaN.
             torch._amp_foreach_non_finite_check_and_unscale_(same_device, flag, inv)
             found_inf = torch.maximum(found_inf, flag.to(device))
-        if group is not None:
+        for group in groups:
             comm.all_reduce_(found_inf, group, op=dist.ReduceOp.MAX)
         return bool(found_inf.item())
 

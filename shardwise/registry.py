@@ -42,3 +42,7 @@ class Registry(Generic[T]):
 
 MODELS: Registry[Callable] = Registry("model")
 """Model builders: ``fn(model_cfg: ModelConfig, seq_len: int, *, device, seed) -> nn.Module``."""
+
+TP_PLANS: Registry[Callable] = Registry("tensor-parallel plan")
+"""Tensor-parallel plans per model name: ``fn(cfg: Config, dims: ParallelDims) -> Plan``;
+raises `ConfigError` when the model's shapes do not split over the degrees."""

@@ -7,6 +7,7 @@ launcher starts on each rank; `train` is also callable in-process (tests, ``--np
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import shardwise.models  # noqa: F401  (registers the built-in models)
+import shardwise.tensor_parallel.plans  # noqa: F401  (registers their tensor-parallel plans)
 from shardwise.accelerator import get_accelerator
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.config import Config, resolve_batch
@@ -24,7 +26,8 @@ from shardwise.data import build_data
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import Engine, check_supported, initialize
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
-from shardwise.registry import MODELS
+from shardwise.registry import MODELS, TP_PLANS
+from shardwise.tensor_parallel import Plan
 
 log = logging.getLogger("shardwise")
 
@@ -44,7 +47,19 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     check_supported(dims)
     resolve_batch(cfg.train, dims.dp)
+    tensor_parallel_plan(cfg, dims)
     return dims
+
+
+def tensor_parallel_plan(cfg: Config, dims: ParallelDims) -> Plan | None:
+    """The model's tensor-parallel plan when parallel.tp > 1 (checked against its shapes)."""
+    return TP_PLANS.get(cfg.model.name)(cfg, dims) if dims.tp > 1 else None
+
+
+def checkpoint_layout(cfg: Config, world_size: int) -> dict:
+    """What fixes the shapes of each rank's saved state: the resolved degrees, ZeRO stage."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    return {**dataclasses.asdict(dims), "zero_stage": cfg.zero.stage}
 
 
 def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
@@ -54,12 +69,15 @@ def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
     mesh = dims.build_mesh(accel.device_type) if world_size > 1 else None
     rank = dist.get_rank() if dist.is_initialized() else 0
     builder = MODELS.get(cfg.model.name)
-    # ZeRO-3 builds the model on the meta device and fills it shard by shard.
-    on_meta = cfg.zero.stage == 3 and dims.dp_shard > 1
+    # ZeRO-3 builds the model on the meta device and fills it shard by shard; tensor
+    # parallelism splits a materialised model.
+    on_meta = cfg.zero.stage == 3 and dims.dp_shard > 1 and dims.tp == 1
     device = "meta" if on_meta else accel.device(rank)
     model = builder(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
     param_init = partial(model.init_parameter, seed=cfg.train.seed) if on_meta else None
-    engine = initialize(model, None, cfg, mesh=mesh, param_init=param_init)
+    engine = initialize(
+        model, None, cfg, mesh=mesh, param_init=param_init, tp_plan=tensor_parallel_plan(cfg, dims)
+    )
     dp_rank = dims.dp_rank(mesh) if mesh is not None else 0
     return engine, dp_rank, dims.dp
 
@@ -72,7 +90,8 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
     global_batch = cfg.train.micro_batch * dp_size * engine.grad_accum
     data = build_data(cfg.data, global_batch, dp_rank, dp_size, cfg.train.seed)
     if resume is not None:
-        engine_state, trainer_state = load_checkpoint(resume, engine.device)
+        layout = checkpoint_layout(cfg, world_size)
+        engine_state, trainer_state = load_checkpoint(resume, engine.device, layout)
         engine.load_state_dict(engine_state)
         data.load_state_dict(trainer_state["data"])
     start, total = engine.global_step, cfg.train.steps
@@ -102,18 +121,18 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
                 metrics.write(record)
             progress.update(record, total)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
-                _save(engine, data, ckpt_root, cfg)
+                _save(engine, data, ckpt_root, cfg, world_size)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    final = _save(engine, data, ckpt_root, cfg)
+    final = _save(engine, data, ckpt_root, cfg, world_size)
     if is_main:
         plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
     return RunSummary(losses=losses, checkpoint=final)
 
 
-def _save(engine: Engine, data, root: Path, cfg: Config) -> Path:
+def _save(engine: Engine, data, root: Path, cfg: Config, world_size: int) -> Path:
     trainer_state = {"step": engine.global_step, "data": data.state_dict()}
     return save_checkpoint(
         root,
@@ -122,6 +141,7 @@ def _save(engine: Engine, data, root: Path, cfg: Config) -> Path:
         trainer_state,
         keep=cfg.checkpoint.keep,
         replicated=engine.state_is_replicated,
+        layout=checkpoint_layout(cfg, world_size),
     )
 
 

@@ -19,3 +19,12 @@ def pool4():
     pool = DistributedPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool8():
+    """Eight ranks (2.5D and 3D tensor parallelism at q=2), spawned once per session: eight
+    processes on a small machine are slow to start, and every 8-rank test shares them."""
+    pool = DistributedPool(8)
+    yield pool
+    pool.close()

@@ -66,9 +66,14 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "parallel.tp=2", "--set", "parallel.tp_mode=2d"],
         "parallel.tp=2 does not fit tp_mode='2d', which needs tp = a square q^2",
     ),
-    "tp-not-yet": (
-        ["--nproc", "2", "--set", "parallel.tp=2"],
-        "parallel.tp=2 is not supported yet",
+    "pp-not-yet": (
+        ["--nproc", "2", "--set", "parallel.pp=2"],
+        "parallel.pp=2 is not supported yet",
+    ),
+    "tp-not-dividing-heads": (
+        ["--nproc", "3", "--set", "parallel.tp=3", *TINY],
+        "model.n_heads=2 does not split over parallel.tp=3 (tp_mode='1d' needs a multiple "
+        "of 3); tp degrees that fit: 2",
     ),
     "batch-not-divisible": (
         ["--nproc", "2", "--set", "train.micro_batch=4", "--set", "train.global_batch=10"],
@@ -171,8 +176,15 @@ def test_non_finite_loss_on_two_ranks_through_the_launcher(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, stage):
+LAYOUTS = {
+    "dp2": ["zero.stage=0"],
+    "dp2-zero3": ["zero.stage=3"],
+    "tp2-sequence-parallel": ["parallel.tp=2", "parallel.tp_sequence_parallel=true"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, layout):
     run = tmp_path / "run"
     first = _console(
         [
@@ -186,8 +198,7 @@ def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, stage):
             "train.steps=4",
             "--set",
             "checkpoint.every=2",
-            "--set",
-            f"zero.stage={stage}",
+            *(arg for setting in layout for arg in ("--set", setting)),
         ],
         tmp_path,
     )
@@ -202,3 +213,12 @@ def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, stage):
     again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     assert [r["loss"] for r in again] == [r["loss"] for r in full]
+    if "parallel.tp=2" in layout:
+        step2 = str(run / "checkpoints" / "step_00000002")
+        other = _console(
+            ["train", "--nproc", "2", "--resume", step2, "--set", "parallel.tp=1"], tmp_path
+        )
+        assert other.returncode == 2
+        assert "holds per-rank shards of another layout: dp_shard=1 (now 2), tp=2 (now 1)" in (
+            other.stderr
+        )

@@ -193,7 +193,7 @@ def _global_found_inf() -> tuple[bool, bool, list[float]]:
     s = DynamicLossScaler(initial_scale=2.0)
     local = s.unscale_and_check_([torch.tensor([INF if rank == 1 else 2.0])])
     grads = [torch.tensor([INF if rank == 1 else 2.0, 4.0])]
-    found = s.unscale_and_check_(grads, group=dist.group.WORLD)
+    found = s.unscale_and_check_(grads, [dist.group.WORLD])
     return local, found, grads[0].tolist()
 
 

@@ -48,11 +48,19 @@ def _engine_file(replicated: bool, rank: int) -> str:
 
 
 def save_checkpoint(
-    root: Path, step: int, engine_state: dict, trainer_state: dict, keep: int, replicated: bool
+    root: Path,
+    step: int,
+    engine_state: dict,
+    trainer_state: dict,
+    keep: int,
+    replicated: bool,
+    layout: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the finished checkpoint directory.
 
-    `replicated`: every rank's `engine_state` is the same (rank 0 writes it alone)."""
+    `replicated`: every rank's `engine_state` is the same (rank 0 writes it alone).
+    `layout`: what decides the shapes of per-rank state (parallel degrees, ZeRO stage); a
+    resume must match it (`check_resumable`)."""
     rank, world = _rank_and_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -67,7 +75,12 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
-        manifest = {"step": step, "world_size": world, "replicated": replicated}
+        manifest = {
+            "step": step,
+            "world_size": world,
+            "replicated": replicated,
+            "layout": layout or {},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -103,17 +116,35 @@ def find_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no finished checkpoint under {str(path)!r} (looked for {MANIFEST})")
 
 
-def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict]:
+def check_resumable(path: Path, world_size: int, layout: dict | None = None) -> dict:
+    """The manifest of the checkpoint at `path`, after checking that a run of `world_size`
+    ranks with `layout` can load it (before any process starts, and again on load)."""
+    ckpt = find_checkpoint(path)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    later = "resharding to another layout comes with the checkpoint-resharding feature"
+    if manifest["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} was saved by {manifest['world_size']} ranks, this run has "
+            f"{world_size}; resume with --nproc {manifest['world_size']} ({later})"
+        )
+    saved = manifest.get("layout") or {}
+    if layout and saved and not manifest["replicated"]:
+        changed = [f"{k}={saved.get(k)} (now {v})" for k, v in layout.items() if saved.get(k) != v]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} holds per-rank shards of another layout: "
+                f"{', '.join(changed)}; resume with the saved settings ({later})"
+            )
+    return manifest
+
+
+def load_checkpoint(
+    path: Path, device: torch.device, layout: dict | None = None
+) -> tuple[dict, dict]:
     """Engine state and trainer state; restores this rank's RNG state when it was saved."""
     ckpt = find_checkpoint(path)
     rank, world = _rank_and_world()
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    if manifest["world_size"] != world:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} was saved by {manifest['world_size']} ranks, this run has "
-            f"{world}; resume with --nproc {manifest['world_size']} "
-            "(resharding to another layout comes with the checkpoint-resharding feature)"
-        )
+    manifest = check_resumable(ckpt, world, layout)
     engine_file = ckpt / _engine_file(manifest["replicated"], rank)
     engine_state = torch.load(engine_file, map_location=device, weights_only=False)
     trainer_state = json.loads((ckpt / "trainer.json").read_text())

@@ -51,10 +51,11 @@ open at backward time, plus those open in the backward's own context, plus ``sta
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -83,10 +84,12 @@ __all__ = [
     "group_rank",
     "group_size",
     "last_collective",
+    "open_recorders",
     "recv",
     "reduce_from_group",
     "reduce_scatter_",
     "reduce_scatter_along_dim",
+    "recording_into",
     "scatter_along_dim",
     "send",
 ]
@@ -278,6 +281,23 @@ def _recorders(
     if stats is not None:
         found[id(stats)] = stats
     return tuple(found.values())
+
+
+def open_recorders() -> tuple[CommStats, ...]:
+    """The recorders open in this context. A custom autograd Function that issues in-place
+    collectives keeps them at forward time and runs its backward in `recording_into` them,
+    as this module's own functions do ([Note: recorder scope])."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def recording_into(remembered: Iterable[CommStats]) -> Iterator[None]:
+    """Collectives issued inside also count into those of `remembered` still open."""
+    token = _ACTIVE.set(_recorders(None, remembered))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------

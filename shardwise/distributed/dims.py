@@ -7,7 +7,9 @@ from the config and the world size, checks every constraint before any process g
 
 Axes, outer to inner: ``("dp_replicate", "dp_shard", "pp", "sp", "tp")``. Inner axes get
 neighbouring ranks, so the chattiest traffic (tp, then sp) stays inside a node. Degree-1 axes
-are kept, so code can always write ``mesh["tp"]`` whatever the layout.
+are kept. The 2d, 2.5d and 3d tensor-parallel layouts factorise the tp axis into named
+sub-axes (`TP_AXES`: ``tp_row x tp_col``, ``tp_dep x tp_row x tp_col``); the whole tp group is
+then their flattening, so code gets it with `tp_mesh(mesh)` whatever the layout.
 
 [Note: flattened dp axis] The gradient reducer needs one group spanning dp_replicate x
 dp_shard. `build_mesh` makes it with ``DeviceMesh._flatten("dp")`` — a private method, but
@@ -40,6 +42,14 @@ DP_AXIS = "dp"
 """Name of the flattened dp_replicate x dp_shard axis that `build_mesh` adds."""
 
 TpMode = Literal["1d", "2d", "2.5d", "3d"]
+
+TP_AXES: dict[str, tuple[str, ...]] = {
+    "1d": ("tp",),
+    "2d": ("tp_row", "tp_col"),
+    "2.5d": ("tp_dep", "tp_row", "tp_col"),
+    "3d": ("tp_dep", "tp_row", "tp_col"),
+}
+"""The mesh axes the tp degree is factorised into, per layout, outer to inner."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,20 @@ class ParallelDims:
             world_size=world_size,
         )
 
+    @classmethod
+    def tensor_parallel(cls, tp: int, tp_mode: TpMode = "1d", tp_depth: int = 1) -> ParallelDims:
+        """A layout of `tp` ranks that only tensor-parallelise (every other degree 1)."""
+        return cls(
+            dp_replicate=1,
+            dp_shard=1,
+            pp=1,
+            tp=tp,
+            sp=1,
+            tp_mode=tp_mode,
+            tp_depth=tp_depth,
+            world_size=tp,
+        )
+
     @property
     def dp(self) -> int:
         """Data-parallel degree: dp_replicate x dp_shard ranks see different data."""
@@ -107,13 +131,27 @@ class ParallelDims:
 
     @property
     def axis_names(self) -> tuple[str, ...]:
-        """Mesh axis names, outer to inner."""
-        return AXIS_NAMES
+        """Mesh axis names, outer to inner (the tp axis factorised as `TP_AXES` says)."""
+        return AXIS_NAMES[:-1] + TP_AXES[self.tp_mode]
+
+    @property
+    def tp_shape(self) -> tuple[int, ...]:
+        """Sizes of the tp sub-axes: (tp,), (q, q), (depth, q, q) or (q, q, q)."""
+        if self.tp_mode == "1d":
+            return (self.tp,)
+        if self.tp_mode == "2d":
+            q = round(self.tp**0.5)
+            return (q, q)
+        if self.tp_mode == "2.5d":
+            q = round((self.tp // self.tp_depth) ** 0.5)
+            return (self.tp_depth, q, q)
+        q = round(self.tp ** (1 / 3))
+        return (q, q, q)
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:
         """Degrees in `axis_names` order."""
-        return (self.dp_replicate, self.dp_shard, self.pp, self.sp, self.tp)
+        return (self.dp_replicate, self.dp_shard, self.pp, self.sp, *self.tp_shape)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """One DeviceMesh with the five named axes plus the flattened ``"dp"`` axis.
@@ -132,9 +170,10 @@ class ParallelDims:
                 f"parallel degrees were resolved for world size {self.world_size} but "
                 f"{actual} processes are running; resolve them with the running world size"
             )
-        mesh = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=AXIS_NAMES)
-        # See [Note: flattened dp axis].
+        mesh = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=self.axis_names)
+        # See [Note: flattened dp axis]; the same holds for a factorised tp axis.
         mesh["dp_replicate", "dp_shard"]._flatten(DP_AXIS)
+        tp_mesh(mesh)
         return mesh
 
     def dp_rank(self, mesh: DeviceMesh) -> int:
@@ -146,6 +185,15 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The 1-D flattened ``"dp"`` axis of a mesh from `ParallelDims.build_mesh` (no new group:
     `_flatten` returns the cached one)."""
     return mesh["dp_replicate", "dp_shard"]._flatten(DP_AXIS)
+
+
+def tp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D tp axis of a mesh from `ParallelDims.build_mesh`: the ``"tp"`` axis, or the
+    flattening of the tp sub-axes of a 2d/2.5d/3d layout (cached on the root mesh)."""
+    names = mesh.mesh_dim_names
+    if "tp" in names:
+        return mesh["tp"]
+    return mesh[tuple(n for n in names if n.startswith("tp_"))]._flatten("tp")
 
 
 def _check_positive(dims: ParallelDims) -> None:

@@ -174,12 +174,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]."""
-        batch, seq, _ = x.shape
-        # The qkv output is [q | k | v]; the head count comes from its width so that a
-        # tensor-parallel shard holding [q_local | k_local | v_local] runs unchanged.
+        qkv = self.qkv(x)
+        # The qkv output is [q | k | v]; the head count comes from its width and the shape
+        # from the output, not x, so that a tensor-parallel shard holding [q_local | k_local |
+        # v_local] (of a sequence gathered from shards under sequence parallelism) runs
+        # unchanged.
+        batch, seq, _ = qkv.shape
         q, k, v = (
             part.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-            for part in self.qkv(x).chunk(3, dim=-1)
+            for part in qkv.chunk(3, dim=-1)
         )
         if self.rope:
             cos, sin = rope_tables(seq, self.head_dim, device=q.device, dtype=q.dtype)

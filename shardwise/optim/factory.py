@@ -19,7 +19,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Each parameter appears once even when shared; the order is ``model.parameters()``.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # A tensor-parallel embedding stands in for an nn.Embedding and says so (``is_embedding``).
+    embeddings = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) or getattr(m, "is_embedding", False)
+    }
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from functools import cache
 
 import pytest
@@ -362,3 +363,24 @@ def test_indivisible_dims_are_refused(pool4):
     assert messages[0] == (
         "scatter_along_dim: size 3 of dim 1 is not divisible by the group size 4"
     )
+
+
+def test_recording_into_carries_forward_recorders_to_another_thread():
+    """What a custom autograd Function does for a backward on an autograd engine thread,
+    which starts with an empty context: the forward's recorders, if still open, record it."""
+    seen = []
+    with comm.CommStats() as outer:
+        remembered = comm.open_recorders()
+
+        def backward_thread() -> None:
+            seen.append(comm.open_recorders())
+            with comm.recording_into(remembered):
+                seen.append(comm.open_recorders())
+            seen.append(comm.open_recorders())
+
+        worker = threading.Thread(target=backward_thread)
+        worker.start()
+        worker.join()
+    assert seen == [(), (outer,), ()]
+    with comm.recording_into(remembered):
+        assert comm.open_recorders() == ()  # closed recorders are not revived
