@@ -177,20 +177,21 @@ def test_non_finite_loss_on_two_ranks_through_the_launcher(tmp_path):
 
 
 LAYOUTS = {
-    "dp2": ["zero.stage=0"],
-    "dp2-zero3": ["zero.stage=3"],
-    "tp2-sequence-parallel": ["parallel.tp=2", "parallel.tp_sequence_parallel=true"],
+    "dp2": ("2", ["zero.stage=0"]),
+    "dp2-zero3": ("2", ["zero.stage=3"]),
+    "tp2-sequence-parallel": ("2", ["parallel.tp=2", "parallel.tp_sequence_parallel=true"]),
+    "tp4-2d": ("4", ["parallel.tp=4", "parallel.tp_mode=2d", "train.micro_batch=2"]),
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
-def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, layout):
+@pytest.mark.parametrize(("nproc", "layout"), list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_train_then_resume_through_the_launcher(tmp_path, nproc, layout):
     run = tmp_path / "run"
     first = _console(
         [
             "train",
             "--nproc",
-            "2",
+            nproc,
             "--out",
             str(run),
             *TINY,
@@ -207,7 +208,8 @@ def test_train_two_ranks_then_resume_through_the_launcher(tmp_path, layout):
         assert (run / name).is_file(), name
     full = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed = _console(
-        ["train", "--nproc", "2", "--resume", str(run / "checkpoints" / "step_00000002")], tmp_path
+        ["train", "--nproc", nproc, "--resume", str(run / "checkpoints" / "step_00000002")],
+        tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr
     again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

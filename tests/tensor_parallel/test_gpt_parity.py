@@ -67,6 +67,7 @@ FOUR = {
     "1d-tp4": ({"tp": 4}, 0),
     "1d-tp2-dp2": ({"tp": 2, "dp_shard": 2}, 0),
     "1d-tp2-dp2-zero2": ({"tp": 2, "dp_shard": 2}, 2),
+    "1d-tp2-dp2-zero3": ({"tp": 2, "dp_shard": 2}, 3),
     "2d-q2": ({"tp": 4, "tp_mode": "2d"}, 0),
 }
 
