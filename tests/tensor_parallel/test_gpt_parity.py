@@ -53,14 +53,16 @@ def tp_engine_run(cfg: Config, world: int) -> None:
 
 
 ONE_D_2 = {
-    "1d-tp2": {"tp": 2},
-    "1d-tp2-sequence-parallel": {"tp": 2, "tp_sequence_parallel": True},
+    "1d-tp2": ({"tp": 2}, "none"),
+    "1d-tp2-sequence-parallel": ({"tp": 2, "tp_sequence_parallel": True}, "none"),
+    "1d-tp2-sequence-parallel-checkpointed": ({"tp": 2, "tp_sequence_parallel": True}, "full"),
 }
 
 
-@pytest.mark.parametrize("parallel", list(ONE_D_2.values()), ids=list(ONE_D_2))
-def test_two_ranks(pool2, parallel):
-    pool2.run(tp_engine_run, _tp_config(micro_batch=2, **parallel), 2)
+@pytest.mark.parametrize(("parallel", "checkpointing"), list(ONE_D_2.values()), ids=list(ONE_D_2))
+def test_two_ranks(pool2, parallel, checkpointing):
+    cfg = _tp_config(micro_batch=2, **parallel)
+    pool2.run(tp_engine_run, cfg.replace(train={"activation_checkpointing": checkpointing}), 2)
 
 
 FOUR = {
