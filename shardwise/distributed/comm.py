@@ -73,6 +73,7 @@ __all__ = [
     "Group",
     "OpCount",
     "TrackedWork",
+    "WireBytes",
     "all_gather_",
     "all_reduce_",
     "all_to_all_",
@@ -89,9 +90,12 @@ __all__ = [
     "reduce_from_group",
     "reduce_scatter_",
     "reduce_scatter_along_dim",
+    "ring_wire_bytes",
     "recording_into",
     "scatter_along_dim",
     "send",
+    "wire_sum",
+    "wire_table",
 ]
 
 
@@ -237,6 +241,10 @@ class CommStats:
         """Forget everything recorded so far (an open ``with`` block keeps recording)."""
         self._counts.clear()
 
+    def wire_by_axis_op(self) -> dict[tuple[str, str], float]:
+        """Wire bytes per (axis, op): the keys of a closed-form `WireBytes` phase."""
+        return {key: count.wire_bytes for key, count in sorted(self._counts.items())}
+
     def as_dict(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{axis: {op: {"calls": .., "payload_bytes": .., "wire_bytes": ..}}}``."""
         out: dict[str, dict[str, dict[str, float]]] = {}
@@ -298,6 +306,49 @@ def recording_into(remembered: Iterable[CommStats]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-form costs
+# ---------------------------------------------------------------------------------------------
+
+WireBytes = dict[str, dict[tuple[str, str], float]]
+"""A layer's communication cost in closed form: ``{"forward" | "backward": {(axis, op): wire
+bytes this rank sends}}``, keyed as `CommStats.wire_by_axis_op` reports a recording."""
+
+
+def ring_wire_bytes(op: str, n: int, nbytes: float) -> float:
+    """Wire bytes one rank sends for `op` on `n` ranks when it hands in `nbytes` (the
+    payload_bytes of [Note: byte accounting]: a shard for all_gather, the full tensor for
+    reduce_scatter and all_reduce). CommStats records exactly this."""
+    if op == "all_reduce":
+        return 2 * (n - 1) * nbytes / n
+    if op in ("reduce_scatter", "all_to_all"):
+        return (n - 1) * nbytes / n
+    if op == "all_gather":
+        return float((n - 1) * nbytes)
+    raise ValueError(f"no ring cost for {op!r}")
+
+
+def wire_table(*entries: tuple[str, str, str, int, float]) -> WireBytes:
+    """A `WireBytes` from ``(phase, axis, op, n, payload_bytes)`` entries (`ring_wire_bytes`),
+    repeated keys summed; a one-rank group sends nothing and gets no entry."""
+    table: WireBytes = {"forward": {}, "backward": {}}
+    for phase, axis, op, n, nbytes in entries:
+        if n > 1:
+            costs = table[phase]
+            costs[(axis, op)] = costs.get((axis, op), 0.0) + ring_wire_bytes(op, n, nbytes)
+    return table
+
+
+def wire_sum(*tables: WireBytes) -> WireBytes:
+    """Several layers' costs added up, key by key."""
+    total: WireBytes = {"forward": {}, "backward": {}}
+    for table in tables:
+        for phase, costs in table.items():
+            for key, nbytes in costs.items():
+                total[phase][key] = total[phase].get(key, 0.0) + nbytes
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +430,7 @@ def _done(async_op: bool) -> TrackedWork | None:
 def _all_reduce(t: torch.Tensor, g: _Group, op: Any, async_op: bool, rec: tuple) -> Any:
     if g.size == 1:
         return _done(async_op)
-    wire = 2 * (g.size - 1) * t.nbytes / g.size
+    wire = ring_wire_bytes("all_reduce", g.size, t.nbytes)
     launch = partial(dist.all_reduce, t, op=op, group=g.pg, async_op=async_op)
     return _issue("all_reduce", g, t, wire, launch, async_op, rec)
 
@@ -390,7 +441,7 @@ def _reduce_scatter(
     if g.size == 1:
         out.copy_(inp.view_as(out))
         return _done(async_op)
-    wire = (g.size - 1) * inp.nbytes / g.size
+    wire = ring_wire_bytes("reduce_scatter", g.size, inp.nbytes)
     launch = partial(dist.reduce_scatter_single, out, inp, op=op, group=g.pg, async_op=async_op)
     return _issue("reduce_scatter", g, inp, wire, launch, async_op, rec)
 
@@ -399,7 +450,7 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool,
     if g.size == 1:
         out.copy_(inp.view_as(out))
         return _done(async_op)
-    wire = float((g.size - 1) * inp.nbytes)
+    wire = ring_wire_bytes("all_gather", g.size, inp.nbytes)
     launch = partial(dist.all_gather_single, out, inp, group=g.pg, async_op=async_op)
     return _issue("all_gather", g, inp, wire, launch, async_op, rec)
 
@@ -408,7 +459,7 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool,
     if g.size == 1:
         out.copy_(inp)
         return _done(async_op)
-    wire = (g.size - 1) * inp.nbytes / g.size
+    wire = ring_wire_bytes("all_to_all", g.size, inp.nbytes)
     launch = partial(dist.all_to_all_single, out, inp, group=g.pg, async_op=async_op)
     return _issue("all_to_all", g, inp, wire, launch, async_op, rec)
 

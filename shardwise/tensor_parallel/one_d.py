@@ -286,7 +286,7 @@ def linear_wire_bytes(
     row: bool,
     sequence_parallel: bool = False,
     bias: bool = False,
-) -> dict[str, float]:
+) -> comm.WireBytes:
     """Wire bytes per rank of one column- or row-parallel linear, forward and backward.
 
     `features` is the width of the replicated (or sequence-sharded) side: the input of a
@@ -298,21 +298,18 @@ def linear_wire_bytes(
     SP sees only this rank's tokens: its gradient is all-reduced too.
     """
     size = tokens * features * elem_bytes
-    all_reduce = 2 * (tp - 1) / tp * size
-    half = (tp - 1) / tp * size  # one all-gather of a shard, or one reduce-scatter
-    if sequence_parallel:
-        bias_grad = 2 * (tp - 1) / tp * features * elem_bytes if row and bias else 0.0
-        return {"forward": half, "backward": half + bias_grad}
-    return (
-        {"forward": all_reduce, "backward": 0.0}
-        if row
-        else {"forward": 0.0, "backward": all_reduce}
-    )
+    if not sequence_parallel:
+        return comm.wire_table(("forward" if row else "backward", "tp", "all_reduce", tp, size))
+    gather, scatter = ("tp", "all_gather", tp, size / tp), ("tp", "reduce_scatter", tp, size)
+    if not row:
+        return comm.wire_table(("forward", *gather), ("backward", *scatter))
+    bias_grad = [("backward", "tp", "all_reduce", tp, features * elem_bytes)] if bias else []
+    return comm.wire_table(("forward", *scatter), ("backward", *gather), *bias_grad)
 
 
 def embedding_wire_bytes(
     tokens: int, hidden: int, tp: int, elem_bytes: int, *, sequence_parallel: bool = False
-) -> dict[str, float]:
+) -> comm.WireBytes:
     """Wire bytes per rank of the vocab-parallel embedding: its output is summed over tp
     like a row-parallel linear's (all-reduce, or reduce-scatter + all-gather under SP)."""
     return linear_wire_bytes(
@@ -320,7 +317,12 @@ def embedding_wire_bytes(
     )
 
 
-def cross_entropy_wire_bytes(tokens: int, tp: int) -> dict[str, float]:
-    """Wire bytes per rank of the vocab-parallel loss: all-reduces of [N] fp32 maxima and of
-    [2, N] fp32 sums forward, nothing backward — independent of the vocabulary size."""
-    return {"forward": 2 * (tp - 1) / tp * 3 * tokens * 4, "backward": 0.0}
+def cross_entropy_wire_bytes(tokens: int, tp: int, axis: str = "tp") -> comm.WireBytes:
+    """Wire bytes per rank of the vocab-parallel loss over `tokens` local tokens, the
+    vocabulary split over `axis`: all-reduces of [N] fp32 maxima and of [2, N] fp32 sums
+    forward, nothing backward — independent of the vocabulary size. (Rows split over other
+    groups add an all-reduce of the fp32 loss over each.)"""
+    return comm.wire_table(
+        ("forward", axis, "all_reduce", tp, tokens * 4),
+        ("forward", axis, "all_reduce", tp, 2 * tokens * 4),
+    )

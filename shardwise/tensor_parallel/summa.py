@@ -54,9 +54,10 @@ well as those open where backward runs.
 
 Layer norms sum their statistics over tp_col (`layer_norm_wire_bytes`): two all-reduces of
 per-token fp32 scalars forward (mean, then the variance of the centred values, as
-nn.LayerNorm computes it) and two backward; their weight and bias gradients are all-reduced
-over tp_row and tp_dep. The embedding costs `embedding_wire_bytes`. The loss is
-`vocab_parallel_cross_entropy` over tp_col, its token sum all-reduced over tp_row and tp_dep.
+nn.LayerNorm computes it) and one of two per-token sums backward; their weight and bias
+gradients are all-reduced over tp_row and tp_dep. The embedding costs `embedding_wire_bytes`.
+The loss is `vocab_parallel_cross_entropy` over tp_col, its token sum all-reduced over tp_row
+and tp_dep.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPTConfig
+from shardwise.tensor_parallel import layers
 from shardwise.tensor_parallel.layers import HiddenSplitLayerNorm
 from shardwise.tensor_parallel.one_d import vocab_parallel_cross_entropy
 from shardwise.tensor_parallel.plan import (
@@ -86,11 +88,7 @@ from shardwise.tensor_parallel.plan import (
 SUMMA_MODES = ("2d", "2.5d")
 """Tensor-parallel layouts this module implements."""
 
-STAT_BYTES = 4
-"""Bytes per element of the layer-norm statistics, which are all-reduced in fp32."""
-
-WireBytes = dict[str, dict[str, dict[str, float]]]
-"""``{"forward"|"backward": {axis: {op: wire bytes per rank}}}``, as CommStats labels them."""
+WireBytes = comm.WireBytes
 
 
 @dataclass(frozen=True)
@@ -388,28 +386,6 @@ def gpt_plan_summa(cfg: GPTConfig, mode: str) -> Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def _all_gather(n: int, shard_bytes: float) -> float:
-    return (n - 1) * shard_bytes
-
-
-def _reduce_scatter(n: int, full_bytes: float) -> float:
-    return (n - 1) / n * full_bytes
-
-
-def _all_reduce(n: int, nbytes: float) -> float:
-    return 2 * (n - 1) / n * nbytes
-
-
-def _table(*entries: tuple[str, str, str, float]) -> WireBytes:
-    """Sum (pass, axis, op, bytes) entries; ops on a one-rank group record nothing."""
-    out: WireBytes = {"forward": {}, "backward": {}}
-    for pass_, axis, op, nbytes in entries:
-        if nbytes:
-            ops = out[pass_].setdefault(axis, {})
-            ops[op] = ops.get(op, 0.0) + nbytes
-    return out
-
-
 def linear_wire_bytes(
     tokens: int, d_in: int, d_out: int, q: int, d: int, elem_bytes: int, *, bias: bool = False
 ) -> WireBytes:
@@ -418,21 +394,21 @@ def linear_wire_bytes(
     rows = tokens / (d * q)  # tokens of this rank's batch block
     x_block, w_block = rows * d_in / q * elem_bytes, d_out * d_in / q**2 * elem_bytes
     entries = [
-        ("forward", "tp_col", "all_gather", _all_gather(q, x_block)),
-        ("forward", "tp_row", "all_gather", _all_gather(q, w_block)),
-        ("backward", "tp_col", "all_gather", _all_gather(q, x_block)),
-        ("backward", "tp_row", "all_gather", _all_gather(q, w_block)),
-        ("backward", "tp_col", "reduce_scatter", _reduce_scatter(q, q * x_block)),
-        ("backward", "tp_row", "reduce_scatter", _reduce_scatter(q, q * w_block)),
-        ("backward", "tp_dep", "all_reduce", _all_reduce(d, w_block)),
+        ("forward", "tp_col", "all_gather", q, x_block),
+        ("forward", "tp_row", "all_gather", q, w_block),
+        ("backward", "tp_col", "all_gather", q, x_block),
+        ("backward", "tp_row", "all_gather", q, w_block),
+        ("backward", "tp_col", "reduce_scatter", q, q * x_block),
+        ("backward", "tp_row", "reduce_scatter", q, q * w_block),
+        ("backward", "tp_dep", "all_reduce", d, w_block),
     ]
     if bias:
         b_block = d_out / q * elem_bytes
         entries += [
-            ("backward", "tp_row", "all_reduce", _all_reduce(q, b_block)),
-            ("backward", "tp_dep", "all_reduce", _all_reduce(d, b_block)),
+            ("backward", "tp_row", "all_reduce", q, b_block),
+            ("backward", "tp_dep", "all_reduce", d, b_block),
         ]
-    return _table(*entries)
+    return comm.wire_table(*entries)
 
 
 def embedding_wire_bytes(
@@ -442,28 +418,25 @@ def embedding_wire_bytes(
     rows = tokens / (d * q)
     table_block = vocab * d_model / q**2 * elem_bytes
     x_block = rows * d_model / q * elem_bytes
-    return _table(
-        ("forward", "tp_row", "all_gather", _all_gather(q, table_block)),
-        ("forward", "tp_col", "reduce_scatter", _reduce_scatter(q, q * x_block)),
-        ("backward", "tp_col", "all_gather", _all_gather(q, x_block)),
-        ("backward", "tp_row", "reduce_scatter", _reduce_scatter(q, q * table_block)),
-        ("backward", "tp_dep", "all_reduce", _all_reduce(d, table_block)),
+    return comm.wire_table(
+        ("forward", "tp_row", "all_gather", q, table_block),
+        ("forward", "tp_col", "reduce_scatter", q, q * x_block),
+        ("backward", "tp_col", "all_gather", q, x_block),
+        ("backward", "tp_row", "reduce_scatter", q, q * table_block),
+        ("backward", "tp_dep", "all_reduce", d, table_block),
     )
 
 
 def layer_norm_wire_bytes(
     tokens: int, d_model: int, q: int, d: int, elem_bytes: int, *, affine_params: int = 2
 ) -> WireBytes:
-    """Wire bytes per rank of one `HiddenSplitLayerNorm` for `tokens` of the full batch; the
-    statistics are fp32 (`STAT_BYTES`), the `affine_params` (weight, bias) `elem_bytes`."""
-    stats = tokens / (d * q) * STAT_BYTES  # one scalar per token of the batch block
-    param_block = d_model / q * elem_bytes
-    entries = []
-    for pass_ in ("forward", "backward"):  # mean, then variance
-        entries += [(pass_, "tp_col", "all_reduce", _all_reduce(q, stats))] * 2
-    for _ in range(affine_params):
-        entries += [
-            ("backward", "tp_row", "all_reduce", _all_reduce(q, param_block)),
-            ("backward", "tp_dep", "all_reduce", _all_reduce(d, param_block)),
-        ]
-    return _table(*entries)
+    """Wire bytes per rank of one `HiddenSplitLayerNorm` for `tokens` of the full batch:
+    statistics over tp_col, weight and bias replicated over tp_row and tp_dep."""
+    return layers.layer_norm_wire_bytes(
+        tokens / (d * q),
+        ("tp_col", q),
+        d_model // q,
+        [("tp_row", q), ("tp_dep", d)],
+        elem_bytes,
+        affine_params,
+    )

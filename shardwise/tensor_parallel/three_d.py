@@ -57,6 +57,7 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPTConfig
+from shardwise.tensor_parallel import layers
 from shardwise.tensor_parallel.layers import HiddenSplitLayerNorm
 from shardwise.tensor_parallel.one_d import vocab_parallel_cross_entropy
 from shardwise.tensor_parallel.plan import (
@@ -75,9 +76,6 @@ FEATURE_AXIS = {"P": "tp_col", "S": "tp_row"}
 """The axis whose rank selects the feature block of each layout (see [Note: 3D layouts])."""
 
 _OTHER = {"P": "S", "S": "P"}
-
-_STATS_BYTES = 4
-"""Layer-norm statistics are reduced in fp32 whatever the activation dtype."""
 
 
 def _check_layout(layout: str, style: str) -> None:
@@ -353,15 +351,8 @@ def gpt_split_factors_3d(q: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Communication cost, per rank, as CommStats records it ([Note: byte accounting])
 # ---------------------------------------------------------------------------------------------
-# Keys are (axis, op); all_gather of a shard s sends (q-1) s, reduce_scatter of a full
-# tensor S sends (q-1)/q S, all_reduce of S sends 2(q-1)/q S.
 
-WireBytes = dict[str, dict[tuple[str, str], float]]
-"""``{"forward" | "backward": {(axis, op): wire bytes}}``."""
-
-
-def _add(costs: dict[tuple[str, str], float], axis: str, op: str, nbytes: float) -> None:
-    costs[(axis, op)] = costs.get((axis, op), 0.0) + nbytes
+WireBytes = comm.WireBytes
 
 
 def linear_wire_bytes(
@@ -387,20 +378,20 @@ def linear_wire_bytes(
     x = batch_tokens * d_in * elem_bytes / q**3
     w = d_in * d_out * elem_bytes / q**3
     y = batch_tokens * d_out * elem_bytes / q**3
-    forward: dict[tuple[str, str], float] = {}
-    _add(forward, out_axis, "all_gather", (q - 1) * x)
-    _add(forward, "tp_dep", "all_gather", (q - 1) * w)
-    _add(forward, in_axis, "reduce_scatter", (q - 1) * y)
-    backward: dict[tuple[str, str], float] = {}
-    _add(backward, in_axis, "all_gather", (q - 1) * y)
-    _add(backward, out_axis, "all_gather", (q - 1) * x)
-    _add(backward, "tp_dep", "all_gather", (q - 1) * w)
-    _add(backward, out_axis, "reduce_scatter", (q - 1) * x)
-    _add(backward, "tp_dep", "reduce_scatter", (q - 1) * w)
+    entries = [
+        ("forward", out_axis, "all_gather", q, x),
+        ("forward", "tp_dep", "all_gather", q, w),
+        ("forward", in_axis, "reduce_scatter", q, q * y),
+        ("backward", in_axis, "all_gather", q, y),
+        ("backward", out_axis, "all_gather", q, x),
+        ("backward", "tp_dep", "all_gather", q, w),
+        ("backward", out_axis, "reduce_scatter", q, q * x),
+        ("backward", "tp_dep", "reduce_scatter", q, q * w),
+    ]
     if bias:
         for axis in ("tp_dep", in_axis):
-            _add(backward, axis, "all_reduce", 2 * (q - 1) / q * d_out / q * elem_bytes)
-    return {"forward": forward, "backward": backward}
+            entries.append(("backward", axis, "all_reduce", q, d_out / q * elem_bytes))
+    return comm.wire_table(*entries)
 
 
 def embedding_wire_bytes(vocab_size: int, d_model: int, q: int, elem_bytes: int) -> WireBytes:
@@ -409,26 +400,17 @@ def embedding_wire_bytes(vocab_size: int, d_model: int, q: int, elem_bytes: int)
     reduce-scatters the V h/q table gradient over tp_row ((q-1) V h/q^2) and the V h/q^2
     block over tp_dep ((q-1) V h/q^3)."""
     table = vocab_size * d_model * elem_bytes
-    row = (q - 1) * table / q**2
-    dep = (q - 1) * table / q**3
-    return {
-        "forward": {("tp_dep", "all_gather"): dep, ("tp_row", "all_gather"): row},
-        "backward": {("tp_row", "reduce_scatter"): row, ("tp_dep", "reduce_scatter"): dep},
-    }
+    return comm.wire_table(
+        ("forward", "tp_dep", "all_gather", q, table / q**3),
+        ("forward", "tp_row", "all_gather", q, table / q**2),
+        ("backward", "tp_row", "reduce_scatter", q, table / q),
+        ("backward", "tp_dep", "reduce_scatter", q, table / q**2),
+    )
 
 
 def layer_norm_wire_bytes(batch_tokens: int, d_model: int, q: int, elem_bytes: int) -> WireBytes:
-    """The 3D layer norm (weight and bias) over `batch_tokens` tokens: two all-reduces over
-    tp_col of one fp32 statistic per local token (B T / q^2) forward, and of their gradients
-    backward; backward also all-reduces the weight and bias gradients (d/q each) over
-    tp_dep and tp_row."""
-    stats = 2 * 2 * (q - 1) / q * batch_tokens / q**2 * _STATS_BYTES
-    params = 2 * 2 * (q - 1) / q * d_model / q * elem_bytes
-    return {
-        "forward": {("tp_col", "all_reduce"): stats},
-        "backward": {
-            ("tp_col", "all_reduce"): stats,
-            ("tp_dep", "all_reduce"): params,
-            ("tp_row", "all_reduce"): params,
-        },
-    }
+    """The 3D layer norm (weight and bias) over `batch_tokens` tokens (B T / q^2 on each
+    rank): statistics over tp_col, weight and bias replicated over tp_dep and tp_row."""
+    return layers.layer_norm_wire_bytes(
+        batch_tokens / q**2, ("tp_col", q), d_model // q, [("tp_dep", q), ("tp_row", q)], elem_bytes
+    )

@@ -26,7 +26,7 @@ from shardwise.tensor_parallel.one_d import (
     vocab_parallel_loss,
 )
 from shardwise.tensor_parallel.plan import split, split_fused
-from tests.tensor_parallel import assert_rel_close
+from tests.tensor_parallel import assert_rel_close, assert_wire, run_recorded
 
 B, T, H, F_HIDDEN, VOCAB = 2, 4, 8, 6, 16
 TP = 2
@@ -56,10 +56,8 @@ def _mlp_pair(sp: bool) -> dict[str, float]:
     (dense_y * probe).sum().backward()
 
     x_local = _seq_shard(x.detach(), sp, rank).requires_grad_()
-    with comm.CommStats() as forward:
-        y = row(F.gelu(col(x_local)))
-    with comm.CommStats() as backward:
-        (y * _seq_shard(probe, sp, rank)).sum().backward()
+    pair = nn.Sequential(col, nn.GELU(), row)
+    y, wire = run_recorded(pair, x_local, _seq_shard(probe, sp, rank))
 
     assert_rel_close(y, _seq_shard(dense_y.detach(), sp, rank), "output")
     assert_rel_close(x_local.grad, _seq_shard(x.grad, sp, rank), "input grad")
@@ -77,10 +75,10 @@ def _mlp_pair(sp: bool) -> dict[str, float]:
     (out * out).sum().backward()
     assert_rel_close(out, split_fused(dense_out.detach(), -1, 3, TP, rank), "fused output")
     assert_rel_close(qkv.weight.grad, split_fused(dense_qkv.weight.grad, 0, 3, TP, rank), "W")
-    return {"forward": forward.total(), "backward": backward.total()}
+    return wire
 
 
-def _embedding_and_loss(sp: bool) -> dict[str, float]:
+def _embedding(sp: bool) -> comm.WireBytes:
     ctx = _context()
     rank = ctx.rank("tp")
     torch.manual_seed(1)
@@ -89,15 +87,13 @@ def _embedding_and_loss(sp: bool) -> dict[str, float]:
     ids = torch.randint(0, VOCAB, (B, T))
     probe = torch.randn(B, T, H)
     (dense(ids) * probe).sum().backward()
-    with comm.CommStats() as stats:
-        out = embed(ids)
-        (out * _seq_shard(probe, sp, rank)).sum().backward()
+    out, wire = run_recorded(embed, ids, _seq_shard(probe, sp, rank))
     assert_rel_close(out, _seq_shard(dense(ids).detach(), sp, rank), "embedding output")
     assert_rel_close(embed.weight.grad, split(dense.weight.grad, 0, TP, rank), "embedding W")
-    return {"embedding": stats.total()}
+    return wire
 
 
-def _cross_entropy() -> dict[str, float]:
+def _cross_entropy() -> comm.WireBytes:
     ctx = _context()
     rank = ctx.rank("tp")
     torch.manual_seed(2)
@@ -105,13 +101,14 @@ def _cross_entropy() -> dict[str, float]:
     targets = torch.randint(0, VOCAB, (B, T))
     F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
     local = split(logits.detach(), -1, TP, rank).requires_grad_()
-    with comm.CommStats() as stats:
+    with comm.CommStats() as forward:
         loss = vocab_parallel_loss(ctx)(local, targets)
+    with comm.CommStats() as backward:
         loss.backward()
     want = F.cross_entropy(logits.detach().flatten(0, 1), targets.flatten())
     assert_rel_close(loss, want, "loss")
     assert_rel_close(local.grad, split(logits.grad, -1, TP, rank), "logit grad")
-    return {"loss": stats.total()}
+    return {"forward": forward.wire_by_axis_op(), "backward": backward.wire_by_axis_op()}
 
 
 def _sequence_parallel_norm_and_positions() -> None:
@@ -174,26 +171,23 @@ def _tied_two_ways(ctx: TensorParallelContext) -> None:
 
 @pytest.mark.parametrize("sp", [False, True], ids=["plain", "sequence-parallel"])
 def test_column_row_pair_matches_dense_and_closed_form(pool2, sp):
-    measured = pool2.run(_mlp_pair, sp)
-    tokens = B * T
-    col = linear_wire_bytes(tokens, H, TP, 4, row=False, sequence_parallel=sp)
-    row = linear_wire_bytes(tokens, H, TP, 4, row=True, sequence_parallel=sp, bias=True)
-    for got in measured:
-        assert got["forward"] == pytest.approx(col["forward"] + row["forward"])
-        assert got["backward"] == pytest.approx(col["backward"] + row["backward"])
+    col = linear_wire_bytes(B * T, H, TP, 4, row=False, sequence_parallel=sp)
+    row = linear_wire_bytes(B * T, H, TP, 4, row=True, sequence_parallel=sp, bias=True)
+    for got in pool2.run(_mlp_pair, sp):
+        assert_wire(got, comm.wire_sum(col, row), "column + row linear")
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["plain", "sequence-parallel"])
 def test_vocab_parallel_embedding_matches_dense_and_closed_form(pool2, sp):
     want = embedding_wire_bytes(B * T, H, TP, 4, sequence_parallel=sp)
-    for got in pool2.run(_embedding_and_loss, sp):
-        assert got["embedding"] == pytest.approx(want["forward"] + want["backward"])
+    for got in pool2.run(_embedding, sp):
+        assert_wire(got, want, "embedding")
 
 
 def test_vocab_parallel_cross_entropy_matches_dense_without_full_logits(pool2):
     want = cross_entropy_wire_bytes(B * T, TP)
     for got in pool2.run(_cross_entropy):
-        assert got["loss"] == pytest.approx(want["forward"] + want["backward"])
+        assert_wire(got, want, "cross-entropy")
 
 
 def test_sequence_parallel_norm_and_position_slice(pool2):

@@ -4,13 +4,14 @@ closed forms, and the errors of a wrong plan or batch."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shardwise.config import ModelConfig
-from shardwise.distributed import comm
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt, gpt_config_from
@@ -28,7 +29,7 @@ from shardwise.tensor_parallel.three_d import (
     loss_3d,
 )
 from tests.parity import SEQ, TINY
-from tests.tensor_parallel import assert_rel_close
+from tests.tensor_parallel import assert_rel_close, assert_wire, run_recorded
 
 Q = 2
 B, T, D_IN, D_OUT, VOCAB = 4, 3, 8, 12, 16
@@ -57,41 +58,15 @@ def _weight_shard(t: torch.Tensor, layout: str, cube: tuple[int, int, int], fuse
     return split(split(split_fused(t, 0, fused, Q, out_index), 0, Q, a), 1, Q, in_index)
 
 
-def _copy(module: nn.Module) -> nn.Module:
-    clone = type(module).__new__(type(module))
-    clone.__dict__ = {**module.__dict__, "_parameters": {}}
-    for name, param in module._parameters.items():
-        copy = None if param is None else nn.Parameter(param.detach().clone())
-        clone.register_parameter(name, copy)
-    return clone
-
-
-def _run(layer: nn.Module, x: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Forward and backward of `layer`, each recorded; wire bytes per (axis, op)."""
-    with comm.CommStats() as forward:
-        y = layer(x)
-    with comm.CommStats() as backward:
-        (y * probe).sum().backward()
-    return y, {"forward": _wire(forward), "backward": _wire(backward)}
-
-
-def _wire(stats: comm.CommStats) -> dict[tuple[str, str], float]:
-    return {
-        (axis, op): count["wire_bytes"]
-        for axis, ops in stats.as_dict().items()
-        for op, count in ops.items()
-    }
-
-
 def _linear(ctx, layout: str, fused: int, bias: bool) -> dict:
     cube = _cube(ctx)
     dense = nn.Linear(D_IN, D_OUT, bias=bias)
-    layer = Linear3D(layout, fused=fused).apply(_copy(dense), ctx)
+    layer = Linear3D(layout, fused=fused).apply(copy.deepcopy(dense), ctx)
     x, probe = torch.randn(B, T, D_IN, requires_grad=True), torch.randn(B, T, D_OUT)
     (dense(x) * probe).sum().backward()
     out = "S" if layout == "P" else "P"
     x_local = _local(x.detach(), layout, cube).requires_grad_()
-    y, wire = _run(layer, x_local, _local(probe, out, cube, fused))
+    y, wire = run_recorded(layer, x_local, _local(probe, out, cube, fused))
     what = f"linear {layout}->{out} fused={fused}"
     assert_rel_close(y, _local(dense(x).detach(), out, cube, fused), f"{what} output")
     assert_rel_close(x_local.grad, _local(x.grad, layout, cube), f"{what} input grad")
@@ -109,12 +84,12 @@ def _layer_norm(ctx) -> dict:
     with torch.no_grad():
         dense.weight.uniform_(0.5, 1.5)
         dense.bias.uniform_(-0.5, 0.5)
-    norm = LayerNorm3D().apply(_copy(dense), ctx)
+    norm = LayerNorm3D().apply(copy.deepcopy(dense), ctx)
     x, probe = 3 * torch.randn(B, T, D_IN) + 1, torch.randn(B, T, D_IN)
     x.requires_grad_()
     (dense(x) * probe).sum().backward()
     x_local = _local(x.detach(), "P", cube).requires_grad_()
-    y, wire = _run(norm, x_local, _local(probe, "P", cube))
+    y, wire = run_recorded(norm, x_local, _local(probe, "P", cube))
     assert_rel_close(y, _local(dense(x).detach(), "P", cube), "norm output")
     assert_rel_close(x_local.grad, _local(x.grad, "P", cube), "norm input grad")
     assert_rel_close(norm.weight.grad, split(dense.weight.grad, 0, Q, cube[2]), "norm weight")
@@ -125,10 +100,10 @@ def _layer_norm(ctx) -> dict:
 def _embedding(ctx) -> dict:
     cube = _cube(ctx)
     dense = nn.Embedding(VOCAB, D_IN)
-    embed = Embedding3D().apply(_copy(dense), ctx)
+    embed = Embedding3D().apply(copy.deepcopy(dense), ctx)
     ids, probe = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, D_IN)
     (dense(ids) * probe).sum().backward()
-    y, wire = _run(embed, ids, _local(probe, "P", cube))
+    y, wire = run_recorded(embed, ids, _local(probe, "P", cube))
     assert_rel_close(y, _local(dense(ids).detach(), "P", cube), "embedding output")
     assert_rel_close(embed.weight.grad, _weight_shard(dense.weight.grad, "P", cube), "table grad")
     return wire
@@ -139,7 +114,7 @@ def _tied_head_and_loss(ctx) -> None:
     cube = _cube(ctx)
     dense_embed, dense_head = nn.Embedding(VOCAB, D_IN), nn.Linear(D_IN, VOCAB, bias=False)
     dense_head.weight = dense_embed.weight
-    embed, head = _copy(dense_embed), _copy(dense_head)
+    embed, head = copy.deepcopy(dense_embed), copy.deepcopy(dense_head)
     head.weight = embed.weight
     embed, head = Embedding3D().apply(embed, ctx), Linear3D("P").apply(head, ctx)
     assert head.weight is embed.weight, "the tied head must share the embedding's shard"
@@ -217,27 +192,17 @@ def _gpt_and_errors() -> list[str]:
     return errors
 
 
-def _assert_wire(got: dict, want: dict, what: str) -> None:
-    want = {key: value for key, value in want.items() if value}
-    assert got.keys() == want.keys(), f"{what}: ops {sorted(got)} != {sorted(want)}"
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value), f"{what} {key}"
-
-
 def test_layers_match_dense_and_closed_form_bytes(pool8):
     tokens = B * T
     for wires in pool8.run(_layers):
         for layout, fused, bias in LINEARS:
             want = linear_wire_bytes(tokens, D_IN, D_OUT, Q, 4, input_layout=layout, bias=bias)
-            for phase in ("forward", "backward"):
-                got = wires[f"linear {layout}/{fused}"][phase]
-                _assert_wire(got, want[phase], f"linear {layout} fused={fused} {phase}")
+            assert_wire(wires[f"linear {layout}/{fused}"], want, f"linear {layout} fused={fused}")
         for name, want in (
             ("layer_norm", layer_norm_wire_bytes(tokens, D_IN, Q, 4)),
             ("embedding", embedding_wire_bytes(VOCAB, D_IN, Q, 4)),
         ):
-            for phase in ("forward", "backward"):
-                _assert_wire(wires[name][phase], want[phase], f"{name} {phase}")
+            assert_wire(wires[name], want, name)
 
 
 def test_gpt_matches_dense_and_bad_input_is_clear(pool8):
