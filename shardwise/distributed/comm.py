@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -78,6 +79,7 @@ __all__ = [
     "all_reduce_",
     "all_to_all_",
     "all_to_all_along_dims",
+    "backward_recording",
     "broadcast_",
     "copy_to_group",
     "gather_along_dim",
@@ -293,8 +295,9 @@ def _recorders(
 
 def open_recorders() -> tuple[CommStats, ...]:
     """The recorders open in this context. A custom autograd Function that issues in-place
-    collectives keeps them at forward time and runs its backward in `recording_into` them,
-    as this module's own functions do ([Note: recorder scope])."""
+    collectives keeps them at forward time and decorates its backward with
+    `backward_recording`, as this module's own functions remember theirs ([Note: recorder
+    scope])."""
     return _ACTIVE.get()
 
 
@@ -306,6 +309,19 @@ def recording_into(remembered: Iterable[CommStats]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def backward_recording(backward: Callable) -> Callable:
+    """Decorates a custom autograd Function's ``backward`` whose ``forward`` kept
+    ``ctx.recorders = open_recorders()``: its collectives count into those recorders too (on
+    CUDA backward runs on an autograd engine thread that does not see them)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: torch.Tensor) -> Any:
+        with recording_into(ctx.recorders):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,13 +38,12 @@ class _HiddenSplitNormalize(torch.autograd.Function):
         return normed
 
     @staticmethod
+    @comm.backward_recording
     def backward(ctx: Any, grad: torch.Tensor):
         normed, rstd = ctx.saved_tensors
         g, xhat = grad.float(), normed.float()
         sums = torch.cat((g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)), -1)
-        # On CUDA backward runs on an autograd thread: record where the forward recorded.
-        with comm.recording_into(ctx.recorders):
-            comm.all_reduce_(sums, ctx.group)
+        comm.all_reduce_(sums, ctx.group)
         means = sums / ctx.width
         grad_x = rstd * (g - means[..., :1] - xhat * means[..., 1:])
         return grad_x.to(grad.dtype), None, None, None

@@ -49,7 +49,7 @@ third of the traffic) but store q times the activation (X_ki instead of X_kij), 
 1/(dq^2) activation memory; `_SummaMatmul` saves only the local blocks. The table leaves out
 our 2(d-1)/d |W|/q^2: the depth replicas of a weight are kept in sync like data-parallel
 replicas. Latency: six ring collectives of q - 1 steps. `_SummaMatmul` issues comm's in-place
-ops; its backward records into the recorders open at forward time (`comm.recording_into`) as
+ops; its backward records into the recorders open at forward time (`comm.backward_recording`) as
 well as those open where backward runs.
 
 Layer norms sum their statistics over tp_col (`layer_norm_wire_bytes`): two all-reduces of
@@ -200,13 +200,8 @@ class _SummaMatmul(torch.autograd.Function):
         return _gather_last_dim(x, col) @ _gather_columns_transposed(weight, row)
 
     @staticmethod
+    @comm.backward_recording
     def backward(ctx, grad_y):
-        # On CUDA backward runs on an autograd thread: record where the forward recorded.
-        with comm.recording_into(ctx.recorders):
-            return _SummaMatmul._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:  # dX_kij: Σ_j' dY_kij' W_j' over tp_col, block j kept

@@ -154,13 +154,8 @@ class _CubeMatmul(torch.autograd.Function):
         return _reduce_scatter_rows(F.linear(x_full, w_full), axes.reduce_y)
 
     @staticmethod
+    @comm.backward_recording
     def backward(ctx, grad_y):
-        # On CUDA backward runs on an autograd thread: record where the forward recorded.
-        with comm.recording_into(ctx.recorders):
-            return _CubeMatmul._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         axes = ctx.axes
         grad_full = _gather_rows(grad_y, axes.reduce_y)
