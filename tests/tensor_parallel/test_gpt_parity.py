@@ -5,13 +5,21 @@ against the same block of the reference's final weights."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardwise.config import Config
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
 from shardwise.tensor_parallel import apply_tensor_parallel
 from shardwise.trainer import tensor_parallel_plan
-from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+from tests.parity import (
+    BF16_RTOL,
+    assert_parity,
+    build_model,
+    global_batches,
+    make_config,
+    reference_run,
+)
 
 FP32_RTOL = 1e-5
 """Losses, as for every layout."""
@@ -28,9 +36,9 @@ def _tp_config(micro_batch: int, **parallel) -> Config:
     return cfg.replace(parallel=parallel)
 
 
-def tp_engine_run(cfg: Config, world: int) -> None:
-    """On every rank: train through the engine on this dp rank's rows; compare with the
-    reference, whose final weights are split by the same plan for the comparison."""
+def tp_engine_losses(cfg: Config, world: int) -> tuple[list[float], dict, object, object]:
+    """On every rank: train through the engine on this dp rank's rows; the losses, this
+    rank's state, and the mesh and plan it used."""
     dims = ParallelDims.from_config(cfg.parallel, world)
     mesh = dims.build_mesh("cpu")
     plan = tensor_parallel_plan(cfg, dims)
@@ -41,8 +49,14 @@ def tp_engine_run(cfg: Config, world: int) -> None:
         rows = inputs.shape[0] // dp
         part = slice(dp_rank * rows, (dp_rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
-    got_state = {k: v.float() for k, v in engine.full_state_dict().items()}
+    state = {k: v.float() for k, v in engine.full_state_dict().items()}
+    return losses, state, mesh, plan
 
+
+def tp_engine_run(cfg: Config, world: int) -> None:
+    """On every rank: train through the engine on this dp rank's rows; compare with the
+    reference, whose final weights are split by the same plan for the comparison."""
+    losses, got_state, mesh, plan = tp_engine_losses(cfg, world)
     want_losses, want_full = reference_run(cfg)
     reference = build_model(cfg)
     reference.load_state_dict(want_full)
@@ -89,3 +103,22 @@ EIGHT = {
 @pytest.mark.parametrize("parallel", list(EIGHT.values()), ids=list(EIGHT))
 def test_eight_ranks(pool8, parallel):
     pool8.run(tp_engine_run, _tp_config(micro_batch=4, **parallel), 8)
+
+
+def tp_bf16_losses(cfg: Config, world: int) -> None:
+    """bf16 parameters and activations (fp32 master weights, fp32 loss and norm statistics)
+    against the fp32 single-process run, within the engine's documented bf16 tolerance."""
+    losses = tp_engine_losses(cfg.replace(precision={"dtype": "bf16"}), world)[0]
+    want_losses, _ = reference_run(cfg)
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(want_losses), rtol=BF16_RTOL, atol=0
+    )
+
+
+def test_bf16_1d_and_2d_within_documented_tolerance(pool4):
+    pool4.run(tp_bf16_losses, _tp_config(micro_batch=2, tp=2, dp_shard=2), 4)
+    pool4.run(tp_bf16_losses, _tp_config(micro_batch=2, tp=4, tp_mode="2d"), 4)
+
+
+def test_bf16_3d_within_documented_tolerance(pool8):
+    pool8.run(tp_bf16_losses, _tp_config(micro_batch=4, tp=8, tp_mode="3d"), 8)
