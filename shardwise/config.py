@@ -95,6 +95,22 @@ class ZeroConfig(_Section):
     """Stage 3: gather the next module's parameters while the current one computes."""
 
 
+class OffloadConfig(_Section):
+    optimizer: Literal["device", "host", "disk"] = "device"
+    """Where Adam's states live: with the parameters, in host memory (ZeRO-Offload's CPU
+    Adam), or on disk under disk_path, streamed through host memory chunk by chunk
+    (ZeRO-Infinity)."""
+    chunk_mb: int = Field(64, ge=1)
+    """Adam states streamed per chunk, in MiB (about 3 chunks are in host memory at once)."""
+    disk_path: str | None = None
+    """Existing writable directory for the disk tier (a private run directory is made in it
+    and removed on exit; stale ones of crashed runs are removed at start)."""
+    disk_max_bytes: int | None = Field(None, ge=0)
+    """Cap on the disk tier's files; a write past it fails with a clear error."""
+    disk_workers: int = Field(2, ge=1)
+    """IO threads of the disk tier."""
+
+
 class PrecisionConfig(_Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Parameter and compute dtype; auto asks the accelerator (bf16 where fast, else fp32)."""
@@ -172,6 +188,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     parallel: ParallelConfig = ParallelConfig()
     zero: ZeroConfig = ZeroConfig()
+    offload: OffloadConfig = OffloadConfig()
     precision: PrecisionConfig = PrecisionConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainingConfig = TrainingConfig()

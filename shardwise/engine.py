@@ -34,6 +34,7 @@ from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
+from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
 
@@ -282,7 +283,8 @@ class Engine:
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds per category of model state, read from the tensors themselves
-        (each storage counted once, padding included)."""
+        (each storage counted once, padding included); ``offloaded_host`` / ``offloaded_disk``:
+        Adam states moved off the device by ``offload.optimizer`` (host memory, disk)."""
         reducer_buffers = [b.grads for b in self.reducer.buckets if b.grads is not None]
         reducer_buffers += [b.reduced for b in self.reducer.buckets]
         masters = [s.master for s in self.shards.slices] if self.policy.needs_master_weights else []
@@ -292,6 +294,11 @@ class Engine:
             for t in state.values()
             if isinstance(t, torch.Tensor)
         ]
+        offloaded = (
+            self.optimizer.tier_bytes()
+            if isinstance(self.optimizer, OffloadedAdamW)
+            else {"host": 0, "disk": 0}
+        )
         return {
             "params": _storage_bytes(
                 [*self.model.parameters(), *(s.shard for s in self.shards.slices)]
@@ -300,6 +307,8 @@ class Engine:
             "master_params": _storage_bytes(masters),
             "optimizer_states": _storage_bytes(states),
             "buffers": _storage_bytes(self.model.buffers()),
+            "offloaded_host": offloaded["host"],
+            "offloaded_disk": offloaded["disk"],
         }
 
     @property
@@ -381,8 +390,20 @@ def initialize(
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)
         mesh = dims.build_mesh(get_accelerator().device_type)
-    factory = optimizer_factory or default_optimizer_factory(config.optim)
+    factory = _optimizer_factory(config, optimizer_factory)
     return Engine(model, factory, config, mesh, loss_fn, param_init, tp_plan)
+
+
+def _optimizer_factory(config: Config, given: OptimizerFactory | None) -> OptimizerFactory:
+    """The caller's factory, or AdamW (fused) with its states where ``offload.optimizer`` says."""
+    if config.offload.optimizer == "device":
+        return given or default_optimizer_factory(config.optim)
+    if given is not None:
+        raise ConfigError(
+            f"offload.optimizer={config.offload.optimizer!r} brings its own AdamW; pass "
+            "optimizer_factory=None or keep offload.optimizer='device'"
+        )
+    return offloaded_optimizer_factory(config.optim, config.offload)
 
 
 def _check_materialisable(model: nn.Module, param_init: ParamInit | None) -> None:

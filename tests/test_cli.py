@@ -181,6 +181,10 @@ LAYOUTS = {
     "dp2-zero3": ("2", ["zero.stage=3"]),
     "tp2-sequence-parallel": ("2", ["parallel.tp=2", "parallel.tp_sequence_parallel=true"]),
     "tp4-2d": ("4", ["parallel.tp=4", "parallel.tp_mode=2d", "train.micro_batch=2"]),
+    "dp2-zero2-adam-states-on-disk": (
+        "2",
+        ["zero.stage=2", "offload.optimizer=disk", "offload.disk_path=."],  # cwd: tmp_path
+    ),
 }
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "all_to_all_",
     "all_to_all_along_dims",
     "backward_recording",
+    "format_bytes",
     "broadcast_",
     "copy_to_group",
     "gather_along_dim",
@@ -144,7 +145,8 @@ def _finish(number: int) -> None:
             _pending = None
 
 
-def _format_bytes(nbytes: float) -> str:
+def format_bytes(nbytes: float) -> str:
+    """A byte count for people: ``"512 B"``, ``"1.5 KiB"``, ... up to GiB."""
     if nbytes < 1024:
         return f"{nbytes:.0f} B"
     for unit in ("KiB", "MiB", "GiB"):
@@ -258,15 +260,15 @@ class CommStats:
         """A fixed-width table, one row per (axis, op), and a total row."""
         rows = [("axis", "op", "calls", "payload", "wire")]
         for (axis, op), c in sorted(self._counts.items()):
-            payload, wire = _format_bytes(c.payload_bytes), _format_bytes(c.wire_bytes)
+            payload, wire = format_bytes(c.payload_bytes), format_bytes(c.wire_bytes)
             rows.append((axis, op, str(c.calls), payload, wire))
         rows.append(
             (
                 "total",
                 "",
                 str(self.total("calls")),
-                _format_bytes(self.total("payload_bytes")),
-                _format_bytes(self.total("wire_bytes")),
+                format_bytes(self.total("payload_bytes")),
+                format_bytes(self.total("wire_bytes")),
             )
         )
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -425,7 +427,7 @@ def _issue(
     for recorder in recorders:
         recorder.record(g.label, op, payload, wire_bytes)
     dtype = str(tensor.dtype).removeprefix("torch.")
-    number = _begin(f"{op}{peer} on axis '{g.label}' ({_format_bytes(payload)} {dtype}")
+    number = _begin(f"{op}{peer} on axis '{g.label}' ({format_bytes(payload)} {dtype}")
     work = launch()
     if async_op:
         return TrackedWork(work, number)

@@ -72,13 +72,14 @@ class Unit:
         self.state = to
 
 
-def _tensors(output: object) -> list[torch.Tensor]:
+def output_tensors(output: object) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or tuples, lists and dicts of them)."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
+        return [t for item in output for t in output_tensors(item)]
     if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
+        return [t for item in output.values() for t in output_tensors(item)]
     return []
 
 
@@ -183,7 +184,7 @@ class ShardedParams:
 
     def _after_forward(self, index: int, output: object) -> None:
         # The gradient of the unit's output arrives just before the unit's own backward.
-        for tensor in _tensors(output):
+        for tensor in output_tensors(output):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, i=index: self._before_backward(i))
         if self.reshard_after_forward and not _in_backward():

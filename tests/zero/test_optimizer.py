@@ -134,11 +134,6 @@ def test_more_ranks_than_parameter_elements_is_a_clear_error(pool4):
         )
 
 
-def test_offload_options_are_refused_until_the_feature_exists():
-    with pytest.raises(ConfigError, match="unknown config key 'offload'; valid keys: model, data"):
-        Config.from_file(None, ["offload.policy=auto"])
-
-
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_hierarchical_dp_shards_within_and_replicates_across(pool4, stage):
     """2 replicas x 2 shards: ZeRO shards over dp_shard only, replicas stay identical."""

@@ -1,0 +1,481 @@
+"""Chunks: parameters packed in execution order into fixed-size flat buffers that move as units.
+
+PatrickStar (Fang et al., 2021) and Colossal-AI Gemini keep parameters in *chunks* rather than
+tensor by tensor: a chunk moves between the device, host memory and disk as one large transfer,
+and equal-sized chunks recycle each other's memory without fragmentation. Parameters are packed
+in the order the model first uses them, so one module's parameters sit together and the chunk
+after the current one is the one needed next (which is what makes prefetching pay).
+
+[Note: chunk size] Every chunk of a group has the same capacity, `chunk_bytes`, and a parameter
+never straddles two chunks. A parameter larger than `chunk_bytes` is a `ConfigError` naming the
+minimum, rather than a chunk of its own: fixed-size chunks are what lets the manager reason
+"one chunk out, one chunk in", and `search_chunk_size` always starts its search at the largest
+parameter anyway. The unused tail of each chunk is padding; `search_chunk_size` picks the size
+that wastes least.
+
+[Note: tier and state] Two independent things describe a chunk. Its *tier* is where its bytes
+are (DEVICE, HOST, DISK, or nowhere while FREE); its *state* is how it is being used. States
+follow Gemini's tensor states and move only along `_TRANSITIONS`:
+
+    FREE --materialize--> HOLD
+    HOLD | HOLD_AFTER_FWD | HOLD_AFTER_BWD --access--> COMPUTE
+    COMPUTE --access--> COMPUTE                    (another module uses it meanwhile: counted)
+    COMPUTE --release_fwd--> HOLD_AFTER_FWD        (when its last user releases it)
+    COMPUTE --release_bwd--> HOLD_AFTER_BWD
+    HOLD | HOLD_AFTER_FWD | HOLD_AFTER_BWD --end_step--> HOLD
+
+Tier moves follow `_TIER_MOVES` and are refused while the chunk is COMPUTE (a module is reading
+its parameters) or FREE (there are no bytes to move).
+
+[Note: parameters are permanent views] Each parameter's ``.data`` is a view of the chunk's
+`payload`, a flat buffer on the compute device. Only the payload's storage comes and goes (as
+in zero/params.py): it is allocated while the tier is DEVICE and resized to zero otherwise, so
+modules, optimizers and tied weights keep pointing at the same Parameter objects. Reading a
+parameter of a chunk that is not on the device is a bug in the caller (on CPU it crashes the
+process), which is why modules must `access` their chunks first.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from shardwise.accelerator import get_accelerator
+from shardwise.errors import ConfigError
+from shardwise.zero.optimizer import ParamInit, alloc_storage, free_storage
+
+
+class Tier(enum.Enum):
+    """Where a chunk's bytes are."""
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+class ChunkState(enum.Enum):
+    """How a chunk is being used (Gemini's tensor states, for the whole chunk)."""
+
+    FREE = "free"
+    """No storage anywhere yet."""
+    HOLD = "hold"
+    """Has bytes somewhere; not used since the step began."""
+    COMPUTE = "compute"
+    """A module is using its parameters: must stay on the device."""
+    HOLD_AFTER_FWD = "hold_after_fwd"
+    """Used by this step's forward; evictable."""
+    HOLD_AFTER_BWD = "hold_after_bwd"
+    """Used by this step's backward (its gradients are final); evictable."""
+
+
+class ChunkEvent(enum.Enum):
+    MATERIALIZE = "materialize"
+    ACCESS = "access"
+    RELEASE_FWD = "release_fwd"
+    RELEASE_BWD = "release_bwd"
+    END_STEP = "end_step"
+
+
+_S, _E = ChunkState, ChunkEvent
+_HOLDING = (_S.HOLD, _S.HOLD_AFTER_FWD, _S.HOLD_AFTER_BWD)
+
+_TRANSITIONS: dict[tuple[ChunkState, ChunkEvent], ChunkState] = {
+    (_S.FREE, _E.MATERIALIZE): _S.HOLD,
+    **{(state, _E.ACCESS): _S.COMPUTE for state in _HOLDING},
+    (_S.COMPUTE, _E.ACCESS): _S.COMPUTE,
+    (_S.COMPUTE, _E.RELEASE_FWD): _S.HOLD_AFTER_FWD,
+    (_S.COMPUTE, _E.RELEASE_BWD): _S.HOLD_AFTER_BWD,
+    **{(state, _E.END_STEP): _S.HOLD for state in _HOLDING},
+}
+
+_TIER_MOVES = {
+    (Tier.DEVICE, Tier.HOST),
+    (Tier.HOST, Tier.DEVICE),
+    (Tier.HOST, Tier.DISK),
+    (Tier.DISK, Tier.HOST),
+    (Tier.DEVICE, Tier.DISK),
+    (Tier.DISK, Tier.DEVICE),
+}
+"""Every tier to every other: device <-> disk goes through a transient host buffer, not the
+host tier, so it needs no room in the host budget."""
+
+
+class ChunkStateError(RuntimeError):
+    """An illegal chunk transition or move: a bug in the caller's hooks, never a user error."""
+
+
+class DiskTierLike(Protocol):
+    """What the manager needs from the disk tier (zero/offload/disk.py `DiskTier`): `write`
+    and `read` of host tensors, returning futures; a write's source stays unchanged until its
+    future is done."""
+
+    def write(self, key: str, tensor: torch.Tensor) -> Future: ...
+
+    def read(self, key: str, out: torch.Tensor) -> Future: ...
+
+    def discard(self, key: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter lives inside its chunk."""
+
+    name: str
+    param: nn.Parameter = field(repr=False)  # printing an evicted one would crash
+    offset: int
+    """First element in the chunk's payload."""
+    numel: int
+
+
+@dataclass
+class TierIO:
+    """What moving bytes between tiers needs: the device, the disk tier, pinning, a copy stream."""
+
+    device: torch.device
+    disk: DiskTierLike | None = None
+    pin_memory: bool = False
+    """Allocate host buffers pinned (only where the accelerator has pinned memory)."""
+    copy_stream: object | None = None
+    """A device stream for asynchronous host-to-device copies; None on CPU (copies are sync)."""
+
+    @classmethod
+    def for_device(cls, device: torch.device, disk: DiskTierLike | None = None) -> TierIO:
+        on_accelerator = device.type != "cpu"
+        pin = on_accelerator and get_accelerator().supports_pinned_memory
+        stream = torch.get_device_module(device).Stream(device) if on_accelerator else None
+        return cls(device=device, disk=disk, pin_memory=pin, copy_stream=stream)
+
+    def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory)
+
+
+@dataclass
+class PendingMove:
+    """A move onto the device that has started; `wait` makes its bytes usable."""
+
+    future: Future | None = None
+    """The disk tier's read, if the bytes come from disk."""
+    event: object | None = None
+    """Recorded on the copy stream after an asynchronous host-to-device copy."""
+    finish: Callable[[], None] | None = None
+    """Runs once the bytes have arrived (copy a staging buffer in, discard the disk copy)."""
+
+    def wait(self, device: torch.device) -> None:
+        if self.future is not None:
+            self.future.result()
+        if self.event is not None:
+            torch.get_device_module(device).current_stream().wait_event(self.event)
+        if self.finish is not None:
+            self.finish()
+
+
+@dataclass(eq=False)
+class Chunk:
+    """A fixed-size flat buffer holding whole parameters; see [Note: tier and state]."""
+
+    index: int
+    key: str
+    """Name of the chunk's bytes on the disk tier."""
+    numel: int
+    """Capacity in elements (the same for every chunk of a group)."""
+    dtype: torch.dtype
+    slots: list[Slot]
+    state: ChunkState = ChunkState.FREE
+    tier: Tier | None = None
+    users: int = 0
+    """Modules between `access` and `release`; the chunk is COMPUTE while this is > 0."""
+    payload: torch.Tensor | None = field(default=None, repr=False)
+    """Device buffer the parameters view; storage only while the tier is DEVICE."""
+    host: torch.Tensor | None = field(default=None, repr=False)
+    """Host copy while the tier is HOST."""
+    pending: PendingMove | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def used_numel(self) -> int:
+        return sum(slot.numel for slot in self.slots)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def apply(self, event: ChunkEvent) -> None:
+        """Take one step of `_TRANSITIONS`; COMPUTE counts its users (nested or tied modules)."""
+        key = (self.state, event)
+        if key not in _TRANSITIONS:
+            raise ChunkStateError(
+                f"chunk {self.index}: event {event.name} is not legal in state {self.state.name}"
+            )
+        if event is ChunkEvent.ACCESS:
+            self.users += 1
+        elif event in (ChunkEvent.RELEASE_FWD, ChunkEvent.RELEASE_BWD):
+            self.users -= 1
+            if self.users:
+                return  # another module still computes with it
+        self.state = _TRANSITIONS[key]
+
+    def _check_move(self, to: Tier) -> None:
+        if self.state in (ChunkState.COMPUTE, ChunkState.FREE):
+            raise ChunkStateError(
+                f"chunk {self.index}: cannot move {self.tier.name if self.tier else 'nowhere'}"
+                f" -> {to.name} in state {self.state.name}"
+            )
+        if (self.tier, to) not in _TIER_MOVES:
+            raise ChunkStateError(
+                f"chunk {self.index}: {self.tier.name} -> {to.name} is not a legal move"
+            )
+
+    # -- bytes -----------------------------------------------------------------------------
+
+    def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
+        """FREE -> HOLD: give the chunk bytes on `tier`, filled from its parameters' current
+        values (or by `param_init` for parameters on the meta device), and make every
+        parameter a view of the payload. Built in host memory unless `tier` is DEVICE, so the
+        device never holds more than the chunks placed there."""
+        self.apply(ChunkEvent.MATERIALIZE)
+        if tier is Tier.DEVICE:
+            flat = torch.zeros(self.numel, dtype=self.dtype, device=io.device)
+        else:
+            flat = io.host_buffer(self.numel, self.dtype).zero_()  # padding is zero
+        for slot in self.slots:
+            view = flat[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+            if slot.param.is_meta:
+                if param_init is not None:
+                    param_init(slot.name, view)
+            else:
+                view.copy_(slot.param.detach())
+        if tier is Tier.DEVICE:
+            self.payload, self.tier = flat, Tier.DEVICE
+            _point_params_at(self.slots, self.payload)
+            return
+        # torch slices no tensor larger than its storage, so the views are made before the
+        # storage goes: one chunk of device memory for an instant. `apply_placement`
+        # materialises host-bound chunks first, while the device is still empty.
+        self.payload = torch.empty(self.numel, dtype=self.dtype, device=io.device)
+        _point_params_at(self.slots, self.payload)
+        free_storage(self.payload)
+        self.host, self.tier = flat, Tier.HOST
+        if tier is Tier.DISK:
+            self.move(Tier.DISK, io)
+
+    def move(self, to: Tier, io: TierIO, non_blocking: bool = False) -> None:
+        """Move the bytes to `to`. Moves off the device are synchronous (their memory is
+        free when this returns); a move onto the device with `non_blocking` may leave a
+        `pending` move that `wait` completes."""
+        self._check_move(to)
+        self.wait(io)
+        source = self.tier
+        if to is Tier.DEVICE:
+            alloc_storage(self.payload)
+            self.pending = self._fill_payload(io, non_blocking)
+        elif source is Tier.DEVICE:
+            self._drain_payload(to, io)
+            free_storage(self.payload)
+        elif to is Tier.DISK:  # HOST -> DISK
+            _disk(io, self).write(self.key, self.host).result()
+            self.host = None
+        else:  # DISK -> HOST
+            self.host = io.host_buffer(self.numel, self.dtype)
+            _disk(io, self).read(self.key, self.host).result()
+            _disk(io, self).discard(self.key)
+        self.tier = to
+        if not non_blocking:
+            self.wait(io)
+
+    def wait(self, io: TierIO) -> None:
+        """Complete a pending move onto the device."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait(io.device)
+
+    def _fill_payload(self, io: TierIO, non_blocking: bool) -> PendingMove:
+        """Copy the host or disk bytes into the (just allocated) payload.
+
+        [Note: refilling keeps the version] Writes go through ``payload.data``, which shares
+        the storage but not the version counter: autograd saved the parameters in forward, and
+        bringing the same bytes back for backward must not look like an in-place change."""
+        target = self.payload.data
+        if self.tier is Tier.HOST:
+            host, self.host = self.host, None
+            if io.copy_stream is None or not non_blocking:
+                target.copy_(host)
+                return PendingMove()
+            # The copy stream must not write memory the compute stream may still be using.
+            module = torch.get_device_module(io.device)
+            io.copy_stream.wait_stream(module.current_stream())
+            with module.stream(io.copy_stream):
+                target.copy_(host, non_blocking=True)
+                event = io.copy_stream.record_event()
+            return PendingMove(event=event)  # pinned host memory outlives the copy itself
+        # [Note: the payload never meets the disk tier] The disk tier reads and writes
+        # through numpy views, and exporting a tensor to numpy makes its storage non-resizable
+        # for good, which would end `free_storage` on the payload. Disk moves go through a
+        # host buffer of their own (on an accelerator it doubles as the transfer buffer).
+        disk = _disk(io, self)
+        staging = io.host_buffer(self.numel, self.dtype)
+        future = disk.read(self.key, staging)
+
+        def finish() -> None:
+            target.copy_(staging, non_blocking=io.pin_memory)
+            disk.discard(self.key)
+
+        return PendingMove(future=future, finish=finish)
+
+    def _drain_payload(self, to: Tier, io: TierIO) -> None:
+        if to is Tier.HOST:
+            self.host = io.host_buffer(self.numel, self.dtype)
+            self.host.copy_(self.payload)
+            return
+        staging = io.host_buffer(self.numel, self.dtype)  # see [Note: the payload never ...]
+        staging.copy_(self.payload)
+        _disk(io, self).write(self.key, staging).result()
+
+
+def _disk(io: TierIO, chunk: Chunk) -> DiskTierLike:
+    if io.disk is None:
+        raise ConfigError(
+            f"chunk {chunk.index} ({chunk.nbytes} bytes) must go to the disk tier but none is "
+            "configured; set an offload disk path or raise the host budget"
+        )
+    return io.disk
+
+
+def _point_params_at(slots: Sequence[Slot], payload: torch.Tensor) -> None:
+    for slot in slots:
+        view = payload[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+        if slot.param.is_meta:
+            # `.data =` cannot turn a meta tensor into a real one; a swap keeps the object.
+            torch.utils.swap_tensors(
+                slot.param, nn.Parameter(view, requires_grad=slot.param.requires_grad)
+            )
+        else:
+            slot.param.data = view
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def pack(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Next-fit packing in order: indices of `sizes` per chunk of `capacity`; an item never
+    straddles two chunks, and the order is kept (no bin-packing reorder: the order is the
+    execution order prefetching relies on)."""
+    groups: list[list[int]] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if size > capacity:
+            raise ConfigError(
+                f"a parameter of {size} bytes does not fit in chunk_bytes={capacity}; "
+                f"use chunk_bytes >= {size} (see search_chunk_size)"
+            )
+        if not groups or used + size > capacity:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += size
+    return groups
+
+
+def chunk_waste(sizes: Sequence[int], chunk_bytes: int) -> int:
+    """Padding bytes: the unused tail of every chunk when `sizes` are packed in order."""
+    groups = pack(sizes, chunk_bytes)
+    return len(groups) * chunk_bytes - sum(sizes)
+
+
+def search_chunk_size(
+    param_bytes: Sequence[int],
+    *,
+    search_range: int,
+    step: int,
+    min_chunk_bytes: int = 0,
+) -> int:
+    """The chunk size in bytes that wastes the least padding (Colossal-AI's chunk search).
+
+    Candidates are ``start, start + step, ..., start + search_range`` with ``start =
+    max(min_chunk_bytes, largest parameter)``: no smaller size can hold every parameter, and
+    `search_range` bounds how much larger chunks (coarser moves, a bigger minimum device
+    budget) may grow to save padding. Ties go to the smallest size. `param_bytes` are in
+    execution order, packed as `build_chunks` packs them."""
+    if step <= 0 or search_range < 0:
+        raise ConfigError(
+            f"chunk search needs step > 0 and search_range >= 0, got {step=}, {search_range=}"
+        )
+    start = max(min_chunk_bytes, max(param_bytes, default=1))
+    candidates = range(start, start + search_range + 1, step)
+    return min(candidates, key=lambda size: (chunk_waste(param_bytes, size), size))
+
+
+def params_in_execution_order(
+    model: nn.Module, run_forward: Callable[[], object]
+) -> list[tuple[str, nn.Parameter]]:
+    """Unique parameters in the order a forward first uses them (the module that owns them
+    directly is about to run); parameters no forward used follow in registration order.
+
+    `run_forward` runs once under ``torch.no_grad``; on a model still on the meta device it
+    costs nothing (pass a meta input). Registration order is the fallback because most models
+    (GPT included) register modules in the order they call them, but not all do (a shared
+    head registered before the blocks, an encoder-decoder), so the recorded order is used."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order: dict[int, nn.Parameter] = {}
+
+    def record(module: nn.Module, _inputs: object) -> None:
+        for param in module.parameters(recurse=False):
+            order.setdefault(id(param), param)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for param in model.parameters():
+        order.setdefault(id(param), param)
+    return [(names[key], param) for key, param in order.items()]
+
+
+def build_chunks(
+    params: Sequence[tuple[str, nn.Parameter]], chunk_bytes: int, group: str = "params"
+) -> list[Chunk]:
+    """FREE chunks of `chunk_bytes` each holding whole `params` in the given order; a change
+    of dtype starts a new chunk. Nothing is allocated until `Chunk.materialize`."""
+    chunks: list[Chunk] = []
+    start = 0
+    while start < len(params):
+        dtype = params[start][1].dtype
+        end = start
+        while end < len(params) and params[end][1].dtype == dtype:
+            end += 1
+        run = params[start:end]
+        numel = chunk_bytes // dtype.itemsize
+        sizes = [p.numel() * dtype.itemsize for _, p in run]
+        for group_indices in pack(sizes, numel * dtype.itemsize):
+            slots, offset = [], 0
+            for i in group_indices:
+                name, param = run[i]
+                slots.append(Slot(name, param, offset, param.numel()))
+                offset += param.numel()
+            index = len(chunks)
+            chunks.append(Chunk(index, f"{group}.{index}", numel, dtype, slots))
+        start = end
+    return chunks
+
+
+def chunks_of_modules(model: nn.Module, chunks: Sequence[Chunk]) -> dict[str, tuple[int, ...]]:
+    """Module name -> indices of the chunks holding its own (non-recursive) parameters, for
+    every module that owns parameters: what a module's hooks must access."""
+    chunk_of = {id(slot.param): chunk.index for chunk in chunks for slot in chunk.slots}
+    result = {}
+    for name, module in model.named_modules():
+        used = {chunk_of[id(p)] for p in module.parameters(recurse=False) if id(p) in chunk_of}
+        if used:
+            result[name] = tuple(sorted(used))
+    return result

@@ -1,0 +1,274 @@
+"""AdamW with its states on the host or on disk, streamed through in chunks (ZeRO-Offload's
+CPU optimizer, ZeRO-Infinity's NVMe optimizer states).
+
+Ren et al. 2021, "ZeRO-Offload" (ATC'21): the fp32 master weights and Adam states (12Ψ bytes
+of the 16Ψ) live in host memory and the update runs on the CPU; only gradients go down and
+updated parameters come back. Rajbhandari et al. 2021, "ZeRO-Infinity" (SC'21): the states
+may live on NVMe and stream through host memory a piece at a time.
+
+`OffloadedAdamW` keeps, per **state chunk** (consecutive parameters of one param group, about
+`chunk_bytes` of states), one flat fp32 buffer ``[2, n]`` holding exp_avg and exp_avg_sq.
+``step()`` walks the chunks in order: the chunk's buffer is brought in (on the ``disk`` tier:
+read while the previous chunk computes — read-ahead — and written back while the next one
+computes — write-behind), then one ``torch._fused_adamw_`` call updates the chunk's
+parameters, exactly the kernel and arguments ``torch.optim.AdamW(fused=True)`` uses, so the
+result is bit-identical to it (the update is element-wise; chunking only splits the call).
+
+Parameters on another device than the CPU (CUDA) get a host fp32 master copy: gradients are
+copied down, the update runs on the host, the parameter is overwritten with the result.
+Only the per-parameter ``step`` counters (and those master copies) stay in `state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from shardwise.accelerator import get_accelerator
+from shardwise.config import OffloadConfig, OptimConfig
+from shardwise.errors import ConfigError
+from shardwise.optim import OptimizerFactory
+from shardwise.zero.offload.disk import DiskTier
+
+TIERS = ("host", "disk")
+"""Where `OffloadedAdamW` keeps its states."""
+
+HOST = torch.device("cpu")
+
+
+class StateFiles(Protocol):
+    """What the disk tier offers (`shardwise.zero.offload.disk.DiskTier`)."""
+
+    def write(self, key: str, tensor: torch.Tensor) -> Future: ...
+
+    def read(self, key: str, out: torch.Tensor) -> Future: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class _StateChunk:
+    """Consecutive parameters of one param group whose states share a buffer."""
+
+    key: str
+    group: int
+    """Index in param_groups (load_state_dict replaces the group dicts)."""
+    params: list[torch.Tensor]
+    offsets: list[int]
+    numel: int
+    buffer: torch.Tensor | None = None
+    """[2, numel] fp32: exp_avg, exp_avg_sq; None while on disk."""
+
+
+def _state_chunks(param_groups: list[dict], chunk_bytes: int) -> list[_StateChunk]:
+    """Params in order, cut into chunks of at most `chunk_bytes` of states (a parameter
+    larger than that gets a chunk of its own); never across param groups."""
+    chunks: list[_StateChunk] = []
+    for g, group in enumerate(param_groups):
+        current: list[torch.Tensor] = []
+        numel = 0
+        for p in group["params"]:
+            if current and (numel + p.numel()) * 8 > chunk_bytes:
+                chunks.append(_new_chunk(f"g{g}c{len(chunks)}", g, current))
+                current, numel = [], 0
+            current.append(p)
+            numel += p.numel()
+        if current:
+            chunks.append(_new_chunk(f"g{g}c{len(chunks)}", g, current))
+    return chunks
+
+
+def _new_chunk(key: str, group: int, params: list[torch.Tensor]) -> _StateChunk:
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += p.numel()
+    return _StateChunk(key=key, group=group, params=params, offsets=offsets, numel=total)
+
+
+class OffloadedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (fused) whose exp_avg / exp_avg_sq live on the host or on disk."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float = 0.0,
+        tier: str = "host",
+        disk: StateFiles | None = None,
+        chunk_bytes: int = 64 << 20,
+    ) -> None:
+        if tier not in TIERS:
+            raise ConfigError(f"optimizer state tier {tier!r} is not one of {', '.join(TIERS)}")
+        if tier == "disk" and disk is None:
+            raise ConfigError("optimizer states on disk need offload.disk_path")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.tier, self.disk = tier, disk
+        self.chunks = _state_chunks(self.param_groups, chunk_bytes)
+        self._pinned = get_accelerator().supports_pinned_memory
+        self._on_disk: set[str] = set()
+
+    # -- chunk buffers -----------------------------------------------------------------------
+
+    def _empty(self, chunk: _StateChunk) -> torch.Tensor:
+        buffer = torch.empty((2, chunk.numel), dtype=torch.float32, device=HOST)
+        return buffer.pin_memory() if self._pinned else buffer
+
+    def _fetch(self, chunk: _StateChunk) -> Future | None:
+        """Start bringing `chunk`'s states in; zeros the first time."""
+        if chunk.buffer is not None:
+            return None
+        chunk.buffer = self._empty(chunk)
+        if chunk.key not in self._on_disk:
+            chunk.buffer.zero_()
+            return None
+        return self.disk.read(chunk.key, chunk.buffer)
+
+    def _evict(self, chunk: _StateChunk) -> None:
+        """On the disk tier, write the chunk back (write-behind) and drop it from memory."""
+        if self.tier == "disk":
+            self.disk.write(chunk.key, chunk.buffer)
+            self._on_disk.add(chunk.key)
+            chunk.buffer = None
+
+    def _streamed(self) -> Iterator[_StateChunk]:
+        """Every chunk resident in turn; the next one is read while this one computes."""
+        pending = self._fetch(self.chunks[0]) if self.chunks else None
+        for index, chunk in enumerate(self.chunks):
+            if pending is not None:
+                pending.result()
+            following = self.chunks[index + 1] if index + 1 < len(self.chunks) else None
+            pending = self._fetch(following) if following is not None else None
+            yield chunk
+            self._evict(chunk)
+        if self.tier == "disk":
+            self.disk.flush()
+
+    # -- the update --------------------------------------------------------------------------
+
+    def _host_master(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the update writes: `p` itself on the host, else its host fp32 copy."""
+        if p.device == HOST and p.dtype == torch.float32:
+            return p
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().to(HOST, torch.float32)
+        return state["master"]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("OffloadedAdamW does not take a closure")
+        for chunk in self._streamed():
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=HOST)
+                params.append(self._host_master(p))
+                grads.append(p.grad.to(HOST, torch.float32).view_as(params[-1]))
+                m, v = chunk.buffer[:, offset : offset + p.numel()]
+                exp_avgs.append(m.view_as(params[-1]))
+                exp_avg_sqs.append(v.view_as(params[-1]))
+                steps.append(state["step"])
+            if not params:
+                continue
+            group = self.param_groups[chunk.group]
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+            with_grads = [p for p in chunk.params if p.grad is not None]
+            for p, master in zip(with_grads, params, strict=True):
+                if master is not p:
+                    p.copy_(master)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes of Adam states now in host memory and on disk (a chunk is in one of them)."""
+        resident = sum(c.buffer.nbytes for c in self.chunks if c.buffer is not None)
+        on_disk = sum(
+            8 * c.numel for c in self.chunks if c.buffer is None and c.key in self._on_disk
+        )
+        return {"host": resident, "disk": on_disk}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's AdamW layout (``exp_avg``, ``exp_avg_sq`` per parameter), states read back
+        from their tier chunk by chunk, so a checkpoint does not depend on the tier."""
+        saved = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for chunk in self._streamed():
+            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+                if "step" not in self.state[p]:
+                    continue
+                m, v = chunk.buffer[:, offset : offset + p.numel()].clone()
+                i = index[id(p)]
+                step = saved["state"][i]["step"]  # a new entry: never write into self.state
+                saved["state"][i] = {
+                    "step": step,
+                    "exp_avg": m.view_as(p),
+                    "exp_avg_sq": v.view_as(p),
+                }
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's AdamW layout; the states go to their chunks (and tier)."""
+        states = state_dict["state"]
+        steps = {k: {"step": s["step"].clone()} for k, s in states.items()}
+        super().load_state_dict({**state_dict, "state": steps})
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for chunk in self._streamed():
+            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+                saved = states.get(index[id(p)])
+                if saved is not None:
+                    chunk.buffer[0, offset : offset + p.numel()] = saved["exp_avg"].flatten()
+                    chunk.buffer[1, offset : offset + p.numel()] = saved["exp_avg_sq"].flatten()
+
+
+def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> OptimizerFactory:
+    """`OffloadedAdamW` with ``optim``'s hyper-parameters, its states where ``offload.optimizer``
+    says; the disk tier is opened here (bad paths fail now, with the config key)."""
+    disk = None
+    if offload.optimizer == "disk":
+        if offload.disk_path is None:
+            raise ConfigError("offload.optimizer='disk' needs offload.disk_path (a directory)")
+        disk = DiskTier(
+            offload.disk_path, max_bytes=offload.disk_max_bytes, workers=offload.disk_workers
+        )
+
+    def build(groups: list[dict]) -> torch.optim.Optimizer:
+        return OffloadedAdamW(
+            groups,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            tier=offload.optimizer,
+            disk=disk,
+            chunk_bytes=offload.chunk_mb << 20,
+        )
+
+    return build
