@@ -28,6 +28,7 @@ from shardwise.engine import Engine, check_supported, initialize
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
 from shardwise.registry import MODELS, TP_PLANS
 from shardwise.tensor_parallel import Plan
+from shardwise.zero.offload.adam import check_offload
 
 log = logging.getLogger("shardwise")
 
@@ -48,6 +49,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     check_supported(dims)
     resolve_batch(cfg.train, dims.dp)
     tensor_parallel_plan(cfg, dims)
+    check_offload(cfg.offload)
     return dims
 
 

@@ -88,6 +88,14 @@ BAD_SETS = {
     "resume-nothing": (["--resume", "/no/such/run"], "no finished checkpoint"),
     "unknown-model": (["--set", "model.name=gtp"], "did you mean 'gpt'"),
     "bad-heads": (["--set", "model.n_heads=5"], "does not divide d_model"),
+    "offload-disk-without-path": (
+        ["--nproc", "2", "--set", "offload.optimizer=disk"],
+        "offload.optimizer='disk' needs offload.disk_path",
+    ),
+    "offload-disk-path-missing": (
+        ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/no/dir"],
+        "offload.disk_path='/no/dir' does not exist",
+    ),
 }
 
 

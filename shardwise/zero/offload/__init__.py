@@ -8,4 +8,10 @@ from shardwise.zero.offload.disk import (
     measure_raw_throughput,
 )
 
-__all__ = ["ChecksumError", "DiskFullError", "DiskTier", "IOFuture", "measure_raw_throughput"]
+__all__ = [
+    "ChecksumError",
+    "DiskFullError",
+    "DiskTier",
+    "IOFuture",
+    "measure_raw_throughput",
+]

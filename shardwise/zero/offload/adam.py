@@ -32,7 +32,7 @@ from shardwise.accelerator import get_accelerator
 from shardwise.config import OffloadConfig, OptimConfig
 from shardwise.errors import ConfigError
 from shardwise.optim import OptimizerFactory
-from shardwise.zero.offload.disk import DiskTier
+from shardwise.zero.offload.disk import DiskTier, check_root
 
 TIERS = ("host", "disk")
 """Where `OffloadedAdamW` keeps its states."""
@@ -249,13 +249,20 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     chunk.buffer[1, offset : offset + p.numel()] = saved["exp_avg_sq"].flatten()
 
 
-def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> OptimizerFactory:
-    """`OffloadedAdamW` with ``optim``'s hyper-parameters, its states where ``offload.optimizer``
-    says; the disk tier is opened here (bad paths fail now, with the config key)."""
-    disk = None
+def check_offload(offload: OffloadConfig) -> None:
+    """Refuse settings the optimizer offload cannot run with, before any process starts."""
     if offload.optimizer == "disk":
         if offload.disk_path is None:
             raise ConfigError("offload.optimizer='disk' needs offload.disk_path (a directory)")
+        check_root(offload.disk_path, offload.disk_max_bytes, offload.disk_workers)
+
+
+def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> OptimizerFactory:
+    """`OffloadedAdamW` with ``optim``'s hyper-parameters, its states where ``offload.optimizer``
+    says; the disk tier is opened here."""
+    check_offload(offload)
+    disk = None
+    if offload.optimizer == "disk":
         disk = DiskTier(
             offload.disk_path, max_bytes=offload.disk_max_bytes, workers=offload.disk_workers
         )

@@ -157,7 +157,7 @@ class DiskTier:
         workers: int = 2,
         fsync: bool = False,
     ) -> None:
-        root_path = _check_root(root, max_bytes, workers)
+        root_path = check_root(root, max_bytes, workers)
         _remove_stale_run_dirs(root_path)
         self.run_dir: Path = _create_run_dir(root_path)
         """Directory holding this tier's files; deleted by `close()`."""
@@ -541,8 +541,9 @@ def _unlink_quietly(path: Path) -> None:
 # ------------------------------------------------------------------------- run directories
 
 
-def _check_root(root: str | os.PathLike[str], max_bytes: int | None, workers: int) -> Path:
-    """Validate the arguments of `DiskTier` before anything is created."""
+def check_root(root: str | os.PathLike[str], max_bytes: int | None, workers: int) -> Path:
+    """Validate the arguments of `DiskTier` before anything is created (the CLI calls it
+    before launching ranks, so a bad disk path fails before any process waits)."""
     if max_bytes is not None and (
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
     ):
