@@ -103,12 +103,36 @@ class OffloadConfig(_Section):
     chunk_mb: int = Field(64, ge=1)
     """Adam states streamed per chunk, in MiB (about 3 chunks are in host memory at once)."""
     disk_path: str | None = None
-    """Existing writable directory for the disk tier (a private run directory is made in it
-    and removed on exit; stale ones of crashed runs are removed at start)."""
+    """Existing writable directory for the disk tier: Adam states (optimizer = "disk") and
+    parameter chunks beyond host_budget_mb (a private run directory is made in it and removed
+    on exit; stale ones of crashed runs are removed at start)."""
     disk_max_bytes: int | None = Field(None, ge=0)
-    """Cap on the disk tier's files; a write past it fails with a clear error."""
+    """Cap on the disk tier's files, in bytes; a write past it fails with a clear error."""
     disk_workers: int = Field(2, ge=1)
     """IO threads of the disk tier."""
+    policy: Literal["none", "static", "auto"] = "none"
+    """Parameters in chunks that move between device, host and disk (Gemini; a single process
+    for now): none = off; static = the last param_device_fraction of the chunks stay on the
+    device, the others stream through it; auto = placed from a traced warm-up step within
+    device_budget_mb."""
+    device_budget_mb: float | None = Field(None, gt=0)
+    """Device memory in MiB: auto = parameter chunks and activations (required); static =
+    parameter chunks only (default: the pinned chunks plus one module's chunks). Gradients and
+    device-resident Adam states are outside it."""
+    host_budget_mb: float | None = Field(None, gt=0)
+    """Host memory for parameter chunks in MiB; chunks beyond it go to disk_path (default: no
+    limit)."""
+    param_device_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """static: fraction of the parameter chunks, the last in execution order, that never leave
+    the device."""
+    chunk_min_mb: float = Field(0.0, ge=0.0)
+    """Smallest parameter chunk in MiB; the chunk-size search starts at the larger of this and
+    the largest parameter."""
+    chunk_search_range_mb: float = Field(32.0, ge=0.0)
+    """How far above its start the chunk-size search may go, in MiB: larger chunks may waste
+    less padding but raise the minimum device budget."""
+    chunk_search_step_mb: float = Field(1.0, gt=0.0)
+    """Step of the chunk-size search in MiB."""
 
 
 class PrecisionConfig(_Section):

@@ -10,6 +10,12 @@ reading vocabulary-split logits), activation checkpointing, the precision policy
 in the compute dtype, fp32 master weights for the optimizer, loss scaling for fp16), the
 bucketed `GradReducer` (the only place data-parallel gradients are communicated) and
 global-norm clipping.
+
+[Note: parameters in chunks] With ``offload.policy`` static or auto (one process for now) the
+trainable parameters live in chunks that move between device, host and disk
+(zero/chunk_hooks.py) instead of the reducer's flat buckets: there is no reducer and no
+`OptimizerShards`, gradients are ``param.grad`` as torch makes them, the global norm is
+computed as torch.nn.utils.clip_grad_norm_ does, and the optimizer visits one chunk at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
+from shardwise.zero.chunk_hooks import ChunkedParams
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
@@ -57,6 +64,20 @@ def check_supported(dims: ParallelDims) -> None:
                 f"parallel.{name}={degree} is not supported yet; this version trains with "
                 f"data and tensor parallelism only (parallel.{name}=1)"
             )
+
+
+def check_offload_policy(config: Config, world_size: int) -> None:
+    """Reject ``offload.policy`` where it cannot run yet, before any process waits."""
+    policy = config.offload.policy
+    if policy == "none":
+        return
+    if world_size > 1 or config.zero.stage != 0 or config.parallel.tp > 1:
+        raise ConfigError(
+            f"offload.policy={policy!r} is single-process for now: it needs world size 1, "
+            f"zero.stage=0 and parallel.tp=1 (got world size {world_size}, zero.stage="
+            f"{config.zero.stage}, parallel.tp={config.parallel.tp}); use offload.optimizer "
+            "for Adam states on host or disk with several processes"
+        )
 
 
 class Engine:
@@ -97,14 +118,21 @@ class Engine:
         local_rank = int(dist.get_rank()) if dist.is_initialized() else 0
         self.device = self.accelerator.device(local_rank)
         on_meta = any(p.is_meta for p in model.parameters())
-        placement = {} if on_meta else {"device": self.device}  # meta: filled in place later
+        chunked = config.offload.policy != "none"
+        # meta: filled in place later; chunks: their payloads carry the parameters there
+        placement = {} if on_meta or chunked else {"device": self.device}
         self.model = model.to(dtype=self.policy.param_dtype, **placement)
         self._broadcast_from_first_rank()
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self._setup_zero(config, param_init)
+        self.reducer = self.shards = self.sharded_params = self.chunked = None
         groups = param_groups(self.model, config.optim.weight_decay)
-        self.optimizer = optimizer_factory(self.shards.param_groups(groups))
+        if chunked:
+            self._setup_chunks(config, param_init)
+            self.optimizer = self.chunked.build_optimizer(groups, optimizer_factory, config.optim)
+        else:
+            self._setup_zero(config, param_init)
+            self.optimizer = optimizer_factory(self.shards.param_groups(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(config.optim, config.train.steps)
         )
@@ -167,6 +195,42 @@ class Engine:
             )
             self.reducer.on_bucket_complete = self.sharded_params.on_bucket_complete
 
+    def _setup_chunks(self, config: Config, param_init: ParamInit | None) -> None:
+        """Trainable parameters into chunks (see [Note: parameters in chunks]); the rest of
+        the model (buffers, frozen parameters) onto the device."""
+        if self.policy.needs_master_weights and config.offload.optimizer == "device":
+            raise ConfigError(
+                f"offload.policy={config.offload.policy!r} with {self.policy.param_dtype} "
+                "parameters keeps the fp32 master weights in the host optimizer: set "
+                "offload.optimizer='host' or 'disk', or precision.dtype='fp32'"
+            )
+        _check_materialisable(self.model, param_init)
+        first = next(iter(self.params), None)
+        example = torch.zeros(
+            (1, config.data.seq_len),
+            dtype=torch.long,
+            device=first.device if first is not None else self.device,
+        )
+        # The engine's models take token ids [batch, seq] (as its loss and trainer assume).
+        self.chunked = ChunkedParams(
+            self.model,
+            self.params,
+            self.device,
+            config.offload,
+            lambda: self.model(example),
+            param_init,
+        )
+        chunked = {id(p) for p in self.chunked.names().values()}
+        with torch.no_grad():
+            for module in self.model.modules():
+                for key, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[key] = buffer.to(self.device)
+            for param in self.model.parameters():
+                if id(param) not in chunked and not param.is_meta:
+                    param.data = param.data.to(self.device)
+        self._materialise_frozen(param_init)
+
     def _broadcast_from_first_rank(self) -> None:
         """Start every replica from rank 0's weights, as DDP does, whatever the init (a meta
         model is filled later by `param_init`, the same on every rank)."""
@@ -188,17 +252,22 @@ class Engine:
     # -- the three-call loop -----------------------------------------------------------
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.chunked is not None:
+            self.chunked.start_micro_step()
         return self.model(inputs.to(self.device, non_blocking=True))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch; the last micro-batch of a step reduces gradients."""
         sync = self._micro_step == self.grad_accum - 1
-        self.reducer.prepare(sync=sync)
+        if self.reducer is not None:
+            self.reducer.prepare(sync=sync)
         scaled = loss / self.grad_accum
         if self.scaler is not None:
             scaled = self.scaler.scale_loss(scaled)
         scaled.backward()
-        if sync:
+        if self.chunked is not None:
+            self.chunked.finish_backward()
+        elif sync:
             self.reducer.finish()
         if self.sharded_params is not None:
             self.sharded_params.release_all()
@@ -208,6 +277,8 @@ class Engine:
         """Optimizer step at the accumulation boundary; returns whether weights changed."""
         if self._micro_step < self.grad_accum:
             return False
+        if self.chunked is not None:
+            return self._step_chunks()
         grads = self.shards.owned_grads()
         groups = [
             g
@@ -229,6 +300,27 @@ class Engine:
             self.shards.sync_params()
             self.shards.release_grads()
         self.reducer.release_grads()
+        self._micro_step = 0
+        self.global_step += 1
+        return should_step
+
+    def _step_chunks(self) -> bool:
+        """`step` with parameters in chunks (see [Note: parameters in chunks])."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        should_step = True
+        if self.scaler is not None:
+            should_step = self.scaler.update(self.scaler.unscale_and_check_(grads))
+        self.chunked.finish_warm_up()
+        if should_step:
+            # Per-parameter gradients: the norm exactly as a plain torch run computes it.
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self.config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.config.optim.grad_clip, norm)
+            self.last_grad_norm = norm.item()
+            self.chunked.optimizer_step(self.optimizer)
+            self.scheduler.step()
+        self.chunked.end_step()
         self._micro_step = 0
         self.global_step += 1
         return should_step
@@ -284,32 +376,45 @@ class Engine:
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds per category of model state, read from the tensors themselves
         (each storage counted once, padding included); ``offloaded_host`` / ``offloaded_disk``:
-        Adam states moved off the device by ``offload.optimizer`` (host memory, disk)."""
-        reducer_buffers = [b.grads for b in self.reducer.buckets if b.grads is not None]
-        reducer_buffers += [b.reduced for b in self.reducer.buckets]
-        masters = [s.master for s in self.shards.slices] if self.policy.needs_master_weights else []
+        Adam states moved off the device by ``offload.optimizer`` (host memory, disk).
+
+        With parameters in chunks, ``params`` counts the chunks now on the device, ``grads``
+        the ``param.grad`` tensors (none between steps), ``master_params`` the host optimizer's
+        fp32 copies, and ``chunks_device`` / ``chunks_host`` / ``chunks_disk`` /
+        ``chunks_device_peak`` are the chunk manager's own counts (the peak since the start)."""
+        if self.chunked is None:
+            grads = [b.grads for b in self.reducer.buckets if b.grads is not None]
+            grads += [b.reduced for b in self.reducer.buckets]
+            need_masters = self.policy.needs_master_weights
+            masters = [s.master for s in self.shards.slices] if need_masters else []
+            shards = [s.shard for s in self.shards.slices]
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            masters = [s["master"] for s in self.optimizer.state.values() if "master" in s]
+            shards = []
         states = [
             t
             for state in self.optimizer.state.values()
-            for t in state.values()
-            if isinstance(t, torch.Tensor)
+            for key, t in state.items()
+            if isinstance(t, torch.Tensor) and not (self.chunked is not None and key == "master")
         ]
         offloaded = (
             self.optimizer.tier_bytes()
             if isinstance(self.optimizer, OffloadedAdamW)
             else {"host": 0, "disk": 0}
         )
-        return {
-            "params": _storage_bytes(
-                [*self.model.parameters(), *(s.shard for s in self.shards.slices)]
-            ),
-            "grads": _storage_bytes(reducer_buffers),
+        report = {
+            "params": _storage_bytes([*self.model.parameters(), *shards]),
+            "grads": _storage_bytes(grads),
             "master_params": _storage_bytes(masters),
             "optimizer_states": _storage_bytes(states),
             "buffers": _storage_bytes(self.model.buffers()),
             "offloaded_host": offloaded["host"],
             "offloaded_disk": offloaded["disk"],
         }
+        if self.chunked is not None:
+            report.update(self.chunked.memory_report())
+        return report
 
     @property
     def lr(self) -> float:
@@ -320,21 +425,31 @@ class Engine:
     @property
     def state_is_replicated(self) -> bool:
         """Whether every rank holds the same state (else each saves its own)."""
-        return not self.shards.sharded and self.tp is None
+        return self.chunked is not None or (not self.shards.sharded and self.tp is None)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (copies; at ZeRO-3 gathered for it).
 
         Tensor-parallel shards are not gathered: with parallel.tp > 1 each rank gets its own.
+        Chunked parameters are read chunk by chunk through the chunk manager.
         """
+        if self.chunked is not None:
+            params = self.chunked.read_params()
+            return {
+                k: params[k] if k in params else v.detach().clone()
+                for k, v in self.model.state_dict().items()
+            }
         gathered = self.sharded_params.all_gathered() if self.sharded_params else nullcontext()
         with gathered:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _model_state(self) -> dict:
-        """The model's state dict, less the parameters only shards hold (ZeRO-3)."""
+        """The model's state dict, less the parameters only shards hold (ZeRO-3); chunked
+        parameters as copies read through the chunk manager."""
         state = self.model.state_dict()
-        if self.shards.params_sharded:
+        if self.chunked is not None:
+            state.update(self.chunked.read_params())
+        elif self.shards.params_sharded:
             held = {id(p) for p in self.params}
             names = [
                 n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in held
@@ -347,7 +462,7 @@ class Engine:
         """Everything an exact resume needs: this rank's shards and the model's other state."""
         return {
             "model": self._model_state(),
-            "shards": self.shards.state_dict(),
+            "shards": self.shards.state_dict() if self.shards is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -355,15 +470,22 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        expected_missing = set(self.model.state_dict()) - set(self._model_state())
-        result = self.model.load_state_dict(state["model"], strict=False)
+        model_state = state["model"]
+        if self.chunked is not None:
+            self.chunked.write_params(model_state)  # through the manager, chunk by chunk
+            expected_missing = set(self.chunked.names())
+            model_state = {k: v for k, v in model_state.items() if k not in expected_missing}
+        else:
+            expected_missing = set(self.model.state_dict()) - set(self._model_state())
+        result = self.model.load_state_dict(model_state, strict=False)
         if set(result.missing_keys) != expected_missing or result.unexpected_keys:
             raise CheckpointError(
                 f"checkpoint model state does not fit this model: missing "
                 f"{sorted(set(result.missing_keys) - expected_missing)[:3]}, unexpected "
                 f"{result.unexpected_keys[:3]}"
             )
-        self.shards.load_state_dict(state["shards"])
+        if self.shards is not None:
+            self.shards.load_state_dict(state["shards"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
@@ -386,6 +508,7 @@ def initialize(
     device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
     shards. With parallel.tp > 1 the (materialised) model is split by `tp_plan`."""
     config = config or Config()
+    check_offload_policy(config, dist.get_world_size() if dist.is_initialized() else 1)
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)
@@ -394,7 +517,7 @@ def initialize(
     return Engine(model, factory, config, mesh, loss_fn, param_init, tp_plan)
 
 
-def _optimizer_factory(config: Config, given: OptimizerFactory | None) -> OptimizerFactory:
+def _optimizer_factory(config: Config, given: OptimizerFactory | None) -> OptimizerFactory | None:
     """The caller's factory, or AdamW (fused) with its states where ``offload.optimizer`` says."""
     if config.offload.optimizer == "device":
         return given or default_optimizer_factory(config.optim)
@@ -403,6 +526,8 @@ def _optimizer_factory(config: Config, given: OptimizerFactory | None) -> Optimi
             f"offload.optimizer={config.offload.optimizer!r} brings its own AdamW; pass "
             "optimizer_factory=None or keep offload.optimizer='device'"
         )
+    if config.offload.policy != "none":
+        return None  # the chunked engine builds it: states follow the chunks (ChunkedAdamW)
     return offloaded_optimizer_factory(config.optim, config.offload)
 
 

@@ -24,7 +24,7 @@ from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.config import Config, resolve_batch
 from shardwise.data import build_data
 from shardwise.distributed.dims import ParallelDims
-from shardwise.engine import Engine, check_supported, initialize
+from shardwise.engine import Engine, check_offload_policy, check_supported, initialize
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
 from shardwise.registry import MODELS, TP_PLANS
 from shardwise.tensor_parallel import Plan
@@ -47,6 +47,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Every check that needs the world size; runs in the CLI before any process starts."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     check_supported(dims)
+    check_offload_policy(cfg, world_size)
     resolve_batch(cfg.train, dims.dp)
     tensor_parallel_plan(cfg, dims)
     check_offload(cfg.offload)
@@ -71,9 +72,10 @@ def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
     mesh = dims.build_mesh(accel.device_type) if world_size > 1 else None
     rank = dist.get_rank() if dist.is_initialized() else 0
     builder = MODELS.get(cfg.model.name)
-    # ZeRO-3 builds the model on the meta device and fills it shard by shard; tensor
-    # parallelism splits a materialised model.
-    on_meta = cfg.zero.stage == 3 and dims.dp_shard > 1 and dims.tp == 1
+    # ZeRO-3 builds the model on the meta device and fills it shard by shard, parameter
+    # chunks (offload.policy) chunk by chunk; tensor parallelism splits a materialised model.
+    sharded = cfg.zero.stage == 3 and dims.dp_shard > 1 and dims.tp == 1
+    on_meta = sharded or cfg.offload.policy != "none"
     device = "meta" if on_meta else accel.device(rank)
     model = builder(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
     param_init = partial(model.init_parameter, seed=cfg.train.seed) if on_meta else None

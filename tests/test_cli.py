@@ -92,6 +92,10 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "offload.optimizer=disk"],
         "offload.optimizer='disk' needs offload.disk_path",
     ),
+    "offload-chunks-multi-process": (
+        ["--nproc", "2", "--set", "offload.policy=auto", "--set", "offload.device_budget_mb=8"],
+        "offload.policy='auto' is single-process for now",
+    ),
     "offload-disk-path-missing": (
         ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/no/dir"],
         "offload.disk_path='/no/dir' does not exist",

@@ -1,8 +1,8 @@
 """Memory tracer (zero/tracer.py) and auto placement, on a tiny GPT run through the manager.
 
-`ChunkHooks` below is how an engine drives the manager: access a module's chunks before its
-forward and before its backward, release them after its forward and once all of its
-parameters' gradients are accumulated, prefetch the neighbouring chunk, end the step.
+`ChunkHooks` (zero/chunk_hooks.py) is how the engine drives the manager: access a module's
+chunks before its forward and before its backward, release them after its forward and once all
+of its parameters' gradients are accumulated, prefetch the neighbouring chunk, end the step.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt
+from shardwise.zero.chunk_hooks import ChunkHooks
 from shardwise.zero.chunks import (
     Chunk,
     Tier,
     TierIO,
     build_chunks,
-    chunks_of_modules,
     params_in_execution_order,
     search_chunk_size,
 )
 from shardwise.zero.manager import ChunkManager
-from shardwise.zero.params import output_tensors
 from shardwise.zero.placement import apply_placement, auto_placement, placement_summary
 from shardwise.zero.tracer import MemoryTracer
 from tests.zero.test_manager import open_disk
@@ -58,70 +57,6 @@ def chunked(model: nn.Module) -> list[Chunk]:
     order = params_in_execution_order(model, lambda: model(idx))
     sizes = [p.numel() * p.element_size() for _, p in order]
     return build_chunks(order, search_chunk_size(sizes, search_range=32 * 1024, step=1024))
-
-
-class ChunkHooks:
-    """Drives a `ChunkManager` from module hooks (the sketch an engine follows)."""
-
-    def __init__(self, model: nn.Module, manager: ChunkManager) -> None:
-        self.manager = manager
-        self.used = chunks_of_modules(model, manager.chunks)
-        self.in_backward: dict[str, int] = {}
-        self.owners: dict[int, list[str]] = {}
-        self.modules = dict(model.named_modules())
-        for name, module in model.named_modules():
-            if name not in self.used:
-                continue
-            module.register_forward_pre_hook(lambda *_, n=name: self.before_forward(n))
-            module.register_forward_hook(lambda _m, _i, out, n=name: self.after_forward(n, out))
-            for param in module.parameters(recurse=False):
-                self.owners.setdefault(id(param), []).append(name)
-        self.hooked: set[int] = set()
-        self.prefetched = 0
-
-    def _chunks(self, name: str) -> list[Chunk]:
-        return [self.manager.chunks[i] for i in self.used[name]]
-
-    def _prefetch(self, index: int) -> None:
-        if 0 <= index < len(self.manager.chunks):
-            self.prefetched += self.manager.prefetch(self.manager.chunks[index])
-
-    def before_forward(self, name: str) -> None:
-        for chunk in self._chunks(name):
-            self.manager.access(chunk)
-        self._prefetch(max(self.used[name]) + 1)  # chunks are in execution order
-
-    def after_forward(self, name: str, output: object) -> None:
-        for chunk in self._chunks(name):
-            self.manager.release(chunk, "forward")
-        for tensor in output_tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(lambda grad, n=name: self.before_backward(n))
-
-    def before_backward(self, name: str) -> None:
-        for chunk in self._chunks(name):
-            self.manager.access(chunk)
-        # Parameter hooks go on now: materialising a meta parameter swaps it, dropping hooks.
-        for param in self.modules[name].parameters(recurse=False):
-            if id(param) not in self.hooked:
-                self.hooked.add(id(param))
-                param.register_post_accumulate_grad_hook(self.grad_ready)
-        self.in_backward[name] = len(list(dict.fromkeys(self.owned(name))))
-        self._prefetch(min(self.used[name]) - 1)
-
-    def owned(self, name: str) -> list[int]:
-        return [key for key, names in self.owners.items() if name in names]
-
-    def grad_ready(self, param: nn.Parameter) -> None:
-        # A parameter's gradient is accumulated once all its uses' backward ran (a tied
-        # weight: after its last use), so its modules are done with it.
-        for name in self.owners[id(param)]:
-            if name in self.in_backward:
-                self.in_backward[name] -= 1
-                if not self.in_backward[name]:
-                    del self.in_backward[name]
-                    for chunk in self._chunks(name):
-                        self.manager.release(chunk, "backward")
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:

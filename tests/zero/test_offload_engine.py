@@ -1,0 +1,253 @@
+"""Parameters in chunks through the engine (``offload.policy``, zero/chunk_hooks.py), one process.
+
+Parity is bit-exact against plain torch (tests/parity.py `reference_run`): the forward and
+backward read the same values from chunk payloads, the global norm is computed as
+clip_grad_norm_ does, and the chunk-wise fused AdamW update is element-wise. Against the engine
+without offload (whose norm is summed over flat buckets, in another order) parameters agree to
+~4e-7 relative.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from shardwise.cli import main
+from shardwise.engine import check_offload_policy, initialize
+from shardwise.errors import ConfigError
+from shardwise.trainer import build_engine
+from shardwise.zero.chunk_hooks import ChunkHooks, held_chunks
+from shardwise.zero.chunks import ChunkState, Tier, build_chunks
+from shardwise.zero.manager import ChunkManager
+from shardwise.zero.tracer import MemoryTracer
+from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
+
+MIB = 2**20
+SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
+"""Chunks as small as the largest parameter (the embedding, 32 KiB): six of them."""
+BUDGET_MB = 0.15
+"""Below the 192 KiB of chunks, above the 0.1411 MiB the warm-up step needs (see
+`test_budget_below_what_the_warm_up_measured_names_a_minimum_that_works`)."""
+
+
+def config(**offload):
+    """Two micro-batches of one sequence per step (gradients accumulate in ``param.grad``)."""
+    return make_config(micro_batch=1, global_batch=2).replace(
+        offload={**SMALLEST_CHUNKS, **offload}
+    )
+
+
+def run(cfg, steps: int | None = None):
+    engine = initialize(build_model(cfg), None, cfg)
+    losses = [engine.train_step(batch) for batch in global_batches(cfg)[:steps]]
+    return engine, losses, engine.full_state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run(config())
+
+
+@pytest.fixture(scope="module")
+def without_offload():
+    _, losses, state = run(config())
+    return losses, state
+
+
+PLACEMENTS = {
+    "static-half": {"policy": "static", "param_device_fraction": 0.5},
+    "auto": {"policy": "auto", "device_budget_mb": BUDGET_MB},
+    "auto-disk-adam-on-disk": {
+        "policy": "auto",
+        "device_budget_mb": BUDGET_MB,
+        "host_budget_mb": 0.05,
+        "optimizer": "disk",
+    },
+}
+
+
+@pytest.mark.parametrize("offload", list(PLACEMENTS.values()), ids=list(PLACEMENTS))
+def test_any_placement_equals_the_run_without_offload(
+    offload, reference, without_offload, tmp_path
+):
+    engine, losses, state = run(config(**offload, disk_path=str(tmp_path)))
+    want_losses, want_state = reference
+    for name, tensor in want_state.items():
+        assert torch.equal(state[name], tensor), name  # bit-exact against plain torch
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-7, atol=0)
+    plain_losses, plain_state = without_offload
+    assert losses[0] == plain_losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-6, atol=0)
+    for name, tensor in plain_state.items():
+        error = torch.linalg.vector_norm(state[name] - tensor) / torch.linalg.vector_norm(tensor)
+        assert error <= 1e-6, f"{name}: {error:.1e}"
+
+    report = engine.memory_report()
+    chunk_bytes = sum(c.nbytes for c in engine.chunked.chunks)
+    assert len(engine.chunked.chunks) == 6
+    assert report["chunks_device"] + report["chunks_host"] + report["chunks_disk"] == chunk_bytes
+    assert report["chunks_host"] + report["chunks_disk"] > 0, "nothing streamed"
+    if offload.get("optimizer") == "disk":
+        assert report["chunks_disk"] > 0 and report["offloaded_disk"] > 0
+
+
+def test_frozen_parameters_stay_out_of_the_chunks():
+    cfg = config(policy="auto", device_budget_mb=0.16)
+    engine = initialize(build_model(cfg, freeze=True), None, cfg)
+    frozen = engine.model.blocks[0].mlp.up.weight
+    assert id(frozen) not in {id(p) for p in engine.chunked.names().values()}
+    losses = [engine.train_step(batch) for batch in global_batches(cfg)]
+    want_losses, want_state = reference_run(cfg, freeze=True)
+    state = engine.full_state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in want_state.items())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-7, atol=0)
+
+
+def test_device_high_water_mark_stays_within_the_budget():
+    budget = int(BUDGET_MB * MIB)
+    engine = initialize(build_model(config()), None, config(policy="auto", device_budget_mb=0.15))
+    chunks, manager = engine.chunked.chunks, engine.chunked.manager
+    assert sum(c.nbytes for c in chunks) > budget
+    batches = global_batches(engine.config)
+    engine.train_step(batches[0])  # the warm-up, LRU within the whole budget
+    assert manager.device_peak_bytes <= budget
+    manager.device_peak_bytes = 0
+    with MemoryTracer(engine.model, chunks, engine.device) as tracer:
+        for batch in batches[1:3]:
+            engine.train_step(batch)
+    assert manager.device_peak_bytes <= budget
+    moments = tracer.trace().moments
+    assert max(m.model_bytes + m.non_model_bytes for m in moments) <= budget
+    assert max(m.model_bytes for m in moments) < sum(c.nbytes for c in chunks)
+    assert engine.chunked.hooks.prefetched > 0
+    assert held_chunks(engine.model, chunks) == {0}, "the embedding, tied to the head"
+
+
+def test_budget_below_what_the_warm_up_measured_names_a_minimum_that_works():
+    cfg = config(policy="auto", device_budget_mb=0.1)
+    engine = initialize(build_model(cfg), None, cfg)
+    with pytest.raises(ConfigError, match=r"below the minimum ([\d.]+) MiB .* warm-up") as err:
+        engine.train_step(global_batches(cfg)[0])
+    minimum = float(err.value.args[0].split("minimum ")[1].split(" MiB")[0])
+    cfg = config(policy="auto", device_budget_mb=minimum)
+    _, losses, _ = run(cfg, steps=2)
+    assert len(losses) == 2
+
+
+def test_budget_below_one_module_and_its_held_chunks_is_refused_at_start():
+    cfg = config(policy="static", param_device_fraction=0.5, device_budget_mb=0.01)
+    with pytest.raises(ConfigError) as err:
+        initialize(build_model(cfg), None, cfg)
+    message = err.value.args[0]
+    assert "offload.device_budget_mb=0.01 is below the minimum 0.1563 MiB (163840 bytes)" in (
+        message
+    )
+    assert "chunks [3, 4, 5] are pinned; chunks [0] are held through backward" in message
+    initialize(build_model(cfg), None, cfg.replace(offload={"device_budget_mb": 0.1563}))
+
+
+def test_unsupported_settings_are_clear_errors(tmp_path):
+    auto = config(policy="auto", device_budget_mb=1)
+    with pytest.raises(ConfigError, match=r"is single-process for now.*world size 2"):
+        check_offload_policy(auto, 2)
+    with pytest.raises(ConfigError, match=r"is single-process for now.*world size 4"):
+        build_engine(auto, 4)  # before any mesh or process group
+    for section in ({"zero": {"stage": 1}}, {"parallel": {"tp": 2}}):
+        with pytest.raises(ConfigError, match="single-process for now"):
+            initialize(build_model(auto), None, auto.replace(**section))
+    with pytest.raises(ConfigError, match="needs offload.device_budget_mb|set it"):
+        initialize(build_model(auto), None, config(policy="auto"))
+    bf16 = config(policy="static").replace(precision={"dtype": "bf16"})
+    with pytest.raises(ConfigError, match="set offload.optimizer='host' or 'disk'"):
+        initialize(build_model(bf16), None, bf16)
+    no_disk = config(policy="auto", device_budget_mb=0.15, host_budget_mb=0.01)
+    with pytest.raises(ConfigError, match="set offload.disk_path"):
+        initialize(build_model(no_disk), None, no_disk)
+
+
+def test_bf16_keeps_fp32_masters_in_the_host_optimizer():
+    plain = make_config(micro_batch=1, global_batch=2, dtype="bf16")
+    _, want, _ = run(plain)
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": "host"})
+    engine, losses, _ = run(cfg)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=BF16_RTOL, atol=0)
+    assert engine.memory_report()["master_params"] == 4 * sum(p.numel() for p in engine.params)
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    cfg = config(policy="auto", device_budget_mb=BUDGET_MB, optimizer="disk").replace(
+        offload={"disk_path": str(tmp_path), "host_budget_mb": 0.05}
+    )
+    batches = global_batches(cfg)
+    _, want_losses, want_state = run(cfg)
+    first = initialize(build_model(cfg), None, cfg)
+    losses = [first.train_step(batch) for batch in batches[:2]]
+    saved = first.state_dict()
+    second = initialize(build_model(cfg), None, cfg)
+    second.load_state_dict(saved)
+    losses += [second.train_step(batch) for batch in batches[2:]]
+    assert losses == want_losses
+    state = second.full_state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in want_state.items())
+
+
+def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
+    tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=16"]
+    settings = [
+        *tiny,
+        "data.max_bytes=20000",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "log.progress=false",
+        "offload.policy=auto",
+        "offload.device_budget_mb=0.4",
+        "offload.host_budget_mb=0.05",
+        "offload.chunk_search_range_mb=0",
+        f"offload.disk_path={tmp_path}",
+    ]
+    caplog.set_level("INFO", logger="shardwise")
+    out = tmp_path / "run"
+    argv = ["train", "--nproc", "1", "--out", str(out)]
+    with pytest.raises(SystemExit) as code:
+        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
+    assert code.value.code == 0, capsys.readouterr().err
+    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--nproc", "1", "--resume", str(out / "checkpoints" / "step_00000002")])
+    assert code.value.code == 0, capsys.readouterr().err
+    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == full and len(full) == 4
+    summaries = [r.message for r in caplog.records if r.message.startswith("placement auto")]
+    assert len(summaries) == 2, "the run and the resumed run each placed after a warm-up"
+
+
+class _HalfUsed(nn.Module):
+    """Owns two parameters, computes with one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Parameter(torch.randn(8, 8))
+        self.unused = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.used
+
+
+def test_hooks_release_a_module_called_twice_and_one_whose_parameter_got_no_gradient():
+    model = nn.ModuleDict({"shared": nn.Linear(8, 8), "half_used": _HalfUsed()})
+    chunks = build_chunks(list(model.named_parameters()), (8 * 8 + 8) * 4)
+    manager = ChunkManager(chunks, "cpu", device_budget=None, host_budget=None)
+    for chunk in chunks:
+        manager.place(chunk, Tier.DEVICE)
+    hooks = ChunkHooks(model, manager)
+    x = torch.randn(2, 8, requires_grad=True)
+    model["half_used"](model["shared"](model["shared"](x))).sum().backward()
+    shared, half = chunks
+    assert shared.state is ChunkState.HOLD_AFTER_BWD and shared.users == 0
+    assert half.state is ChunkState.COMPUTE, "still waiting for the unused parameter"
+    hooks.finish_backward()
+    assert half.state is ChunkState.HOLD_AFTER_BWD and half.users == 0
+    assert held_chunks(model, chunks) == frozenset()
