@@ -21,6 +21,7 @@ Only the per-parameter ``step`` counters (and those master copies) stay in `stat
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ TIERS = ("host", "disk")
 """Where `OffloadedAdamW` keeps its states."""
 
 HOST = torch.device("cpu")
+
+MAX_PENDING_WRITES = 1
+"""Write-behind depth of the disk tier: with the chunk computing and the one being read
+ahead, about three chunks of states are in host memory at once."""
 
 
 class StateFiles(Protocol):
@@ -115,6 +120,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.chunks = _state_chunks(self.param_groups, chunk_bytes)
         self._pinned = get_accelerator().supports_pinned_memory
         self._on_disk: set[str] = set()
+        self._writes: deque[Future] = deque()
 
     # -- chunk buffers -----------------------------------------------------------------------
 
@@ -133,11 +139,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return self.disk.read(chunk.key, chunk.buffer)
 
     def _evict(self, chunk: _StateChunk) -> None:
-        """On the disk tier, write the chunk back (write-behind) and drop it from memory."""
+        """On the disk tier, write the chunk back (write-behind) and drop it from memory; at
+        most `MAX_PENDING_WRITES` writes stay in flight (each holds its chunk's buffer)."""
         if self.tier == "disk":
-            self.disk.write(chunk.key, chunk.buffer)
+            self._writes.append(self.disk.write(chunk.key, chunk.buffer))
             self._on_disk.add(chunk.key)
             chunk.buffer = None
+            while len(self._writes) > MAX_PENDING_WRITES:
+                self._writes.popleft().result()
 
     def _streamed(self) -> Iterator[_StateChunk]:
         """Every chunk resident in turn; the next one is read while this one computes."""
@@ -150,6 +159,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             yield chunk
             self._evict(chunk)
         if self.tier == "disk":
+            self._writes.clear()
             self.disk.flush()
 
     # -- the update --------------------------------------------------------------------------
