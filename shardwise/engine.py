@@ -14,8 +14,10 @@ global-norm clipping.
 [Note: parameters in chunks] With ``offload.policy`` static or auto (one process for now) the
 trainable parameters live in chunks that move between device, host and disk
 (zero/chunk_hooks.py) instead of the reducer's flat buckets: there is no reducer and no
-`OptimizerShards`, gradients are ``param.grad`` as torch makes them, the global norm is
-computed as torch.nn.utils.clip_grad_norm_ does, and the optimizer visits one chunk at a time.
+`OptimizerShards`. Gradients move into gradient chunks as they arrive ([Note: gradient chunks]
+there), the global norm is computed as torch.nn.utils.clip_grad_norm_ does (bit for bit, from
+per-parameter norms taken in the gradient hook), and the optimizer visits one parameter chunk
+and its gradient chunk at a time, clipping there.
 """
 
 from __future__ import annotations
@@ -306,19 +308,16 @@ class Engine:
 
     def _step_chunks(self) -> bool:
         """`step` with parameters in chunks (see [Note: parameters in chunks])."""
-        params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = self.chunked.grads
         should_step = True
         if self.scaler is not None:
-            should_step = self.scaler.update(self.scaler.unscale_and_check_(grads))
+            should_step = self.scaler.update(grads.unscale_and_check_(self.scaler))
         self.chunked.finish_warm_up()
         if should_step:
-            # Per-parameter gradients: the norm exactly as a plain torch run computes it.
-            norm = torch.nn.utils.get_total_norm(grads)
-            if self.config.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.config.optim.grad_clip, norm)
+            # Per-parameter norms: the global norm exactly as a plain torch run computes it.
+            norm = grads.total_norm(self.params)
             self.last_grad_norm = norm.item()
-            self.chunked.optimizer_step(self.optimizer)
+            self.chunked.optimizer_step(self.optimizer, self.config.optim.grad_clip, norm)
             self.scheduler.step()
         self.chunked.end_step()
         self._micro_step = 0
@@ -380,8 +379,10 @@ class Engine:
 
         With parameters in chunks, ``params`` counts the chunks now on the device, ``grads``
         the ``param.grad`` tensors (none between steps), ``master_params`` the host optimizer's
-        fp32 copies, and ``chunks_device`` / ``chunks_host`` / ``chunks_disk`` /
-        ``chunks_device_peak`` are the chunk manager's own counts (the peak since the start)."""
+        fp32 copies, and ``chunks_device`` / ``chunks_host`` / ``chunks_disk`` (parameter
+        chunks), ``grad_chunks_device`` / ``_host`` / ``_disk`` (gradient chunks; none between
+        steps) and ``chunks_device_peak`` (both, the peak since the start) are the chunk
+        manager's own counts."""
         if self.chunked is None:
             grads = [b.grads for b in self.reducer.buckets if b.grads is not None]
             grads += [b.reduced for b in self.reducer.buckets]

@@ -13,9 +13,10 @@ chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
     forward hook           release them ("forward"); hook every output that requires grad
     output-gradient hook   (the gradient arrives just before the module's backward)
                            access its chunks again; prefetch the chunk before its first
-    post-accumulate-grad   once every chunked parameter of the module has its gradient for
-      hook of a parameter  this backward, release the chunks ("backward") as many times as
-                           the backward accessed them (a module called twice, two outputs)
+    post-accumulate-grad   move the gradient into its gradient chunk ([Note: gradient
+      hook of a parameter  chunks]); once every chunked parameter of the module has its
+                           gradient for this backward, release the chunks ("backward") as
+                           many times as the backward accessed them (a module called twice)
     finish_backward()      release what is still in use: modules some of whose parameters
                            got no gradient
 
@@ -24,10 +25,24 @@ after its last use in backward, so its chunk stays in use from the first of thos
 backward to the last. Parameter hooks go on at the first backward: materialising a meta
 parameter swaps it (`torch.utils.swap_tensors`), which drops hooks registered before.
 
-[Note: gradients outside the budget] Gradients are ``param.grad`` tensors as torch makes them:
-on the device, outside the chunk budgets, from the backward that makes them until the
-optimizer pass frees them. The device budget covers parameter chunks (and, for ``auto``, the
-activations the tracer measured); gradients and device-resident Adam states come on top.
+[Note: gradient chunks] Gradients live in a second chunk group (`GradChunk`, the same slots
+and offsets as the parameter chunks) in the same `ChunkManager`, under the same device and
+host budgets. A parameter's post-accumulate-grad hook accesses its gradient chunk, copies the
+gradient in (adds it, from the second micro-batch of an accumulation on: the same IEEE sums as
+torch's ``param.grad +=``), records the parameter's gradient norm, releases the chunk and sets
+``param.grad`` to None, so the full-size gradient lives only from autograd's accumulation to
+the hook. A released gradient chunk is ranked for eviction by its parameter chunk's next use
+(`ChunkManager.follow`): kept while later modules of the same chunk still add gradients, the
+first to go (to host, or disk) once its chunk is done for the step. The optimizer pass
+accesses each parameter chunk with its gradient chunk, attaches the gradients as views of it,
+clips and updates, then discards the gradient chunk (FREE: no bytes anywhere until the next
+backward).
+
+The global norm is `torch.nn.utils.get_total_norm`'s, bit for bit: its per-tensor norms
+(``_foreach_norm`` where torch has it, else ``vector_norm``) taken in the hook on the final
+value of each gradient (every write overwrites the last), stacked in parameter order, and the
+norm of that. With fp16 the loss-scale unscaling needs a pass over the gradient chunks, which
+recomputes the norms of the unscaled gradients.
 """
 
 from __future__ import annotations
@@ -40,14 +55,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _has_foreach_support
 
 from shardwise.config import OffloadConfig, OptimConfig
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.optim import OptimizerFactory
+from shardwise.precision import DynamicLossScaler
 from shardwise.zero.chunks import (
     Chunk,
+    ChunkState,
+    GradChunk,
     Tier,
     build_chunks,
+    build_grad_chunks,
     chunks_of_modules,
     params_in_execution_order,
     search_chunk_size,
@@ -71,16 +91,124 @@ log = logging.getLogger("shardwise")
 MIB = 2**20
 
 
-class ChunkHooks:
-    """Drives a `ChunkManager` from module hooks; see [Note: the hook protocol]."""
+def _grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """One tensor's 2-norm exactly as `torch.nn.utils.get_total_norm` computes it."""
+    if _has_foreach_support([grad], grad.device):
+        return torch._foreach_norm([grad], 2.0)[0]
+    return torch.linalg.vector_norm(grad, 2.0)
 
-    def __init__(self, model: nn.Module, manager: ChunkManager, prefetch: bool = True) -> None:
+
+class GradChunks:
+    """The gradient chunk group, one `GradChunk` per parameter chunk (same index order), in
+    the parameter chunks' manager; see [Note: gradient chunks]."""
+
+    def __init__(self, chunks: Sequence[GradChunk], manager: ChunkManager) -> None:
+        self.chunks = list(chunks)
         self.manager = manager
+        self._where = {id(s.param): (chunk, s) for chunk in self.chunks for s in chunk.slots}
+        self.written: set[int] = set()
+        """Ids of the parameters with a gradient in their chunk this step."""
+        self.norms: dict[int, torch.Tensor] = {}
+        """Parameter id -> the 2-norm of its gradient as last written."""
+
+    @torch.no_grad()
+    def accumulate(self, param: nn.Parameter) -> None:
+        """Move ``param.grad`` into its gradient chunk (copy, or add to this step's earlier
+        micro-batches) and drop it."""
+        chunk, slot = self._where[id(param)]
+        grad, param.grad = param.grad, None
+        self.manager.access(chunk)
+        view = chunk.grad_view(slot)
+        if id(param) in self.written:
+            view.add_(grad)
+        else:
+            view.copy_(grad)
+            self.written.add(id(param))
+        self.norms[id(param)] = _grad_norm(view)
+        self.manager.release(chunk, "backward")
+
+    def total_norm(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
+        """The global 2-norm of the gradients of `params` (in this order, as the plain run's
+        clip_grad_norm_ sees them); parameters without a gradient are skipped."""
+        norms = [self.norms[id(p)] for p in params if id(p) in self.norms]
+        if not norms:
+            return torch.tensor(0.0)
+        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    @torch.no_grad()
+    def unscale_and_check_(self, scaler: DynamicLossScaler) -> bool:
+        """fp16: divide every gradient by the loss scale, chunk by chunk; whether any is
+        inf/NaN. The norms are taken again, of the unscaled gradients."""
+        found_inf = False
+        for chunk in self.chunks:
+            slots = self._written_slots(chunk)
+            if not slots:
+                continue
+            self.manager.access(chunk)
+            views = [chunk.grad_view(s) for s in slots]
+            found_inf |= scaler.unscale_and_check_(views)
+            for s, view in zip(slots, views, strict=True):
+                self.norms[id(s.param)] = _grad_norm(view)
+            self.manager.release(chunk, "backward")
+        return found_inf
+
+    def attach(self, chunk: Chunk) -> list[nn.Parameter]:
+        """Bring `chunk`'s gradient chunk to the device and set ``param.grad`` of its written
+        parameters to views of it; returns those parameters."""
+        grads = self.chunks[chunk.index]
+        slots = self._written_slots(grads)
+        if slots:
+            self.manager.access(grads)
+            for s in slots:
+                s.param.grad = grads.grad_view(s)
+        return [s.param for s in slots]
+
+    def detach(self, chunk: Chunk) -> None:
+        """After `chunk`'s update: gradients off the parameters, the gradient chunk freed."""
+        grads = self.chunks[chunk.index]
+        if grads.state is not ChunkState.COMPUTE:
+            return
+        for s in grads.slots:
+            s.param.grad = None
+        self.manager.release(grads, "backward")
+        self.manager.discard(grads)
+
+    def end_step(self) -> None:
+        """Free what no update consumed (a skipped step) and forget this step's gradients."""
+        for chunk in self.chunks:
+            if chunk.state is not ChunkState.FREE:
+                self.manager.discard(chunk)
+        self.written.clear()
+        self.norms.clear()
+
+    def bytes_per_tier(self) -> dict[Tier, int]:
+        return {tier: sum(c.nbytes for c in self.chunks if c.tier is tier) for tier in Tier}
+
+    def _written_slots(self, chunk: GradChunk) -> list:
+        return [s for s in chunk.slots if id(s.param) in self.written]
+
+
+class ChunkHooks:
+    """Drives a `ChunkManager` from module hooks; see [Note: the hook protocol]. With `grads`,
+    gradients go into their gradient chunks ([Note: gradient chunks]); without, they stay in
+    ``param.grad``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        manager: ChunkManager,
+        grads: GradChunks | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        self.manager = manager
+        self.grads = grads
         self.prefetch = prefetch
-        self.used = chunks_of_modules(model, manager.chunks)
+        self.chunks = [c for c in manager.chunks if not isinstance(c, GradChunk)]
+        """The parameter chunks (first in the manager's list, so index = position)."""
+        self.used = chunks_of_modules(model, self.chunks)
         """Module name -> indices of the chunks holding its own parameters."""
         self.modules = dict(model.named_modules())
-        chunked = {id(slot.param) for chunk in manager.chunks for slot in chunk.slots}
+        chunked = {id(slot.param) for chunk in self.chunks for slot in chunk.slots}
         self.owned: dict[str, frozenset[int]] = {}
         """Module name -> ids of its own chunked parameters."""
         self.owners: dict[int, list[str]] = {}
@@ -119,8 +247,8 @@ class ChunkHooks:
         return [self.manager.chunks[i] for i in self.used[name]]
 
     def _prefetch(self, index: int) -> None:
-        if self.prefetch and 0 <= index < len(self.manager.chunks):
-            self.prefetched += self.manager.prefetch(self.manager.chunks[index])
+        if self.prefetch and 0 <= index < len(self.chunks):
+            self.prefetched += self.manager.prefetch(self.chunks[index])
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -150,6 +278,8 @@ class ChunkHooks:
         self._prefetch(min(self.used[name]) - 1)
 
     def _grad_ready(self, param: nn.Parameter) -> None:
+        if self.grads is not None and param.grad is not None:
+            self.grads.accumulate(param)
         for name in self.owners[id(param)]:
             pending = self._pending.get(name)
             if pending is None:
@@ -172,8 +302,8 @@ class ChunkHooks:
 
 
 class ChunkedAdamW(OffloadedAdamW):
-    """`OffloadedAdamW` whose step brings each parameter chunk to the device for the state
-    chunks that update it.
+    """`OffloadedAdamW` whose step opens each parameter chunk (`open_chunk`: on the device,
+    gradients attached) for the state chunks that update it, and closes it after.
 
     Its param groups are per parameter chunk (`ChunkedParams.param_groups`), in chunk order,
     so the state chunks (which never span two groups) stream in chunk order too: the disk
@@ -184,11 +314,17 @@ class ChunkedAdamW(OffloadedAdamW):
     parameter values, so they leave the parameter chunks where they are."""
 
     def __init__(
-        self, groups: list[dict], *, group_chunks: Sequence[Chunk], manager: ChunkManager, **kw
+        self,
+        groups: list[dict],
+        *,
+        group_chunks: Sequence[Chunk],
+        open_chunk: Callable[[Chunk], None],
+        close_chunk: Callable[[Chunk], None],
+        **kw,
     ) -> None:
         super().__init__(groups, **kw)
         self._group_chunks = list(group_chunks)
-        self._manager = manager
+        self._open, self._close = open_chunk, close_chunk
         self._stepping = False
 
     @torch.no_grad()
@@ -206,13 +342,13 @@ class ChunkedAdamW(OffloadedAdamW):
                 chunk = self._group_chunks[state_chunk.group]
                 if self._stepping and chunk is not current:
                     if current is not None:
-                        self._manager.release(current, "backward")
-                    self._manager.access(chunk)
+                        self._close(current)
+                    self._open(chunk)
                     current = chunk
                 yield state_chunk
         finally:
             if current is not None:
-                self._manager.release(current, "backward")
+                self._close(current)
 
 
 class ChunkedParams:
@@ -250,11 +386,22 @@ class ChunkedParams:
         )
         host_budget = _bytes(offload.host_budget_mb)
         self._check_capacity(self.placement.device_budget, host_budget)
+        grad_chunks = build_grad_chunks(self.chunks)
         self.manager = ChunkManager(
-            self.chunks, device, self.placement.device_budget, host_budget, self.disk, param_init
+            [*self.chunks, *grad_chunks],
+            device,
+            self.placement.device_budget,
+            host_budget,
+            self.disk,
+            param_init,
         )
+        for grads, chunk in zip(grad_chunks, self.chunks, strict=True):
+            self.manager.follow(grads, chunk)
         apply_placement(self.manager, self.placement)
-        self.hooks = ChunkHooks(model, self.manager)
+        self.grads = GradChunks(grad_chunks, self.manager)
+        self.hooks = ChunkHooks(model, self.manager, self.grads)
+        self._clip: tuple[float, torch.Tensor] | None = None
+        """(max_norm, global norm) while the optimizer pass clips gradients."""
         self.group_chunks: list[Chunk] = []
         """Param group index -> the chunk it updates (see `param_groups`)."""
         self._tracer: MemoryTracer | None = None
@@ -275,7 +422,7 @@ class ChunkedParams:
         if offload.policy == "auto" and budget is None:
             raise ConfigError(
                 "offload.policy='auto' places chunks within offload.device_budget_mb; set it "
-                "(MiB of device memory for parameter chunks and activations)"
+                "(MiB of device memory for parameter and gradient chunks and activations)"
             )
         sizes = [p.numel() * p.element_size() for _, p in order]
         for search_range in dict.fromkeys([int(offload.chunk_search_range_mb * MIB), 0]):
@@ -317,9 +464,10 @@ class ChunkedParams:
         return Placement("auto", tiers, frozenset(), None, budget)
 
     def _minimum_budget(self, pinned: frozenset[int]) -> tuple[int, str]:
-        """The smallest device budget for chunks a step runs in, and why: the pinned chunks,
-        the chunks held through backward (`held_chunks`) and the other chunks of the module
-        that computes with the most bytes of them."""
+        """The smallest device budget for chunks a step runs in, and why: in backward the
+        pinned chunks, the chunks held through backward (`held_chunks`), the other chunks of
+        the module that computes with the most bytes of them and one gradient chunk; in the
+        optimizer pass the pinned chunks, one parameter chunk and its gradient chunk."""
         held = held_chunks(self.model, self.chunks) - pinned
         base = sum(self.chunks[i].nbytes for i in pinned | held)
         modules = chunks_of_modules(self.model, self.chunks)
@@ -328,40 +476,51 @@ class ChunkedParams:
             for name, used in modules.items()
         }
         module = max(working, key=working.get)
+        grad = max(c.nbytes for c in self.chunks)  # gradient chunks are the same size
         why = [f"{module!r} computes with chunks {list(modules[module])}"]
         if pinned:
             why.append(f"chunks {sorted(pinned)} are pinned")
         if held:
             why.append(f"chunks {sorted(held)} are held through backward (tied parameters)")
-        return base + working[module], "; ".join(why)
+        why.append(f"one gradient chunk ({grad} bytes) receives gradients beside them")
+        update = sum(self.chunks[i].nbytes for i in pinned) + 2 * grad
+        return max(base + working[module] + grad, update), "; ".join(why)
 
     def _check_trace(self, trace: MemoryTrace, budget: int) -> None:
         """The minimum device budget the warm-up measured: at each moment its non-model bytes
-        plus its chunks, and in backward the chunks held through it (`held_chunks`), which
-        `auto_placement` does not know about. One error naming the minimum."""
+        plus its chunks, and in backward the chunks held through it (`held_chunks`) and one
+        gradient chunk, which `auto_placement` does not know about; the optimizer pass (one
+        chunk and its gradient chunk, beside the first or last moment's non-model bytes, whose
+        budget is in force then). One error naming the minimum."""
         held = held_chunks(self.model, self.chunks)
+        grad = max(c.nbytes for c in self.chunks)
         need, worst = 0, None
         for moment in trace.moments:
-            used = set(moment.chunks) | (held if moment.phase == "backward" else set())
+            backward = moment.phase == "backward"
+            used = set(moment.chunks) | (held if backward else set())
             moment_need = moment.non_model_bytes + sum(self.chunks[i].nbytes for i in used)
+            moment_need += grad if backward else 0
             if moment_need > need:
                 need, worst = moment_need, (moment, sorted(used))
+        for moment in trace.moments[:1] + trace.moments[-1:]:
+            if moment.non_model_bytes + 2 * grad > need:
+                need, worst = moment.non_model_bytes + 2 * grad, (moment, "the optimizer pass")
         if worst is not None and need > budget:
             moment, used = worst
             raise ConfigError(
                 f"offload.device_budget_mb={self.offload.device_budget_mb:g} is below the "
                 f"minimum {_mib_up(need)} MiB ({need} bytes) the warm-up step measured: at "
                 f"{moment.module} {moment.phase} activations take {moment.non_model_bytes} "
-                f"bytes beside chunks {used}; raise offload.device_budget_mb or lower the "
-                "batch size or sequence length"
+                f"bytes beside chunks {used} (and a gradient chunk in backward); raise "
+                "offload.device_budget_mb or lower the batch size or sequence length"
             )
 
     def _check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
-        total = sum(c.nbytes for c in self.chunks)
+        total = 2 * sum(c.nbytes for c in self.chunks)  # between backward and update
         if self.disk is None and host_budget is not None and device_budget is not None:
             if total > device_budget + host_budget:
                 raise ConfigError(
-                    f"parameter chunks take {total / MIB:.4g} MiB, more than "
+                    f"parameter and gradient chunks take {total / MIB:.4g} MiB, more than "
                     f"offload.device_budget_mb + offload.host_budget_mb = "
                     f"{(device_budget + host_budget) / MIB:.4g} MiB; set offload.disk_path or "
                     "raise offload.host_budget_mb"
@@ -418,7 +577,8 @@ class ChunkedParams:
         return ChunkedAdamW(
             chunk_groups,
             group_chunks=self.group_chunks,
-            manager=self.manager,
+            open_chunk=self._open_for_update,
+            close_chunk=self._close_after_update,
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -427,31 +587,39 @@ class ChunkedParams:
             chunk_bytes=self.offload.chunk_mb << 20,
         )
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Update every chunk's parameters, one chunk on the device at a time: `ChunkedAdamW`
-        walks the chunks itself; any other optimizer (which skips parameters without a
-        gradient, as torch's do) steps once per chunk with only that chunk's gradients set."""
-        if isinstance(optimizer, ChunkedAdamW):
-            optimizer.step()
-            return
-        grads = {}
-        for chunk in self.chunks:
-            for slot in chunk.slots:
-                grads[id(slot.param)], slot.param.grad = slot.param.grad, None
-        for chunk in self.chunks:
-            self.manager.access(chunk)
-            for slot in chunk.slots:
-                slot.param.grad = grads[id(slot.param)]
-            optimizer.step()
-            for slot in chunk.slots:
-                slot.param.grad = None
-            self.manager.release(chunk, "backward")
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, max_norm: float, norm: torch.Tensor
+    ) -> None:
+        """Update every chunk's parameters, one chunk and its gradient chunk on the device at
+        a time, gradients clipped to `max_norm` (0: not clipped) by the global `norm` as
+        `torch.nn.utils.clip_grads_with_norm_` does: `ChunkedAdamW` walks the chunks itself;
+        any other optimizer (which skips parameters without a gradient, as torch's do) steps
+        once per chunk with only that chunk's gradients attached."""
+        self._clip = (max_norm, norm) if max_norm > 0 else None
+        try:
+            if isinstance(optimizer, ChunkedAdamW):
+                optimizer.step()
+                return
+            for chunk in self.chunks:
+                self._open_for_update(chunk)
+                optimizer.step()
+                self._close_after_update(chunk)
+        finally:
+            self._clip = None
+
+    def _open_for_update(self, chunk: Chunk) -> None:
+        self.manager.access(chunk)
+        params = self.grads.attach(chunk)
+        if params and self._clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, *self._clip)
+
+    def _close_after_update(self, chunk: Chunk) -> None:
+        self.grads.detach(chunk)
+        self.manager.release(chunk, "backward")
 
     def end_step(self) -> None:
-        """After the optimizer step: gradients freed, every chunk back to HOLD."""
-        for chunk in self.chunks:
-            for slot in chunk.slots:
-                slot.param.grad = None
+        """After the optimizer step: gradient chunks freed, every chunk back to HOLD."""
+        self.grads.end_step()
         self.manager.end_step()
 
     # -- state -------------------------------------------------------------------------------
@@ -497,14 +665,14 @@ class ChunkedParams:
         self.manager.end_step()
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes of chunks per tier now, and the device high-water mark."""
-        tiers = self.manager.memory_report()
-        return {
-            "chunks_device": tiers["device"],
-            "chunks_host": tiers["host"],
-            "chunks_disk": tiers["disk"],
-            "chunks_device_peak": self.manager.device_peak_bytes,
-        }
+        """Bytes of parameter chunks and of gradient chunks per tier now, and the device
+        high-water mark of both together (the manager's)."""
+        grads = self.grads.bytes_per_tier()
+        params = {tier: self.manager.memory_report()[tier.value] - grads[tier] for tier in Tier}
+        report = {f"chunks_{tier.value}": params[tier] for tier in Tier}
+        report.update({f"grad_chunks_{tier.value}": grads[tier] for tier in Tier})
+        report["chunks_device_peak"] = self.manager.device_peak_bytes
+        return report
 
 
 def held_chunks(model: nn.Module, chunks: Sequence[Chunk]) -> frozenset[int]:

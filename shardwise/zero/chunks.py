@@ -23,6 +23,7 @@ follow Gemini's tensor states and move only along `_TRANSITIONS`:
     COMPUTE --release_fwd--> HOLD_AFTER_FWD        (when its last user releases it)
     COMPUTE --release_bwd--> HOLD_AFTER_BWD
     HOLD | HOLD_AFTER_FWD | HOLD_AFTER_BWD --end_step--> HOLD
+    HOLD | HOLD_AFTER_FWD | HOLD_AFTER_BWD --discard--> FREE   (gradient chunks, once used)
 
 Tier moves follow `_TIER_MOVES` and are refused while the chunk is COMPUTE (a module is reading
 its parameters) or FREE (there are no bytes to move).
@@ -80,6 +81,7 @@ class ChunkEvent(enum.Enum):
     RELEASE_FWD = "release_fwd"
     RELEASE_BWD = "release_bwd"
     END_STEP = "end_step"
+    DISCARD = "discard"
 
 
 _S, _E = ChunkState, ChunkEvent
@@ -92,6 +94,7 @@ _TRANSITIONS: dict[tuple[ChunkState, ChunkEvent], ChunkState] = {
     (_S.COMPUTE, _E.RELEASE_FWD): _S.HOLD_AFTER_FWD,
     (_S.COMPUTE, _E.RELEASE_BWD): _S.HOLD_AFTER_BWD,
     **{(state, _E.END_STEP): _S.HOLD for state in _HOLDING},
+    **{(state, _E.DISCARD): _S.FREE for state in _HOLDING},
 }
 
 _TIER_MOVES = {
@@ -291,6 +294,20 @@ class Chunk:
         if not non_blocking:
             self.wait(io)
 
+    def discard(self, io: TierIO) -> None:
+        """HOLD_* -> FREE: drop the bytes on whatever tier they are. Only for chunks whose
+        contents are dead (a gradient chunk after the optimizer used it): a parameter chunk
+        would lose its parameters."""
+        self.apply(ChunkEvent.DISCARD)
+        self.wait(io)
+        if self.tier is Tier.DEVICE:
+            free_storage(self.payload)
+        elif self.tier is Tier.HOST:
+            self.host = None
+        elif self.tier is Tier.DISK:
+            _disk(io, self).discard(self.key)
+        self.tier = None
+
     def wait(self, io: TierIO) -> None:
         """Complete a pending move onto the device."""
         if self.pending is not None:
@@ -338,6 +355,44 @@ class Chunk:
         staging = io.host_buffer(self.numel, self.dtype)  # see [Note: the payload never ...]
         staging.copy_(self.payload)
         _disk(io, self).write(self.key, staging).result()
+
+
+@dataclass(eq=False)
+class GradChunk(Chunk):
+    """The gradients of one parameter chunk: the same slots (offsets, shapes), its own bytes.
+
+    Parameters are not views of it: gradients are copied in (`ChunkHooks`) and attached as
+    ``param.grad`` views only while the optimizer updates the chunk. Its contents are
+    undefined until written and dead after the update, so it is built without filling and
+    `discard`-ed after each step rather than kept."""
+
+    def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
+        """FREE -> HOLD on `tier`, contents undefined (only written slots are ever read)."""
+        self.apply(ChunkEvent.MATERIALIZE)
+        if self.payload is None:
+            self.payload = torch.empty(self.numel, dtype=self.dtype, device=io.device)
+        elif tier is Tier.DEVICE:
+            alloc_storage(self.payload)
+        if tier is Tier.DEVICE:
+            self.tier = Tier.DEVICE
+            return
+        free_storage(self.payload)
+        self.host, self.tier = io.host_buffer(self.numel, self.dtype), Tier.HOST
+        if tier is Tier.DISK:
+            self.move(Tier.DISK, io)
+
+    def grad_view(self, slot: Slot) -> torch.Tensor:
+        """The gradient of `slot`'s parameter: a view of the payload (on the device)."""
+        return self.payload[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+
+
+def build_grad_chunks(chunks: Sequence[Chunk]) -> list[GradChunk]:
+    """FREE gradient chunks, one per chunk of `chunks` (a manager's list must hold `chunks`
+    first: the gradient chunk of chunk i has index ``len(chunks) + i``)."""
+    return [
+        GradChunk(len(chunks) + c.index, f"grads.{c.index}", c.numel, c.dtype, c.slots)
+        for c in chunks
+    ]
 
 
 def _disk(io: TierIO, chunk: Chunk) -> DiskTierLike:

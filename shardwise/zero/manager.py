@@ -67,6 +67,8 @@ class ChunkManager:
         self.param_init = param_init
         self.pinned: set[int] = set()
         """Chunks never evicted (static placement)."""
+        self._leaders: dict[int, int] = {}
+        """Chunk -> the chunk whose scheduled uses it shares (see `follow`)."""
         self._bytes = dict.fromkeys(Tier, 0)
         for chunk in self.chunks:
             if chunk.tier is not None:
@@ -150,6 +152,12 @@ class ChunkManager:
         if self._uses:
             self._check_schedule()
 
+    def follow(self, chunk: Chunk, leader: Chunk) -> None:
+        """Rank `chunk` for eviction by `leader`'s next use: a gradient chunk receives
+        gradients while its parameter chunk computes in backward, so evicting it between two
+        modules of one chunk would write it out only to read it back."""
+        self._leaders[chunk.index] = leader.index
+
     def _budget_at(self, moment: int) -> int | None:
         """Device bytes chunks may use at `moment`: the budget, or the schedule's if lower."""
         budget = self.device_budget
@@ -174,7 +182,7 @@ class ChunkManager:
         return self._uses[self._moment] if self._moment < len(self._uses) else frozenset()
 
     def _next_use(self, chunk: Chunk) -> float:
-        index = chunk.index
+        index = self._leaders.get(chunk.index, chunk.index)
         if index in self._uses_now() and index not in self._seen:
             return self._moment
         moments = self._moments_of.get(index, [])
@@ -236,6 +244,13 @@ class ChunkManager:
             if chunk.state is not ChunkState.FREE:
                 chunk.apply(ChunkEvent.END_STEP)
         self._moment, self._seen = 0, set()
+
+    def discard(self, chunk: Chunk) -> None:
+        """Drop a released chunk's bytes (a gradient chunk the optimizer has used): FREE."""
+        source = chunk.tier
+        chunk.discard(self.io)
+        if source is not None:
+            self._bytes[source] -= chunk.nbytes
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of chunks per tier: ``{"device": ..., "host": ..., "disk": ...}``."""

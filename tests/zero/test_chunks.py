@@ -20,6 +20,7 @@ from shardwise.zero.chunks import (
     Tier,
     TierIO,
     build_chunks,
+    build_grad_chunks,
     chunk_waste,
     chunks_of_modules,
     pack,
@@ -247,3 +248,33 @@ def test_refilling_does_not_look_like_an_inplace_change_to_autograd():
     chunk.move(Tier.DEVICE, io)
     loss.backward()
     assert torch.equal(x.grad, weight.detach())
+
+
+@pytest.mark.parametrize("via", [[Tier.HOST], [Tier.DISK], [Tier.HOST, Tier.DISK]])
+def test_gradient_chunks_share_the_layout_leave_the_parameters_alone_and_discard(via):
+    disk = FakeDisk()
+    io = TierIO.for_device(torch.device("cpu"), disk)
+    chunks = make_chunks([5, 7, 9], 16, seed=1)
+    for chunk in chunks:
+        chunk.materialize(Tier.DEVICE, io)
+    want = [bits(c) for c in chunks]
+    grads = build_grad_chunks(chunks)
+    assert [(g.index, g.key, g.numel) for g in grads] == [(2, "grads.0", 16), (3, "grads.1", 16)]
+    grad = grads[0]
+    assert grad.slots is chunks[0].slots
+    grad.materialize(Tier.DEVICE, io)
+    for slot in grad.slots:
+        grad.grad_view(slot).fill_(slot.offset + 1.0)
+    for tier in [*via, Tier.DEVICE]:
+        grad.move(tier, io)
+    for slot in grad.slots:
+        assert torch.equal(grad.grad_view(slot), torch.full(slot.param.shape, slot.offset + 1.0))
+    assert all(same_bits(bits(c), b) for c, b in zip(chunks, want, strict=True)), (
+        "parameters are not views of the gradient chunk"
+    )
+    grad.move(via[-1], io)
+    grad.discard(io)
+    assert grad.state is ChunkState.FREE and grad.tier is None and grad.host is None
+    assert grad.key not in disk.store and grad.payload.untyped_storage().nbytes() == 0
+    grad.materialize(Tier.DEVICE, io)  # the next step's backward
+    assert grad.payload.untyped_storage().nbytes() == grad.nbytes

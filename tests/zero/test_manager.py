@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks import Chunk, ChunkState, ChunkStateError, Tier, build_chunks
+from shardwise.zero.chunks import (
+    Chunk,
+    ChunkState,
+    ChunkStateError,
+    Tier,
+    build_chunks,
+    build_grad_chunks,
+)
 from shardwise.zero.manager import ChunkManager
 from shardwise.zero.placement import apply_placement, placement_summary, static_placement
 
@@ -374,3 +381,28 @@ def test_static_placement_pins_the_last_chunks_and_they_never_leave():
 def test_static_placement_rejects_a_fraction_outside_0_1():
     with pytest.raises(ConfigError, match="param_device_fraction=1.5"):
         static_placement(chunk_of_each(2), 1.5, 0.0)
+
+
+def test_gradient_chunks_are_evicted_first_and_discarding_frees_their_bytes():
+    """A released gradient chunk has no scheduled use: it leaves the device before any
+    parameter chunk; `discard` takes its bytes off the manager's count."""
+    params = make_chunks([8, 8, 8], 8)
+    grads = build_grad_chunks(params)
+    manager = ChunkManager([*params, *grads], CPU, device_budget=3 * 32, host_budget=None)
+    manager.set_schedule([[0], [1], [2], [2], [1], [0]])
+    for chunk in params:
+        manager.place(chunk, Tier.HOST)
+    for t in (0, 1):
+        manager.access(params[t])
+        manager.release(params[t], "forward")
+    manager.access(grads[1])  # a gradient arrives
+    manager.release(grads[1], "backward")
+    manager.access(params[2])  # needs room: the gradient chunk goes, not chunk 0 or 1
+    assert grads[1].tier is Tier.HOST
+    assert params[0].tier is params[1].tier is Tier.DEVICE
+    assert manager.memory_report() == {"device": 96, "host": 32, "disk": 0}
+    manager.release(params[2], "forward")
+    manager.discard(grads[1])
+    assert grads[1].state is ChunkState.FREE
+    assert manager.memory_report() == {"device": 96, "host": 0, "disk": 0}
+    assert manager.device_peak_bytes <= 96

@@ -28,8 +28,9 @@ from tests.parity import BF16_RTOL, build_model, global_batches, make_config, re
 MIB = 2**20
 SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
 """Chunks as small as the largest parameter (the embedding, 32 KiB): six of them."""
-BUDGET_MB = 0.15
-"""Below the 192 KiB of chunks, above the 0.1411 MiB the warm-up step needs (see
+BUDGET_MB = 0.175
+"""Below the 192 KiB of parameter chunks (384 KiB with the gradient chunks), above the 0.1723
+MiB the warm-up step needs (see
 `test_budget_below_what_the_warm_up_measured_names_a_minimum_that_works`)."""
 
 
@@ -58,7 +59,7 @@ def without_offload():
 
 
 PLACEMENTS = {
-    "static-half": {"policy": "static", "param_device_fraction": 0.5},
+    "static-third": {"policy": "static", "param_device_fraction": 0.34},
     "auto": {"policy": "auto", "device_budget_mb": BUDGET_MB},
     "auto-disk-adam-on-disk": {
         "policy": "auto",
@@ -95,7 +96,7 @@ def test_any_placement_equals_the_run_without_offload(
 
 
 def test_frozen_parameters_stay_out_of_the_chunks():
-    cfg = config(policy="auto", device_budget_mb=0.16)
+    cfg = config(policy="auto", device_budget_mb=0.19)
     engine = initialize(build_model(cfg, freeze=True), None, cfg)
     frozen = engine.model.blocks[0].mlp.up.weight
     assert id(frozen) not in {id(p) for p in engine.chunked.names().values()}
@@ -108,7 +109,9 @@ def test_frozen_parameters_stay_out_of_the_chunks():
 
 def test_device_high_water_mark_stays_within_the_budget():
     budget = int(BUDGET_MB * MIB)
-    engine = initialize(build_model(config()), None, config(policy="auto", device_budget_mb=0.15))
+    engine = initialize(
+        build_model(config()), None, config(policy="auto", device_budget_mb=BUDGET_MB)
+    )
     chunks, manager = engine.chunked.chunks, engine.chunked.manager
     assert sum(c.nbytes for c in chunks) > budget
     batches = global_batches(engine.config)
@@ -124,6 +127,42 @@ def test_device_high_water_mark_stays_within_the_budget():
     assert max(m.model_bytes for m in moments) < sum(c.nbytes for c in chunks)
     assert engine.chunked.hooks.prefetched > 0
     assert held_chunks(engine.model, chunks) == {0}, "the embedding, tied to the head"
+
+
+def test_gradients_live_in_gradient_chunks_until_the_update(tmp_path):
+    """After both micro-batches' backward no ``param.grad`` is left: the gradients sit in
+    gradient chunks (the same layout as the parameter chunks), some evicted to host or disk,
+    and the device high-water mark of parameter and gradient chunks stays within the budget.
+    The norm taken from the hooks equals clip_grad_norm_'s of the plain run bit for bit."""
+    cfg = config(
+        policy="auto", device_budget_mb=BUDGET_MB, host_budget_mb=0.2, disk_path=str(tmp_path)
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    chunked, manager = engine.chunked, engine.chunked.manager
+    first, second = global_batches(cfg)[:2]
+    engine.train_step(first)  # the warm-up
+    plain = build_model(cfg)
+    for micro_in, micro_tgt in zip(first[0].chunk(2), first[1].chunk(2), strict=True):
+        loss = torch.nn.functional.cross_entropy(plain(micro_in).flatten(0, 1), micro_tgt.flatten())
+        (loss / 2).backward()
+    want = torch.nn.utils.clip_grad_norm_(list(plain.parameters()), cfg.optim.grad_clip)
+    assert engine.last_grad_norm == want.item()
+    assert not any(v for k, v in engine.memory_report().items() if k.startswith("grad_chunks"))
+    manager.device_peak_bytes = 0
+    inputs, targets = second
+    for micro_in, micro_tgt in zip(inputs.chunk(2), targets.chunk(2), strict=True):
+        engine.backward(engine.loss_fn(engine.forward(micro_in), micro_tgt))
+    assert all(p.grad is None for p in engine.params)
+    report = engine.memory_report()
+    grad_bytes = [report[f"grad_chunks_{tier}"] for tier in ("device", "host", "disk")]
+    assert sum(grad_bytes) == sum(c.nbytes for c in chunked.chunks)
+    assert grad_bytes[1] + grad_bytes[2] > 0, "no gradient chunk was evicted"
+    assert [(g.numel, [s.offset for s in g.slots]) for g in chunked.grads.chunks] == [
+        (c.numel, [s.offset for s in c.slots]) for c in chunked.chunks
+    ]
+    assert engine.step()
+    assert manager.device_peak_bytes <= int(BUDGET_MB * MIB)
+    assert all(c.state is ChunkState.FREE for c in chunked.grads.chunks)
 
 
 def test_budget_below_what_the_warm_up_measured_names_a_minimum_that_works():
@@ -142,11 +181,12 @@ def test_budget_below_one_module_and_its_held_chunks_is_refused_at_start():
     with pytest.raises(ConfigError) as err:
         initialize(build_model(cfg), None, cfg)
     message = err.value.args[0]
-    assert "offload.device_budget_mb=0.01 is below the minimum 0.1563 MiB (163840 bytes)" in (
+    assert "offload.device_budget_mb=0.01 is below the minimum 0.1875 MiB (196608 bytes)" in (
         message
     )
     assert "chunks [3, 4, 5] are pinned; chunks [0] are held through backward" in message
-    initialize(build_model(cfg), None, cfg.replace(offload={"device_budget_mb": 0.1563}))
+    assert "one gradient chunk (32768 bytes)" in message
+    initialize(build_model(cfg), None, cfg.replace(offload={"device_budget_mb": 0.1875}))
 
 
 def test_unsupported_settings_are_clear_errors(tmp_path):
@@ -163,7 +203,7 @@ def test_unsupported_settings_are_clear_errors(tmp_path):
     bf16 = config(policy="static").replace(precision={"dtype": "bf16"})
     with pytest.raises(ConfigError, match="set offload.optimizer='host' or 'disk'"):
         initialize(build_model(bf16), None, bf16)
-    no_disk = config(policy="auto", device_budget_mb=0.15, host_budget_mb=0.01)
+    no_disk = config(policy="auto", device_budget_mb=BUDGET_MB, host_budget_mb=0.01)
     with pytest.raises(ConfigError, match="set offload.disk_path"):
         initialize(build_model(no_disk), None, no_disk)
 
@@ -203,7 +243,7 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
         "checkpoint.every=2",
         "log.progress=false",
         "offload.policy=auto",
-        "offload.device_budget_mb=0.4",
+        "offload.device_budget_mb=0.42",
         "offload.host_budget_mb=0.05",
         "offload.chunk_search_range_mb=0",
         f"offload.disk_path={tmp_path}",
