@@ -95,25 +95,38 @@ def deepspeed_version() -> tuple[str | None, str]:
 
 
 def deepspeed_contender(
-    cfg: Config, device: torch.device, dtype: torch.dtype, batches: list, version: str
+    cfg: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    batches: list,
+    version: str,
+    zero: dict | None = None,
 ) -> tuple[StepFn | None, str]:
-    """The DeepSpeed step, or None when DeepSpeed imports but cannot set up this workload on
-    some rank (every rank then drops it alike); and the line for the JSON config."""
+    """The DeepSpeed step (`deepspeed_step`), or None when DeepSpeed imports but cannot set up
+    this workload on some rank (every rank then drops it alike); and the line for the JSON
+    config."""
     try:
-        step, error = deepspeed_step(cfg, device, dtype, batches), ""
+        step, error = deepspeed_step(cfg, device, dtype, batches, zero), ""
     except Exception as err:  # noqa: BLE001 - a peer that cannot run is left out, and said so
         step, error = None, f"{type(err).__name__}: {err}".splitlines()[0]
     ok = torch.tensor([0.0 if step is None else 1.0], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() == 1.0:
         return step, f"deepspeed {version}: contender {DEEPSPEED} ran"
     reason = error or "it failed on another rank"
     return None, f"deepspeed {version} failed to set up ({reason}): contender {DEEPSPEED} omitted"
 
 
-def deepspeed_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: list) -> StepFn:
-    """The DeepSpeed peer: ZeRO-3 with the same torch AdamW, schedule and clipping. Returns
-    this rank's loss."""
+def deepspeed_step(
+    cfg: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    batches: list,
+    zero: dict | None = None,
+) -> StepFn:
+    """The DeepSpeed peer: ZeRO-3 (`zero`: its ``zero_optimization`` section, e.g. with CPU
+    offload) with the same torch AdamW, schedule and clipping. Returns this rank's loss."""
     import deepspeed
 
     # DeepSpeed still calls the c10d names torch 2.13 deprecated, one warning per call.
@@ -128,7 +141,7 @@ def deepspeed_step(cfg: Config, device: torch.device, dtype: torch.dtype, batche
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": zero or {"stage": 3},
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == torch.bfloat16},
