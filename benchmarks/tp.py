@@ -82,7 +82,8 @@ from benchmarks import gpt_workload
 from shardwise.accelerator import get_accelerator
 from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
 from shardwise.config import Config
-from shardwise.distributed.comm import CommStats, WireBytes, wire_sum, wire_table
+from shardwise.distributed.comm import CommStats
+from shardwise.distributed.cost import WireBytes, wire_sum, wire_table
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import cross_entropy_loss, initialize
 from shardwise.models.gpt import GPTConfig, build_gpt, gpt_config_from

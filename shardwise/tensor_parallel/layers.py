@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 
 STAT_BYTES = 4
 """Layer-norm statistics are reduced in fp32 whatever the activation dtype."""
@@ -92,7 +92,7 @@ def layer_norm_wire_bytes(
     replicas: Sequence[tuple[str, int]],
     elem_bytes: int,
     affine_params: int = 2,
-) -> comm.WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of one `HiddenSplitLayerNorm` on `tokens` local tokens, the hidden
     dim split over the (axis, size) `hidden`, this rank's block `width` wide, its weight and
     bias (`affine_params` of them) replicated over the (axis, size) `replicas`: forward two
@@ -107,4 +107,4 @@ def layer_norm_wire_bytes(
     ]
     for _ in range(affine_params):
         entries += [("backward", a, "all_reduce", m, width * elem_bytes) for a, m in replicas]
-    return comm.wire_table(*entries)
+    return cost.wire_table(*entries)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 from shardwise.tensor_parallel.plan import (
     LossFn,
     TensorParallelContext,
@@ -286,7 +286,7 @@ def linear_wire_bytes(
     row: bool,
     sequence_parallel: bool = False,
     bias: bool = False,
-) -> comm.WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of one column- or row-parallel linear, forward and backward.
 
     `features` is the width of the replicated (or sequence-sharded) side: the input of a
@@ -299,17 +299,17 @@ def linear_wire_bytes(
     """
     size = tokens * features * elem_bytes
     if not sequence_parallel:
-        return comm.wire_table(("forward" if row else "backward", "tp", "all_reduce", tp, size))
+        return cost.wire_table(("forward" if row else "backward", "tp", "all_reduce", tp, size))
     gather, scatter = ("tp", "all_gather", tp, size / tp), ("tp", "reduce_scatter", tp, size)
     if not row:
-        return comm.wire_table(("forward", *gather), ("backward", *scatter))
+        return cost.wire_table(("forward", *gather), ("backward", *scatter))
     bias_grad = [("backward", "tp", "all_reduce", tp, features * elem_bytes)] if bias else []
-    return comm.wire_table(("forward", *scatter), ("backward", *gather), *bias_grad)
+    return cost.wire_table(("forward", *scatter), ("backward", *gather), *bias_grad)
 
 
 def embedding_wire_bytes(
     tokens: int, hidden: int, tp: int, elem_bytes: int, *, sequence_parallel: bool = False
-) -> comm.WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of the vocab-parallel embedding: its output is summed over tp
     like a row-parallel linear's (all-reduce, or reduce-scatter + all-gather under SP)."""
     return linear_wire_bytes(
@@ -317,12 +317,12 @@ def embedding_wire_bytes(
     )
 
 
-def cross_entropy_wire_bytes(tokens: int, tp: int, axis: str = "tp") -> comm.WireBytes:
+def cross_entropy_wire_bytes(tokens: int, tp: int, axis: str = "tp") -> cost.WireBytes:
     """Wire bytes per rank of the vocab-parallel loss over `tokens` local tokens, the
     vocabulary split over `axis`: all-reduces of [N] fp32 maxima and of [2, N] fp32 sums
     forward, nothing backward — independent of the vocabulary size. (Rows split over other
     groups add an all-reduce of the fp32 loss over each.)"""
-    return comm.wire_table(
+    return cost.wire_table(
         ("forward", axis, "all_reduce", tp, tokens * 4),
         ("forward", axis, "all_reduce", tp, 2 * tokens * 4),
     )

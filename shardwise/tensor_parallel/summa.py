@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPTConfig
 from shardwise.tensor_parallel import layers
@@ -87,8 +87,6 @@ from shardwise.tensor_parallel.plan import (
 
 SUMMA_MODES = ("2d", "2.5d")
 """Tensor-parallel layouts this module implements."""
-
-WireBytes = comm.WireBytes
 
 
 @dataclass(frozen=True)
@@ -383,7 +381,7 @@ def gpt_plan_summa(cfg: GPTConfig, mode: str) -> Plan:
 
 def linear_wire_bytes(
     tokens: int, d_in: int, d_out: int, q: int, d: int, elem_bytes: int, *, bias: bool = False
-) -> WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of one `SummaLinear` for a batch of `tokens` (batch x seq of the
     full batch the model receives), as CommStats records them."""
     rows = tokens / (d * q)  # tokens of this rank's batch block
@@ -403,17 +401,17 @@ def linear_wire_bytes(
             ("backward", "tp_row", "all_reduce", q, b_block),
             ("backward", "tp_dep", "all_reduce", d, b_block),
         ]
-    return comm.wire_table(*entries)
+    return cost.wire_table(*entries)
 
 
 def embedding_wire_bytes(
     tokens: int, vocab: int, d_model: int, q: int, d: int, elem_bytes: int
-) -> WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of one `SummaEmbedding` for `tokens` ids of the full batch."""
     rows = tokens / (d * q)
     table_block = vocab * d_model / q**2 * elem_bytes
     x_block = rows * d_model / q * elem_bytes
-    return comm.wire_table(
+    return cost.wire_table(
         ("forward", "tp_row", "all_gather", q, table_block),
         ("forward", "tp_col", "reduce_scatter", q, q * x_block),
         ("backward", "tp_col", "all_gather", q, x_block),
@@ -424,7 +422,7 @@ def embedding_wire_bytes(
 
 def layer_norm_wire_bytes(
     tokens: int, d_model: int, q: int, d: int, elem_bytes: int, *, affine_params: int = 2
-) -> WireBytes:
+) -> cost.WireBytes:
     """Wire bytes per rank of one `HiddenSplitLayerNorm` for `tokens` of the full batch:
     statistics over tp_col, weight and bias replicated over tp_row and tp_dep."""
     return layers.layer_norm_wire_bytes(

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPTConfig
 from shardwise.tensor_parallel import layers
@@ -347,8 +347,6 @@ def gpt_split_factors_3d(q: int) -> dict[str, int]:
 # Communication cost, per rank, as CommStats records it ([Note: byte accounting])
 # ---------------------------------------------------------------------------------------------
 
-WireBytes = comm.WireBytes
-
 
 def linear_wire_bytes(
     batch_tokens: int,
@@ -359,7 +357,7 @@ def linear_wire_bytes(
     *,
     input_layout: str = "P",
     bias: bool = False,
-) -> WireBytes:
+) -> cost.WireBytes:
     """One 3D linear over `batch_tokens` tokens (the whole micro-batch, B T).
 
     With x, w, y this rank's blocks of X, W, Y (|full| / q^3 bytes each), forward sends
@@ -386,16 +384,16 @@ def linear_wire_bytes(
     if bias:
         for axis in ("tp_dep", in_axis):
             entries.append(("backward", axis, "all_reduce", q, d_out / q * elem_bytes))
-    return comm.wire_table(*entries)
+    return cost.wire_table(*entries)
 
 
-def embedding_wire_bytes(vocab_size: int, d_model: int, q: int, elem_bytes: int) -> WireBytes:
+def embedding_wire_bytes(vocab_size: int, d_model: int, q: int, elem_bytes: int) -> cost.WireBytes:
     """The 3D embedding: independent of the tokens. Forward gathers the V h/q^3 shard over
     tp_dep ((q-1) V h/q^3) and the V h/q^2 block over tp_row ((q-1) V h/q^2); backward
     reduce-scatters the V h/q table gradient over tp_row ((q-1) V h/q^2) and the V h/q^2
     block over tp_dep ((q-1) V h/q^3)."""
     table = vocab_size * d_model * elem_bytes
-    return comm.wire_table(
+    return cost.wire_table(
         ("forward", "tp_dep", "all_gather", q, table / q**3),
         ("forward", "tp_row", "all_gather", q, table / q**2),
         ("backward", "tp_row", "reduce_scatter", q, table / q),
@@ -403,7 +401,9 @@ def embedding_wire_bytes(vocab_size: int, d_model: int, q: int, elem_bytes: int)
     )
 
 
-def layer_norm_wire_bytes(batch_tokens: int, d_model: int, q: int, elem_bytes: int) -> WireBytes:
+def layer_norm_wire_bytes(
+    batch_tokens: int, d_model: int, q: int, elem_bytes: int
+) -> cost.WireBytes:
     """The 3D layer norm (weight and bias) over `batch_tokens` tokens (B T / q^2 on each
     rank): statistics over tp_col, weight and bias replicated over tp_dep and tp_row."""
     return layers.layer_norm_wire_bytes(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 
 RTOL = 1e-5
 """fp32 layer parity: relative error of a parallel result against its dense twin."""
@@ -21,7 +21,7 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: flo
 
 def run_recorded(
     layer: nn.Module, x: torch.Tensor, probe: torch.Tensor
-) -> tuple[torch.Tensor, comm.WireBytes]:
+) -> tuple[torch.Tensor, cost.WireBytes]:
     """Forward, then backward of ``(layer(x) * probe).sum()``, each under its own recorder:
     the output and the wire bytes per phase and (axis, op)."""
     with comm.CommStats() as forward:
@@ -31,7 +31,7 @@ def run_recorded(
     return y, {"forward": forward.wire_by_axis_op(), "backward": backward.wire_by_axis_op()}
 
 
-def assert_wire(got: comm.WireBytes, want: comm.WireBytes, what: str) -> None:
+def assert_wire(got: cost.WireBytes, want: cost.WireBytes, what: str) -> None:
     """Recorded wire bytes equal a closed form's, phase by phase, (axis, op) by (axis, op)."""
     for phase in ("forward", "backward"):
         assert got[phase] == pytest.approx(want[phase]), f"{what}, {phase}: {got[phase]}"

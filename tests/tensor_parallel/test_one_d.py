@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardwise.distributed import comm
+from shardwise.distributed import comm, cost
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.tensor_parallel import Plan, TensorParallelContext, apply_tensor_parallel
@@ -78,7 +78,7 @@ def _mlp_pair(sp: bool) -> dict[str, float]:
     return wire
 
 
-def _embedding(sp: bool) -> comm.WireBytes:
+def _embedding(sp: bool) -> cost.WireBytes:
     ctx = _context()
     rank = ctx.rank("tp")
     torch.manual_seed(1)
@@ -93,7 +93,7 @@ def _embedding(sp: bool) -> comm.WireBytes:
     return wire
 
 
-def _cross_entropy() -> comm.WireBytes:
+def _cross_entropy() -> cost.WireBytes:
     ctx = _context()
     rank = ctx.rank("tp")
     torch.manual_seed(2)
@@ -174,7 +174,7 @@ def test_column_row_pair_matches_dense_and_closed_form(pool2, sp):
     col = linear_wire_bytes(B * T, H, TP, 4, row=False, sequence_parallel=sp)
     row = linear_wire_bytes(B * T, H, TP, 4, row=True, sequence_parallel=sp, bias=True)
     for got in pool2.run(_mlp_pair, sp):
-        assert_wire(got, comm.wire_sum(col, row), "column + row linear")
+        assert_wire(got, cost.wire_sum(col, row), "column + row linear")
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["plain", "sequence-parallel"])
