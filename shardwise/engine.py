@@ -355,16 +355,16 @@ class Engine:
     def _grad_squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Sum of squared gradient elements this rank owns, counting each element of the
         model once: a tensor-parallel shard held by k tp ranks contributes 1/k per holder."""
-        squares = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]
         if self.tp is None:
-            return torch.stack(squares).sum()
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            return torch.stack(norms).square().sum()
+        pieces, weights = [], []
         for owned, grad in zip(self.shards.slices, grads, strict=True):
             for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
-                piece = grad[lo - owned.start : hi - owned.start]
-                weight = 1.0 / self.tp.replicas[id(owner)]
-                total += torch.linalg.vector_norm(piece, dtype=torch.float32) ** 2 * weight
-        return total
+                pieces.append(grad[lo - owned.start : hi - owned.start])
+                weights.append(1.0 / self.tp.replicas[id(owner)])
+        norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
+        return (norms.square() * torch.tensor(weights, device=norms.device)).sum()
 
     def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
