@@ -11,13 +11,15 @@ in the compute dtype, fp32 master weights for the optimizer, loss scaling for fp
 bucketed `GradReducer` (the only place data-parallel gradients are communicated) and
 global-norm clipping.
 
-[Note: parameters in chunks] With ``offload.policy`` static or auto (one process for now) the
-trainable parameters live in chunks that move between device, host and disk
-(zero/chunk_hooks.py) instead of the reducer's flat buckets: there is no reducer and no
-`OptimizerShards`. Gradients move into gradient chunks as they arrive ([Note: gradient chunks]
-there), the global norm is computed as torch.nn.utils.clip_grad_norm_ does (bit for bit, from
-per-parameter norms taken in the gradient hook), and the optimizer visits one parameter chunk
-and its gradient chunk at a time, clipping there.
+[Note: parameters in chunks] With ``offload.policy`` static or auto the trainable parameters
+live in chunks that move between device, host and disk (zero/chunked.py) instead of the
+reducer's flat buckets: there is no reducer and no `OptimizerShards`. Gradients move into
+gradient chunks as they arrive ([Note: gradient chunks] in zero/chunk_hooks.py), and the
+optimizer visits one chunk and its gradient chunk at a time, clipping there. In one process
+the global norm is computed as torch.nn.utils.clip_grad_norm_ does (bit for bit, from
+per-parameter norms taken in the gradient hook); over several data-parallel ranks every chunk
+is sharded over them (zero/chunk_shards.py: gathered for compute, gradients reduce-scattered,
+each rank updating its shard).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from shardwise.errors import CheckpointError, ConfigError, TrainingError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler, policy_from_config
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
-from shardwise.zero.chunk_hooks import ChunkedParams
+from shardwise.zero.chunked import ChunkedParams
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
@@ -68,17 +70,23 @@ def check_supported(dims: ParallelDims) -> None:
             )
 
 
-def check_offload_policy(config: Config, world_size: int) -> None:
+def check_offload_policy(config: Config) -> None:
     """Reject ``offload.policy`` where it cannot run yet, before any process waits."""
-    policy = config.offload.policy
+    policy, parallel = config.offload.policy, config.parallel
     if policy == "none":
         return
-    if world_size > 1 or config.zero.stage != 0 or config.parallel.tp > 1:
+    if parallel.tp > 1 or parallel.dp_replicate > 1:
         raise ConfigError(
-            f"offload.policy={policy!r} is single-process for now: it needs world size 1, "
-            f"zero.stage=0 and parallel.tp=1 (got world size {world_size}, zero.stage="
-            f"{config.zero.stage}, parallel.tp={config.parallel.tp}); use offload.optimizer "
-            "for Adam states on host or disk with several processes"
+            f"offload.policy={policy!r} shards chunks over the data-parallel ranks only: it "
+            f"needs parallel.tp=1 and parallel.dp_replicate=1 (got tp={parallel.tp}, "
+            f"dp_replicate={parallel.dp_replicate}); use offload.optimizer for Adam states on "
+            "host or disk with tensor parallelism or replicated data parallelism"
+        )
+    if config.zero.stage not in (0, 3):
+        raise ConfigError(
+            f"offload.policy={policy!r} shards parameters, gradients and Adam states of every "
+            f"chunk over the data-parallel ranks (ZeRO-3 for chunks); zero.stage="
+            f"{config.zero.stage} asks for less: set zero.stage=3 (or leave it at 0)"
         )
 
 
@@ -221,6 +229,7 @@ class Engine:
             config.offload,
             lambda: self.model(example),
             param_init,
+            self.shard_mesh,
         )
         chunked = {id(p) for p in self.chunked.names().values()}
         with torch.no_grad():
@@ -426,7 +435,9 @@ class Engine:
     @property
     def state_is_replicated(self) -> bool:
         """Whether every rank holds the same state (else each saves its own)."""
-        return self.chunked is not None or (not self.shards.sharded and self.tp is None)
+        if self.chunked is not None:
+            return not self.chunked.sharded
+        return not self.shards.sharded and self.tp is None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (copies; at ZeRO-3 gathered for it).
@@ -509,7 +520,7 @@ def initialize(
     device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
     shards. With parallel.tp > 1 the (materialised) model is split by `tp_plan`."""
     config = config or Config()
-    check_offload_policy(config, dist.get_world_size() if dist.is_initialized() else 1)
+    check_offload_policy(config)
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)

@@ -92,9 +92,9 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "offload.optimizer=disk"],
         "offload.optimizer='disk' needs offload.disk_path",
     ),
-    "offload-chunks-multi-process": (
-        ["--nproc", "2", "--set", "offload.policy=auto", "--set", "offload.device_budget_mb=8"],
-        "offload.policy='auto' is single-process for now",
+    "offload-chunks-with-tp": (
+        ["--nproc", "2", "--set", "offload.policy=auto", "--set", "parallel.tp=2"],
+        "offload.policy='auto' shards chunks over the data-parallel ranks only",
     ),
     "offload-disk-path-missing": (
         ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/no/dir"],

@@ -249,13 +249,7 @@ class Chunk:
             flat = torch.zeros(self.numel, dtype=self.dtype, device=io.device)
         else:
             flat = io.host_buffer(self.numel, self.dtype).zero_()  # padding is zero
-        for slot in self.slots:
-            view = flat[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
-            if slot.param.is_meta:
-                if param_init is not None:
-                    param_init(slot.name, view)
-            else:
-                view.copy_(slot.param.detach())
+        self._fill(flat, param_init)
         if tier is Tier.DEVICE:
             self.payload, self.tier = flat, Tier.DEVICE
             _point_params_at(self.slots, self.payload)
@@ -269,6 +263,23 @@ class Chunk:
         self.host, self.tier = flat, Tier.HOST
         if tier is Tier.DISK:
             self.move(Tier.DISK, io)
+
+    def _fill(self, flat: torch.Tensor, param_init: ParamInit | None) -> None:
+        """First values of a new payload: the parameters' own, or `param_init`'s for those
+        still on the meta device."""
+        for slot in self.slots:
+            view = flat[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+            if slot.param.is_meta:
+                if param_init is not None:
+                    param_init(slot.name, view)
+            else:
+                view.copy_(slot.param.detach())
+
+    @property
+    def source(self) -> Chunk | None:
+        """The chunk whose bytes `materialize` reads (a gathered chunk's shard), if any: the
+        manager brings it to the device first."""
+        return None
 
     def move(self, to: Tier, io: TierIO, non_blocking: bool = False) -> None:
         """Move the bytes to `to`. Moves off the device are synchronous (their memory is
@@ -366,8 +377,13 @@ class GradChunk(Chunk):
     undefined until written and dead after the update, so it is built without filling and
     `discard`-ed after each step rather than kept."""
 
+    zeroed: bool = False
+    """Materialise filled with zeros: the chunk is reduced whole, unwritten slots and padding
+    included (a full gradient chunk of sharded chunks, zero/chunk_shards.py)."""
+
     def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
-        """FREE -> HOLD on `tier`, contents undefined (only written slots are ever read)."""
+        """FREE -> HOLD on `tier`, contents undefined (only written slots are ever read)
+        unless `zeroed`."""
         self.apply(ChunkEvent.MATERIALIZE)
         if self.payload is None:
             self.payload = torch.empty(self.numel, dtype=self.dtype, device=io.device)
@@ -375,9 +391,13 @@ class GradChunk(Chunk):
             alloc_storage(self.payload)
         if tier is Tier.DEVICE:
             self.tier = Tier.DEVICE
+            if self.zeroed:
+                self.payload.data.zero_()
             return
         free_storage(self.payload)
         self.host, self.tier = io.host_buffer(self.numel, self.dtype), Tier.HOST
+        if self.zeroed:
+            self.host.zero_()
         if tier is Tier.DISK:
             self.move(Tier.DISK, io)
 
@@ -386,11 +406,13 @@ class GradChunk(Chunk):
         return self.payload[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
 
 
-def build_grad_chunks(chunks: Sequence[Chunk]) -> list[GradChunk]:
-    """FREE gradient chunks, one per chunk of `chunks` (a manager's list must hold `chunks`
-    first: the gradient chunk of chunk i has index ``len(chunks) + i``)."""
+def build_grad_chunks(chunks: Sequence[Chunk], zeroed: bool = False) -> list[GradChunk]:
+    """FREE gradient chunks, one per chunk of `chunks` (in a manager's list, `chunks` first:
+    the gradient chunk of the chunk with index i has index ``len(chunks) + i``)."""
     return [
-        GradChunk(len(chunks) + c.index, f"grads.{c.index}", c.numel, c.dtype, c.slots)
+        GradChunk(
+            len(chunks) + c.index, f"grads.{c.index}", c.numel, c.dtype, c.slots, zeroed=zeroed
+        )
         for c in chunks
     ]
 

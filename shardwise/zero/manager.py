@@ -21,6 +21,11 @@ fixed-size, so this is exact for chunk memory and independent of the allocator);
 count never exceeds the budget in force, because room is made *before* bytes are allocated and
 moves off the device are synchronous. `device_peak_bytes` is the high-water mark of that count.
 The transient host buffer of a device <-> disk move is not counted.
+
+[Note: chunks with a source] A chunk may be rebuilt from another one (`Chunk.source`: the
+full chunk gathered from this rank's shard, zero/chunk_shards.py). Accessing it while FREE
+accesses the source first, evicting it drops its bytes (no copy leaves the device), and
+prefetching it prefetches the source.
 """
 
 from __future__ import annotations
@@ -197,9 +202,14 @@ class ChunkManager:
         self._tick += 1
         self._last_use[chunk.index] = self._tick
         if chunk.state is ChunkState.FREE:
+            source = chunk.source
+            if source is not None:
+                self.access(source)  # on the device (and unevictable) while it is read
             self._make_room(chunk, chunk.nbytes)
             chunk.materialize(Tier.DEVICE, self.io, self.param_init)
             self._count(chunk, None, Tier.DEVICE)
+            if source is not None:
+                self.release(source, "forward")
         elif chunk.tier is not Tier.DEVICE:
             self._make_room(chunk, chunk.nbytes)
             self._move(chunk, Tier.DEVICE)
@@ -218,7 +228,10 @@ class ChunkManager:
     def prefetch(self, chunk: Chunk) -> bool:
         """Start bringing `chunk` to the device while the current module computes (the disk
         read or the copy-stream copy runs in the background; `access` waits for it). Only
-        evicts chunks needed later than `chunk`; returns False when that leaves no room."""
+        evicts chunks needed later than `chunk`; returns False when that leaves no room. A
+        FREE chunk with a source prefetches the source."""
+        if chunk.state is ChunkState.FREE and chunk.source is not None:
+            return self.prefetch(chunk.source)
         if chunk.state is ChunkState.FREE or chunk.tier is Tier.DEVICE:
             return False
         budget = self._budget_at(self._moment)
@@ -299,7 +312,11 @@ class ChunkManager:
 
     def _evict(self, chunk: Chunk) -> None:
         """Off the device: to host memory, spilling host chunks needed later than `chunk` to
-        disk when the host budget is full, or straight to disk if that is not enough."""
+        disk when the host budget is full, or straight to disk if that is not enough. A chunk
+        with a source is dropped instead: `access` rebuilds it from the source."""
+        if chunk.source is not None:
+            self.discard(chunk)
+            return
         self._move(chunk, self._host_or_disk(chunk))
 
     def _host_or_disk(self, chunk: Chunk) -> Tier:

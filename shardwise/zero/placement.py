@@ -110,16 +110,21 @@ def auto_placement(
     return Placement("auto", tiers, frozenset(), None, device_budget, trace, tuple(budgets))
 
 
-def apply_placement(manager: ChunkManager, placement: Placement) -> None:
+def apply_placement(
+    manager: ChunkManager, placement: Placement, homes: Sequence[Chunk] | None = None
+) -> None:
     """Pin, materialise FREE chunks where the placement says (chunks that already have bytes,
-    e.g. after a warm-up step, stay and move lazily), and give the manager the schedule."""
+    e.g. after a warm-up step, stay and move lazily), and give the manager the schedule.
+    `homes`: the chunks the placement's positions stand for, if not the manager's first ones
+    (the shards of sharded chunks, chunk_shards.py)."""
+    homes = manager.chunks if homes is None else homes
     for index in sorted(placement.pinned):
-        manager.pin(manager.chunks[index])
+        manager.pin(homes[index])
     # Off the device first: each briefly needs a chunk of device memory (Chunk.materialize).
     order = sorted(range(len(placement.tiers)), key=lambda i: placement.tiers[i] is Tier.DEVICE)
     for index in order:
-        if manager.chunks[index].state is ChunkState.FREE:
-            manager.place(manager.chunks[index], placement.tiers[index])
+        if homes[index].state is ChunkState.FREE:
+            manager.place(homes[index], placement.tiers[index])
     if placement.trace is not None:
         manager.set_schedule(
             placement.trace.uses(), placement.chunk_budgets, placement.trace.names()

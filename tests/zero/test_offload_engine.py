@@ -191,13 +191,13 @@ def test_budget_below_one_module_and_its_held_chunks_is_refused_at_start():
 
 def test_unsupported_settings_are_clear_errors(tmp_path):
     auto = config(policy="auto", device_budget_mb=1)
-    with pytest.raises(ConfigError, match=r"is single-process for now.*world size 2"):
-        check_offload_policy(auto, 2)
-    with pytest.raises(ConfigError, match=r"is single-process for now.*world size 4"):
-        build_engine(auto, 4)  # before any mesh or process group
-    for section in ({"zero": {"stage": 1}}, {"parallel": {"tp": 2}}):
-        with pytest.raises(ConfigError, match="single-process for now"):
-            initialize(build_model(auto), None, auto.replace(**section))
+    with pytest.raises(ConfigError, match=r"needs parallel.tp=1 .*got tp=2"):
+        check_offload_policy(auto.replace(parallel={"tp": 2}))
+    with pytest.raises(ConfigError, match=r"dp_replicate=1 .*dp_replicate=2"):
+        build_engine(auto.replace(parallel={"dp_replicate": 2}), 4)  # before any process group
+    for stage in (1, 2):
+        with pytest.raises(ConfigError, match=f"zero.stage={stage} asks for less"):
+            initialize(build_model(auto), None, auto.replace(zero={"stage": stage}))
     with pytest.raises(ConfigError, match="needs offload.device_budget_mb|set it"):
         initialize(build_model(auto), None, config(policy="auto"))
     bf16 = config(policy="static").replace(precision={"dtype": "bf16"})
@@ -282,7 +282,7 @@ def test_hooks_release_a_module_called_twice_and_one_whose_parameter_got_no_grad
     manager = ChunkManager(chunks, "cpu", device_budget=None, host_budget=None)
     for chunk in chunks:
         manager.place(chunk, Tier.DEVICE)
-    hooks = ChunkHooks(model, manager)
+    hooks = ChunkHooks(model, manager, chunks)
     x = torch.randn(2, 8, requires_grad=True)
     model["half_used"](model["shared"](model["shared"](x))).sum().backward()
     shared, half = chunks

@@ -137,7 +137,7 @@ def run_under_budget(reference, disk) -> None:
         disk=disk,
         param_init=lambda name, t: model.init_parameter(name, t, SEED),
     )
-    ChunkHooks(model, manager)
+    ChunkHooks(model, manager, chunks)
     for _ in range(2):
         loss = train_step(model)
         manager.end_step()
@@ -160,7 +160,7 @@ def test_auto_placement_from_a_warm_up_trace(reference):
     init = lambda name, t: model.init_parameter(name, t, SEED)  # noqa: E731
     # Generous for the warm-up, whose non-model bytes are not known yet.
     manager = ChunkManager(chunks, CPU, device_budget=1 << 30, host_budget=None, param_init=init)
-    hooks = ChunkHooks(model, manager)
+    hooks = ChunkHooks(model, manager, chunks)
     with MemoryTracer(model, chunks, CPU) as tracer:
         train_step(model)
     manager.end_step()
@@ -204,7 +204,7 @@ def test_tracer_reports_backward_moments_with_a_manager_running():
         host_budget=None,
         param_init=lambda name, t: model.init_parameter(name, t, SEED),
     )
-    ChunkHooks(model, manager)
+    ChunkHooks(model, manager, chunks)
     with MemoryTracer(model, chunks, CPU) as tracer:
         train_step(model)
     manager.end_step()

@@ -1,0 +1,233 @@
+"""Chunks sharded over the data-parallel ranks: ZeRO-3 for chunks (Colossal-AI Gemini).
+
+With N > 1 data-parallel ranks every parameter chunk is split into N equal shards and rank r
+keeps only shard r: its slice of the parameters (`ShardChunk`), of their gradients and of
+their Adam states. Each of these is a chunk of its own in the rank's `ChunkManager`, so it
+lives on the device, in host memory or on disk under the same budgets as everything else.
+
+[Note: gather, reduce-scatter, update]
+
+    forward / backward   a module's full chunk (`GatheredChunk`) is all-gathered from the N
+                         shards when accessed FREE, and dropped when evicted: its source, the
+                         shard, still has the bytes ([Note: chunks with a source], manager.py)
+    gradient hooks       a parameter's gradient goes into the chunk's full gradient chunk
+                         (zero-filled); once every parameter of the chunk has its gradient for
+                         this backward, the full gradient chunk is reduce-scattered into this
+                         rank's gradient shard (added from the second micro-batch on), divided
+                         by N, and freed (`ShardedGrads`)
+    optimizer pass       each shard with its gradient shard: the update touches 1/N of the
+                         chunk; the full chunk gathered before it is stale from then and freed
+
+Every rank must reach the collectives in the same order: gathers follow the accesses, which
+the model fixes, and the evictions, which the manager decides from budgets and a schedule that
+are the same on every rank (the auto policy takes each traced moment's non-model bytes as the
+largest over the ranks). Reduce-scatters follow the completion of gradient chunks in backward:
+every rank's backward must give gradients to the same parameters, as for DDP without
+``find_unused_parameters``. Chunks some of whose parameters got no gradient are reduced at the
+end of the backward, in chunk order.
+
+The global gradient norm is the square root of the all-reduced sum of the squared norms of
+each rank's gradient pieces: equal to a single process's up to summation order (not bit for
+bit, as the one-process path is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.precision import DynamicLossScaler
+from shardwise.zero.chunk_hooks import GradChunks, grad_norm
+from shardwise.zero.chunks import (
+    Chunk,
+    ChunkEvent,
+    ChunkState,
+    ChunkStateError,
+    GradChunk,
+    Slot,
+    Tier,
+    TierIO,
+)
+from shardwise.zero.manager import ChunkManager
+from shardwise.zero.optimizer import ParamInit, alloc_storage
+
+
+@dataclass(eq=False)
+class ShardChunk(Chunk):
+    """This rank's shard of a chunk. Its slots are *pieces*: 1-D parameters of their own
+    (what the optimizer updates), one per parameter of the chunk that overlaps the shard."""
+
+    owners: list[Slot] = field(default_factory=list, repr=False)
+    """Per piece: the slot of the full chunk whose parameter it is a piece of."""
+    initial: torch.Tensor | None = field(default=None, repr=False)
+    """The shard's first values, until it is materialised."""
+
+    def _fill(self, flat: torch.Tensor, param_init: ParamInit | None) -> None:
+        flat.copy_(self.initial)
+        self.initial = None
+
+
+@dataclass(eq=False)
+class GatheredChunk(Chunk):
+    """A full parameter chunk whose bytes are the all-gather of its N shards: the model's
+    parameters view it while it is on the device; it is never on the host or disk."""
+
+    shard: ShardChunk | None = field(default=None, repr=False)
+    group: object = field(default=None, repr=False)
+
+    @property
+    def source(self) -> Chunk | None:
+        return self.shard
+
+    def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
+        """FREE -> HOLD on the device: all-gather the shards (the shard is on the device)."""
+        if tier is not Tier.DEVICE:
+            raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
+        self.apply(ChunkEvent.MATERIALIZE)
+        alloc_storage(self.payload)
+        # into .data: see [Note: refilling keeps the version] (chunks.py)
+        comm.all_gather_(self.payload.data, self.shard.payload, self.group)
+        self.tier = Tier.DEVICE
+
+    def first_values(self, io: TierIO, param_init: ParamInit | None) -> torch.Tensor:
+        """The whole chunk's first values in host memory (its parameters' own, or
+        `param_init`'s), the chunk left FREE with its parameters viewing an empty payload."""
+        Chunk.materialize(self, Tier.HOST, io, param_init)
+        values = self.host
+        self.discard(io)
+        return values
+
+
+def shard_chunks(
+    chunks: Sequence[Chunk], group: object, io: TierIO, param_init: ParamInit | None
+) -> tuple[list[GatheredChunk], list[ShardChunk]]:
+    """Turn `chunks` (indices 0..n-1, capacities divisible by the group size) into gathered
+    chunks with the same indices and this rank's FREE shards, indices 2n..3n-1 (the full
+    gradient chunks take n..2n-1). Builds one chunk at a time in host memory."""
+    size, rank, n = comm.group_size(group), comm.group_rank(group), len(chunks)
+    gathered, shards = [], []
+    for chunk in chunks:
+        if chunk.numel % size:
+            raise ValueError(
+                f"chunk {chunk.index}: {chunk.numel} elements do not split {size} ways"
+            )
+        full = GatheredChunk(
+            chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots, group=group
+        )
+        values = full.first_values(io, param_init)
+        numel = chunk.numel // size
+        lo, hi = rank * numel, (rank + 1) * numel
+        pieces, owners = [], []
+        for slot in chunk.slots:
+            start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
+            if start < end:
+                piece = nn.Parameter(torch.empty(end - start, dtype=chunk.dtype, device="meta"))
+                name = f"{slot.name}[{start - slot.offset}:{end - slot.offset}]"
+                pieces.append(Slot(name, piece, start - lo, end - start))
+                owners.append(slot)
+        full.shard = ShardChunk(
+            2 * n + chunk.index,
+            f"shard.{chunk.index}",
+            numel,
+            chunk.dtype,
+            pieces,
+            owners=owners,
+            initial=values[lo:hi].clone(),
+        )
+        gathered.append(full)
+        shards.append(full.shard)
+    return gathered, shards
+
+
+class ShardedGrads(GradChunks):
+    """Gradients of sharded chunks: `chunks` are this rank's gradient shards (their slots the
+    pieces, as for the parameter shards), filled by reduce-scattering the `full` gradient
+    chunks (zero-filled, one per gathered chunk); see [Note: gather, reduce-scatter, update]."""
+
+    def __init__(
+        self,
+        shards: Sequence[ShardChunk],
+        chunks: Sequence[GradChunk],
+        full: Sequence[GradChunk],
+        manager: ChunkManager,
+        group: object,
+    ) -> None:
+        super().__init__(shards, chunks, manager)
+        self.full = list(full)
+        self.group = group
+        self.size = comm.group_size(group)
+        self._full_of = {id(s.param): (i, s) for i, c in enumerate(self.full) for s in c.slots}
+        self._waiting: dict[int, set[int]] = {}
+        """Full gradient chunk -> parameters whose gradient this backward has not brought."""
+
+    @torch.no_grad()
+    def accumulate(self, param: nn.Parameter) -> None:
+        """Copy ``param.grad`` into its full gradient chunk and drop it; reduce the chunk once
+        it is complete for this backward."""
+        i, slot = self._full_of[id(param)]
+        chunk = self.full[i]
+        grad, param.grad = param.grad, None
+        waiting = self._waiting.setdefault(i, {id(s.param) for s in chunk.slots})
+        self.manager.access(chunk)
+        chunk.grad_view(slot).copy_(grad)
+        self.manager.release(chunk, "backward")
+        waiting.discard(id(param))
+        if not waiting:
+            self._reduce(i)
+
+    def finish_backward(self) -> None:
+        """Reduce the chunks some of whose parameters got no gradient, in chunk order."""
+        for i in sorted(self._waiting):
+            self._reduce(i)
+
+    @torch.no_grad()
+    def _reduce(self, i: int) -> None:
+        del self._waiting[i]
+        full, shard = self.full[i], self.chunks[i]
+        self.manager.access(full)
+        self.manager.access(shard)
+        first = shard.slots and id(shard.slots[0].param) not in self.written
+        if first or not shard.slots:
+            comm.reduce_scatter_(shard.payload.data, full.payload, self.group)
+            shard.payload.div_(self.size)
+        else:
+            part = torch.empty_like(shard.payload)
+            comm.reduce_scatter_(part, full.payload, self.group)
+            shard.payload.add_(part.div_(self.size))
+        for s in shard.slots:
+            self.written.add(id(s.param))
+            self.norms[id(s.param)] = grad_norm(shard.grad_view(s))
+        self.manager.release(shard, "backward")
+        self.manager.release(full, "backward")
+        self.manager.discard(full)
+
+    def total_norm(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
+        """The global 2-norm over every rank's pieces (collective; `params` are the model's,
+        whose pieces this rank holds)."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.manager.device)
+        if self.norms:
+            squares = torch.stack(list(self.norms.values())).float().square().sum()
+        comm.all_reduce_(squares, self.group)
+        return squares.sqrt()
+
+    def unscale_and_check_(self, scaler: DynamicLossScaler) -> bool:
+        """fp16: unscale this rank's gradient shards; the overflow flag is every rank's."""
+        found = torch.tensor([float(super().unscale_and_check_(scaler))])
+        comm.all_reduce_(found, self.group, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
+    def bytes_per_tier(self) -> dict[Tier, int]:
+        shards = super().bytes_per_tier()
+        return {t: shards[t] + sum(c.nbytes for c in self.full if c.tier is t) for t in Tier}
+
+    def end_step(self) -> None:
+        for chunk in self.full:
+            if chunk.state is not ChunkState.FREE:
+                self.manager.discard(chunk)
+        self._waiting.clear()
+        super().end_step()

@@ -1,0 +1,467 @@
+"""The engine's trainable parameters in chunks (``offload.policy`` static or auto).
+
+`ChunkedParams` puts chunk_hooks.py together for the engine: it builds the chunks (size
+searched for the least padding), the `ChunkManager` within the device and host budgets (and
+the disk tier), the policy's placement, the hooks on the model, the warm-up trace of the auto
+policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
+
+With a data-parallel group of N > 1 ranks the chunks are sharded over it (chunk_shards.py):
+the model's parameters view *gathered* chunks that exist on the device only while in use, and
+what rests between uses, is updated and is placed on the tiers (the *homes*) are this rank's
+shards. In one process the homes are the chunks themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from shardwise.config import OffloadConfig, OptimConfig
+from shardwise.distributed import comm
+from shardwise.errors import CheckpointError, ConfigError
+from shardwise.optim import OptimizerFactory
+from shardwise.zero.chunk_hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
+from shardwise.zero.chunk_shards import ShardedGrads, shard_chunks
+from shardwise.zero.chunks import (
+    Chunk,
+    ChunkState,
+    Tier,
+    TierIO,
+    build_chunks,
+    build_grad_chunks,
+    chunks_of_modules,
+    params_in_execution_order,
+    search_chunk_size,
+)
+from shardwise.zero.manager import ChunkManager
+from shardwise.zero.offload.disk import DiskTier
+from shardwise.zero.optimizer import ParamInit
+from shardwise.zero.placement import (
+    Placement,
+    apply_placement,
+    auto_placement,
+    placement_summary,
+    static_placement,
+)
+from shardwise.zero.tracer import MemoryTrace, MemoryTracer
+
+log = logging.getLogger("shardwise")
+
+MIB = 2**20
+
+
+class ChunkedParams:
+    """The engine's trainable parameters as chunks (``offload.policy``), sharded over `group`
+    when it has more than one rank.
+
+    Built from the model (on the meta device, filled by `param_init`, or materialised
+    anywhere): parameters in execution order (`run_forward` runs once under no_grad to record
+    it), the chunk size searched for the least padding, a `ChunkManager` within the budgets,
+    the placement of the policy, and `ChunkHooks` on the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        device: torch.device,
+        offload: OffloadConfig,
+        run_forward: Callable[[], object],
+        param_init: ParamInit | None = None,
+        group: object | None = None,
+    ) -> None:
+        self.model = model
+        self.offload = offload
+        self.ranks = comm.group_size(group)
+        self.group = group if self.ranks > 1 else None
+        self.sharded = self.group is not None
+        trainable = {id(p) for p in params}
+        order = [
+            (name, p)
+            for name, p in params_in_execution_order(model, run_forward)
+            if id(p) in trainable
+        ]
+        self.chunks, self.placement = self._chunks_and_placement(order)
+        self.disk = (
+            DiskTier(
+                offload.disk_path, max_bytes=offload.disk_max_bytes, workers=offload.disk_workers
+            )
+            if offload.disk_path is not None
+            else None
+        )
+        host_budget = _bytes(offload.host_budget_mb)
+        self._check_capacity(self.placement.device_budget, host_budget)
+        if self.sharded:
+            io = TierIO.for_device(torch.device(device))
+            self.chunks, self.homes = shard_chunks(self.chunks, self.group, io, param_init)
+            full_grads = build_grad_chunks(self.chunks, zeroed=True)
+            home_grads = build_grad_chunks(self.homes)
+            managed = [*self.chunks, *full_grads, *self.homes, *home_grads]
+        else:
+            self.homes = self.chunks
+            full_grads = home_grads = build_grad_chunks(self.chunks)
+            managed = [*self.chunks, *home_grads]
+        self.manager = ChunkManager(
+            managed, device, self.placement.device_budget, host_budget, self.disk, param_init
+        )
+        for i, chunk in enumerate(self.chunks):
+            for follower in {full_grads[i], home_grads[i], self.homes[i]} - {chunk}:
+                self.manager.follow(follower, chunk)
+        apply_placement(self.manager, self.placement, self.homes)
+        if self.sharded:
+            self.grads = ShardedGrads(self.homes, home_grads, full_grads, self.manager, group)
+        else:
+            self.grads = GradChunks(self.chunks, home_grads, self.manager)
+        self.hooks = ChunkHooks(model, self.manager, self.chunks, self.grads)
+        self._clip: tuple[float, torch.Tensor] | None = None
+        """(max_norm, global norm) while the optimizer pass clips gradients."""
+        self.group_chunks: list[Chunk] = []
+        """Param group index -> the home it updates (see `param_groups`)."""
+        self._origin = {
+            id(piece.param): id(owner.param)
+            for home in (self.homes if self.sharded else ())
+            for piece, owner in zip(home.slots, home.owners, strict=True)
+        }
+        """Id of a piece the optimizer updates (sharded) -> id of the parameter it is of."""
+        self._tracer: MemoryTracer | None = None
+        self.warming_up = offload.policy == "auto"
+        """Until the first optimizer step: the auto policy's warm-up, traced."""
+        if not self.warming_up:
+            self._log_placement()
+
+    def _log_placement(self) -> None:
+        log.info(placement_summary(self.homes, self.placement))
+        if self.sharded:
+            log.info(
+                f"  chunks sharded over {self.ranks} ranks: this rank keeps 1/{self.ranks} of "
+                f"each (homes above), gathered on the device while in use"
+            )
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def _chunks_and_placement(
+        self, order: list[tuple[str, nn.Parameter]]
+    ) -> tuple[list[Chunk], Placement]:
+        """Chunks of the size that wastes the least padding, or, if those leave the device
+        budget below the minimum a step needs (`_minimum_budget`), the smallest chunks the
+        parameters allow; then the policy's initial placement."""
+        offload, budget = self.offload, _bytes(self.offload.device_budget_mb)
+        if offload.policy == "auto" and budget is None:
+            raise ConfigError(
+                "offload.policy='auto' places chunks within offload.device_budget_mb; set it "
+                "(MiB of device memory for parameter and gradient chunks and activations)"
+            )
+        sizes = [p.numel() * p.element_size() for _, p in order]
+        for search_range in dict.fromkeys([int(offload.chunk_search_range_mb * MIB), 0]):
+            chunk_bytes = search_chunk_size(
+                sizes,
+                search_range=search_range,
+                step=max(1, int(offload.chunk_search_step_mb * MIB)),
+                min_chunk_bytes=int(offload.chunk_min_mb * MIB),
+            )
+            if self.sharded:  # shards of whole elements of any dtype
+                chunk_bytes = math.ceil(chunk_bytes / (8 * self.ranks)) * 8 * self.ranks
+            self.chunks = build_chunks(order, chunk_bytes)
+            pinned = self._pinned()
+            minimum, why = self._minimum_budget(pinned)
+            if budget is None or budget >= minimum:
+                return self.chunks, self._placement(pinned, budget or minimum)
+        raise ConfigError(
+            f"offload.device_budget_mb={offload.device_budget_mb:g} is below the minimum "
+            f"{_mib_up(minimum)} MiB ({minimum} bytes) even with the smallest chunks "
+            f"({chunk_bytes} bytes): {why}; raise offload.device_budget_mb"
+            + (" or lower offload.chunk_min_mb" if offload.chunk_min_mb else "")
+        )
+
+    def _pinned(self) -> frozenset[int]:
+        if self.offload.policy != "static":
+            return frozenset()
+        return static_placement(self.chunks, self.offload.param_device_fraction, 0.0).pinned
+
+    def _home_bytes(self, index: int) -> int:
+        """Bytes of the home of chunk `index`: the chunk, or this rank's shard of it."""
+        return self.chunks[index].nbytes // self.ranks
+
+    def _placement(self, pinned: frozenset[int], budget: int) -> Placement:
+        """static: the policy's placement (pinning `pinned`). auto, for the warm-up: the first
+        homes on the device while they fit in the budget, no schedule. Positions index the
+        chunks and their homes alike."""
+        if self.offload.policy == "static":
+            optim = 1.0 if self.offload.optimizer == "device" else 0.0
+            placement = static_placement(self.chunks, self.offload.param_device_fraction, optim)
+            return dataclasses.replace(placement, device_budget=budget)
+        on_device, room = 0, budget
+        while on_device < len(self.chunks) and self._home_bytes(on_device) <= room:
+            room -= self._home_bytes(on_device)
+            on_device += 1
+        tiers = tuple(Tier.DEVICE if c.index < on_device else Tier.HOST for c in self.chunks)
+        return Placement("auto", tiers, frozenset(), None, budget)
+
+    def _minimum_budget(self, pinned: frozenset[int]) -> tuple[int, str]:
+        """The smallest device budget for chunks a step runs in, and why: in backward the
+        pinned homes, the chunks held through backward (`held_chunks`), the other chunks of
+        the module that computes with the most bytes of them and one gradient chunk (sharded:
+        and a shard being gathered and a gradient shard being reduced into); in the optimizer
+        pass the pinned homes, one home and its gradients."""
+        on_device = frozenset() if self.sharded else pinned  # pinned shards gather anyway
+        held = held_chunks(self.model, self.chunks) - on_device
+        base = sum(self._home_bytes(i) for i in pinned)
+        base += sum(self.chunks[i].nbytes for i in held - pinned)
+        modules = chunks_of_modules(self.model, self.chunks)
+        working = {
+            name: sum(self.chunks[i].nbytes for i in used if i not in on_device | held)
+            for name, used in modules.items()
+        }
+        module = max(working, key=working.get)
+        grad = max(c.nbytes for c in self.chunks)  # gradient chunks are the same size
+        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
+        why = [f"{module!r} computes with chunks {list(modules[module])}"]
+        if pinned:
+            why.append(f"{'shards of ' if self.sharded else ''}chunks {sorted(pinned)} are pinned")
+        if held:
+            why.append(f"chunks {sorted(held)} are held through backward (tied parameters)")
+        why.append(f"one gradient chunk ({grad} bytes) receives gradients beside them")
+        shards = 2 * home if self.sharded else 0
+        if shards:
+            why.append(f"a shard is gathered and a gradient shard reduced into ({shards} bytes)")
+        update = sum(self._home_bytes(i) for i in pinned) + 2 * home
+        return max(base + working[module] + grad + shards, update), "; ".join(why)
+
+    def _check_trace(self, trace: MemoryTrace, budget: int) -> None:
+        """The minimum device budget the warm-up measured: at each moment its non-model bytes
+        plus its chunks, and in backward the chunks held through it (`held_chunks`) and one
+        gradient chunk, which `auto_placement` does not know about; the optimizer pass (one
+        chunk and its gradient chunk, beside the first or last moment's non-model bytes, whose
+        budget is in force then). One error naming the minimum."""
+        held = held_chunks(self.model, self.chunks)
+        grad = max(c.nbytes for c in self.chunks)
+        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
+        shard = home if self.sharded else 0  # gathered from; reduced into (backward)
+        need, worst = 0, None
+        for moment in trace.moments:
+            backward = moment.phase == "backward"
+            used = set(moment.chunks) | (held if backward else set())
+            moment_need = moment.non_model_bytes + sum(self.chunks[i].nbytes for i in used)
+            moment_need += shard + (grad + shard if backward else 0)
+            if moment_need > need:
+                need, worst = moment_need, (moment, sorted(used))
+        for moment in trace.moments[:1] + trace.moments[-1:]:
+            if moment.non_model_bytes + 2 * home > need:
+                need, worst = moment.non_model_bytes + 2 * home, (moment, "the optimizer pass")
+        if worst is not None and need > budget:
+            moment, used = worst
+            raise ConfigError(
+                f"offload.device_budget_mb={self.offload.device_budget_mb:g} is below the "
+                f"minimum {_mib_up(need)} MiB ({need} bytes) the warm-up step measured: at "
+                f"{moment.module} {moment.phase} activations take {moment.non_model_bytes} "
+                f"bytes beside chunks {used} (and a gradient chunk in backward); raise "
+                "offload.device_budget_mb or lower the batch size or sequence length"
+            )
+
+    def _check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
+        total = 2 * sum(map(self._home_bytes, range(len(self.chunks))))  # backward..update
+        if self.disk is None and host_budget is not None and device_budget is not None:
+            if total > device_budget + host_budget:
+                raise ConfigError(
+                    f"parameter and gradient chunks take {total / MIB:.4g} MiB, more than "
+                    f"offload.device_budget_mb + offload.host_budget_mb = "
+                    f"{(device_budget + host_budget) / MIB:.4g} MiB; set offload.disk_path or "
+                    "raise offload.host_budget_mb"
+                )
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def start_micro_step(self) -> None:
+        """Before a forward: the auto policy traces its whole warm-up step (every micro-batch)."""
+        if self.warming_up and self._tracer is None:
+            self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
+            self._tracer.__enter__()
+
+    def finish_backward(self) -> None:
+        self.hooks.finish_backward()
+        if self.sharded:
+            self.grads.finish_backward()
+
+    def finish_warm_up(self) -> None:
+        """At the first step boundary (auto): place from the trace, before the optimizer pass,
+        so that a budget too small fails before any weight changed."""
+        if not self.warming_up:
+            return
+        self.warming_up = False
+        tracer, self._tracer = self._tracer, None
+        if tracer is None:
+            return
+        tracer.__exit__(None, None, None)
+        trace = self._same_on_every_rank(tracer.trace())
+        self._check_trace(trace, self.manager.device_budget)
+        self.placement = auto_placement(self.chunks, trace, self.manager.device_budget)
+        apply_placement(self.manager, self.placement, self.homes)
+        self._log_placement()
+
+    def _same_on_every_rank(self, trace: MemoryTrace) -> MemoryTrace:
+        """Sharded: each moment's non-model bytes as the largest over the ranks, so that every
+        rank evicts, and so gathers, the same chunks at the same moments."""
+        if not self.sharded or not trace.moments:
+            return trace
+        sizes = torch.tensor([m.non_model_bytes for m in trace.moments], dtype=torch.float64)
+        comm.all_reduce_(sizes, self.group, op=torch.distributed.ReduceOp.MAX)
+        moments = [
+            dataclasses.replace(m, non_model_bytes=int(size))
+            for m, size in zip(trace.moments, sizes.tolist(), strict=True)
+        ]
+        return dataclasses.replace(trace, moments=tuple(moments))
+
+    def param_groups(self, groups: list[dict]) -> list[dict]:
+        """`groups` (e.g. weight decay) split by home, in chunk order: the optimizer walks the
+        homes in that order, updating their slots (pieces, when sharded). Sets
+        `group_chunks`."""
+        members = [{id(p) for p in group["params"]} for group in groups]
+        split: list[dict] = []
+        self.group_chunks = []
+        for home in self.homes:
+            for group, ids in zip(groups, members, strict=True):
+                params = [
+                    s.param for s in home.slots if self._origin.get(id(s.param), id(s.param)) in ids
+                ]
+                if params:
+                    split.append({**group, "params": params})
+                    self.group_chunks.append(home)
+        return split
+
+    def build_optimizer(
+        self, groups: list[dict], factory: OptimizerFactory | None, optim: OptimConfig
+    ) -> torch.optim.Optimizer:
+        """`factory`'s optimizer over the chunk groups (Adam states on the device), or, for
+        ``offload.optimizer`` host / disk, a `ChunkedAdamW` sharing the disk tier."""
+        chunk_groups = self.param_groups(groups)
+        if self.offload.optimizer == "device":
+            return factory(chunk_groups)
+        return ChunkedAdamW(
+            chunk_groups,
+            group_chunks=self.group_chunks,
+            open_chunk=self._open_for_update,
+            close_chunk=self._close_after_update,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            tier=self.offload.optimizer,
+            disk=self.disk,
+            chunk_bytes=self.offload.chunk_mb << 20,
+        )
+
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, max_norm: float, norm: torch.Tensor
+    ) -> None:
+        """Update every chunk's parameters, one chunk and its gradient chunk on the device at
+        a time, gradients clipped to `max_norm` (0: not clipped) by the global `norm` as
+        `torch.nn.utils.clip_grads_with_norm_` does: `ChunkedAdamW` walks the chunks itself;
+        any other optimizer (which skips parameters without a gradient, as torch's do) steps
+        once per chunk with only that chunk's gradients attached."""
+        self._clip = (max_norm, norm) if max_norm > 0 else None
+        try:
+            if isinstance(optimizer, ChunkedAdamW):
+                optimizer.step()
+                return
+            for home in self.homes:
+                self._open_for_update(home)
+                optimizer.step()
+                self._close_after_update(home)
+        finally:
+            self._clip = None
+
+    def _open_for_update(self, chunk: Chunk) -> None:
+        """Bring home `chunk` with its gradients, clipped; a chunk gathered from it is stale
+        from now on and dropped."""
+        self.manager.access(chunk)
+        if self.sharded:
+            self._drop_gathered(self.chunks[self.homes.index(chunk)])
+        params = self.grads.attach(chunk)
+        if params and self._clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, *self._clip)
+
+    def _close_after_update(self, chunk: Chunk) -> None:
+        self.grads.detach(chunk)
+        self.manager.release(chunk, "backward")
+
+    def end_step(self) -> None:
+        """After the optimizer step: gradient chunks and gathered chunks freed, every chunk
+        back to HOLD."""
+        self.grads.end_step()
+        if self.sharded:
+            for chunk in self.chunks:
+                self._drop_gathered(chunk)
+        self.manager.end_step()
+
+    def _drop_gathered(self, chunk: Chunk) -> None:
+        if chunk.state is not ChunkState.FREE:
+            self.manager.discard(chunk)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def names(self) -> dict[str, nn.Parameter]:
+        """Every name of a chunked parameter (a tied one has several) -> the parameter."""
+        chunked = {id(slot.param) for chunk in self.chunks for slot in chunk.slots}
+        return {
+            name: p
+            for name, p in self.model.named_parameters(remove_duplicate=False)
+            if id(p) in chunked
+        }
+
+    def read_params(self) -> dict[str, torch.Tensor]:
+        """A copy of every chunked parameter by name, read chunk by chunk through the manager
+        (between steps: the manager's step is reset afterwards)."""
+        copies: dict[int, torch.Tensor] = {}
+        for chunk in self.chunks:
+            self.manager.access(chunk)
+            for slot in chunk.slots:
+                copies[id(slot.param)] = slot.param.detach().clone()
+            self.manager.release(chunk, "forward")
+        self.manager.end_step()
+        return {name: copies[id(p)] for name, p in self.names().items()}
+
+    def write_params(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy the chunked parameters' values in from `state` (a model state dict), chunk by
+        chunk through the manager."""
+        names: dict[int, str] = {}
+        for name, p in self.names().items():
+            names.setdefault(id(p), name)
+        missing = [name for name in names.values() if name not in state]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint model state lacks parameters {missing[:3]} of this model"
+            )
+        with torch.no_grad():
+            for chunk, home in zip(self.chunks, self.homes, strict=True):
+                self.manager.access(chunk)
+                for slot in chunk.slots:
+                    slot.param.copy_(state[names[id(slot.param)]])
+                if home is not chunk:  # this rank's shard of the values just written
+                    self.manager.access(home)
+                    lo = comm.group_rank(self.group) * home.numel
+                    home.payload.copy_(chunk.payload[lo : lo + home.numel])
+                    self.manager.release(home, "forward")
+                self.manager.release(chunk, "forward")
+        self.manager.end_step()
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of parameter chunks and of gradient chunks per tier now, and the device
+        high-water mark of both together (the manager's)."""
+        grads = self.grads.bytes_per_tier()
+        params = {tier: self.manager.memory_report()[tier.value] - grads[tier] for tier in Tier}
+        report = {f"chunks_{tier.value}": params[tier] for tier in Tier}
+        report.update({f"grad_chunks_{tier.value}": grads[tier] for tier in Tier})
+        report["chunks_device_peak"] = self.manager.device_peak_bytes
+        return report
+
+
+def _mib_up(nbytes: int) -> str:
+    """`nbytes` in MiB, rounded up to 4 decimals: a budget set to the printed value suffices."""
+    return f"{math.ceil(nbytes / MIB * 10_000) / 10_000:g}"
+
+
+def _bytes(mib: float | None) -> int | None:
+    return None if mib is None else int(mib * MIB)
