@@ -210,7 +210,7 @@ class ChunkedParams:
         on_device = frozenset() if self.sharded else pinned  # pinned shards gather anyway
         held = held_chunks(self.model, self.chunks) - on_device
         base = sum(self._home_bytes(i) for i in pinned)
-        base += sum(self.chunks[i].nbytes for i in held - pinned)
+        base += sum(self.chunks[i].nbytes for i in held)
         modules = chunks_of_modules(self.model, self.chunks)
         working = {
             name: sum(self.chunks[i].nbytes for i in used if i not in on_device | held)

@@ -8,11 +8,23 @@ shards. Losses and parameters are checked against tests/parity.py's single-proce
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
 import torch.distributed as dist
 
+from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.zero.chunks import Tier
-from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+from tests.parity import (
+    BF16_RTOL,
+    assert_parity,
+    build_model,
+    global_batches,
+    make_config,
+    reference_run,
+)
 
 SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
 BUDGET_MB = 0.21
@@ -54,6 +66,7 @@ def train_rows(cfg) -> dict:
         "budget": chunked.manager.device_budget,
         "chunk_bytes": chunked.chunks[0].nbytes,
         "home_bytes": [h.nbytes for h in chunked.homes],
+        "pieces": sum(s.numel for h in chunked.homes for s in h.slots),
         "tiers": sorted({h.tier.value for h in chunked.homes}),
         "gathers": sum(c.tier is Tier.DEVICE for c in chunked.chunks),
     }
@@ -71,3 +84,52 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
         if name == "auto-disk-adam-on-disk":
             assert "disk" in got["tiers"], "the host budget holds less than every shard"
             assert got["report"]["offloaded_disk"] > 0
+
+
+def test_bf16_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2):
+    plain = make_config(micro_batch=1, global_batch=4, dtype="bf16")
+    want = reference_run(plain)
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": "host"})
+    results = pool2.run(train_rows, cfg)
+    for got in results:
+        torch.testing.assert_close(
+            torch.tensor(got["losses"]), torch.tensor(want[0]), rtol=BF16_RTOL, atol=0
+        )
+        assert got["report"]["master_params"] == 4 * got["pieces"], "fp32 masters of its pieces"
+    total = sum(p.numel() for p in build_model(plain).parameters())  # the tied head once
+    assert sum(got["pieces"] for got in results) == total
+
+
+def test_train_and_resume_on_two_ranks_through_the_launcher(tmp_path, capsys):
+    settings = [
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "data.seq_len=16",
+        "data.max_bytes=20000",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "log.progress=false",
+        "offload.policy=auto",
+        "offload.device_budget_mb=0.45",
+        "offload.host_budget_mb=0.02",
+        "offload.optimizer=disk",
+        "offload.chunk_search_range_mb=0",
+        f"offload.disk_path={tmp_path}",
+    ]
+    out = tmp_path / "run"
+    argv = ["train", "--nproc", "2", "--out", str(out)]
+    with pytest.raises(SystemExit) as code:
+        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
+    assert code.value.code == 0, capsys.readouterr().err
+    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = out / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in checkpoint.glob("engine*")) == [
+        "engine_rank0.pt",
+        "engine_rank1.pt",
+    ]
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--nproc", "2", "--resume", str(checkpoint)])
+    assert code.value.code == 0, capsys.readouterr().err
+    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == full and len(full) == 4
