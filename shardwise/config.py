@@ -111,10 +111,10 @@ class OffloadConfig(_Section):
     disk_workers: int = Field(2, ge=1)
     """IO threads of the disk tier."""
     policy: Literal["none", "static", "auto"] = "none"
-    """Parameters in chunks that move between device, host and disk (Gemini; a single process
-    for now): none = off; static = the last param_device_fraction of the chunks stay on the
-    device, the others stream through it; auto = placed from a traced warm-up step within
-    device_budget_mb."""
+    """Parameters in chunks that move between device, host and disk (Gemini; over several
+    data-parallel ranks each keeps 1/N of every chunk): none = off; static = the last
+    param_device_fraction of the chunks stay on the device, the others stream through it;
+    auto = placed from a traced warm-up step within device_budget_mb."""
     device_budget_mb: float | None = Field(None, gt=0)
     """Device memory in MiB: auto = parameter chunks and activations (required); static =
     parameter chunks only (default: the pinned chunks plus one module's chunks). Gradients and

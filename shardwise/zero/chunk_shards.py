@@ -217,7 +217,9 @@ class ShardedGrads(GradChunks):
 
     def unscale_and_check_(self, scaler: DynamicLossScaler) -> bool:
         """fp16: unscale this rank's gradient shards; the overflow flag is every rank's."""
-        found = torch.tensor([float(super().unscale_and_check_(scaler))])
+        found = torch.tensor(
+            [float(super().unscale_and_check_(scaler))], device=self.manager.device
+        )
         comm.all_reduce_(found, self.group, op=dist.ReduceOp.MAX)
         return bool(found.item())
 

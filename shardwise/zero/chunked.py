@@ -127,6 +127,8 @@ class ChunkedParams:
             for piece, owner in zip(home.slots, home.owners, strict=True)
         }
         """Id of a piece the optimizer updates (sharded) -> id of the parameter it is of."""
+        self._position = {home.index: i for i, home in enumerate(self.homes)}
+        """Manager index of a home -> its position (the index of its chunk)."""
         self._tracer: MemoryTracer | None = None
         self.warming_up = offload.policy == "auto"
         """Until the first optimizer step: the auto policy's warm-up, traced."""
@@ -307,7 +309,11 @@ class ChunkedParams:
         rank evicts, and so gathers, the same chunks at the same moments."""
         if not self.sharded or not trace.moments:
             return trace
-        sizes = torch.tensor([m.non_model_bytes for m in trace.moments], dtype=torch.float64)
+        sizes = torch.tensor(
+            [m.non_model_bytes for m in trace.moments],
+            dtype=torch.float64,
+            device=self.manager.device,
+        )
         comm.all_reduce_(sizes, self.group, op=torch.distributed.ReduceOp.MAX)
         moments = [
             dataclasses.replace(m, non_model_bytes=int(size))
@@ -378,7 +384,7 @@ class ChunkedParams:
         from now on and dropped."""
         self.manager.access(chunk)
         if self.sharded:
-            self._drop_gathered(self.chunks[self.homes.index(chunk)])
+            self._drop_gathered(self.chunks[self._position[chunk.index]])
         params = self.grads.attach(chunk)
         if params and self._clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, *self._clip)

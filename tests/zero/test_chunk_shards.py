@@ -86,14 +86,16 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
             assert got["report"]["offloaded_disk"] > 0
 
 
-def test_bf16_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2):
-    plain = make_config(micro_batch=1, global_batch=4, dtype="bf16")
+@pytest.mark.parametrize(("dtype", "rtol"), [("bf16", BF16_RTOL), ("fp16", 5e-2)])
+def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtype, rtol):
+    """fp16 adds loss scaling: gradient shards unscaled, the overflow flag every rank's."""
+    plain = make_config(micro_batch=1, global_batch=4, dtype=dtype)
     want = reference_run(plain)
     cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": "host"})
     results = pool2.run(train_rows, cfg)
     for got in results:
         torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(want[0]), rtol=BF16_RTOL, atol=0
+            torch.tensor(got["losses"]), torch.tensor(want[0]), rtol=rtol, atol=0
         )
         assert got["report"]["master_params"] == 4 * got["pieces"], "fp32 masters of its pieces"
     total = sum(p.numel() for p in build_model(plain).parameters())  # the tied head once
