@@ -1,8 +1,9 @@
-"""benchmarks.offload: the disk-tier measurement on a few MB, the RSS readers, the step-time
-and capacity jobs on a tiny model in this process, and the JSON line's ratio keys.
+"""benchmarks.offload: the disk-tier measurement on a few MB, the RSS readers, the step-time,
+one-process and capacity jobs on a tiny model in this process, and the JSON line's ratio keys.
 
-The whole benchmark (hundreds of MB of IO, a 2-rank and a 1-rank launched job training
-models of 25M and 300M parameters) takes minutes and is not run here.
+The whole benchmark (hundreds of MB of IO, a 2-rank and two 1-rank launched jobs training
+models of 25M and 300M parameters) takes minutes and is not run here; neither is the 2-rank
+sharding of the chunks (tests/zero/test_chunk_shards.py covers it).
 """
 
 from __future__ import annotations
@@ -137,6 +138,44 @@ def test_step_job_on_a_tiny_model(tmp_path):
     assert reports["device"]["offloaded_host"] == reports["device"]["offloaded_disk"] == 0
     assert reports["host"]["offloaded_host"] > 0 and reports["disk"]["offloaded_disk"] > 0
     assert "deepspeed" in record["config"]
+    # One process: the "sharded" contender's chunks are whole (its homes are the chunks).
+    assert offload.SHARDED in record["median_s"]
+    assert last[offload.SHARDED] == pytest.approx(last["device"], rel=1e-5)
+    sharded = record["sharded"]
+    assert (sharded["nproc"], sharded["sharded"]) == (1, False)
+    report = reports[offload.SHARDED]
+    assert sharded["state_bytes_per_rank"] == [offload.model_state_bytes(report)]
+    assert sharded["homes_bytes_per_rank"] == [sum(sharded["chunk_bytes"])]
+    assert sum(sharded["homes_on"].values()) == sum(sharded["chunk_bytes"])
+    assert report["offloaded_host"] > 0 and sharded["offload"]["policy"] == "static"
+
+
+def test_single_job_holds_every_chunk_and_all_adam_states():
+    settings = offload.StepSettings(warmup=1, iters=1, preset="tiny", seq_len=16, micro_batch=2)
+    record = offload.measure(offload.Job("single", asdict(settings)), 0, 0, 1)
+    assert (record["nproc"], record["sharded"]) == (1, False)
+    assert len(record["step_s"]) == 1 and len(record["losses"]) == 2
+    psi, report = record["psi"], record["memory_report"]
+    homes = sum(record["chunk_bytes"])
+    assert record["homes_bytes_per_rank"] == [homes] and homes >= 4 * psi  # fp32, padded
+    assert report["offloaded_host"] == 8 * psi  # Adam m, v of every parameter, in host memory
+    assert record["state_bytes_per_rank"] == [offload.model_state_bytes(report)]
+    assert record["state_bytes_per_rank"][0] >= homes + 8 * psi
+
+
+def test_model_state_bytes_counts_chunks_masters_and_adam_states_not_gradients():
+    report = {
+        "chunks_device": 1,
+        "chunks_host": 10,
+        "chunks_disk": 100,
+        "grad_chunks_device": 10**6,
+        "grad_chunks_host": 10**6,
+        "master_params": 1000,
+        "optimizer_states": 10**4,
+        "offloaded_host": 10**5,
+        "offloaded_disk": 10**6,
+    }
+    assert offload.model_state_bytes(report) == 1_111_111
 
 
 @pytest.mark.parametrize("param_offload", [False, True])
@@ -176,7 +215,9 @@ def test_capacity_config_offloads_parameters_when_asked():
 # --------------------------------------------------------------------------- the JSON line
 
 
-def fake_records(peak_rss: int) -> tuple[dict, dict, dict]:
+def fake_records(peak_rss: int, deepspeed: float | None = None) -> tuple[dict, ...]:
+    """Records of the four measurements; the sharded contender holds 510 and 490 bytes of
+    model state on its two ranks against 1000 in one process."""
     disk = {
         "ratio": 0.8,
         "tier": {"bytes_per_s": 4e9},
@@ -184,10 +225,14 @@ def fake_records(peak_rss: int) -> tuple[dict, dict, dict]:
         "fsync": {},
         "bytes_per_round": 1,
     }
+    medians = {"device": 1.0, "host": 1.1, "disk": 1.5, offload.SHARDED: 2.0}
+    if deepspeed is not None:
+        medians[offload.DEEPSPEED] = deepspeed
     steps = {
-        "median_s": {"device": 1.0, "host": 1.1, "disk": 1.5},
-        "config": {"last_loss": {"device": 5.0, "host": 5.0, "disk": 5.0}},
+        "median_s": medians,
+        "config": {"last_loss": {name: 5.0 for name in medians}},
         "memory_report": {},
+        "sharded": {"nproc": 2, "sharded": True, "state_bytes_per_rank": [510, 490]},
     }
     capacity = {
         "psi": 100,
@@ -196,13 +241,15 @@ def fake_records(peak_rss: int) -> tuple[dict, dict, dict]:
         "param_offload": False,
         "memory_report": {},
     }
-    return disk, steps, capacity
+    single = {"nproc": 1, "sharded": False, "state_bytes_per_rank": [1000]}
+    return disk, steps, capacity, single
 
 
 def test_json_line_has_every_ratio_key_against_its_target():
     result = offload.summarise(offload.QUICK, *fake_records(peak_rss=1000))
     record = json.loads(json.dumps(result_record("offload", result), allow_nan=False))
-    assert set(record["ratio"]) == set(offload.TARGETS) == set(record["peers"])
+    assert set(record["ratio"]) == set(record["peers"])
+    assert set(record["ratio"]) == {*offload.TARGETS, "sharded_state_fraction"}
     assert record["ratio"]["disk_vs_raw"] == pytest.approx(0.8)
     assert record["ratio"]["step_vs_inmemory"] == pytest.approx(1.1)
     assert record["ratio"]["state_over_rss"] == pytest.approx(1.6)
@@ -215,6 +262,25 @@ def test_json_line_has_every_ratio_key_against_its_target():
     assert record["ours"] == pytest.approx(1.6 / 3)  # the worst attainment: state_over_rss
     assert record["config"]["steps"]["vs_device"]["disk"] == pytest.approx(1.5)
     assert "Adam" in record["config"]["capacity"]["offloaded"]
+    # Without DeepSpeed: no step ratio for the sharded contender, its seconds in the config.
+    assert set(record["config"]["no_target"]) == {"sharded_state_fraction"}
+    assert record["config"]["sharded"]["median_s"] == 2.0
+    assert record["config"]["sharded"]["deepspeed_median_s"] is None
+
+
+def test_sharded_ratios_are_the_most_any_rank_holds_and_the_step_over_deepspeed():
+    result = offload.summarise(offload.QUICK, *fake_records(peak_rss=400, deepspeed=4.0))
+    record = json.loads(json.dumps(result_record("offload", result), allow_nan=False))
+    assert record["ratio"]["sharded_state_fraction"] == pytest.approx(0.51)
+    assert record["peers"]["sharded_state_fraction"] == 1000
+    assert record["ratio"]["sharded_vs_deepspeed"] == pytest.approx(0.5)
+    assert record["peers"]["sharded_vs_deepspeed"] == 4.0
+    sharded = record["config"]["sharded"]
+    assert sharded["state_fraction_per_rank"] == pytest.approx([0.51, 0.49])
+    assert sharded["state_sum_over_single"] == pytest.approx(1.0)
+    assert set(record["config"]["no_target"]) == set(offload.NO_TARGET)
+    # Keys without a target do not enter ours: every target is met here.
+    assert record["ours"] == pytest.approx(min(0.8 / 0.7, 1.3 / 1.1, 4.0 / 3))
 
 
 def test_every_target_met_gives_ours_at_least_one():

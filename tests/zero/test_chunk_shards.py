@@ -12,19 +12,12 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.zero.chunks import Tier
-from tests.parity import (
-    BF16_RTOL,
-    assert_parity,
-    build_model,
-    global_batches,
-    make_config,
-    reference_run,
-)
+from tests import parity
+from tests.parity import BF16_RTOL, assert_parity, build_model, make_config, reference_run
 
 SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
 BUDGET_MB = 0.21
@@ -52,16 +45,11 @@ def config(**offload):
 def train_rows(cfg) -> dict:
     """On every rank: train on this rank's rows; losses, weights, memory figures."""
     engine = initialize(build_model(cfg), None, cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    losses = []
-    for inputs, targets in global_batches(cfg):
-        rows = inputs.shape[0] // world
-        part = slice(rank * rows, (rank + 1) * rows)
-        losses.append(engine.train_step((inputs[part], targets[part])))
+    losses, state = parity.train_rows(engine, cfg)
     chunked = engine.chunked
     return {
         "losses": losses,
-        "state": {k: v.float() for k, v in engine.full_state_dict().items()},
+        "state": state,
         "report": engine.memory_report(),
         "budget": chunked.manager.device_budget,
         "chunk_bytes": chunked.chunks[0].nbytes,
