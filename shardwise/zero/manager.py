@@ -10,8 +10,10 @@ needed (lazy eviction: a chunk used again soon never moves).
 the future (Belady's OPT, optimal for a known reference string). The reference string is one
 recorded step (tracer.py) given to `set_schedule`: moment t computes with chunks ``uses[t]``.
 `access` calls are matched to moments as they come, so the manager knows the current moment
-without the engine telling it; a chunk with no use left in the step (or every chunk, before a
-schedule exists, i.e. in the warm-up step) counts as used never again, and ties go to the
+without the engine telling it. Steps repeat, so a chunk with no use left in this step is next
+used at its first moment of the next step (the string read cyclically: at the end of
+backward and in the optimizer pass the chunks the next forward starts with stay); before a
+schedule exists (the warm-up step) every chunk counts as used never again. Ties go to the
 least recently used. A schedule may also give a chunk budget per moment (the device budget
 minus that moment's non-model data, placement.py); the budget in force is the current
 moment's.
@@ -191,8 +193,10 @@ class ChunkManager:
         if index in self._uses_now() and index not in self._seen:
             return self._moment
         moments = self._moments_of.get(index, [])
+        if not moments:
+            return math.inf
         position = bisect.bisect_right(moments, self._moment)
-        return moments[position] if position < len(moments) else math.inf
+        return moments[position] if position < len(moments) else moments[0] + len(self._uses)
 
     # -- the three calls around a module ---------------------------------------------------
 

@@ -115,6 +115,16 @@ def test_belady_evicts_the_chunk_needed_furthest_ahead():
     assert chunks[0].tier is Tier.DEVICE, "a chunk already on the device does not move"
 
 
+def test_the_schedule_repeats_every_step():
+    chunks = chunk_of_each(3)
+    manager = ChunkManager(chunks, CPU, device_budget=2 * chunks[0].nbytes, host_budget=None)
+    manager.set_schedule([[0], [1], [2]])
+    for moment in [[0], [1], [2]]:
+        run_moment(manager, chunks, moment)
+    # Bringing 2 in, neither 0 nor 1 has a use left in this step; the next step starts with 0.
+    assert [c.tier for c in chunks] == [Tier.DEVICE, Tier.HOST, Tier.DEVICE]
+
+
 def test_without_a_schedule_the_least_recently_used_goes():
     chunks = chunk_of_each(3)
     manager = ChunkManager(chunks, CPU, device_budget=2 * chunks[0].nbytes, host_budget=None)
