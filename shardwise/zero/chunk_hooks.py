@@ -127,10 +127,14 @@ class GradChunks:
             self.manager.release(chunk, "backward")
         return found_inf
 
+    def of(self, chunk: Chunk) -> GradChunk:
+        """The gradient chunk of parameter chunk `chunk`."""
+        return self._grads_of[chunk.index]
+
     def attach(self, chunk: Chunk) -> list[nn.Parameter]:
         """Bring `chunk`'s gradient chunk to the device and set ``param.grad`` of its written
         parameters to views of it; returns those parameters."""
-        grads = self._grads_of[chunk.index]
+        grads = self.of(chunk)
         slots = self._written_slots(grads)
         if slots:
             self.manager.access(grads)
@@ -140,7 +144,7 @@ class GradChunks:
 
     def detach(self, chunk: Chunk) -> None:
         """After `chunk`'s update: gradients off the parameters, the gradient chunk freed."""
-        grads = self._grads_of[chunk.index]
+        grads = self.of(chunk)
         if grads.state is not ChunkState.COMPUTE:
             return
         for s in grads.slots:

@@ -380,12 +380,18 @@ class ChunkedParams:
             self._clip = None
 
     def _open_for_update(self, chunk: Chunk) -> None:
-        """Bring home `chunk` with its gradients, clipped; a chunk gathered from it is stale
-        from now on and dropped."""
+        """Bring home `chunk` with its gradients, clipped, and start bringing the next home
+        and its gradients while this one updates; a chunk gathered from `chunk` is stale from
+        now on and dropped."""
         self.manager.access(chunk)
+        position = self._position[chunk.index]
         if self.sharded:
-            self._drop_gathered(self.chunks[self._position[chunk.index]])
+            self._drop_gathered(self.chunks[position])
         params = self.grads.attach(chunk)
+        if position + 1 < len(self.homes):
+            following = self.homes[position + 1]
+            self.manager.prefetch(following)
+            self.manager.prefetch(self.grads.of(following))
         if params and self._clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, *self._clip)
 
