@@ -23,6 +23,16 @@ Three ratios, each measured against its own reference in the same run (issue 6, 
   ZeRO-3 with CPU offload of parameters and optimizer where ``deepspeed`` is importable (no
   target). On a CPU-only machine "host" and "device" are the same memory: the ratio is then
   the cost of the chunked optimizer, not of PCIe transfers.
+- ``sharded_state_fraction`` and ``sharded_vs_deepspeed`` (no target): the sharded parameter
+  chunks (zero/chunk_shards.py) in the same 2-rank job: ``offload.policy = "static"``,
+  ``param_device_fraction = 0``, ``offload.optimizer = "host"`` (each rank keeps 1/N of every
+  parameter chunk, of its gradients and of its Adam states; full chunks gathered for compute,
+  gradients reduce-scattered). ``sharded_state_fraction``: the most model-state bytes any
+  rank holds between steps (its shards, master weights and Adam states, from
+  ``memory_report``) over those of the same engine in one process (a 1-rank job of a few
+  steps): about 1/N. ``sharded_vs_deepspeed``: its median step time over DeepSpeed ZeRO-3's
+  with parameters and optimizer offloaded to the CPU, in the same job (only where
+  ``deepspeed`` runs; else ``config.steps.deepspeed`` says why it is absent).
 - ``state_over_rss`` (target >= 3): model-state bytes 16Ψ (fp32: parameters 4Ψ, gradients 4Ψ,
   Adam m and v 8Ψ) over the peak resident set (``VmHWM``) of a fresh launched process that
   trains the model for a few steps with the offload this version has. With the parameter-chunk
@@ -32,10 +42,11 @@ Three ratios, each measured against its own reference in the same run (issue 6, 
   With the optimizer-state offload alone (``offload.optimizer = "disk"``) parameters and
   gradients stay in memory and the ratio is below 16Ψ / 8Ψ = 2 whatever the model size.
 
-There is no peer process: each ratio key is a "peer" whose value is its reference (raw bytes
-per second, resident seconds per step, peak RSS bytes; see ``config.peer_values``). ``ours``
-is the worst attainment of a target: ratio / target for ">=" targets, target / ratio for "<="
-ones, so ``ours >= 1`` means every target is met.
+Each ratio key is a "peer" whose value is its reference (raw bytes per second, resident
+seconds per step, peak RSS bytes, one process's model-state bytes, DeepSpeed's seconds per
+step; see ``config.peer_values``). ``ours`` is the worst attainment of a target (`TARGETS`):
+ratio / target for ">=" targets, target / ratio for "<=" ones, so ``ours >= 1`` means every
+target is met; the keys without a target (``config.no_target``) do not enter it.
 """
 
 from __future__ import annotations
@@ -80,6 +91,24 @@ OPTIMIZER_TIERS = ("device", "host", "disk")
 """The step-time contenders: where ``offload.optimizer`` keeps Adam's states."""
 DEEPSPEED = "deepspeed_zero3_offload"
 """Name of the optional DeepSpeed contender of the step-time job."""
+SHARDED = "sharded_host"
+"""Name of the step-time job's contender with sharded parameter chunks (`SHARDED_OFFLOAD`)."""
+SHARDED_OFFLOAD: dict[str, Any] = {
+    "policy": "static",
+    "param_device_fraction": 0.0,
+    "optimizer": "host",
+}
+"""``offload`` of the sharded contender: parameter chunks (over N > 1 ranks, each rank's
+shards of them, with their gradients and Adam states) off the device between uses, Adam states
+in host memory."""
+NO_TARGET: dict[str, str] = {
+    "sharded_state_fraction": "about 1 / nproc: each rank keeps 1/N of every chunk and of its "
+    "Adam states (padding and how parameters fall into shards make it slightly uneven)",
+    "sharded_vs_deepspeed": "recorded; present only where DeepSpeed ran",
+}
+"""Ratio keys recorded without a target (they do not enter ``ours``)."""
+SINGLE_STEPS = (1, 2)
+"""(warm-up, measured) steps of the one-process reference of the sharded contender."""
 HOST_BUDGET_MB = 1.0
 """Host memory for parameter chunks in the capacity run (``offload.host_budget_mb``): next to
 nothing, so chunks that leave the device go to disk."""
@@ -158,8 +187,8 @@ FULL = Plan(
 
 @dataclass(frozen=True)
 class Job:
-    """What one launched job measures: ``kind`` "steps" (`StepSettings`) or "capacity"
-    (`CapacitySettings`), with its settings as a dict."""
+    """What one launched job measures: ``kind`` "steps" or "single" (`StepSettings`) or
+    "capacity" (`CapacitySettings`), with its settings as a dict."""
 
     kind: str
     settings: dict = field(default_factory=dict)
@@ -169,16 +198,22 @@ class Job:
 
 
 def run(quick: bool) -> BenchResult:
-    """Disk throughput here, then the step-time job (2 ranks), then the capacity job (1 rank),
-    all under one temporary directory of ``TMPDIR``."""
+    """Disk throughput here, then the step-time job (2 ranks), the one-process reference of
+    its sharded contender (1 rank), then the capacity job (1 rank), all under one temporary
+    directory of ``TMPDIR``."""
     plan = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="shardwise-bench-offload-") as root:
         progress(f"disk tier vs raw file IO under {root}")
         disk = measure_disk(root, plan.disk)
         progress(f"step time: launching {STEP_NPROC} ranks")
         steps = launch_job(Job("steps", asdict(replace(plan.steps, disk_path=root))), STEP_NPROC)
+        warmup, iters = SINGLE_STEPS
+        progress(f"{SHARDED} in one process: launching 1 rank ({warmup + iters} steps)")
+        single = launch_job(
+            Job("single", asdict(replace(plan.steps, warmup=warmup, iters=iters))), 1
+        )
         capacity = run_capacity(replace(plan.capacity, disk_path=root))
-    return summarise(plan, disk, steps, capacity)
+    return summarise(plan, disk, steps, capacity, single)
 
 
 def launch_job(job: Job, nproc: int) -> dict[str, Any]:
@@ -343,20 +378,82 @@ def _status_kib(field_name: str) -> int:
 def measure_steps(
     settings: StepSettings, rank: int, local_rank: int, world_size: int
 ) -> dict[str, Any]:
-    """Our engine with Adam's states on each tier (and DeepSpeed ZeRO-3 with CPU offload
-    where it imports), interleaved; medians and memory reports of rank 0."""
+    """Our engine with Adam's states on each tier, with sharded parameter chunks (`SHARDED`),
+    and DeepSpeed ZeRO-3 with CPU offload where it imports, interleaved; medians and memory
+    reports of rank 0, and every rank's model-state bytes of the sharded contender."""
     work = gpt_workload.prepare(settings, rank, local_rank, world_size)
     engines = {}
     for tier in OPTIMIZER_TIERS:
         offload = {"optimizer": tier, "disk_path": settings.disk_path if tier == "disk" else None}
         engines[tier] = build_engine(work.cfg.replace(offload=offload), work.device)
+    engines[SHARDED] = build_engine(work.cfg.replace(offload=SHARDED_OFFLOAD), work.device)
     contenders = {tier: engine_step(engine, work.batches) for tier, engine in engines.items()}
     deepspeed_note = add_deepspeed(contenders, work)
     detail = {name: describe_precision(work.dtype, name) for name in contenders}
     record = gpt_workload.measure_contenders("offload", work, contenders, detail, "rotating")
     record["config"]["deepspeed"] = deepspeed_note
     record["memory_report"] = {tier: engine.memory_report() for tier, engine in engines.items()}
+    record["sharded"] = chunk_state(engines[SHARDED], work)
     return record
+
+
+def measure_single(settings: StepSettings) -> dict[str, Any]:
+    """The sharded contender's engine (`SHARDED_OFFLOAD`) in one process, the same model and
+    micro-batch: its step times and model-state bytes (the reference of
+    ``sharded_state_fraction``)."""
+    work = gpt_workload.prepare(settings, 0, 0, 1)
+    engine = build_engine(work.cfg.replace(offload=SHARDED_OFFLOAD), work.device)
+    step_s, losses = [], []
+    for index in range(settings.warmup + settings.iters):
+        started = time.perf_counter()
+        losses.append(engine.train_step(work.batches[index]))
+        get_accelerator().synchronize()
+        step_s.append(time.perf_counter() - started)
+    return {
+        **chunk_state(engine, work),
+        "step_s": step_s[settings.warmup :],
+        "warmup_steps": settings.warmup,
+        "losses": losses,
+        "memory_report": engine.memory_report(),
+    }
+
+
+def chunk_state(engine: Engine, work: gpt_workload.RankWorkload) -> dict[str, Any]:
+    """Model-state bytes (`model_state_bytes`) of a chunked engine between steps, every rank's
+    (collective), with the bytes of its homes counted directly and where they are."""
+    report = engine.memory_report()
+    chunked = engine.chunked
+    mine = torch.zeros(2, work.world_size, dtype=torch.float64, device=work.device)
+    mine[:, work.rank] = torch.tensor([model_state_bytes(report), homes_bytes(engine)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mine)
+    state, homes = mine.tolist()
+    return {
+        "nproc": work.world_size,
+        "sharded": chunked.sharded,
+        "chunks": len(chunked.chunks),
+        "chunk_bytes": [c.nbytes for c in chunked.chunks],
+        "psi": sum(p.numel() for p in engine.params),
+        "state_bytes_per_rank": [int(v) for v in state],
+        "homes_bytes_per_rank": [int(v) for v in homes],
+        "homes_on": {f"chunks_{t}": report[f"chunks_{t}"] for t in ("device", "host", "disk")},
+        "offload": engine.config.offload.model_dump(),
+    }
+
+
+def model_state_bytes(report: dict[str, int]) -> int:
+    """Model-state bytes a chunked engine holds between steps, from its ``memory_report``:
+    parameter chunks on every tier (between steps, the homes: gathered chunks are freed), fp32
+    master weights and Adam states wherever they are. Gradient chunks exist only during a
+    step and are not counted."""
+    chunks = sum(report[f"chunks_{tier}"] for tier in ("device", "host", "disk"))
+    adam = report["optimizer_states"] + report["offloaded_host"] + report["offloaded_disk"]
+    return chunks + report["master_params"] + adam
+
+
+def homes_bytes(engine: Engine) -> int:
+    """Bytes of the engine's homes (this rank's shard chunks, or the chunks in one process)."""
+    return sum(home.nbytes for home in engine.chunked.homes)
 
 
 def build_engine(cfg: Config, device: torch.device) -> Engine:
@@ -470,32 +567,49 @@ def measure_capacity(settings: CapacitySettings, rank: int) -> dict[str, Any]:
 
 
 def summarise(
-    plan: Plan, disk: dict[str, Any], steps: dict[str, Any], capacity: dict[str, Any]
+    plan: Plan,
+    disk: dict[str, Any],
+    steps: dict[str, Any],
+    capacity: dict[str, Any],
+    single: dict[str, Any],
 ) -> BenchResult:
-    """The three ratios, each against its reference (the "peer" values), and the config."""
+    """The ratios, each against its reference (the "peer" values), and the config; `single`
+    is the one-process reference of the sharded contender (`measure_single`)."""
     medians = steps["median_s"]
+    sharded = sharded_summary(steps, single)
     peers = {
         "disk_vs_raw": disk["raw"]["bytes_per_s"],
         "step_vs_inmemory": medians["device"],
         "state_over_rss": float(capacity["peak_rss_bytes"]),
+        "sharded_state_fraction": float(sharded["single_process_state_bytes"]),
     }
     ratio = {
         "disk_vs_raw": disk["ratio"],
         "step_vs_inmemory": medians["host"] / medians["device"],
         "state_over_rss": capacity["state_bytes"] / peers["state_over_rss"],
+        "sharded_state_fraction": sharded["state_fraction"],
     }
-    attainment = {key: attained(key, value) for key, value in ratio.items()}
+    if DEEPSPEED in medians:
+        peers["sharded_vs_deepspeed"] = medians[DEEPSPEED]
+        ratio["sharded_vs_deepspeed"] = medians[SHARDED] / medians[DEEPSPEED]
+    attainment = {key: attained(key, ratio[key]) for key in TARGETS}
     config = {
         "targets": {key: f"{op} {target}" for key, (op, target) in TARGETS.items()},
         "meets_target": {key: value >= 1 for key, value in attainment.items()},
+        "no_target": {key: note for key, note in NO_TARGET.items() if key in ratio},
         "peer_values": {
             "disk_vs_raw": "raw sequential write + read, bytes/s (measure_raw_throughput), "
             "median of the rounds; the ratio is the median of the rounds' tier / raw",
             "step_vs_inmemory": "median step s, offload.optimizer='device' (all resident)",
             "state_over_rss": "peak RSS bytes (VmHWM) of the capacity process",
+            "sharded_state_fraction": f"model-state bytes of {SHARDED}'s engine in one process; "
+            "the ratio is the most any rank of the job holds over it",
+            "sharded_vs_deepspeed": f"median step s of {DEEPSPEED} in the same job; the ratio "
+            f"is {SHARDED}'s over it",
         },
         "disk": {**disk, "settings": asdict(plan.disk), "page_cache": PAGE_CACHE_NOTE},
         "steps": steps_config(steps),
+        "sharded": sharded,
         "capacity": capacity_summary(capacity),
         "cpu": cpu_model(),
         "torch": torch.__version__.split("+")[0],
@@ -531,6 +645,26 @@ def steps_config(steps: dict[str, Any]) -> dict[str, Any]:
         "median_s": medians,
         "vs_device": {name: value / medians["device"] for name, value in medians.items()},
         "memory_report": steps["memory_report"],
+    }
+
+
+def sharded_summary(steps: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
+    """The sharded contender: its median step time (and DeepSpeed's, when it ran), every
+    rank's model-state bytes and their fraction of the one-process figure."""
+    medians, job = steps["median_s"], steps["sharded"]
+    reference = single["state_bytes_per_rank"][0]
+    per_rank = job["state_bytes_per_rank"]
+    return {
+        **job,
+        "median_s": medians[SHARDED],
+        "deepspeed_median_s": medians.get(DEEPSPEED),
+        "state_fraction": max(per_rank) / reference,
+        "state_fraction_per_rank": [value / reference for value in per_rank],
+        "state_sum_over_single": sum(per_rank) / reference,
+        "single_process_state_bytes": reference,
+        "single_process": single,
+        "state_counted": "parameter chunks on every tier (between steps: the homes), "
+        "master weights, Adam states (memory_report)",
     }
 
 
@@ -579,6 +713,8 @@ def measure(job: Job, rank: int, local_rank: int, world_size: int) -> dict[str, 
         return measure_steps(StepSettings(**job.settings), rank, local_rank, world_size)
     if job.kind == "capacity":
         return measure_capacity(CapacitySettings(**job.settings), rank)
+    if job.kind == "single":
+        return measure_single(StepSettings(**job.settings))
     raise ValueError(f"unknown offload benchmark job {job.kind!r}")
 
 
