@@ -234,7 +234,7 @@ class ChunkHooks:
 
     def before_forward(self, name: str) -> None:
         for chunk in self._chunks(name):
-            self.manager.access(chunk)
+            self.manager.access(chunk, read_only=True)
         self._prefetch(max(self.used[name]) + 1)  # chunks are in execution order
 
     def after_forward(self, name: str, output: object) -> None:
@@ -248,7 +248,7 @@ class ChunkHooks:
 
     def before_backward(self, name: str) -> None:
         for chunk in self._chunks(name):
-            self.manager.access(chunk)
+            self.manager.access(chunk, read_only=True)
         for param in self.modules[name].parameters(recurse=False):
             if id(param) in self.owners and id(param) not in self._grad_hooked:
                 self._grad_hooked.add(id(param))

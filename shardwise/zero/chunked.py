@@ -428,7 +428,7 @@ class ChunkedParams:
         (between steps: the manager's step is reset afterwards)."""
         copies: dict[int, torch.Tensor] = {}
         for chunk in self.chunks:
-            self.manager.access(chunk)
+            self.manager.access(chunk, read_only=True)
             for slot in chunk.slots:
                 copies[id(slot.param)] = slot.param.detach().clone()
             self.manager.release(chunk, "forward")

@@ -28,6 +28,12 @@ follow Gemini's tensor states and move only along `_TRANSITIONS`:
 Tier moves follow `_TIER_MOVES` and are refused while the chunk is COMPUTE (a module is reading
 its parameters) or FREE (there are no bytes to move).
 
+[Note: clean disk copies] Reading a chunk from disk keeps its file: while the chunk is
+unchanged (`on_disk`), leaving for disk again writes nothing, which is most evictions of
+parameter chunks (forward and backward only read them; the optimizer pass changes them once
+per step). Whoever changes a chunk's bytes calls `modified` first (the manager's `access` does,
+unless told the access only reads), which deletes the stale file.
+
 [Note: parameters are permanent views] Each parameter's ``.data`` is a view of the chunk's
 `payload`, a flat buffer on the compute device. Only the payload's storage comes and goes (as
 in zero/params.py): it is allocated while the tier is DEVICE and resized to zero otherwise, so
@@ -200,6 +206,8 @@ class Chunk:
     host: torch.Tensor | None = field(default=None, repr=False)
     """Host copy while the tier is HOST."""
     pending: PendingMove | None = field(default=None, repr=False)
+    on_disk: bool = False
+    """The disk tier holds the chunk's current bytes (see [Note: clean disk copies])."""
 
     @property
     def nbytes(self) -> int:
@@ -295,12 +303,13 @@ class Chunk:
             self._drain_payload(to, io)
             free_storage(self.payload)
         elif to is Tier.DISK:  # HOST -> DISK
-            _disk(io, self).write(self.key, self.host).result()
+            if not self.on_disk:
+                _disk(io, self).write(self.key, self.host).result()
+                self.on_disk = True
             self.host = None
         else:  # DISK -> HOST
             self.host = io.host_buffer(self.numel, self.dtype)
             _disk(io, self).read(self.key, self.host).result()
-            _disk(io, self).discard(self.key)
         self.tier = to
         if not non_blocking:
             self.wait(io)
@@ -315,9 +324,14 @@ class Chunk:
             free_storage(self.payload)
         elif self.tier is Tier.HOST:
             self.host = None
-        elif self.tier is Tier.DISK:
-            _disk(io, self).discard(self.key)
+        self.modified(io)
         self.tier = None
+
+    def modified(self, io: TierIO) -> None:
+        """The bytes are about to change: a clean disk copy is stale from now on, and goes."""
+        if self.on_disk:
+            _disk(io, self).discard(self.key)
+            self.on_disk = False
 
     def wait(self, io: TierIO) -> None:
         """Complete a pending move onto the device."""
@@ -348,13 +362,11 @@ class Chunk:
         # through numpy views, and exporting a tensor to numpy makes its storage non-resizable
         # for good, which would end `free_storage` on the payload. Disk moves go through a
         # host buffer of their own (on an accelerator it doubles as the transfer buffer).
-        disk = _disk(io, self)
         staging = io.host_buffer(self.numel, self.dtype)
-        future = disk.read(self.key, staging)
+        future = _disk(io, self).read(self.key, staging)
 
         def finish() -> None:
             target.copy_(staging, non_blocking=io.pin_memory)
-            disk.discard(self.key)
 
         return PendingMove(future=future, finish=finish)
 
@@ -363,9 +375,12 @@ class Chunk:
             self.host = io.host_buffer(self.numel, self.dtype)
             self.host.copy_(self.payload)
             return
+        if self.on_disk:
+            return
         staging = io.host_buffer(self.numel, self.dtype)  # see [Note: the payload never ...]
         staging.copy_(self.payload)
         _disk(io, self).write(self.key, staging).result()
+        self.on_disk = True
 
 
 @dataclass(eq=False)

@@ -200,15 +200,17 @@ class ChunkManager:
 
     # -- the three calls around a module ---------------------------------------------------
 
-    def access(self, chunk: Chunk) -> None:
-        """Before a module computes: `chunk` on the device, usable, and COMPUTE."""
+    def access(self, chunk: Chunk, read_only: bool = False) -> None:
+        """Before a module computes: `chunk` on the device, usable, and COMPUTE. Unless
+        `read_only`, its bytes may change: a clean disk copy is dropped ([Note: clean disk
+        copies] in chunks.py)."""
         self._advance(chunk)
         self._tick += 1
         self._last_use[chunk.index] = self._tick
         if chunk.state is ChunkState.FREE:
             source = chunk.source
             if source is not None:
-                self.access(source)  # on the device (and unevictable) while it is read
+                self.access(source, read_only=True)  # on the device while it is read
             self._make_room(chunk, chunk.nbytes)
             chunk.materialize(Tier.DEVICE, self.io, self.param_init)
             self._count(chunk, None, Tier.DEVICE)
@@ -220,6 +222,8 @@ class ChunkManager:
         else:
             self._make_room(chunk, 0)  # this moment's budget may be lower than the last one's
         chunk.wait(self.io)
+        if not read_only:
+            chunk.modified(self.io)
         chunk.apply(ChunkEvent.ACCESS)
 
     def release(self, chunk: Chunk, after: Literal["forward", "backward"]) -> None:

@@ -227,14 +227,35 @@ def test_tier_round_trips_are_bit_exact_and_free_what_they_leave(path):
     chunk = make_chunks([5, 7], 16, seed=3)[0]
     chunk.materialize(Tier.DEVICE, io)
     want = bits(chunk)
-    for tier in path:
+    for step, tier in enumerate(path):
         chunk.move(tier, io)
         assert chunk.tier is tier
         on_device = chunk.payload.untyped_storage().nbytes()
         assert on_device == (chunk.nbytes if tier is Tier.DEVICE else 0)
         assert (chunk.host is not None) == (tier is Tier.HOST)
-        assert (chunk.key in disk.store) == (tier is Tier.DISK)
+        assert (chunk.key in disk.store) == chunk.on_disk == (Tier.DISK in path[: step + 1])
     assert same_bits(bits(chunk), want)
+    written = int(Tier.DISK in path)
+    assert disk.writes == written, "an unchanged chunk is written once: its disk copy stays"
+    chunk.modified(io)
+    assert chunk.key not in disk.store and not chunk.on_disk
+
+
+def test_a_changed_chunk_is_written_again_and_read_back_changed():
+    disk = FakeDisk()
+    io = TierIO.for_device(torch.device("cpu"), disk)
+    chunk = make_chunks([5, 7], 16, seed=3)[0]
+    chunk.materialize(Tier.DISK, io)
+    chunk.move(Tier.DEVICE, io)
+    chunk.move(Tier.DISK, io)  # clean: nothing written
+    assert disk.writes == 1
+    chunk.move(Tier.DEVICE, io)
+    chunk.modified(io)
+    chunk.payload.data.add_(1.0)
+    want = bits(chunk)
+    chunk.move(Tier.DISK, io)
+    chunk.move(Tier.DEVICE, io)
+    assert disk.writes == 2 and same_bits(bits(chunk), want)
 
 
 def test_refilling_does_not_look_like_an_inplace_change_to_autograd():
