@@ -19,6 +19,12 @@ chunk; `ChunkedParams` (chunked.py) puts them together for the engine.
     finish_backward()      release what is still in use: modules some of whose parameters
                            got no gradient
 
+Activation checkpointing recomputes a block's forward inside backward, and torch stops the
+recomputation as soon as the tensors backward needs exist (non-reentrant checkpoint's early
+stop): the last module of the block then had its pre-hook but never its forward hook. Such an
+unclosed forward access is released with the module's backward accesses (its backward follows
+the recomputation), or at `finish_backward` at the latest.
+
 A tied parameter belongs to every module that owns it, and its gradient is accumulated once,
 after its last use in backward, so its chunk stays in use from the first of those modules'
 backward to the last. Parameter hooks go on at the first backward: materialising a meta
@@ -199,6 +205,9 @@ class ChunkHooks:
         self._grad_hooked: set[int] = set()
         self._accesses: dict[str, int] = {}
         """Module -> backward accesses not yet released."""
+        self._forwards: dict[str, int] = {}
+        """Module -> forward accesses whose forward hook has not run (yet, or ever: a
+        recomputation stopped early)."""
         self._pending: dict[str, set[int]] = {}
         """Module -> its parameters whose gradient this backward has not accumulated yet."""
         for name, module in model.named_modules():
@@ -235,11 +244,11 @@ class ChunkHooks:
     def before_forward(self, name: str) -> None:
         for chunk in self._chunks(name):
             self.manager.access(chunk, read_only=True)
+        self._forwards[name] = self._forwards.get(name, 0) + 1
         self._prefetch(max(self.used[name]) + 1)  # chunks are in execution order
 
     def after_forward(self, name: str, output: object) -> None:
-        for chunk in self._chunks(name):
-            self.manager.release(chunk, "forward")
+        self._release_forward(name, 1)
         for tensor in output_tensors(output):
             if tensor.requires_grad:
                 tensor.register_hook(lambda _grad, n=name: self.before_backward(n))
@@ -269,16 +278,27 @@ class ChunkHooks:
                 del self._pending[name]
                 self._release_backward(name)
 
+    def _release_forward(self, name: str, times: int) -> None:
+        self._forwards[name] -= times
+        for _ in range(times):
+            for chunk in self._chunks(name):
+                self.manager.release(chunk, "forward")
+
     def _release_backward(self, name: str) -> None:
+        self._release_forward(name, self._forwards.get(name, 0))  # a stopped recomputation
         for _ in range(self._accesses.pop(name)):
             for chunk in self._chunks(name):
                 self.manager.release(chunk, "backward")
 
     def finish_backward(self) -> None:
-        """After a backward: release the chunks of modules still waiting for a gradient."""
+        """After a backward: release the chunks of modules still waiting for a gradient, and
+        of forwards left open by a stopped recomputation."""
         for name in list(self._accesses):
             self._pending.pop(name, None)
             self._release_backward(name)
+        for name, times in self._forwards.items():
+            if times:
+                self._release_forward(name, times)
 
 
 class ChunkedAdamW(OffloadedAdamW):

@@ -186,7 +186,11 @@ class MemoryTracer:
         self._record(name, "forward")
 
     def _after_forward(self, name: str, output: object) -> None:
-        index = self._open.pop()  # modules nest: the innermost open one just finished
+        # Modules nest: the innermost open moment of this module just finished. Searched by
+        # name, as a recomputation that activation checkpointing stopped early leaves a
+        # module opened and never finished (see chunk_hooks.py).
+        position = max(i for i, t in enumerate(self._open) if self._moments[t].module == name)
+        index = self._open.pop(position)
         before = self._moments[index]
         now = self._non_model_bytes(self._model_bytes())
         if now > before.non_model_bytes:

@@ -26,6 +26,7 @@ warm-up step needs beside this rank's shards."""
 PLACEMENTS = {
     "static-third": {"policy": "static", "param_device_fraction": 0.34},
     "auto": {"policy": "auto", "device_budget_mb": BUDGET_MB},
+    "auto-activation-checkpointing": {"policy": "auto", "device_budget_mb": BUDGET_MB},
     "auto-disk-adam-on-disk": {
         "policy": "auto",
         "device_budget_mb": BUDGET_MB,
@@ -64,6 +65,8 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
     want = reference_run(config())
     for name, offload in PLACEMENTS.items():
         cfg = config(**offload, disk_path=str(tmp_path))
+        if name == "auto-activation-checkpointing":
+            cfg = cfg.replace(train={"activation_checkpointing": "full"})
         for got in pool2.run(train_rows, cfg):
             assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
             assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"]), name
