@@ -230,6 +230,15 @@ def test_bf16_keeps_fp32_masters_in_the_host_optimizer():
     assert engine.memory_report()["master_params"] == 4 * sum(p.numel() for p in engine.params)
 
 
+def test_fp16_unscales_the_gradient_chunks():
+    plain = make_config(micro_batch=1, global_batch=2, dtype="fp16")
+    _, want, _ = run(plain)
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "auto", "optimizer": "host"})
+    engine, losses, _ = run(cfg.replace(offload={"device_budget_mb": BUDGET_MB}))
+    assert engine.scaler is not None
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-3, atol=0)
+
+
 def test_state_dict_round_trip_resumes_exactly(tmp_path):
     cfg = config(policy="auto", device_budget_mb=BUDGET_MB, optimizer="disk").replace(
         offload={"disk_path": str(tmp_path), "host_budget_mb": 0.05}
