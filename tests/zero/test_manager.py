@@ -23,6 +23,7 @@ from shardwise.zero.chunks import (
     build_grad_chunks,
 )
 from shardwise.zero.manager import ChunkManager
+from shardwise.zero.offload.disk import DiskFullError, DiskTier
 from shardwise.zero.placement import apply_placement, placement_summary, static_placement
 
 
@@ -352,6 +353,24 @@ def test_full_host_without_disk_is_a_config_error():
     run_moment(manager, chunks, [0])
     with pytest.raises(ConfigError, match="host_budget=0 bytes is full"):
         manager.access(chunks[1])
+
+
+def test_full_disk_fails_at_the_eviction_and_keeps_the_chunk(tmp_path):
+    """Evictions wait for their write: a disk past its cap fails there, with the chunk still
+    on the device and its bytes unchanged, and the manager's counts as before."""
+    chunks = chunk_of_each(3)
+    one = chunks[0].nbytes
+    with DiskTier(tmp_path, max_bytes=one + one // 2) as disk:
+        manager = ChunkManager(chunks, CPU, device_budget=2 * one, host_budget=0, disk=disk)
+        run_moment(manager, chunks, [0])
+        run_moment(manager, chunks, [1])
+        run_moment(manager, chunks, [2])  # chunk 0 to disk: one chunk fits under the cap
+        assert chunks[0].tier is Tier.DISK
+        kept = bits(chunks[1])
+        with pytest.raises(DiskFullError, match="offload.disk_max_bytes|cap"):
+            run_moment(manager, chunks, [0])  # chunk 1 would be the second file on disk
+        assert chunks[1].tier is Tier.DEVICE and same_bits(bits(chunks[1]), kept)
+        assert manager.memory_report() == {"device": 2 * one, "host": 0, "disk": one}
 
 
 def test_misuse_is_a_state_error():
