@@ -34,6 +34,14 @@ parameter chunks (forward and backward only read them; the optimizer pass change
 per step). Whoever changes a chunk's bytes calls `modified` first (the manager's `access` does,
 unless told the access only reads), which deletes the stale file.
 
+[Note: write-behind] A move to disk with ``non_blocking`` returns once the write is issued
+(the payload's device memory is free at once; a host buffer holds the bytes until the write is
+done) and leaves the chunk DISK with a `writing`. `settle` completes it; reading the chunk
+back, discarding it and a blocking move settle first. A write that failed (the disk is full)
+puts the chunk back in host memory from its buffer before the error is raised, so no bytes
+are lost; the manager settles its writes in order, at most a few in flight, and all of them
+at the end of a step.
+
 [Note: parameters are permanent views] Each parameter's ``.data`` is a view of the chunk's
 `payload`, a flat buffer on the compute device. Only the payload's storage comes and goes (as
 in zero/params.py): it is allocated while the tier is DEVICE and resized to zero otherwise, so
@@ -186,6 +194,15 @@ class PendingMove:
             self.finish()
 
 
+@dataclass
+class PendingWrite:
+    """A write to the disk tier that has started; its buffer must live until it is done."""
+
+    future: Future
+    buffer: torch.Tensor
+    """The host bytes being written (a staging copy of the payload, or the host copy)."""
+
+
 @dataclass(eq=False)
 class Chunk:
     """A fixed-size flat buffer holding whole parameters; see [Note: tier and state]."""
@@ -208,6 +225,8 @@ class Chunk:
     pending: PendingMove | None = field(default=None, repr=False)
     on_disk: bool = False
     """The disk tier holds the chunk's current bytes (see [Note: clean disk copies])."""
+    writing: PendingWrite | None = field(default=None, repr=False)
+    """The write behind a move to disk, until `settle` (see [Note: write-behind])."""
 
     @property
     def nbytes(self) -> int:
@@ -290,29 +309,51 @@ class Chunk:
         return None
 
     def move(self, to: Tier, io: TierIO, non_blocking: bool = False) -> None:
-        """Move the bytes to `to`. Moves off the device are synchronous (their memory is
-        free when this returns); a move onto the device with `non_blocking` may leave a
-        `pending` move that `wait` completes."""
+        """Move the bytes to `to`. Moves off the device free its memory before returning. With
+        `non_blocking`, a move onto the device may leave a `pending` move that `wait`
+        completes, and a move to disk a `writing` that `settle` completes."""
         self._check_move(to)
         self.wait(io)
         source = self.tier
+        if source is Tier.DISK:
+            self.settle()
         if to is Tier.DEVICE:
             alloc_storage(self.payload)
             self.pending = self._fill_payload(io, non_blocking)
-        elif source is Tier.DEVICE:
-            self._drain_payload(to, io)
-            free_storage(self.payload)
-        elif to is Tier.DISK:  # HOST -> DISK
+        elif to is Tier.DISK:
             if not self.on_disk:
-                _disk(io, self).write(self.key, self.host).result()
-                self.on_disk = True
+                if source is Tier.DEVICE:  # see [Note: the payload never meets the disk tier]
+                    buffer = io.host_buffer(self.numel, self.dtype).copy_(self.payload)
+                else:
+                    buffer = self.host
+                future = _disk(io, self).write(self.key, buffer)
+                self.writing, self.on_disk = PendingWrite(future, buffer), True
             self.host = None
+        elif source is Tier.DEVICE:  # -> HOST
+            self.host = io.host_buffer(self.numel, self.dtype)
+            self.host.copy_(self.payload)
         else:  # DISK -> HOST
             self.host = io.host_buffer(self.numel, self.dtype)
             _disk(io, self).read(self.key, self.host).result()
+        if source is Tier.DEVICE:
+            free_storage(self.payload)
         self.tier = to
         if not non_blocking:
             self.wait(io)
+            self.settle()
+
+    def settle(self) -> None:
+        """Complete the write behind a move to disk. If it failed (a full disk), the bytes are
+        put back in host memory from its buffer (tier HOST, nothing on disk) and the error
+        is raised: the chunk is intact, one tier up."""
+        if self.writing is None:
+            return
+        writing, self.writing = self.writing, None
+        try:
+            writing.future.result()
+        except BaseException:
+            self.host, self.tier, self.on_disk = writing.buffer, Tier.HOST, False
+            raise
 
     def discard(self, io: TierIO) -> None:
         """HOLD_* -> FREE: drop the bytes on whatever tier they are. Only for chunks whose
@@ -320,6 +361,7 @@ class Chunk:
         would lose its parameters."""
         self.apply(ChunkEvent.DISCARD)
         self.wait(io)
+        self.settle()
         if self.tier is Tier.DEVICE:
             free_storage(self.payload)
         elif self.tier is Tier.HOST:
@@ -369,18 +411,6 @@ class Chunk:
             target.copy_(staging, non_blocking=io.pin_memory)
 
         return PendingMove(future=future, finish=finish)
-
-    def _drain_payload(self, to: Tier, io: TierIO) -> None:
-        if to is Tier.HOST:
-            self.host = io.host_buffer(self.numel, self.dtype)
-            self.host.copy_(self.payload)
-            return
-        if self.on_disk:
-            return
-        staging = io.host_buffer(self.numel, self.dtype)  # see [Note: the payload never ...]
-        staging.copy_(self.payload)
-        _disk(io, self).write(self.key, staging).result()
-        self.on_disk = True
 
 
 @dataclass(eq=False)

@@ -21,8 +21,9 @@ moment's.
 [Note: accounting] The manager counts the bytes of every chunk per tier itself (chunks are
 fixed-size, so this is exact for chunk memory and independent of the allocator); the device
 count never exceeds the budget in force, because room is made *before* bytes are allocated and
-moves off the device are synchronous. `device_peak_bytes` is the high-water mark of that count.
-The transient host buffer of a device <-> disk move is not counted.
+a move off the device frees its memory before it returns. `device_peak_bytes` is the
+high-water mark of that count. The transient host buffers of moves to and from disk are not
+counted: one per read, and one per write behind (at most `MAX_WRITES_BEHIND` in flight).
 
 [Note: chunks with a source] A chunk may be rebuilt from another one (`Chunk.source`: the
 full chunk gathered from this rank's shard, zero/chunk_shards.py). Accessing it while FREE
@@ -33,6 +34,7 @@ prefetching it prefetches the source.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -49,6 +51,10 @@ from shardwise.zero.chunks import (
     TierIO,
 )
 from shardwise.zero.optimizer import ParamInit
+
+MAX_WRITES_BEHIND = 2
+"""Moves to disk in flight at once: each holds a chunk of host memory (its staging buffer)
+until its write is done."""
 
 
 class ChunkManager:
@@ -91,6 +97,8 @@ class ChunkManager:
         self._names: list[str] = []
         self._moment = 0
         self._seen: set[int] = set()
+        self._writing: collections.deque[Chunk] = collections.deque()
+        """Chunks whose move to disk is being written behind, oldest first."""
         largest = max((c.nbytes for c in self.chunks), default=0)
         if device_budget is not None and device_budget < largest:
             raise ConfigError(
@@ -260,7 +268,10 @@ class ChunkManager:
         return True
 
     def end_step(self) -> None:
-        """After the optimizer step: every chunk back to HOLD, the schedule back to moment 0."""
+        """After the optimizer step: every write behind done, every chunk back to HOLD, the
+        schedule back to moment 0."""
+        while self._writing:
+            self._settle(self._writing.popleft())
         for chunk in self.chunks:
             if chunk.state is not ChunkState.FREE:
                 chunk.apply(ChunkEvent.END_STEP)
@@ -268,6 +279,7 @@ class ChunkManager:
 
     def discard(self, chunk: Chunk) -> None:
         """Drop a released chunk's bytes (a gradient chunk the optimizer has used): FREE."""
+        self._settle(chunk)
         source = chunk.tier
         chunk.discard(self.io)
         if source is not None:
@@ -325,7 +337,7 @@ class ChunkManager:
         if chunk.source is not None:
             self.discard(chunk)
             return
-        self._move(chunk, self._host_or_disk(chunk))
+        self._move(chunk, self._host_or_disk(chunk), non_blocking=True)
 
     def _host_or_disk(self, chunk: Chunk) -> Tier:
         if self.host_budget is None or self._bytes[Tier.HOST] + chunk.nbytes <= self.host_budget:
@@ -345,7 +357,7 @@ class ChunkManager:
         for spilled in on_host:
             if self._bytes[Tier.HOST] + chunk.nbytes <= self.host_budget:
                 break
-            self._move(spilled, Tier.DISK)
+            self._move(spilled, Tier.DISK, non_blocking=True)
         return Tier.HOST
 
     def place(self, chunk: Chunk, tier: Tier) -> None:
@@ -358,9 +370,25 @@ class ChunkManager:
         self._count(chunk, None, tier)
 
     def _move(self, chunk: Chunk, to: Tier, non_blocking: bool = False) -> None:
+        """`Chunk.move` with the counts kept; a move to disk with `non_blocking` is written
+        behind ([Note: write-behind] in chunks.py), at most `MAX_WRITES_BEHIND` at a time."""
+        self._settle(chunk)
         source = chunk.tier
         chunk.move(to, self.io, non_blocking=non_blocking)
         self._count(chunk, source, to)
+        if chunk.writing is not None:
+            self._writing.append(chunk)
+            if len(self._writing) > MAX_WRITES_BEHIND:
+                self._settle(self._writing.popleft())
+
+    def _settle(self, chunk: Chunk) -> None:
+        """Complete `chunk`'s write behind; a failed one left it in host memory: count it
+        there, then raise."""
+        try:
+            chunk.settle()
+        except Exception:
+            self._count(chunk, Tier.DISK, Tier.HOST)
+            raise
 
     def _count(self, chunk: Chunk, source: Tier | None, to: Tier) -> None:
         if source is not None:

@@ -355,9 +355,10 @@ def test_full_host_without_disk_is_a_config_error():
         manager.access(chunks[1])
 
 
-def test_full_disk_fails_at_the_eviction_and_keeps_the_chunk(tmp_path):
-    """Evictions wait for their write: a disk past its cap fails there, with the chunk still
-    on the device and its bytes unchanged, and the manager's counts as before."""
+def test_full_disk_fails_when_the_write_behind_settles_and_keeps_the_chunk(tmp_path):
+    """An eviction to disk returns once its write is issued; a write that failed (the disk
+    past its cap) raises when it is settled (here at the step's end), with the chunk back in
+    host memory, its bytes unchanged and the manager's counts saying so."""
     chunks = chunk_of_each(3)
     one = chunks[0].nbytes
     with DiskTier(tmp_path, max_bytes=one + one // 2) as disk:
@@ -365,12 +366,16 @@ def test_full_disk_fails_at_the_eviction_and_keeps_the_chunk(tmp_path):
         run_moment(manager, chunks, [0])
         run_moment(manager, chunks, [1])
         run_moment(manager, chunks, [2])  # chunk 0 to disk: one chunk fits under the cap
-        assert chunks[0].tier is Tier.DISK
-        kept = bits(chunks[1])
+        manager.end_step()
+        assert chunks[0].tier is Tier.DISK and chunks[0].writing is None
+        kept = chunks[1].payload.clone()
+        run_moment(manager, chunks, [0])  # chunk 1 out: its file would pass the cap
+        assert chunks[1].tier is Tier.DISK and chunks[1].writing is not None
         with pytest.raises(DiskFullError, match="offload.disk_max_bytes|cap"):
-            run_moment(manager, chunks, [0])  # chunk 1 would be the second file on disk
-        assert chunks[1].tier is Tier.DEVICE and same_bits(bits(chunks[1]), kept)
-        assert manager.memory_report() == {"device": 2 * one, "host": 0, "disk": one}
+            manager.end_step()
+        assert chunks[1].tier is Tier.HOST and not chunks[1].on_disk
+        assert torch.equal(chunks[1].host, kept)
+        assert manager.memory_report() == {"device": 2 * one, "host": one, "disk": 0}
 
 
 def test_misuse_is_a_state_error():
