@@ -224,6 +224,7 @@ def run_random_sequence(seed: int, disk: object | None) -> None:
         manager.access(chunks[i])
         assert same_bits(bits(chunks[i]), want)
         manager.release(chunks[i], "forward")
+    manager.end_step()  # the writes behind the last evictions land
     assert manager.device_peak_bytes <= budget
     if host_budget is not None:
         assert manager.host_peak_bytes <= host_budget
