@@ -351,7 +351,7 @@ class Chunk:
         writing, self.writing = self.writing, None
         try:
             writing.future.result()
-        except BaseException:
+        except Exception:
             self.host, self.tier, self.on_disk = writing.buffer, Tier.HOST, False
             raise
 
@@ -359,9 +359,9 @@ class Chunk:
         """HOLD_* -> FREE: drop the bytes on whatever tier they are. Only for chunks whose
         contents are dead (a gradient chunk after the optimizer used it): a parameter chunk
         would lose its parameters."""
+        self.settle()
         self.apply(ChunkEvent.DISCARD)
         self.wait(io)
-        self.settle()
         if self.tier is Tier.DEVICE:
             free_storage(self.payload)
         elif self.tier is Tier.HOST:
