@@ -70,23 +70,29 @@ def check_supported(dims: ParallelDims) -> None:
             )
 
 
-def check_offload_policy(config: Config) -> None:
-    """Reject ``offload.policy`` where it cannot run yet, before any process waits."""
+def check_offload_policy(config: Config, world_size: int) -> None:
+    """Reject ``offload.policy`` where it cannot run, before any process waits."""
     policy, parallel = config.offload.policy, config.parallel
     if policy == "none":
         return
-    if parallel.tp > 1 or parallel.dp_replicate > 1:
+    if parallel.tp > 1:
         raise ConfigError(
             f"offload.policy={policy!r} shards chunks over the data-parallel ranks only: it "
-            f"needs parallel.tp=1 and parallel.dp_replicate=1 (got tp={parallel.tp}, "
-            f"dp_replicate={parallel.dp_replicate}); use offload.optimizer for Adam states on "
-            "host or disk with tensor parallelism or replicated data parallelism"
+            f"needs parallel.tp=1 (got {parallel.tp}); use offload.optimizer for Adam states "
+            "on host or disk with tensor parallelism"
         )
     if config.zero.stage not in (0, 3):
         raise ConfigError(
             f"offload.policy={policy!r} shards parameters, gradients and Adam states of every "
             f"chunk over the data-parallel ranks (ZeRO-3 for chunks); zero.stage="
             f"{config.zero.stage} asks for less: set zero.stage=3 (or leave it at 0)"
+        )
+    dims = ParallelDims.from_config(parallel, world_size)
+    if dims.dp_replicate > 1 and dims.dp_shard == 1:
+        raise ConfigError(
+            f"offload.policy={policy!r} shards chunks over parallel.dp_shard, which is 1 here "
+            f"(dp_replicate={dims.dp_replicate}): set dp_shard > 1 (replicas then average "
+            "their gradient shards)"
         )
 
 
@@ -230,6 +236,7 @@ class Engine:
             lambda: self.model(example),
             param_init,
             self.shard_mesh,
+            self.replicate_mesh,
         )
         chunked = {id(p) for p in self.chunked.names().values()}
         with torch.no_grad():
@@ -520,7 +527,7 @@ def initialize(
     device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
     shards. With parallel.tp > 1 the (materialised) model is split by `tp_plan`."""
     config = config or Config()
-    check_offload_policy(config)
+    check_offload_policy(config, dist.get_world_size() if dist.is_initialized() else 1)
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)

@@ -26,6 +26,11 @@ every rank's backward must give gradients to the same parameters, as for DDP wit
 ``find_unused_parameters``. Chunks some of whose parameters got no gradient are reduced at the
 end of the backward, in chunk order.
 
+With hierarchical data parallelism (``parallel.dp_replicate`` > 1) the chunks are sharded
+within ``dp_shard`` and every replica group all-reduces its gradient shards after the
+reduce-scatter (HSDP); gathers, norms and overflow flags stay within the shard group, whose
+replicas hold identical shards.
+
 The global gradient norm is the square root of the all-reduced sum of the squared norms of
 each rank's gradient pieces: equal to a single process's up to summation order (not bit for
 bit, as the one-process path is).
@@ -156,11 +161,17 @@ class ShardedGrads(GradChunks):
         full: Sequence[GradChunk],
         manager: ChunkManager,
         group: object,
+        replicate: object | None = None,
     ) -> None:
+        """`replicate`: ranks holding the same shards as this one (hierarchical data
+        parallelism); each gradient shard is all-reduced over them."""
         super().__init__(shards, chunks, manager)
         self.full = list(full)
         self.group = group
-        self.size = comm.group_size(group)
+        replicas = comm.group_size(replicate) if replicate is not None else 1
+        self.replicate = replicate if replicas > 1 else None
+        self.size = comm.group_size(group) * replicas
+        """Ranks whose gradients are averaged."""
         self._full_of = {id(s.param): (i, s) for i, c in enumerate(self.full) for s in c.slots}
         self._waiting: dict[int, set[int]] = {}
         """Full gradient chunk -> parameters whose gradient this backward has not brought."""
@@ -191,14 +202,14 @@ class ShardedGrads(GradChunks):
         full, shard = self.full[i], self.chunks[i]
         self.manager.access(full)
         self.manager.access(shard)
-        first = shard.slots and id(shard.slots[0].param) not in self.written
-        if first or not shard.slots:
-            comm.reduce_scatter_(shard.payload.data, full.payload, self.group)
-            shard.payload.div_(self.size)
-        else:
-            part = torch.empty_like(shard.payload)
-            comm.reduce_scatter_(part, full.payload, self.group)
-            shard.payload.add_(part.div_(self.size))
+        first = not shard.slots or id(shard.slots[0].param) not in self.written
+        part = shard.payload.data if first else torch.empty_like(shard.payload)
+        comm.reduce_scatter_(part, full.payload, self.group)
+        if self.replicate is not None:
+            comm.all_reduce_(part, self.replicate)
+        part.div_(self.size)
+        if not first:
+            shard.payload.add_(part)
         for s in shard.slots:
             self.written.add(id(s.param))
             self.norms[id(s.param)] = grad_norm(shard.grad_view(s))

@@ -5,7 +5,8 @@ searched for the least padding), the `ChunkManager` within the device and host b
 the disk tier), the policy's placement, the hooks on the model, the warm-up trace of the auto
 policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
 
-With a data-parallel group of N > 1 ranks the chunks are sharded over it (chunk_shards.py):
+With a data-parallel group of N > 1 ranks the chunks are sharded over it (chunk_shards.py;
+replica groups of such ranks average their gradient shards):
 the model's parameters view *gathered* chunks that exist on the device only while in use, and
 what rests between uses, is updated and is placed on the tiers (the *homes*) are this rank's
 shards. In one process the homes are the chunks themselves.
@@ -73,10 +74,13 @@ class ChunkedParams:
         run_forward: Callable[[], object],
         param_init: ParamInit | None = None,
         group: object | None = None,
+        replicate: object | None = None,
     ) -> None:
+        """`group`: the ranks the chunks are sharded over; `replicate`: ranks holding the same
+        shards (hierarchical data parallelism), which average their gradient shards."""
         self.model = model
         self.offload = offload
-        self.ranks = comm.group_size(group)
+        self.ranks = comm.group_size(group) if group is not None else 1
         self.group = group if self.ranks > 1 else None
         self.sharded = self.group is not None
         trainable = {id(p) for p in params}
@@ -113,7 +117,9 @@ class ChunkedParams:
                 self.manager.follow(follower, chunk)
         apply_placement(self.manager, self.placement, self.homes)
         if self.sharded:
-            self.grads = ShardedGrads(self.homes, home_grads, full_grads, self.manager, group)
+            self.grads = ShardedGrads(
+                self.homes, home_grads, full_grads, self.manager, group, replicate
+            )
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
         self.hooks = ChunkHooks(model, self.manager, self.chunks, self.grads)

@@ -88,6 +88,19 @@ def test_four_ranks_keep_a_quarter_of_every_chunk(pool4):
         assert got["report"]["chunks_device_peak"] <= got["budget"]
 
 
+def test_two_replicas_of_two_shards_match_single_process(pool4):
+    """Hierarchical data parallelism: chunks sharded within dp_shard=2, the two replica
+    groups averaging their gradient shards."""
+    cfg = make_config(micro_batch=1, global_batch=8).replace(
+        parallel={"dp_replicate": 2},
+        offload={**SMALLEST_CHUNKS, "policy": "auto", "device_budget_mb": BUDGET_MB},
+    )
+    want = reference_run(cfg)
+    for got in pool4.run(train_rows, cfg):
+        assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
+        assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"])
+
+
 @pytest.mark.parametrize(("dtype", "rtol"), [("bf16", BF16_RTOL), ("fp16", 5e-2)])
 def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtype, rtol):
     """fp16 adds loss scaling: gradient shards unscaled, the overflow flag every rank's."""
