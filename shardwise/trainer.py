@@ -60,9 +60,15 @@ def tensor_parallel_plan(cfg: Config, dims: ParallelDims) -> Plan | None:
 
 
 def checkpoint_layout(cfg: Config, world_size: int) -> dict:
-    """What fixes the shapes of each rank's saved state: the resolved degrees, ZeRO stage."""
+    """What fixes the shapes of each rank's saved state: the resolved degrees, ZeRO stage and,
+    with parameters in chunks (sharded over the ranks), what decides the chunk size."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    return {**dataclasses.asdict(dims), "zero_stage": cfg.zero.stage}
+    offload = cfg.offload
+    chunks = None
+    if offload.policy != "none":
+        keys = ("chunk_min_mb", "chunk_search_range_mb", "chunk_search_step_mb")
+        chunks = {key: getattr(offload, key) for key in keys}
+    return {**dataclasses.asdict(dims), "zero_stage": cfg.zero.stage, "chunks": chunks}
 
 
 def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:

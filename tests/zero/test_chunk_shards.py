@@ -150,3 +150,8 @@ def test_train_and_resume_on_two_ranks_through_the_launcher(tmp_path, capsys):
     assert code.value.code == 0, capsys.readouterr().err
     again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert again == full and len(full) == 4
+    other_chunks = ["--set", "offload.chunk_min_mb=0.1"]  # other shards: refused before launch
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--nproc", "2", "--resume", str(checkpoint), *other_chunks])
+    assert code.value.code == 2
+    assert "another layout: chunks=" in capsys.readouterr().err
