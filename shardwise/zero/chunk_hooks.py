@@ -66,11 +66,12 @@ from shardwise.zero.offload.adam import OffloadedAdamW
 from shardwise.zero.params import output_tensors
 
 
-def grad_norm(grad: torch.Tensor) -> torch.Tensor:
-    """One tensor's 2-norm exactly as `torch.nn.utils.get_total_norm` computes it."""
-    if _has_foreach_support([grad], grad.device):
-        return torch._foreach_norm([grad], 2.0)[0]
-    return torch.linalg.vector_norm(grad, 2.0)
+def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's 2-norm exactly as `torch.nn.utils.get_total_norm` computes it (one
+    `_foreach_norm` for tensors on one device)."""
+    if grads and _has_foreach_support(grads, grads[0].device):
+        return list(torch._foreach_norm(grads, 2.0))
+    return [torch.linalg.vector_norm(grad, 2.0) for grad in grads]
 
 
 class GradChunks:
@@ -105,7 +106,7 @@ class GradChunks:
         else:
             view.copy_(grad)
             self.written.add(id(param))
-        self.norms[id(param)] = grad_norm(view)
+        (self.norms[id(param)],) = grad_norms([view])
         self.manager.release(chunk, "backward")
 
     def total_norm(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
@@ -128,8 +129,8 @@ class GradChunks:
             self.manager.access(chunk)
             views = [chunk.grad_view(s) for s in slots]
             found_inf |= scaler.unscale_and_check_(views)
-            for s, view in zip(slots, views, strict=True):
-                self.norms[id(s.param)] = grad_norm(view)
+            for s, norm in zip(slots, grad_norms(views), strict=True):
+                self.norms[id(s.param)] = norm
             self.manager.release(chunk, "backward")
         return found_inf
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.precision import DynamicLossScaler
-from shardwise.zero.chunk_hooks import GradChunks, grad_norm
+from shardwise.zero.chunk_hooks import GradChunks, grad_norms
 from shardwise.zero.chunks import (
     Chunk,
     ChunkEvent,
@@ -210,9 +210,10 @@ class ShardedGrads(GradChunks):
         part.div_(self.size)
         if not first:
             shard.payload.add_(part)
-        for s in shard.slots:
+        views = [shard.grad_view(s) for s in shard.slots]
+        for s, norm in zip(shard.slots, grad_norms(views), strict=True):
             self.written.add(id(s.param))
-            self.norms[id(s.param)] = grad_norm(shard.grad_view(s))
+            self.norms[id(s.param)] = norm
         self.manager.release(shard, "backward")
         self.manager.release(full, "backward")
         self.manager.discard(full)

@@ -278,14 +278,20 @@ def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> O
         )
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
-        return OffloadedAdamW(
-            groups,
-            lr=optim.lr,
-            betas=optim.betas,
-            eps=optim.eps,
-            tier=offload.optimizer,
-            disk=disk,
-            chunk_bytes=offload.chunk_mb << 20,
-        )
+        return OffloadedAdamW(groups, **offloaded_adamw_settings(optim, offload, disk))
 
     return build
+
+
+def offloaded_adamw_settings(
+    optim: OptimConfig, offload: OffloadConfig, disk: DiskTier | None
+) -> dict[str, Any]:
+    """`OffloadedAdamW`'s keyword arguments from the config (weight decay is per group)."""
+    return {
+        "lr": optim.lr,
+        "betas": optim.betas,
+        "eps": optim.eps,
+        "tier": offload.optimizer,
+        "disk": disk,
+        "chunk_bytes": offload.chunk_mb << 20,
+    }
