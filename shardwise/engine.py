@@ -70,7 +70,7 @@ def check_supported(dims: ParallelDims) -> None:
             )
 
 
-def check_offload_policy(config: Config, world_size: int) -> None:
+def check_offload_policy(config: Config) -> None:
     """Reject ``offload.policy`` where it cannot run, before any process waits."""
     policy, parallel = config.offload.policy, config.parallel
     if policy == "none":
@@ -86,13 +86,6 @@ def check_offload_policy(config: Config, world_size: int) -> None:
             f"offload.policy={policy!r} shards parameters, gradients and Adam states of every "
             f"chunk over the data-parallel ranks (ZeRO-3 for chunks); zero.stage="
             f"{config.zero.stage} asks for less: set zero.stage=3 (or leave it at 0)"
-        )
-    dims = ParallelDims.from_config(parallel, world_size)
-    if dims.dp_replicate > 1 and dims.dp_shard == 1:
-        raise ConfigError(
-            f"offload.policy={policy!r} shards chunks over parallel.dp_shard, which is 1 here "
-            f"(dp_replicate={dims.dp_replicate}): set dp_shard > 1 (replicas then average "
-            "their gradient shards)"
         )
 
 
@@ -527,7 +520,7 @@ def initialize(
     device needs `param_init(name, tensor)`; with zero.stage=3 it is then built directly as
     shards. With parallel.tp > 1 the (materialised) model is split by `tp_plan`."""
     config = config or Config()
-    check_offload_policy(config, dist.get_world_size() if dist.is_initialized() else 1)
+    check_offload_policy(config)
     if mesh is None and dist.is_initialized() and dist.get_world_size() > 1:
         dims = ParallelDims.from_config(config.parallel, dist.get_world_size())
         check_supported(dims)

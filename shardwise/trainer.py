@@ -47,7 +47,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Every check that needs the world size; runs in the CLI before any process starts."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     check_supported(dims)
-    check_offload_policy(cfg, world_size)
+    check_offload_policy(cfg)
     resolve_batch(cfg.train, dims.dp)
     tensor_parallel_plan(cfg, dims)
     check_offload(cfg.offload)

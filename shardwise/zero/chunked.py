@@ -40,6 +40,7 @@ from shardwise.zero.chunks import (
     search_chunk_size,
 )
 from shardwise.zero.manager import ChunkManager
+from shardwise.zero.offload.adam import offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
 from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.placement import (
@@ -81,8 +82,11 @@ class ChunkedParams:
         self.model = model
         self.offload = offload
         self.ranks = comm.group_size(group) if group is not None else 1
-        self.group = group if self.ranks > 1 else None
-        self.sharded = self.group is not None
+        replicas = comm.group_size(replicate) if replicate is not None else 1
+        self.sharded = self.ranks * replicas > 1
+        """Gradients are reduced over ranks: chunks in shards (one "shard" of the whole chunk
+        when only replicas share them)."""
+        self.group = group if self.sharded else None
         trainable = {id(p) for p in params}
         order = [
             (name, p)
@@ -145,8 +149,8 @@ class ChunkedParams:
         log.info(placement_summary(self.homes, self.placement))
         if self.sharded:
             log.info(
-                f"  chunks sharded over {self.ranks} ranks: this rank keeps 1/{self.ranks} of "
-                f"each (homes above), gathered on the device while in use"
+                f"  chunks sharded over {self.ranks} rank(s): this rank keeps 1/{self.ranks} "
+                f"of each (homes above), gathered on the device while in use"
             )
 
     # -- placement ---------------------------------------------------------------------------
@@ -357,12 +361,7 @@ class ChunkedParams:
             group_chunks=self.group_chunks,
             open_chunk=self._open_for_update,
             close_chunk=self._close_after_update,
-            lr=optim.lr,
-            betas=optim.betas,
-            eps=optim.eps,
-            tier=self.offload.optimizer,
-            disk=self.disk,
-            chunk_bytes=self.offload.chunk_mb << 20,
+            **offloaded_adamw_settings(optim, self.offload, self.disk),
         )
 
     def optimizer_step(

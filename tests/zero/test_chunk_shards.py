@@ -88,6 +88,16 @@ def test_four_ranks_keep_a_quarter_of_every_chunk(pool4):
         assert got["report"]["chunks_device_peak"] <= got["budget"]
 
 
+def test_two_replicas_of_whole_chunks_match_single_process(pool2):
+    """dp_replicate=2, dp_shard=1: each rank's one "shard" is the whole chunk; the replicas
+    average their gradients."""
+    cfg = config(policy="auto", device_budget_mb=0.25).replace(parallel={"dp_replicate": 2})
+    want = reference_run(cfg)
+    for got in pool2.run(train_rows, cfg):
+        assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
+        assert got["home_bytes"] == [got["chunk_bytes"]] * len(got["home_bytes"])
+
+
 def test_two_replicas_of_two_shards_match_single_process(pool4):
     """Hierarchical data parallelism: chunks sharded within dp_shard=2, the two replica
     groups averaging their gradient shards."""

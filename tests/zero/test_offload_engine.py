@@ -205,9 +205,9 @@ def test_budget_below_one_module_and_its_held_chunks_is_refused_at_start():
 def test_unsupported_settings_are_clear_errors(tmp_path):
     auto = config(policy="auto", device_budget_mb=1)
     with pytest.raises(ConfigError, match=r"needs parallel.tp=1 \(got 2\)"):
-        check_offload_policy(auto.replace(parallel={"tp": 2}), 2)
-    with pytest.raises(ConfigError, match=r"dp_shard, which is 1 here \(dp_replicate=2\)"):
-        build_engine(auto.replace(parallel={"dp_replicate": 2}), 2)  # before any process group
+        check_offload_policy(auto.replace(parallel={"tp": 2}))
+    with pytest.raises(ConfigError, match=r"needs parallel.tp=1 \(got 2\)"):
+        build_engine(auto.replace(parallel={"tp": 2}), 2)  # before any process group
     for stage in (1, 2):
         with pytest.raises(ConfigError, match=f"zero.stage={stage} asks for less"):
             initialize(build_model(auto), None, auto.replace(zero={"stage": stage}))
