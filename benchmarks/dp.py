@@ -16,6 +16,12 @@ Precision is the accelerator's default: fp32, or where bf16 is fast, ours with
 ``precision.dtype = "bf16"`` (fp32 master weights) against DDP with fp32 parameters under
 ``torch.autocast(bf16)``.
 
+A second shape, ``wide`` (ratio key ``torch_ddp_wide``): 6 layers, d_model 512, 8 heads,
+vocabulary 8192, 256 tokens, 8 sequences per rank, always fp32 — a large tied embedding/head
+whose gradient is complete only at the very end of backward, and long sequences. Our ZeRO-3
+(``zero.stage = 3``) runs on it too; its step time over DDP's is recorded
+(``config.wide.zero3_over_torch_ddp``) without a target.
+
 [Note: fair timing] One launched 2-rank job runs both contenders, one step each per round, the
 order alternating every round, so machine drift hits both alike. Each rank computes on one
 thread. A barrier precedes every step (untimed), so a step starts when both ranks are free;
@@ -25,14 +31,16 @@ a step's time is that of the slowest rank (the job waits for it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import gpt_workload
-from shardwise.bench import BenchResult, StepFn, worker_main
+from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
 from shardwise.config import Config
 from shardwise.models.gpt import build_gpt
 
@@ -40,9 +48,37 @@ BUCKET_MB = 25.0
 """Gradient bucket size in MiB for both contenders (torch DDP's default)."""
 
 
+WIDE = {
+    "preset": "mini",  # d_model 512, 8 heads
+    "n_layers": 6,
+    "vocab_size": 8192,
+    "seq_len": 256,
+    "micro_batch": 8,
+    "precision": "fp32",
+}
+"""The ``wide`` shape: `gpt_workload.Settings` fields replaced in the quick or full run's."""
+
+
 def run(quick: bool) -> BenchResult:
-    """Launch the 2-rank job and report rank 0's medians."""
-    return gpt_workload.run_job("benchmarks.dp", quick)
+    """Launch the 2-rank job (both shapes) and report rank 0's medians."""
+    settings = gpt_workload.QUICK if quick else gpt_workload.FULL
+    args = ["--settings", json.dumps(dataclasses.asdict(settings))]
+    record = launch_workers("benchmarks.dp", args, gpt_workload.NPROC)
+    mini, wide = record["mini"], record["wide"]
+    config = mini["config"]
+    config["wide"] = wide["config"]
+    config["wide"]["median_s"] = wide["median_s"]
+    zero3 = wide["median_s"]["ours_zero3"] / wide["median_s"]["torch_ddp"]
+    config["wide"]["zero3_over_torch_ddp"] = zero3
+    peers = {
+        "torch_ddp": mini["median_s"]["torch_ddp"],
+        "torch_ddp_wide": wide["median_s"]["torch_ddp"],
+    }
+    ratio = {
+        "torch_ddp": mini["median_s"]["ours"] / peers["torch_ddp"],
+        "torch_ddp_wide": wide["median_s"]["ours"] / peers["torch_ddp_wide"],
+    }
+    return BenchResult("median_step_s", mini["median_s"]["ours"], peers, config, ratio)
 
 
 # --------------------------------------------------------------------------- the contenders
@@ -64,7 +100,23 @@ def ddp_step(cfg: Config, device: torch.device, dtype: torch.dtype, batches: lis
 def measure(
     settings: gpt_workload.Settings, rank: int, local_rank: int, world_size: int
 ) -> dict[str, Any]:
-    """Both contenders on this rank; the per-step times are the slowest rank's."""
+    """Both shapes, one after the other: ``mini`` (`settings`) and ``wide`` (`WIDE`)."""
+    wide = dataclasses.replace(settings, **WIDE)
+    return {
+        "mini": measure_shape("dp", settings, rank, local_rank, world_size),
+        "wide": measure_shape("dp-wide", wide, rank, local_rank, world_size, zero3=True),
+    }
+
+
+def measure_shape(
+    label: str,
+    settings: gpt_workload.Settings,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    zero3: bool = False,
+) -> dict[str, Any]:
+    """The contenders of one shape on this rank; the per-step times are the slowest rank's."""
     work = gpt_workload.prepare(
         settings, rank, local_rank, world_size, distributed={"bucket_mb": BUCKET_MB}
     )
@@ -73,13 +125,17 @@ def measure(
         "ours": gpt_workload.ours_step(cfg, device, batches),
         "torch_ddp": ddp_step(cfg, device, dtype, batches),
     }
+    if zero3:
+        stage3 = cfg.replace(zero={"stage": 3})
+        contenders["ours_zero3"] = gpt_workload.ours_step(stage3, device, batches)
     bf16 = dtype == torch.bfloat16
     precision_detail = {
         "ours": "bf16 params, fp32 master weights, fp32 grad reduce" if bf16 else "fp32",
         "torch_ddp": "fp32 params + torch.autocast(bf16)" if bf16 else "fp32",
     }
+    precision_detail["ours_zero3"] = precision_detail["ours"]
     record = gpt_workload.measure_contenders(
-        "dp", work, contenders, precision_detail, order="alternating"
+        label, work, contenders, precision_detail, order="alternating"
     )
     record["config"]["bucket_mb"] = BUCKET_MB
     return record

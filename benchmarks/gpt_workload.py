@@ -27,7 +27,8 @@ import torch.distributed as dist
 from shardwise.accelerator import get_accelerator
 from shardwise.bench import BenchResult, StepFn, interleaved_step_times, launch_workers
 from shardwise.config import Config
-from shardwise.engine import cross_entropy_loss, initialize
+from shardwise.engine import initialize
+from shardwise.loss import cross_entropy_loss
 from shardwise.models.gpt import GPT, build_gpt, count_params, gpt_config_from
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
 
@@ -45,6 +46,12 @@ class Settings:
     """Measured steps per contender."""
     preset: str = "mini"
     """GPT size preset."""
+    n_layers: int | None = None
+    """Transformer blocks; None: the preset's."""
+    vocab_size: int = 256
+    """Vocabulary size in tokens."""
+    precision: str = "auto"
+    """``auto``: the accelerator's default (fp32, or bf16 where it is fast); or ``fp32``."""
     seq_len: int = 128
     """Tokens per sequence."""
     micro_batch: int = 4
@@ -76,9 +83,12 @@ def run_job(entry_module: str, quick: bool) -> BenchResult:
 def engine_config(settings: Settings, dtype: torch.dtype, **sections: dict) -> Config:
     """Our engine's config for the workload (also the source of the peers' optimizer), plus
     benchmark-specific `sections` (e.g. ``zero={"stage": 3}``)."""
+    model = {"preset": settings.preset, "vocab_size": settings.vocab_size}
+    if settings.n_layers is not None:
+        model["n_layers"] = settings.n_layers
     return Config.from_dict(
         {
-            "model": {"preset": settings.preset},
+            "model": model,
             "data": {"seq_len": settings.seq_len},
             "train": {
                 "micro_batch": settings.micro_batch,
@@ -133,7 +143,7 @@ def prepare(
     `engine_config`) and batches."""
     accel = get_accelerator()
     device = accel.device(local_rank)
-    dtype = accel.default_dtype()
+    dtype = accel.default_dtype() if settings.precision == "auto" else torch.float32
     cfg = engine_config(settings, dtype, **sections)
     batches = make_batches(settings, rank, world_size, cfg.model.vocab_size, device)
     return RankWorkload(settings, rank, world_size, device, dtype, cfg, batches)
@@ -143,7 +153,7 @@ def ours_step(cfg: Config, device: torch.device, batches: list) -> StepFn:
     """Our contender: the engine's whole step (forward, backward, gradient reduction, clip,
     update; at ZeRO-3 also the gathers). Returns the loss averaged over the ranks."""
     model = build_gpt(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
-    engine = initialize(model, default_optimizer_factory(cfg.optim), cfg)
+    engine = initialize(model, None, cfg)
 
     def step(index: int) -> float:
         return engine.train_step(batches[index])
@@ -270,7 +280,9 @@ def describe_workload(
     with torch.device("meta"):
         params = count_params(GPT(gpt_config_from(cfg.model, cfg.data.seq_len)))
     return {
-        "model": f"gpt-{settings.preset}",
+        "model": f"gpt-{settings.preset}"
+        + (f", {settings.n_layers} layers" if settings.n_layers else "")
+        + f", vocab {settings.vocab_size}",
         "params": params,
         "seq_len": settings.seq_len,
         "nproc": work.world_size,

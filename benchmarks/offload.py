@@ -422,7 +422,7 @@ def chunk_state(engine: Engine, work: gpt_workload.RankWorkload) -> dict[str, An
     """Model-state bytes (`model_state_bytes`) of a chunked engine between steps, every rank's
     (collective), with the bytes of its homes counted directly and where they are."""
     report = engine.memory_report()
-    chunked = engine.chunked
+    chunked = engine.store
     mine = torch.zeros(2, work.world_size, dtype=torch.float64, device=work.device)
     mine[:, work.rank] = torch.tensor([model_state_bytes(report), homes_bytes(engine)])
     if torch.distributed.is_initialized():
@@ -437,7 +437,7 @@ def chunk_state(engine: Engine, work: gpt_workload.RankWorkload) -> dict[str, An
         "state_bytes_per_rank": [int(v) for v in state],
         "homes_bytes_per_rank": [int(v) for v in homes],
         "homes_on": {f"chunks_{t}": report[f"chunks_{t}"] for t in ("device", "host", "disk")},
-        "offload": engine.config.offload.model_dump(),
+        "offload": engine.plan.config.offload.model_dump(),
     }
 
 
@@ -453,7 +453,7 @@ def model_state_bytes(report: dict[str, int]) -> int:
 
 def homes_bytes(engine: Engine) -> int:
     """Bytes of the engine's homes (this rank's shard chunks, or the chunks in one process)."""
-    return sum(home.nbytes for home in engine.chunked.homes)
+    return sum(home.nbytes for home in engine.store.homes)
 
 
 def build_engine(cfg: Config, device: torch.device) -> Engine:

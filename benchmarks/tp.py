@@ -7,7 +7,7 @@ Part 1 — step time, 1D at tp=2 (one launched 2-rank job). Both contenders trai
 with the same optimizer (torch AdamW, fused, the weight-decay groups of
 `shardwise.optim.param_groups`, warm-up + cosine schedule) and global-norm clipping at 1.0.
 
-- ours: `shardwise.initialize(..., mesh=mesh, tp_plan=gpt_plan)` -> ``Engine.train_step``:
+- ours: `shardwise.initialize(..., mesh=mesh)` (the GPT spec's plan) -> ``Engine.train_step``:
   Megatron's layout (one_d.py): qkv, mlp.up column-parallel, attn.proj, mlp.down
   row-parallel, vocab-parallel tied embedding/head and vocab-parallel cross-entropy.
 - dtensor_tp: torch's own tensor parallelism on the same modules,
@@ -85,12 +85,13 @@ from shardwise.config import Config
 from shardwise.distributed.comm import CommStats
 from shardwise.distributed.cost import WireBytes, wire_sum, wire_table
 from shardwise.distributed.dims import ParallelDims
-from shardwise.engine import cross_entropy_loss, initialize
+from shardwise.engine import initialize
+from shardwise.loss import cross_entropy_loss
 from shardwise.models.gpt import GPTConfig, build_gpt, gpt_config_from
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
+from shardwise.run_plan import resolve
 from shardwise.tensor_parallel import apply_tensor_parallel, one_d, summa, three_d
 from shardwise.tensor_parallel.plan import split_fused
-from shardwise.trainer import tensor_parallel_plan
 
 TIMING_NPROC = 2
 """Ranks of the step-time job (1D, tp = 2)."""
@@ -397,8 +398,10 @@ def total_bytes(costs: WireBytes) -> float:
 
 
 def region_of(module_name: str) -> str:
-    """``"blocks.3.attn.qkv"`` -> ``"attn.qkv"``; the root module is ``"model"``."""
-    return re.sub(r"^blocks\.\d+\.?", "", module_name) or ("block" if module_name else "model")
+    """``"blocks.3.attn.qkv"`` -> ``"attn.qkv"``; the root module is ``"model"``. The
+    attention core (``attn.core``, what sequence parallelism swaps) is part of ``"attn"``."""
+    name = re.sub(r"^blocks\.\d+\.?", "", module_name).removesuffix(".core")
+    return name or ("block" if module_name else "model")
 
 
 def saved_kind(tensor: torch.Tensor, batch: int, tokens: int) -> str:
@@ -485,7 +488,7 @@ def measure_layout(layout: LayoutModel, dims: ParallelDims, device: torch.device
     and op of one forward + loss + backward of the split model."""
     cfg = layout_config(layout, dims)
     mesh = dims.build_mesh(device.type)
-    plan = tensor_parallel_plan(cfg, dims)
+    plan = resolve(cfg, dims.world_size).tp_plan
     model = build_gpt(cfg.model, layout.seq_len, device=device, seed=layout.seed)
     tp = apply_tensor_parallel(model, mesh, plan)
     inputs, targets = (t.to(device) for t in layout_batch(layout, cfg.model.vocab_size))
@@ -507,7 +510,7 @@ def measure_layout(layout: LayoutModel, dims: ParallelDims, device: torch.device
 
 
 def measure_layouts(job: Job, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
-    """Every layout of `job` with the registered GPT plan (`tensor_parallel_plan`): all
+    """Every layout of `job` with the GPT's plan (its `ModelSpec`'s): all
     ranks' `measure_layout` records and the dense profile."""
     out = {}
     for mode in job.modes:
@@ -537,13 +540,7 @@ def ours_step(cfg: Config, device: torch.device, batches: list) -> StepFn:
     dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
     mesh = dims.build_mesh(device.type)
     model = build_gpt(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
-    engine = initialize(
-        model,
-        default_optimizer_factory(cfg.optim),
-        cfg,
-        mesh=mesh,
-        tp_plan=tensor_parallel_plan(cfg, dims),
-    )
+    engine = initialize(model, None, cfg, mesh=mesh)
     return lambda index: engine.train_step(batches[index])
 
 

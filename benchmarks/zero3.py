@@ -47,7 +47,7 @@ from benchmarks import gpt_workload
 from shardwise.accelerator import get_accelerator
 from shardwise.bench import BenchResult, StepFn, worker_main
 from shardwise.config import Config
-from shardwise.engine import cross_entropy_loss
+from shardwise.loss import cross_entropy_loss
 from shardwise.models.gpt import build_gpt
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
 

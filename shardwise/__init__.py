@@ -3,7 +3,18 @@
 from shardwise.config import Config
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import Engine, initialize
+from shardwise.models.spec import ModelSpec
+from shardwise.run_plan import RunPlan, resolve
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "Engine", "ParallelDims", "initialize", "__version__"]
+__all__ = [
+    "Config",
+    "Engine",
+    "ModelSpec",
+    "ParallelDims",
+    "RunPlan",
+    "initialize",
+    "resolve",
+    "__version__",
+]

@@ -18,13 +18,17 @@ from torch import nn
 from torch.distributed._composable import _get_registry, checkpoint
 
 from shardwise.errors import ConfigError
+from shardwise.models.spec import ModelSpec
 
 MODES = ("none", "full", "every_n")
 """none: no recomputation; full: every block; every_n: blocks 0, n, 2n, ..."""
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2) -> int:
-    """Checkpoint blocks of ``model.blocks`` in place; returns how many blocks were wrapped.
+def apply_activation_checkpointing(
+    model: nn.Module, spec: ModelSpec, mode: str, every_n: int = 2
+) -> int:
+    """Checkpoint the blocks of the model's `ModelSpec` in place; returns how many blocks
+    were wrapped.
 
     Parameter names and state_dict keys are unchanged (see [Note: names stay put]). Apply
     at most once per model: recomputing a block inside its own recomputation is never meant.
@@ -35,20 +39,15 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2
         )
     if mode == "none":
         return 0
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ConfigError(
-            f"train.activation_checkpointing={mode!r} needs a model with a `blocks` ModuleList; "
-            f"{type(model).__name__} has none"
-        )
+    blocks = spec.named_blocks(model, f"train.activation_checkpointing={mode!r}")
     if every_n < 1:
         raise ConfigError(f"train.checkpoint_every_n={every_n} must be at least 1")
     stride = 1 if mode == "full" else every_n
-    chosen = [block for index, block in enumerate(blocks) if index % stride == 0]
-    for index, block in enumerate(blocks):
+    chosen = [block for index, (_, block) in enumerate(blocks) if index % stride == 0]
+    for name, block in blocks:
         # torch would raise too, but with the whole module printed over many lines.
         if "checkpoint" in (_get_registry(block) or {}):
-            raise ValueError(f"blocks.{index} is already checkpointed; apply checkpointing once")
+            raise ValueError(f"{name} is already checkpointed; apply checkpointing once")
     for block in chosen:
         checkpoint(block)
     return len(chosen)

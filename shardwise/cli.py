@@ -63,30 +63,34 @@ def _run_dir(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from shardwise.checkpoint import check_resumable, find_checkpoint
     from shardwise.data import build_data
-    from shardwise.trainer import checkpoint_layout, validate
+    from shardwise.run_plan import resolve
+    from shardwise.trainer import save_plan
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1")
     if args.resume is not None:
         find_checkpoint(args.resume)
     cfg = _resolve_config(args)
-    dims = validate(cfg, args.nproc)
+    plan = resolve(cfg, args.nproc)
     if args.resume is not None:
-        check_resumable(args.resume, args.nproc, checkpoint_layout(cfg, args.nproc))
+        check_resumable(args.resume, args.nproc, plan.layout())
     # Read the data once here: a missing file or a too-small corpus fails before any launch.
-    build_data(cfg.data, cfg.train.global_batch or cfg.train.micro_batch * dims.dp, 0, dims.dp, 0)
+    dp = plan.dims.dp
+    build_data(cfg.data, cfg.train.micro_batch * dp * plan.micro_batches, 0, dp, 0)
     out = _run_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())
+    save_plan(plan, out / "plan.pkl")
     print(f"shardwise train: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
+    print(plan.table(), file=sys.stderr)
     if args.nproc == 1:
         from shardwise.trainer import train
 
-        train(cfg, out, args.resume)
+        train(plan, out, args.resume)
     else:
         from shardwise.distributed.launch import launch
 
-        worker_args = ["--config", str(out / "config.toml"), "--out", str(out)]
+        worker_args = ["--plan", str(out / "plan.pkl"), "--out", str(out)]
         if args.resume is not None:
             worker_args += ["--resume", str(args.resume)]
         launch("shardwise.trainer", worker_args, args.nproc, master_port=args.master_port)

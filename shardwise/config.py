@@ -25,7 +25,11 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = "gpt"
-    """Registered model name (see `shardwise.registry.MODELS`)."""
+    """Registered model name (see `shardwise.models.MODELS`): gpt (the reference decoder) or hf
+    (a Hugging Face causal LM built from `hf_config`)."""
+    hf_config: str | None = None
+    """name = "hf": a built-in tiny config (gpt2-tiny, llama-tiny) or the path of a Hugging
+    Face config.json (or a directory holding one); the model is built from it, no download."""
     preset: str = "tiny"
     """Size preset of the model: tiny, mini, small, medium, large, xl."""
     n_layers: int | None = Field(None, ge=1)
@@ -250,9 +254,9 @@ class Config(_Section):
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some fields of some sections changed: ``cfg.replace(train={"steps": 5})``."""
-        raw = self.model_dump()
+        raw = self.model_dump(exclude_unset=True)  # what was set stays set, nothing more
         for name, fields in sections.items():
-            raw[name].update(fields)
+            raw.setdefault(name, {}).update(fields)
         return Config.from_dict(raw)
 
 
@@ -323,5 +327,6 @@ def config_reference() -> str:
     for section, field in Config.model_fields.items():
         for name, info in field.annotation.model_fields.items():
             default = "unset" if info.default is None else f"`{info.default!r}`"
-            lines.append(f"| `{section}.{name}` | {default} | {info.description} |")
+            meaning = " ".join(info.description.split())  # one table row per key
+            lines.append(f"| `{section}.{name}` | {default} | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,14 +254,17 @@ class DynamicLossScaler:
         """``loss * S``. Compute the loss in fp32: S = 2^16 is already inf in fp16."""
         return loss * self._state.scale
 
-    def unscale_and_check_(self, grads: list[torch.Tensor], groups: Sequence = ()) -> bool:
+    def unscale_and_check_(
+        self, grads: list[torch.Tensor], groups: Sequence = (), device: torch.device | None = None
+    ) -> bool:
         """Divide `grads` by S in place; return whether any is inf/NaN.
 
         The flag is all-reduced (MAX) over each of `groups`, so ranks holding different
         gradient shards (ZeRO-2/3, tensor parallelism) or different micro-batches take one
-        decision together. Every rank of a group must call this, even with no gradients.
+        decision together. Every rank of a group must call this, even with no gradients: a
+        rank that may have none passes its `device` for the flag.
         """
-        device = grads[0].device if grads else _fallback_device()
+        device = grads[0].device if grads else device or get_accelerator().device(0)
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         for same_device in _group_by_device(grads):
             flag = torch.zeros(1, dtype=torch.float32, device=same_device[0].device)
@@ -340,8 +342,3 @@ def _group_by_device(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     for g in grads:
         groups.setdefault(g.device, []).append(g)
     return list(groups.values())
-
-
-def _fallback_device() -> torch.device:
-    """A rank without gradients still joins the all-reduce, on its own device."""
-    return get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0")))

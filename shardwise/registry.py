@@ -1,4 +1,7 @@
-"""Named registries: a name in a config selects a model, optimizer, plan or schedule."""
+"""Named registries: a name in a config selects a model, optimizer, plan or schedule.
+
+A registry is built with its entries where they are defined together (`shardwise.models.MODELS`);
+users add their own with `register`. Nothing is registered as a side effect of an import."""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A mapping from names to factories, filled with the `register` decorator."""
+    """A mapping from names to factories."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, entries: dict[str, T] | None = None) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
+        self._entries: dict[str, T] = dict(entries or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(entry: T) -> T:
@@ -38,11 +41,3 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
-
-
-MODELS: Registry[Callable] = Registry("model")
-"""Model builders: ``fn(model_cfg: ModelConfig, seq_len: int, *, device, seed) -> nn.Module``."""
-
-TP_PLANS: Registry[Callable] = Registry("tensor-parallel plan")
-"""Tensor-parallel plans per model name: ``fn(cfg: Config, dims: ParallelDims) -> Plan``;
-raises `ConfigError` when the model's shapes do not split over the degrees."""

@@ -1,14 +1,15 @@
 """The training loop behind ``shardwise train``; runs inside every rank.
 
-``python -m shardwise.trainer --config DIR/config.toml --out DIR [--resume CKPT]`` is what the
-launcher starts on each rank; `train` is also callable in-process (tests, ``--nproc 1``).
+``python -m shardwise.trainer --plan DIR/plan.pkl --out DIR [--resume CKPT]`` is what the
+launcher starts on each rank, with the plan the CLI resolved (`save_plan`); `train` is also
+callable in-process (tests, ``--nproc 1``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -17,18 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import shardwise.models  # noqa: F401  (registers the built-in models)
-import shardwise.tensor_parallel.plans  # noqa: F401  (registers their tensor-parallel plans)
 from shardwise.accelerator import get_accelerator
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
-from shardwise.config import Config, resolve_batch
 from shardwise.data import build_data
-from shardwise.distributed.dims import ParallelDims
-from shardwise.engine import Engine, check_offload_policy, check_supported, initialize
+from shardwise.engine import Engine, initialize
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
-from shardwise.registry import MODELS, TP_PLANS
-from shardwise.tensor_parallel import Plan
-from shardwise.zero.offload.adam import check_offload
+from shardwise.models import MODELS
+from shardwise.run_plan import RunPlan
 
 log = logging.getLogger("shardwise")
 
@@ -43,65 +39,37 @@ class RunSummary:
     """The final checkpoint directory."""
 
 
-def validate(cfg: Config, world_size: int) -> ParallelDims:
-    """Every check that needs the world size; runs in the CLI before any process starts."""
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    check_supported(dims)
-    check_offload_policy(cfg)
-    resolve_batch(cfg.train, dims.dp)
-    tensor_parallel_plan(cfg, dims)
-    check_offload(cfg.offload)
-    return dims
-
-
-def tensor_parallel_plan(cfg: Config, dims: ParallelDims) -> Plan | None:
-    """The model's tensor-parallel plan when parallel.tp > 1 (checked against its shapes)."""
-    return TP_PLANS.get(cfg.model.name)(cfg, dims) if dims.tp > 1 else None
-
-
-def checkpoint_layout(cfg: Config, world_size: int) -> dict:
-    """What fixes the shapes of each rank's saved state: the resolved degrees, ZeRO stage and,
-    with parameters in chunks (sharded over the ranks), what decides the chunk size."""
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    offload = cfg.offload
-    chunks = None
-    if offload.policy != "none":
-        keys = ("chunk_min_mb", "chunk_search_range_mb", "chunk_search_step_mb")
-        chunks = {key: getattr(offload, key) for key in keys}
-    return {**dataclasses.asdict(dims), "zero_stage": cfg.zero.stage, "chunks": chunks}
-
-
-def build_engine(cfg: Config, world_size: int) -> tuple[Engine, int, int]:
-    """Model + engine for this rank; returns (engine, dp_rank, dp_size)."""
-    dims = validate(cfg, world_size)
+def build_engine(plan: RunPlan) -> tuple[Engine, int]:
+    """Model + engine for this rank; returns (engine, dp_rank)."""
+    cfg, dims = plan.config, plan.dims
     accel = get_accelerator()
-    mesh = dims.build_mesh(accel.device_type) if world_size > 1 else None
+    mesh = dims.build_mesh(accel.device_type) if plan.world_size > 1 else None
     rank = dist.get_rank() if dist.is_initialized() else 0
-    builder = MODELS.get(cfg.model.name)
-    # ZeRO-3 builds the model on the meta device and fills it shard by shard, parameter
-    # chunks (offload.policy) chunk by chunk; tensor parallelism splits a materialised model.
-    sharded = cfg.zero.stage == 3 and dims.dp_shard > 1 and dims.tp == 1
-    on_meta = sharded or cfg.offload.policy != "none"
+    # Sharded parameters (ZeRO-3, chunks) are built on the meta device and filled shard by
+    # shard or chunk by chunk; tensor parallelism splits a materialised model. A builder that
+    # cannot build in pieces returns a materialised model even so.
+    on_meta = (plan.sharding.params and dims.tp == 1) or plan.chunks
     device = "meta" if on_meta else accel.device(rank)
-    model = builder(cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed)
-    param_init = partial(model.init_parameter, seed=cfg.train.seed) if on_meta else None
-    engine = initialize(
-        model, None, cfg, mesh=mesh, param_init=param_init, tp_plan=tensor_parallel_plan(cfg, dims)
+    model = MODELS.get(cfg.model.name)(
+        cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed
     )
-    dp_rank = dims.dp_rank(mesh) if mesh is not None else 0
-    return engine, dp_rank, dims.dp
+    meta = any(p.is_meta for p in model.parameters())
+    param_init = partial(model.init_parameter, seed=cfg.train.seed) if meta else None
+    engine = initialize(model, None, plan=plan, mesh=mesh, param_init=param_init)
+    return engine, dims.dp_rank(mesh) if mesh is not None else 0
 
 
-def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummary:
+    """Train as `plan` says (resolved for this world size), writing to `out_dir`."""
+    cfg = plan.config
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     torch.manual_seed(cfg.train.seed)
-    engine, dp_rank, dp_size = build_engine(cfg, world_size)
-    global_batch = cfg.train.micro_batch * dp_size * engine.grad_accum
+    engine, dp_rank = build_engine(plan)
+    dp_size = plan.dims.dp
+    global_batch = cfg.train.micro_batch * dp_size * plan.micro_batches
     data = build_data(cfg.data, global_batch, dp_rank, dp_size, cfg.train.seed)
     if resume is not None:
-        layout = checkpoint_layout(cfg, world_size)
-        engine_state, trainer_state = load_checkpoint(resume, engine.device, layout)
+        engine_state, trainer_state = load_checkpoint(resume, engine.device, plan.layout())
         engine.load_state_dict(engine_state)
         data.load_state_dict(trainer_state["data"])
     start, total = engine.global_step, cfg.train.steps
@@ -131,28 +99,37 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None) -> RunSummary:
                 metrics.write(record)
             progress.update(record, total)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
-                _save(engine, data, ckpt_root, cfg, world_size)
+                _save(engine, data, ckpt_root, plan)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    final = _save(engine, data, ckpt_root, cfg, world_size)
+    final = _save(engine, data, ckpt_root, plan)
     if is_main:
         plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
     return RunSummary(losses=losses, checkpoint=final)
 
 
-def _save(engine: Engine, data, root: Path, cfg: Config, world_size: int) -> Path:
+def _save(engine: Engine, data, root: Path, plan: RunPlan) -> Path:
     trainer_state = {"step": engine.global_step, "data": data.state_dict()}
     return save_checkpoint(
         root,
         engine.global_step,
         engine.state_dict(),
         trainer_state,
-        keep=cfg.checkpoint.keep,
+        keep=plan.config.checkpoint.keep,
         replicated=engine.state_is_replicated,
-        layout=checkpoint_layout(cfg, world_size),
+        layout=plan.layout(),
     )
+
+
+def save_plan(plan: RunPlan, path: Path) -> None:
+    """Hand the resolved plan to the workers (they neither parse nor validate again)."""
+    path.write_bytes(pickle.dumps(plan))
+
+
+def load_plan(path: Path) -> RunPlan:
+    return pickle.loads(path.read_bytes())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,15 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     from shardwise.distributed.launch import init_worker, run_worker
 
     parser = argparse.ArgumentParser(prog="shardwise.trainer")
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--plan", type=Path, required=True, help="the resolved plan (pickle)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        cfg = Config.from_file(args.config)
-        init_worker(cfg.distributed.timeout_s)
-        train(cfg, args.out, args.resume)
+        plan = load_plan(args.plan)
+        init_worker(plan.config.distributed.timeout_s)
+        train(plan, args.out, args.resume)
 
     run_worker(body)
 

@@ -106,6 +106,7 @@ def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float
     """Through the trainer, bf16: 4 steps with a checkpoint at step 2, then again from it."""
     from pathlib import Path
 
+    from shardwise.run_plan import resolve
     from shardwise.trainer import train
 
     cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype="bf16").replace(
@@ -115,8 +116,9 @@ def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float
         train={"steps": 4},
     )
     out = Path(out_dir)
-    full = train(cfg, out).losses
-    resumed = train(cfg, out, resume=out / "checkpoints" / "step_00000002").losses
+    plan = resolve(cfg, dist.get_world_size())
+    full = train(plan, out).losses
+    resumed = train(plan, out, resume=out / "checkpoints" / "step_00000002").losses
     return full, resumed
 
 

@@ -9,9 +9,14 @@ from torch import nn
 from shardwise.activation_checkpointing import apply_activation_checkpointing
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
-from shardwise.models import build_gpt
+from shardwise.models import build_gpt, spec_of
 
 SEQ_LEN = 16
+
+
+def checkpoint(model: nn.Module, mode: str, **kw) -> int:
+    """Checkpointing as the engine applies it: through the model's spec."""
+    return apply_activation_checkpointing(model, spec_of(model), mode, **kw)
 
 
 def tiny_gpt() -> nn.Module:
@@ -47,7 +52,7 @@ def saved_bytes(model: nn.Module) -> int:
 @pytest.mark.parametrize(("mode", "count"), [("none", 0), ("full", 4), ("every_n", 2)])
 def test_names_loss_and_grads_are_unchanged(mode: str, count: int) -> None:
     reference, model = tiny_gpt(), tiny_gpt()
-    assert apply_activation_checkpointing(model, mode, every_n=2) == count
+    assert checkpoint(model, mode, every_n=2) == count
     assert list(model.state_dict()) == list(reference.state_dict())
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
     ref_loss, ref_grads = loss_and_grads(reference)
@@ -61,27 +66,27 @@ def test_checkpointing_saves_fewer_activations() -> None:
     sizes = {}
     for mode in ("none", "every_n", "full"):
         model = tiny_gpt()
-        apply_activation_checkpointing(model, mode, every_n=2)
+        checkpoint(model, mode, every_n=2)
         sizes[mode] = saved_bytes(model)
     assert sizes["full"] < sizes["every_n"] < sizes["none"]
 
 
 def test_every_n_picks_blocks_0_n_2n() -> None:
     model = tiny_gpt()
-    assert apply_activation_checkpointing(model, "every_n", every_n=3) == 2  # blocks 0 and 3
+    assert checkpoint(model, "every_n", every_n=3) == 2  # blocks 0 and 3
 
 
 def test_errors() -> None:
     with pytest.raises(ConfigError, match="^train.activation_checkpointing='some' is unknown; "
                        "use one of none, full, every_n$"):  # fmt: skip
-        apply_activation_checkpointing(tiny_gpt(), "some")
-    with pytest.raises(ConfigError, match="^train.activation_checkpointing='full' needs a model "
-                       "with a `blocks` ModuleList; Linear has none$"):  # fmt: skip
-        apply_activation_checkpointing(nn.Linear(2, 2), "full")
-    assert apply_activation_checkpointing(nn.Linear(2, 2), "none") == 0
+        checkpoint(tiny_gpt(), "some")
+    with pytest.raises(ConfigError, match="^train.activation_checkpointing='full' needs the "
+                       "repeated blocks of Linear, and none were found"):  # fmt: skip
+        checkpoint(nn.Linear(2, 2), "full")
+    assert checkpoint(nn.Linear(2, 2), "none") == 0
     with pytest.raises(ConfigError, match="checkpoint_every_n=0"):
-        apply_activation_checkpointing(tiny_gpt(), "every_n", every_n=0)
+        checkpoint(tiny_gpt(), "every_n", every_n=0)
     model = tiny_gpt()
-    apply_activation_checkpointing(model, "every_n")
+    checkpoint(model, "every_n")
     with pytest.raises(ValueError, match="^blocks.0 is already checkpointed"):
-        apply_activation_checkpointing(model, "full")
+        checkpoint(model, "full")

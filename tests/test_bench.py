@@ -211,3 +211,19 @@ def test_dp_rows_differ_per_rank_and_repeat_per_seed():
     assert not torch.equal(rank0[0][0], rank1[0][0])
     assert torch.equal(rank0[1][0], again[1][0])
     assert torch.equal(rank0[0][0][:, 1:], rank0[0][1][:, :-1])  # targets are inputs shifted
+
+
+def test_dp_measures_both_shapes_with_zero3_on_the_wide_one(one_rank_group, monkeypatch):
+    from benchmarks import dp, gpt_workload
+
+    small_wide = {**dp.WIDE, "n_layers": 1, "vocab_size": 512, "seq_len": 16, "micro_batch": 2}
+    monkeypatch.setattr(dp, "WIDE", small_wide)
+    settings = gpt_workload.Settings(warmup=1, iters=1, preset="tiny", seq_len=16, micro_batch=2)
+    record = dp.measure(settings, 0, 0, 1)
+    assert set(record["mini"]["median_s"]) == {"ours", "torch_ddp"}
+    wide = record["wide"]
+    assert set(wide["median_s"]) == {"ours", "torch_ddp", "ours_zero3"}
+    assert wide["config"]["precision"] == "fp32" and "vocab 512" in wide["config"]["model"]
+    last = wide["config"]["last_loss"]
+    assert last["ours"] == pytest.approx(last["torch_ddp"], rel=1e-5)
+    assert last["ours_zero3"] == pytest.approx(last["torch_ddp"], rel=1e-5)

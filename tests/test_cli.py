@@ -92,9 +92,18 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "offload.optimizer=disk"],
         "offload.optimizer='disk' needs offload.disk_path",
     ),
-    "offload-chunks-with-tp": (
-        ["--nproc", "2", "--set", "offload.policy=auto", "--set", "parallel.tp=2"],
-        "offload.policy='auto' shards chunks over the data-parallel ranks only",
+    "offload-chunks-with-zero-2": (
+        ["--nproc", "2", "--set", "offload.policy=static", "--set", "zero.stage=2"],
+        "zero.stage=2 asks for less",
+    ),
+    "offload-auto-without-budget": (
+        ["--nproc", "2", "--set", "offload.policy=auto"],
+        "offload.policy='auto' places chunks within offload.device_budget_mb; set it",
+    ),
+    "hf-tp-not-dividing-heads": (
+        ["--nproc", "3", "--set", "model.name=hf", "--set", "model.hf_config=gpt2-tiny"]
+        + ["--set", "data.seq_len=64", "--set", "parallel.tp=3"],
+        "n_head=4 does not split over parallel.tp=3",
     ),
     "offload-disk-path-missing": (
         ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/no/dir"],

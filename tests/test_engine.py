@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from shardwise.config import Config
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError, TrainingError
 from tests.parity import (
     BF16_RTOL,
+    SEQ,
     assert_parity,
     build_model,
     engine_run,
@@ -58,8 +62,8 @@ def _first_step_grads_and_losses(cfg) -> tuple[torch.Tensor, list[float]]:
         micro = [
             (x, y)
             for x, y in zip(
-                inputs[part].chunk(engine.grad_accum),
-                targets[part].chunk(engine.grad_accum),
+                inputs[part].chunk(engine.plan.micro_batches),
+                targets[part].chunk(engine.plan.micro_batches),
                 strict=True,
             )
         ]
@@ -69,7 +73,7 @@ def _first_step_grads_and_losses(cfg) -> tuple[torch.Tensor, list[float]]:
             engine.backward(loss)
             total += loss.item()
         if grads is None:
-            grads = torch.cat([g.clone() for g in engine.shards.owned_grads()])
+            grads = torch.cat([g.clone() for g in engine.store.shards.owned_grads()])
         engine.step()
         losses.append(total / len(micro))
     return grads, losses
@@ -127,9 +131,9 @@ def test_master_weights_are_fp32_and_params_bf16():
     cfg = make_config(micro_batch=2, global_batch=4, dtype="bf16")
     engine = initialize(build_model(cfg), None, cfg)
     assert all(p.dtype == torch.bfloat16 for p in engine.params)
-    assert all(s.master.dtype == torch.float32 for s in engine.shards.slices)
+    assert all(s.master.dtype == torch.float32 for s in engine.store.shards.slices)
     engine.train_step(global_batches(cfg, 1)[0])
-    for owned in engine.shards.slices:
+    for owned in engine.store.shards.slices:
         torch.testing.assert_close(owned.flat_params.float(), owned.master, rtol=1e-2, atol=1e-3)
 
 
@@ -138,7 +142,7 @@ def test_gradients_are_views_of_the_flat_buckets():
     engine = initialize(build_model(cfg), None, cfg)
     inputs, targets = global_batches(cfg, 1)[0]
     engine.backward(engine.loss_fn(engine.forward(inputs), targets))
-    storages = {b.grads.untyped_storage().data_ptr() for b in engine.reducer.buckets}
+    storages = {b.grads.untyped_storage().data_ptr() for b in engine.store.reducer.buckets}
     for param in engine.params:
         assert param.grad.untyped_storage().data_ptr() in storages
 
@@ -159,3 +163,58 @@ def test_batch_not_divisible_by_accumulation_is_a_clear_error():
     inputs, targets = global_batches(make_config(micro_batch=3, global_batch=3), 1)[0]
     with pytest.raises(ConfigError, match="does not split"):
         engine.train_step((inputs, targets))
+
+
+class KeywordGPT(torch.nn.Module):
+    """A model called with keyword inputs that computes its own loss, as Hugging Face causal
+    LMs do: ``model(input_ids=..., labels=...)`` -> an object with ``loss`` and ``logits``."""
+
+    def __init__(self, gpt: torch.nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids, labels=None):
+        logits = self.gpt(input_ids)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def test_dict_batches_train_on_the_models_own_loss():
+    """A dict batch gives the model its keyword inputs and trains on ``output.loss``; a tuple
+    batch on an output with ``.logits`` uses them: both equal the plain reference."""
+    cfg = make_config(micro_batch=2, global_batch=4)
+    want = reference_run(cfg)
+    for as_dict in (True, False):
+        engine = initialize(KeywordGPT(build_model(cfg)), None, cfg)
+        losses = [
+            engine.train_step({"input_ids": x, "labels": y} if as_dict else (x, y))
+            for x, y in global_batches(cfg)
+        ]
+        state = {k.removeprefix("gpt."): v for k, v in engine.full_state_dict().items()}
+        assert_parity((losses, state), want, rtol=1e-5)
+    with pytest.raises(TrainingError, match="has no `loss`: include labels"):
+        engine.train_step({"input_ids": global_batches(cfg, 1)[0][0]})
+
+
+def test_a_given_optimizer_is_used_as_given():
+    """No warm-up, no clipping, no weight-decay groups unless the config sets them: the
+    engine's SGD steps equal plain torch SGD on the same batches."""
+    cfg = Config.from_file(
+        None,
+        ["model.n_layers=2", "model.d_model=32", f"data.seq_len={SEQ}"]
+        + ["train.micro_batch=4", "precision.dtype=fp32"],
+    )
+    engine = initialize(build_model(cfg), lambda groups: torch.optim.SGD(groups, lr=0.5), cfg)
+    reference = build_model(cfg)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for inputs, targets in global_batches(make_config(micro_batch=4, global_batch=4)):
+        got = engine.train_step((inputs, targets))
+        sgd.zero_grad()
+        loss = torch.nn.functional.cross_entropy(reference(inputs).flatten(0, 1), targets.flatten())
+        loss.backward()
+        sgd.step()
+        assert got == pytest.approx(loss.item(), rel=1e-5)
+    assert engine.scheduler is None and engine.lr == 0.5
+    assert engine.optimizer.param_groups[0]["weight_decay"] == 0

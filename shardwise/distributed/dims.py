@@ -25,6 +25,7 @@ group from ``dist.new_subgroups_by_enumeration`` with the rank lists of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -214,6 +215,18 @@ def valid_tp_degrees(tp_mode: TpMode, tp_depth: int, limit: int) -> list[int]:
         degrees.append(factor * q**side_power)
         q += 1
     return degrees
+
+
+MAX_LISTED_TP = 64
+"""Valid tp degrees are listed up to this many ranks in errors."""
+
+
+def fitting_tp_degrees(dims: ParallelDims, fits: Callable[[ParallelDims], bool]) -> str:
+    """The tp degrees above 1 of `dims`'s layout (up to `MAX_LISTED_TP`) for which
+    ``fits(tp-only dims)`` holds, for an error message: ``"2, 4"`` or ``"none"``."""
+    degrees = valid_tp_degrees(dims.tp_mode, dims.tp_depth, MAX_LISTED_TP)
+    layouts = [ParallelDims.tensor_parallel(tp, dims.tp_mode, dims.tp_depth) for tp in degrees]
+    return ", ".join(str(d.tp) for d in layouts if d.tp > 1 and fits(d)) or "none"
 
 
 _TP_SHAPE = {"2d": "a square q^2", "2.5d": "tp_depth x q^2", "3d": "a cube q^3"}

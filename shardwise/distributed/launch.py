@@ -157,7 +157,7 @@ def run_torchrun(argv: list[str]) -> int:
     """
     from torch.distributed import run as torchrun
 
-    options = torchrun.parse_args(argv)
+    options = torchrun.parse_args(_with_nproc_alias(argv))
     script = options.training_script
     if not (options.module or options.no_python) and not Path(script).is_file():
         raise LaunchError(f"script {script!r} does not exist")
@@ -166,6 +166,19 @@ def run_torchrun(argv: list[str]) -> int:
         with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir}):
             torchrun.run(options)
     return 0
+
+
+def _with_nproc_alias(argv: list[str]) -> list[str]:
+    """``--nproc N`` (as ``shardwise train`` spells it) means torchrun's ``--nproc-per-node``;
+    only options before the script are the launcher's."""
+    script_at = argv.index("--") if "--" in argv else len(argv)
+    own = [
+        "--nproc-per-node" + arg[len("--nproc") :]
+        if arg == "--nproc" or arg.startswith("--nproc=")
+        else arg
+        for arg in argv[:script_at]
+    ]
+    return own + argv[script_at:]
 
 
 @contextlib.contextmanager
@@ -319,17 +332,12 @@ class WorkerInfo:
     """Number of ranks in the job."""
 
 
-_collective_timeout_s: float | None = None
-"""This process's collective timeout, kept by `init_worker` for `run_worker`'s message."""
-
-
 def init_worker(timeout_s: float) -> WorkerInfo:
     """Join the job's process group; a collective raises after ``timeout_s`` seconds.
 
     Reads the variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) and binds this process to its device first.
     """
-    global _collective_timeout_s
     import torch.distributed as dist
 
     from shardwise.accelerator import get_accelerator
@@ -349,8 +357,18 @@ def init_worker(timeout_s: float) -> WorkerInfo:
     accelerator.set_device(info.local_rank)
     # The timeout given here is the one a blocked collective honours (gloo reads it per op).
     dist.init_process_group(accelerator.backend, timeout=timedelta(seconds=timeout_s))
-    _collective_timeout_s = timeout_s
     return info
+
+
+def join_launched_group(timeout_s: float) -> None:
+    """Join the process group of a launcher that started this process (torchrun and
+    ``shardwise run`` set ``WORLD_SIZE`` and ``MASTER_ADDR``) unless it has been joined: a
+    script need not call ``init_process_group`` itself. Outside a launcher, nothing."""
+    import torch.distributed as dist
+
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if launched and not dist.is_initialized():
+        init_worker(timeout_s)
 
 
 def run_worker(main: Callable[[], None]) -> NoReturn:
@@ -409,14 +427,31 @@ def _describe_collective_failure(err: Exception) -> str:
     name = last_collective()
     subject = f"collective {name}" if name else "a collective outside shardwise.distributed.comm"
     first = _first_line(err)
-    if "timed out" in first.lower() and _collective_timeout_s is not None:
+    timeout_s = _collective_timeout_s()
+    if "timed out" in first.lower() and timeout_s is not None:
         return (
-            f"{subject} timed out after {_collective_timeout_s:g} s: another rank never "
+            f"{subject} timed out after {timeout_s:g} s: another rank never "
             "joined it (raise distributed.timeout_s if that rank is only slow)"
         )
     if _is_peer_closed(err):
         return f"{subject} failed: another rank closed its connection (it probably failed)"
     return f"{subject} failed: {first}"
+
+
+def _collective_timeout_s() -> float | None:
+    """The default process group's collective timeout (what `init_worker` set), read from the
+    group itself; None where the backend does not say."""
+    import torch
+    import torch.distributed as dist
+
+    from shardwise.accelerator import get_accelerator
+
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        backend = group._get_backend(torch.device(get_accelerator().device_type))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def _is_peer_closed(err: Exception) -> bool:

@@ -1,8 +1,9 @@
 """The reference GPT decoder: plain PyTorch, no distributed code.
 
 Parallelism is applied from outside by module name, so the attribute names here are a
-contract: ``embed``, ``pos_embed``, ``drop``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
-mlp.{gate,up,down}}``, ``norm_f``, ``head``. Forward passes never hard-code the head count or
+contract: ``embed``, ``pos_embed``, ``drop``, ``blocks.{i}.{norm1,attn.qkv,attn.core,attn.proj,
+norm2,mlp.{gate,up,down}}``, ``norm_f``, ``head`` (its `ModelSpec` is `gpt_spec`, beside the
+plans in gpt_plans.py). Forward passes never hard-code the head count or
 hidden sizes of a projection's output; they infer them from the tensors, so a column-sharded
 ``qkv`` or ``mlp.up`` (Megatron, Shoeybi et al. 2019, sec. 3) runs the same code.
 
@@ -23,7 +24,6 @@ from torch import nn
 
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
-from shardwise.registry import MODELS
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (4, 128, 4),
@@ -161,6 +161,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
+class AttentionCore(nn.Module):
+    """Causal scaled-dot-product attention of q, k, v [B, H, T, head_dim]: the parameter-free
+    core that sequence parallelism (ring, Ulysses) or block-sparse attention replace."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused q/k/v projection."""
 
@@ -169,6 +182,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.rope = cfg.positions == "rope"
         self.dropout = cfg.dropout
+        self.core = AttentionCore(cfg.dropout)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -187,10 +201,7 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             cos, sin = rope_tables(seq, self.head_dim, device=q.device, dtype=q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        out = self.core(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
         return F.dropout(self.proj(out), self.dropout, self.training)
 
 
@@ -298,7 +309,6 @@ class GPT(nn.Module):
         return self.head(self.norm_f(x))
 
 
-@MODELS.register("gpt")
 def build_gpt(
     model_cfg: ModelConfig,
     seq_len: int,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.distributed import comm, cost
+from shardwise.errors import ConfigError
 from shardwise.tensor_parallel.plan import (
     LossFn,
     TensorParallelContext,
@@ -54,8 +55,12 @@ class ColumnParallelLinear(nn.Module):
             x = comm.gather_along_dim_reduce_scatter_grad(x, SEQ_DIM, self.group)
         else:  # f: identity forward, all-reduce backward
             x = comm.copy_to_group(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.local_linear(x)
         return comm.gather_along_dim(y, -1, self.group) if self.gather_output else y
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output columns, from a weight in nn.Linear's [out, in] layout."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -68,7 +73,7 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.local_linear(x)
         if self.sequence_parallel:  # g-bar: reduce-scatter along the sequence
             y = comm.reduce_scatter_along_dim(y, SEQ_DIM, self.group)
         else:  # g: all-reduce forward, identity backward
@@ -78,6 +83,11 @@ class RowParallelLinear(nn.Module):
         # Under sequence parallelism each rank sees its own tokens: partial bias gradients.
         bias = comm.copy_to_group(self.bias, self.group) if self.sequence_parallel else self.bias
         return y + bias
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum, without the bias, from a weight in nn.Linear's [out, in]
+        layout."""
+        return F.linear(x, self.weight)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -196,6 +206,31 @@ class SequenceSlice:
         module.register_forward_hook(
             lambda _m, _args, out: comm.scatter_along_dim(out, self.dim, group)
         )
+        return module
+
+
+@dataclass(frozen=True)
+class LocalSizes:
+    """Divide a module's integer attributes by the tp degree, in place: the sizes its forward
+    reads for dims the plan splits elsewhere (heads, the width of each piece of a fused q|k|v
+    output), so an unmodified forward computes on this rank's shard of them."""
+
+    names: tuple[str, ...]
+
+    def apply(self, module: nn.Module, ctx: TensorParallelContext) -> nn.Module:
+        n = ctx.size("tp")
+        for name in self.names:
+            size = getattr(module, name, None)
+            if not isinstance(size, int):
+                raise ConfigError(
+                    f"LocalSizes: {type(module).__name__} has no integer attribute {name!r}; "
+                    "fix the plan"
+                )
+            if size % n:
+                raise ConfigError(
+                    f"LocalSizes: {type(module).__name__}.{name}={size} does not split over tp={n}"
+                )
+            setattr(module, name, size // n)
         return module
 
 

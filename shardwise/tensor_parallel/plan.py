@@ -1,7 +1,8 @@
 """Tensor-parallel plans: data that says how each module of an unmodified model is split.
 
 A `Plan` maps module-name patterns (``fnmatch`` syntax, e.g. ``"blocks.*.attn.qkv"``) to a
-`ParallelStyle`, and names the loss that reads the model's (sharded) output. Applying it
+`ParallelStyle`, and names the loss that reads the model's (sharded) output, if the plan
+leaves it sharded. Applying it
 (`apply_tensor_parallel`) swaps each matched module for its parallel version built from the
 module's own full weights: parameter names stay the same, only their shapes shrink to this
 rank's shard, so the model's forward code, optimizer grouping and checkpoint names are
@@ -112,8 +113,10 @@ class Plan:
 
     mode: TpMode
     layers: dict[str, ParallelStyle]
-    loss: Callable[[TensorParallelContext], LossFn]
-    """Builds the loss that takes the model's local output and the full targets."""
+    loss: Callable[[TensorParallelContext], LossFn] | None = None
+    """Builds the loss that takes the model's local output and the full targets; None when
+    the plan leaves the model's output whole (a head with ``gather_output``), so the ordinary
+    loss applies."""
 
 
 @dataclass
@@ -121,7 +124,8 @@ class TensorParallel:
     """What applying a plan produced, for the engine."""
 
     ctx: TensorParallelContext
-    loss_fn: LossFn
+    loss_fn: LossFn | None
+    """The loss of the split output; None: the output is whole, use the ordinary loss."""
     replicas: dict[int, int] = field(default_factory=dict)
     """id(parameter) -> tp ranks holding an identical copy (tp size for untouched ones)."""
 
@@ -153,7 +157,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: Plan) -> Ten
             setattr(parent, child, replacement)
     tp_size = ctx.size("tp")
     replicas = {id(p): ctx.replicas.get(id(p), tp_size) for p in model.parameters()}
-    return TensorParallel(ctx=ctx, loss_fn=plan.loss(ctx), replicas=replicas)
+    loss_fn = None if plan.loss is None else plan.loss(ctx)
+    return TensorParallel(ctx=ctx, loss_fn=loss_fn, replicas=replicas)
 
 
 def require_module(module: nn.Module, kind: type[nn.Module], style: str) -> None:

@@ -72,13 +72,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.distributed import comm, cost
 from shardwise.errors import ConfigError
-from shardwise.models.gpt import GPTConfig
 from shardwise.tensor_parallel import layers
 from shardwise.tensor_parallel.layers import HiddenSplitLayerNorm
 from shardwise.tensor_parallel.one_d import vocab_parallel_cross_entropy
 from shardwise.tensor_parallel.plan import (
     LossFn,
-    Plan,
     TensorParallelContext,
     require_module,
     split,
@@ -347,31 +345,6 @@ def loss_summa(ctx: TensorParallelContext) -> LossFn:
         )
 
     return loss_fn
-
-
-def gpt_plan_summa(cfg: GPTConfig, mode: str) -> Plan:
-    """The reference GPT on a 2D (``mode="2d"``) or 2.5D (``"2.5d"``) grid: every linear,
-    the tied embedding/head and every norm split ([Note: summa layout])."""
-    if mode not in SUMMA_MODES:
-        raise ConfigError(f"gpt_plan_summa builds tp_mode '2d' or '2.5d', not {mode!r}")
-    if cfg.positions == "learned":
-        raise ConfigError(
-            f"model.positions='learned' is not split for tp_mode={mode!r}; use positions='rope'"
-        )
-    layers = {
-        "embed": Embedding2p5D(),
-        "blocks.*.norm1": LayerNorm2p5D(),
-        "blocks.*.attn.qkv": Linear2p5D(fused=3),
-        "blocks.*.attn.proj": Linear2p5D(),
-        "blocks.*.norm2": LayerNorm2p5D(),
-        "blocks.*.mlp.up": Linear2p5D(),
-        "blocks.*.mlp.down": Linear2p5D(),
-        "norm_f": LayerNorm2p5D(),
-        "head": Linear2p5D(),
-    }
-    if cfg.mlp == "swiglu":
-        layers["blocks.*.mlp.gate"] = Linear2p5D()
-    return Plan(mode=mode, layers=layers, loss=loss_summa)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,13 +56,11 @@ from torch import nn
 
 from shardwise.distributed import comm, cost
 from shardwise.errors import ConfigError
-from shardwise.models.gpt import GPTConfig
 from shardwise.tensor_parallel import layers
 from shardwise.tensor_parallel.layers import HiddenSplitLayerNorm
 from shardwise.tensor_parallel.one_d import vocab_parallel_cross_entropy
 from shardwise.tensor_parallel.plan import (
     LossFn,
-    Plan,
     TensorParallelContext,
     require_module,
     split,
@@ -309,38 +307,6 @@ def loss_3d(ctx: TensorParallelContext) -> LossFn:
         )
 
     return loss_fn
-
-
-def gpt_plan_3d(cfg: GPTConfig) -> Plan:
-    """The GPT on the cube: the residual stream, norms and embedding in layout P; qkv,
-    mlp.up/gate and head P -> S; attention on local heads in S; attn.proj and mlp.down
-    S -> P. The shapes must split as `gpt_split_factors_3d` says, the micro-batch into q^2
-    blocks."""
-    if cfg.positions == "learned":
-        raise ConfigError(
-            "tp_mode='3d' does not split a learned position table; use model.positions='rope'"
-        )
-    layers = {
-        "embed": Embedding3D(),
-        "blocks.*.norm1": LayerNorm3D(),
-        "blocks.*.attn.qkv": Linear3D("P", fused=3),
-        "blocks.*.attn.proj": Linear3D("S"),
-        "blocks.*.norm2": LayerNorm3D(),
-        "blocks.*.mlp.up": Linear3D("P"),
-        "blocks.*.mlp.down": Linear3D("S"),
-        "norm_f": LayerNorm3D(),
-        "head": Linear3D("P"),
-    }
-    if cfg.mlp == "swiglu":
-        layers["blocks.*.mlp.gate"] = Linear3D("P")
-    return Plan(mode="3d", layers=layers, loss=loss_3d)
-
-
-def gpt_split_factors_3d(q: int) -> dict[str, int]:
-    """What each GPT dimension must be divisible by on a q^3 cube: heads split over one axis;
-    d_model, d_ff and vocab_size are a weight's output dim, split over two (its out axis and
-    tp_dep). The micro-batch must divide by q^2 as well (`take_batch_block`)."""
-    return {"n_heads": q, "d_model": q * q, "d_ff": q * q, "vocab_size": q * q}
 
 
 # ---------------------------------------------------------------------------------------------

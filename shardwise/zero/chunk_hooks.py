@@ -117,6 +117,15 @@ class GradChunks:
             return torch.tensor(0.0)
         return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
+    def squares(self, weights: dict[int, float]) -> torch.Tensor:
+        """This rank's sum of squared gradient norms, each parameter's weighted by
+        ``weights[id(param)]`` (default 1): a tensor-parallel shard held by k ranks counts 1/k."""
+        if not self.norms:
+            return torch.zeros((), dtype=torch.float32, device=self.manager.device)
+        norms = torch.stack(list(self.norms.values())).float()
+        scale = torch.tensor([weights.get(key, 1.0) for key in self.norms], device=norms.device)
+        return (norms.square() * scale).sum()
+
     @torch.no_grad()
     def unscale_and_check_(self, scaler: DynamicLossScaler) -> bool:
         """fp16: divide every gradient by the loss scale, chunk by chunk; whether any is

@@ -32,8 +32,8 @@ reduce-scatter (HSDP); gathers, norms and overflow flags stay within the shard g
 replicas hold identical shards.
 
 The global gradient norm is the square root of the all-reduced sum of the squared norms of
-each rank's gradient pieces: equal to a single process's up to summation order (not bit for
-bit, as the one-process path is).
+each rank's gradient pieces (`ChunkedParams.grad_norm`): equal to a single process's up to
+summation order (not bit for bit, as the one-process path is).
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from shardwise.distributed import comm
-from shardwise.precision import DynamicLossScaler
 from shardwise.zero.chunk_hooks import GradChunks, grad_norms
 from shardwise.zero.chunks import (
     Chunk,
@@ -217,23 +215,6 @@ class ShardedGrads(GradChunks):
         self.manager.release(shard, "backward")
         self.manager.release(full, "backward")
         self.manager.discard(full)
-
-    def total_norm(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
-        """The global 2-norm over every rank's pieces (collective; `params` are the model's,
-        whose pieces this rank holds)."""
-        squares = torch.zeros((), dtype=torch.float32, device=self.manager.device)
-        if self.norms:
-            squares = torch.stack(list(self.norms.values())).float().square().sum()
-        comm.all_reduce_(squares, self.group)
-        return squares.sqrt()
-
-    def unscale_and_check_(self, scaler: DynamicLossScaler) -> bool:
-        """fp16: unscale this rank's gradient shards; the overflow flag is every rank's."""
-        found = torch.tensor(
-            [float(super().unscale_and_check_(scaler))], device=self.manager.device
-        )
-        comm.all_reduce_(found, self.group, op=dist.ReduceOp.MAX)
-        return bool(found.item())
 
     def bytes_per_tier(self) -> dict[Tier, int]:
         shards = super().bytes_per_tier()

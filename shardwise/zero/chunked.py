@@ -17,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from shardwise.config import OffloadConfig, OptimConfig
 from shardwise.distributed import comm
 from shardwise.errors import CheckpointError, ConfigError
-from shardwise.optim import OptimizerFactory
+from shardwise.optim import OptimizerFactory, default_optimizer_factory
+from shardwise.precision import DynamicLossScaler
+from shardwise.run_plan import RunPlan
+from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.chunk_hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
 from shardwise.zero.chunk_shards import ShardedGrads, shard_chunks
 from shardwise.zero.chunks import (
@@ -50,6 +51,7 @@ from shardwise.zero.placement import (
     placement_summary,
     static_placement,
 )
+from shardwise.zero.store import DataParallelGroups, load_model_state, model_state_report
 from shardwise.zero.tracer import MemoryTrace, MemoryTracer
 
 log = logging.getLogger("shardwise")
@@ -69,16 +71,23 @@ class ChunkedParams:
     def __init__(
         self,
         model: nn.Module,
-        params: Sequence[nn.Parameter],
+        plan: RunPlan,
+        groups: DataParallelGroups,
         device: torch.device,
-        offload: OffloadConfig,
-        run_forward: Callable[[], object],
+        sample: torch.Tensor,
         param_init: ParamInit | None = None,
-        group: object | None = None,
-        replicate: object | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
-        """`group`: the ranks the chunks are sharded over; `replicate`: ranks holding the same
-        shards (hierarchical data parallelism), which average their gradient shards."""
+        """Chunks sharded over ``groups.shard``; ``groups.replicate``: ranks holding the same
+        shards (hierarchical data parallelism), which average their gradient shards. `sample`
+        is an input the model is traced with (execution order, the auto policy's warm-up).
+        `tp`: the model is split by a tensor-parallel plan; its shards are chunked like any
+        parameter, and norms and overflow flags are summed over the tp ranks too."""
+        offload, group, replicate = plan.offload, groups.shard, groups.replicate
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        self.device = device
+        self.precision = plan.precision
         self.model = model
         self.offload = offload
         self.ranks = comm.group_size(group) if group is not None else 1
@@ -86,11 +95,12 @@ class ChunkedParams:
         self.sharded = self.ranks * replicas > 1
         """Gradients are reduced over ranks: chunks in shards (one "shard" of the whole chunk
         when only replicas share them)."""
+        self.replicated = not self.sharded
         self.group = group if self.sharded else None
         trainable = {id(p) for p in params}
         order = [
             (name, p)
-            for name, p in params_in_execution_order(model, run_forward)
+            for name, p in params_in_execution_order(model, lambda: model(sample))
             if id(p) in trainable
         ]
         self.chunks, self.placement = self._chunks_and_placement(order)
@@ -127,8 +137,8 @@ class ChunkedParams:
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
         self.hooks = ChunkHooks(model, self.manager, self.chunks, self.grads)
-        self._clip: tuple[float, torch.Tensor] | None = None
-        """(max_norm, global norm) while the optimizer pass clips gradients."""
+        self._clip_coef: torch.Tensor | None = None
+        """What the optimizer pass multiplies gradients by (clipping), while it runs."""
         self.group_chunks: list[Chunk] = []
         """Param group index -> the home it updates (see `param_groups`)."""
         self._origin = {
@@ -137,6 +147,17 @@ class ChunkedParams:
             for piece, owner in zip(home.slots, home.owners, strict=True)
         }
         """Id of a piece the optimizer updates (sharded) -> id of the parameter it is of."""
+        self.norm_groups = [g for g in (self.group, tp and tp.ctx.group("tp")) if g is not None]
+        """Groups whose ranks hold disjoint gradients: norms and overflow flags sum over them."""
+        self._norm_weights = (
+            {
+                key: 1.0 / tp.replicas[self._origin.get(key, key)]
+                for key in (id(s.param) for home in self.homes for s in home.slots)
+            }
+            if tp is not None
+            else {}
+        )
+        """Id of a parameter (or piece) -> its weight in the squared norm (1 / tp replicas)."""
         self._position = {home.index: i for i, home in enumerate(self.homes)}
         """Manager index of a home -> its position (the index of its chunk)."""
         self._tracer: MemoryTracer | None = None
@@ -144,6 +165,19 @@ class ChunkedParams:
         """Until the first optimizer step: the auto policy's warm-up, traced."""
         if not self.warming_up:
             self._log_placement()
+        self._place_the_rest()
+
+    def _place_the_rest(self) -> None:
+        """Buffers and parameters outside the chunks (frozen ones) onto the device."""
+        chunked = {id(p) for p in self.names().values()}
+        with torch.no_grad():
+            for module in self.model.modules():
+                for key, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[key] = buffer.to(self.device)
+            for param in self.model.parameters():
+                if id(param) not in chunked and not param.is_meta:
+                    param.data = param.data.to(self.device)
 
     def _log_placement(self) -> None:
         log.info(placement_summary(self.homes, self.placement))
@@ -162,11 +196,6 @@ class ChunkedParams:
         budget below the minimum a step needs (`_minimum_budget`), the smallest chunks the
         parameters allow; then the policy's initial placement."""
         offload, budget = self.offload, _bytes(self.offload.device_budget_mb)
-        if offload.policy == "auto" and budget is None:
-            raise ConfigError(
-                "offload.policy='auto' places chunks within offload.device_budget_mb; set it "
-                "(MiB of device memory for parameter and gradient chunks and activations)"
-            )
         sizes = [p.numel() * p.element_size() for _, p in order]
         for search_range in dict.fromkeys([int(offload.chunk_search_range_mb * MIB), 0]):
             chunk_bytes = search_chunk_size(
@@ -287,18 +316,48 @@ class ChunkedParams:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def start_micro_step(self) -> None:
+    # -- the store protocol (zero/store.py) --------------------------------------------------
+
+    def before_forward(self) -> None:
         """Before a forward: the auto policy traces its whole warm-up step (every micro-batch)."""
         if self.warming_up and self._tracer is None:
             self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
             self._tracer.__enter__()
 
-    def finish_backward(self) -> None:
+    def before_backward(self, sync: bool) -> None:
+        pass
+
+    def after_backward(self, sync: bool) -> None:
+        """Release what the backward left in use; after the step's last backward, end the
+        auto policy's warm-up."""
         self.hooks.finish_backward()
         if self.sharded:
             self.grads.finish_backward()
+        if sync:
+            self._finish_warm_up()
 
-    def finish_warm_up(self) -> None:
+    def unscale_and_check(self, scaler: DynamicLossScaler) -> bool:
+        """fp16: unscale this rank's gradient chunks; the overflow flag is every rank's."""
+        found = self.grads.unscale_and_check_(scaler)
+        if not self.norm_groups:
+            return found
+        flag = torch.tensor([float(found)], device=self.device)
+        for group in self.norm_groups:
+            comm.all_reduce_(flag, group, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm: in one process exactly as a plain torch run computes it (per
+        parameter norms taken in the gradient hook); over ranks the root of every rank's
+        squares (tensor-parallel shards counted once over their replicas)."""
+        if not self.norm_groups:
+            return self.grads.total_norm(self.params)
+        squares = self.grads.squares(self._norm_weights)
+        for group in self.norm_groups:
+            comm.all_reduce_(squares, group)
+        return squares.sqrt()
+
+    def _finish_warm_up(self) -> None:
         """At the first step boundary (auto): place from the trace, before the optimizer pass,
         so that a budget too small fails before any weight changed."""
         if not self.warming_up:
@@ -349,40 +408,39 @@ class ChunkedParams:
         return split
 
     def build_optimizer(
-        self, groups: list[dict], factory: OptimizerFactory | None, optim: OptimConfig
+        self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
     ) -> torch.optim.Optimizer:
-        """`factory`'s optimizer over the chunk groups (Adam states on the device), or, for
-        ``offload.optimizer`` host / disk, a `ChunkedAdamW` sharing the disk tier."""
+        """The optimizer over the chunk groups: `given`'s or torch's AdamW (states on the
+        device), or, for ``offload.optimizer`` host / disk, a `ChunkedAdamW` sharing the disk
+        tier."""
         chunk_groups = self.param_groups(groups)
         if self.offload.optimizer == "device":
-            return factory(chunk_groups)
+            return (given or default_optimizer_factory(plan.config.optim))(chunk_groups)
         return ChunkedAdamW(
             chunk_groups,
             group_chunks=self.group_chunks,
             open_chunk=self._open_for_update,
             close_chunk=self._close_after_update,
-            **offloaded_adamw_settings(optim, self.offload, self.disk),
+            **offloaded_adamw_settings(plan.config.optim, self.offload, self.disk),
         )
 
-    def optimizer_step(
-        self, optimizer: torch.optim.Optimizer, max_norm: float, norm: torch.Tensor
-    ) -> None:
+    def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None:
         """Update every chunk's parameters, one chunk and its gradient chunk on the device at
-        a time, gradients clipped to `max_norm` (0: not clipped) by the global `norm` as
-        `torch.nn.utils.clip_grads_with_norm_` does: `ChunkedAdamW` walks the chunks itself;
-        any other optimizer (which skips parameters without a gradient, as torch's do) steps
-        once per chunk with only that chunk's gradients attached."""
-        self._clip = (max_norm, norm) if max_norm > 0 else None
+        a time, gradients multiplied by `clip_coef` as they are opened (what
+        `torch.nn.utils.clip_grads_with_norm_` multiplies by): `ChunkedAdamW` walks the chunks
+        itself; any other optimizer (which skips parameters without a gradient, as torch's do)
+        steps once per chunk with only that chunk's gradients attached."""
+        self._clip_coef = clip_coef
         try:
             if isinstance(optimizer, ChunkedAdamW):
                 optimizer.step()
-                return
-            for home in self.homes:
-                self._open_for_update(home)
-                optimizer.step()
-                self._close_after_update(home)
+            else:
+                for home in self.homes:
+                    self._open_for_update(home)
+                    optimizer.step()
+                    self._close_after_update(home)
         finally:
-            self._clip = None
+            self._clip_coef = None
 
     def _open_for_update(self, chunk: Chunk) -> None:
         """Bring home `chunk` with its gradients, clipped, and start bringing the next home
@@ -397,8 +455,8 @@ class ChunkedParams:
             following = self.homes[position + 1]
             self.manager.prefetch(following)
             self.manager.prefetch(self.grads.of(following))
-        if params and self._clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, *self._clip)
+        if params and self._clip_coef is not None:
+            torch._foreach_mul_([p.grad for p in params], self._clip_coef)
 
     def _close_after_update(self, chunk: Chunk) -> None:
         self.grads.detach(chunk)
@@ -464,13 +522,38 @@ class ChunkedParams:
                 self.manager.release(chunk, "forward")
         self.manager.end_step()
 
-    def memory_report(self) -> dict[str, int]:
-        """Bytes of parameter chunks and of gradient chunks per tier now, and the device
-        high-water mark of both together (the manager's)."""
-        grads = self.grads.bytes_per_tier()
-        params = {tier: self.manager.memory_report()[tier.value] - grads[tier] for tier in Tier}
-        report = {f"chunks_{tier.value}": params[tier] for tier in Tier}
-        report.update({f"grad_chunks_{tier.value}": grads[tier] for tier in Tier})
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the whole model's state, chunked parameters read chunk by chunk."""
+        params = self.read_params()
+        return {
+            k: params[k] if k in params else v.detach().clone()
+            for k, v in self.model.state_dict().items()
+        }
+
+    def state_dict(self) -> dict:
+        """The model's state with the chunked parameters read through the manager (this
+        rank's shards live in the optimizer's state dict)."""
+        return {"model": {**self.model.state_dict(), **self.read_params()}, "shards": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.write_params(state["model"])  # through the manager, chunk by chunk
+        chunked = set(self.names())
+        rest = {k: v for k, v in state["model"].items() if k not in chunked}
+        load_model_state(self.model, rest, chunked)
+
+    def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """`model_state_report` with ``params`` the chunks now on the device, ``grads`` the
+        ``param.grad`` tensors (none between steps), ``master_params`` the host optimizer's
+        fp32 copies, and the manager's own counts: ``chunks_device`` / ``_host`` / ``_disk``
+        (parameter chunks), ``grad_chunks_device`` / ``_host`` / ``_disk`` (gradient chunks;
+        none between steps) and ``chunks_device_peak`` (both, the peak since the start)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        masters = [s["master"] for s in optimizer.state.values() if "master" in s]
+        report = model_state_report(self.model, optimizer, grads, masters, [], ("master",))
+        per_tier = self.grads.bytes_per_tier()
+        managed = self.manager.memory_report()
+        report.update({f"chunks_{t.value}": managed[t.value] - per_tier[t] for t in Tier})
+        report.update({f"grad_chunks_{t.value}": per_tier[t] for t in Tier})
         report["chunks_device_peak"] = self.manager.device_peak_bytes
         return report
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket, GradReducer
 from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
+
+if TYPE_CHECKING:
+    from shardwise.run_plan import Sharding
 
 
 @dataclass(frozen=True)
@@ -97,17 +101,18 @@ class OptimizerShards:
         reducer: GradReducer,
         policy: MixedPrecisionPolicy,
         group: object | None,
-        stage: int,
+        sharding: Sharding,
         param_init: ParamInit | None = None,
     ) -> None:
-        """`param_init(name, tensor)` fills parameters still on the meta device, straight
-        into their flat buffer (see [Note: building from the meta device])."""
+        """`sharding` says whether optimizer states (and parameters) are sharded over `group`;
+        `param_init(name, tensor)` fills parameters still on the meta device, straight into
+        their flat buffer (see [Note: building from the meta device])."""
         self.reducer = reducer
         self.param_init = param_init
         self.policy = policy
         self.group = group
-        self.sharded = stage >= 1 and comm.group_size(group) > 1
-        self.params_sharded = self.sharded and stage == 3
+        self.sharded = sharding.optimizer
+        self.params_sharded = sharding.params
         names = {id(p): name for name, p in model.named_parameters()}
         rank, size = comm.group_rank(group), comm.group_size(group)
         self.slices = [

@@ -1,8 +1,8 @@
 """ZeRO-3: parameters sharded too, gathered just before a unit runs and released after.
 
 ZeRO paper section 5.3 (stage 3, P_os+g+p): each rank keeps 1/N of the parameters; a unit
-(a transformer block, or the root: embeddings, final norm, head) is all-gathered before its
-forward and again before its backward, and released after each, so per-step communication is
+(a block of the `ModelSpec`, or the root: embeddings, final norm, head) is all-gathered before
+its forward and again before its backward, and released after each, so per-step communication is
 two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data parallelism.
 
 A unit's parameters are permanent views of its flat buffer (`OwnedSlice.flat_params`); only
@@ -33,6 +33,7 @@ from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
+from shardwise.models.spec import ModelSpec
 from shardwise.zero.optimizer import OptimizerShards, OwnedSlice, alloc_storage, free_storage
 
 
@@ -87,18 +88,16 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def zero3_units(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
+def zero3_units(
+    model: nn.Module, spec: ModelSpec
+) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
     """Units in forward order with their trainable parameters: the root (everything outside
-    ``model.blocks``), then each block. Frozen parameters stay replicated."""
-    blocks = getattr(model, "blocks", None)
-    blocks = list(blocks) if isinstance(blocks, nn.ModuleList) else []
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    the spec's blocks), then each block. Frozen parameters stay replicated."""
+    blocks = spec.named_blocks(model, "zero.stage=3 (one unit per block)")
+    in_blocks = {id(p) for _, block in blocks for p in block.parameters()}
     root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
     units = [("root", model, root)]
-    units += [
-        (f"blocks.{i}", b, [p for p in b.parameters() if p.requires_grad])
-        for i, b in enumerate(blocks)
-    ]
+    units += [(name, b, [p for p in b.parameters() if p.requires_grad]) for name, b in blocks]
     return [unit for unit in units if unit[2]]
 
 

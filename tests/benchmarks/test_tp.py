@@ -17,8 +17,8 @@ from benchmarks import tp as bench_tp
 from shardwise.bench import result_record
 from shardwise.distributed.dims import TP_AXES
 from shardwise.models.gpt import gpt_config_from
+from shardwise.run_plan import resolve
 from shardwise.tensor_parallel.plan import split_fused
-from shardwise.trainer import tensor_parallel_plan
 
 MODES = ("1d", "2d", "2.5d", "3d")
 WORLD = {"1d": 2, "2d": 4, "2.5d": 8, "3d": 8}
@@ -46,7 +46,7 @@ def test_layout_models_split_over_every_layout(layout):
     assert layout.seq_len != layout.micro_batch  # see saved_kind
     for mode in MODES:
         dims = dims_of(mode)
-        plan = tensor_parallel_plan(bench_tp.layout_config(layout, dims), dims)
+        plan = resolve(bench_tp.layout_config(layout, dims), dims.world_size).tp_plan
         assert plan.mode == mode
 
 
@@ -54,7 +54,7 @@ def test_timing_workload_fits_1d_at_two_ranks():
     for settings in (bench_tp.QUICK_TIMING, bench_tp.FULL_TIMING):
         cfg = gpt_workload.engine_config(settings, torch.float32, parallel={"tp": 2})
         dims = bench_tp.layout_dims("1d", 2)
-        assert tensor_parallel_plan(cfg, dims).mode == "1d"
+        assert resolve(cfg, dims.world_size).tp_plan.mode == "1d"
         assert cfg.precision.dtype == "fp32"
     assert bench_tp.QUICK_TIMING.iters < bench_tp.FULL_TIMING.iters
 

@@ -219,7 +219,7 @@ def test_run_worker_exit_codes_and_lines(worker_env, capsys, monkeypatch):
     assert record["message"] == "data.seq_len=0: must be >= 2" and record["exit_code"] == 2
     assert not record["peer_closed"]
 
-    monkeypatch.setattr(launch_mod, "_collective_timeout_s", 3.0)
+    monkeypatch.setattr(launch_mod, "_collective_timeout_s", lambda: 3.0)  # no group here
     timeout = RuntimeError("[../gloo/unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
     assert run_worker_here(raiser(timeout)) == 1
     line = capsys.readouterr().err
@@ -266,7 +266,7 @@ def test_two_ranks_all_reduce(capfd):
 
 def test_rank_exiting_abruptly_stops_the_job():
     seconds, error = run_job("rank1_fails", "exit")
-    assert error is not None and seconds < 20, seconds
+    assert error is not None, seconds  # a hang would meet the deadline instead
     lines = str(error).splitlines()
     assert lines[0] == "rank 1 exited with code 3 without an error message (see its output)"
     assert "another rank closed its connection" in str(error)  # rank 0 was in the all_reduce
@@ -275,7 +275,7 @@ def test_rank_exiting_abruptly_stops_the_job():
 
 def test_collective_timeout_names_the_rank_and_the_collective():
     seconds, error = run_job("rank1_fails", "sleep", "3")
-    assert error is not None and 3 < seconds < 20, seconds
+    assert error is not None and seconds > 3, seconds  # the 3 s timeout elapsed first
     lines = str(error).splitlines()
     assert lines[0].startswith("rank 0 exited with code 1: ")
     assert "timed out after 3 s: another rank never joined it" in lines[0]
@@ -305,3 +305,14 @@ def test_run_torchrun_reports_a_crash_with_its_traceback(monkeypatch, tmp_path):
     assert traceback_file.parent == tmp_path and "ValueError" in traceback_file.read_text()
     assert dict(os.environ) == env_before  # the agent's writes are undone
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
+def test_shardwise_run_joins_the_group_for_a_script_that_never_does(monkeypatch, tmp_path):
+    """``--nproc`` as ``shardwise train`` spells it; `sw.initialize` joins the launcher's
+    group, so both ranks train together (same mean losses) instead of alone."""
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    script = str(Path(REPO, *SCRIPTS.split("."), "api_without_init.py"))
+    run_torchrun(["--nproc", "2", "--log-dir", str(tmp_path / "logs"), "--", script, str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["losses"] == ranks[1]["losses"]

@@ -9,8 +9,15 @@ import torch
 
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
-from shardwise.models import GPT, PRESETS, GPTConfig, build_gpt, count_params, gpt_config_from
-from shardwise.registry import MODELS
+from shardwise.models import (
+    GPT,
+    MODELS,
+    PRESETS,
+    GPTConfig,
+    build_gpt,
+    count_params,
+    gpt_config_from,
+)
 
 SEQ_LEN = 16
 

@@ -10,8 +10,8 @@ import torch
 from shardwise.config import Config
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
+from shardwise.run_plan import resolve
 from shardwise.tensor_parallel import apply_tensor_parallel
-from shardwise.trainer import tensor_parallel_plan
 from tests.parity import (
     BF16_RTOL,
     assert_parity,
@@ -41,7 +41,7 @@ def tp_engine_losses(cfg: Config, world: int) -> tuple[list[float], dict, object
     rank's state, and the mesh and plan it used."""
     dims = ParallelDims.from_config(cfg.parallel, world)
     mesh = dims.build_mesh("cpu")
-    plan = tensor_parallel_plan(cfg, dims)
+    plan = resolve(cfg, world).tp_plan
     engine = initialize(build_model(cfg), None, cfg, mesh=mesh, tp_plan=plan)
     dp_rank, dp = dims.dp_rank(mesh), dims.dp
     losses = []
@@ -91,6 +91,24 @@ FOUR = {
 @pytest.mark.parametrize(("parallel", "stage"), list(FOUR.values()), ids=list(FOUR))
 def test_four_ranks(pool4, parallel, stage):
     cfg = _tp_config(micro_batch=2, **parallel).replace(zero={"stage": stage})
+    pool4.run(tp_engine_run, cfg, 4)
+
+
+CHUNKS = {"policy": "auto", "device_budget_mb": 0.25, "chunk_search_range_mb": 0}
+"""Parameter chunks placed from a traced warm-up step (offload.policy=auto) under a budget
+below what the rank's shards and their gradients take."""
+
+
+def test_tp2_with_parameter_chunks(pool2):
+    """Each tp rank chunks its own shards (one data-parallel rank: whole chunks); the norm
+    counts every element once over the tp ranks."""
+    cfg = _tp_config(micro_batch=2, tp=2).replace(offload=CHUNKS)
+    pool2.run(tp_engine_run, cfg, 2)
+
+
+def test_tp2_dp2_with_parameter_chunks(pool4):
+    """tp=2 x dp=2: the chunks of each tp rank's shards are sharded over its dp group."""
+    cfg = _tp_config(micro_batch=2, tp=2, dp_shard=2).replace(offload=CHUNKS)
     pool4.run(tp_engine_run, cfg, 4)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from shardwise.config import Config
 from shardwise.errors import ConfigError
-from shardwise.trainer import validate
+from shardwise.run_plan import resolve
 
 BAD = {
     "1d-heads": (
@@ -90,7 +90,7 @@ BAD = {
 def test_bad_layouts_are_one_line_errors(parallel, model, train, message):
     cfg = Config().replace(parallel=parallel, model=model, train=train)
     with pytest.raises(ConfigError) as info:
-        validate(cfg, parallel["tp"])
+        resolve(cfg, parallel["tp"])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -99,4 +99,5 @@ def test_bad_layouts_are_one_line_errors(parallel, model, train, message):
 def test_good_layouts_validate(mode):
     tp, depth = {"2d": (4, 1), "2.5d": (8, 2), "3d": (8, 1)}[mode]
     cfg = Config().replace(parallel={"tp": tp, "tp_mode": mode, "tp_depth": depth})
-    assert validate(cfg, tp).tp_shape == {"2d": (2, 2), "2.5d": (2, 2, 2), "3d": (2, 2, 2)}[mode]
+    want = {"2d": (2, 2), "2.5d": (2, 2, 2), "3d": (2, 2, 2)}[mode]
+    assert resolve(cfg, tp).dims.tp_shape == want

@@ -13,6 +13,7 @@ from shardwise.config import ModelConfig
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPTConfig, build_gpt
+from shardwise.models.gpt_plans import gpt_plan_summa
 from shardwise.tensor_parallel import apply_tensor_parallel
 from shardwise.tensor_parallel.plan import TensorParallelContext, split, split_fused
 from shardwise.tensor_parallel.summa import (
@@ -21,7 +22,6 @@ from shardwise.tensor_parallel.summa import (
     Linear2p5D,
     SummaGrid,
     embedding_wire_bytes,
-    gpt_plan_summa,
     layer_norm_wire_bytes,
     linear_wire_bytes,
     loss_summa,

@@ -15,6 +15,7 @@ from shardwise.config import ModelConfig
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt, gpt_config_from
+from shardwise.models.gpt_plans import gpt_plan_3d, gpt_split_factors_3d
 from shardwise.tensor_parallel import TensorParallelContext, apply_tensor_parallel
 from shardwise.tensor_parallel.plan import split, split_fused
 from shardwise.tensor_parallel.three_d import (
@@ -22,8 +23,6 @@ from shardwise.tensor_parallel.three_d import (
     LayerNorm3D,
     Linear3D,
     embedding_wire_bytes,
-    gpt_plan_3d,
-    gpt_split_factors_3d,
     layer_norm_wire_bytes,
     linear_wire_bytes,
     loss_3d,

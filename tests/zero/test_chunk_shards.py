@@ -47,7 +47,7 @@ def train_rows(cfg) -> dict:
     """On every rank: train on this rank's rows; losses, weights, memory figures."""
     engine = initialize(build_model(cfg), None, cfg)
     losses, state = parity.train_rows(engine, cfg)
-    chunked = engine.chunked
+    chunked = engine.store
     return {
         "losses": losses,
         "state": state,

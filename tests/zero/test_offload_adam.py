@@ -30,11 +30,12 @@ def _groups(model: nn.Module) -> list[dict]:
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    dtype = next(model.parameters()).dtype
     for step in steps:
         for group in optimizer.param_groups:  # a decaying lr, read from the groups each step
             group["lr"] = HYPER["lr"] / (1 + step)
         gen = torch.Generator().manual_seed(step)
-        x = torch.randn(4, 16, generator=gen)
+        x = torch.randn(4, 16, generator=gen).to(dtype)
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
@@ -92,6 +93,26 @@ def test_checkpoint_moves_between_tiers_and_into_torch(tmp_path):
     # kernel: the same update up to rounding.
     for a, b in zip(resumed.parameters(), _reference().parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_parameters_resume_exactly_with_their_fp32_masters():
+    """The master copies are part of the checkpoint: rebuilt from bf16 parameters, a resumed
+    run would lose the bits bf16 rounds away and drift from the uninterrupted one."""
+    uninterrupted = _model().to(torch.bfloat16)
+    _train(
+        uninterrupted, OffloadedAdamW(_groups(uninterrupted), **HYPER, tier="host"), range(STEPS)
+    )
+    model = _model().to(torch.bfloat16)
+    optimizer = OffloadedAdamW(_groups(model), **HYPER, tier="host")
+    _train(model, optimizer, range(3))
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert all(state["master"].dtype == torch.float32 for state in saved["state"].values())
+    resumed = _model().to(torch.bfloat16)
+    resumed.load_state_dict(model.state_dict())
+    optimizer = OffloadedAdamW(_groups(resumed), **HYPER, tier="host")
+    optimizer.load_state_dict(saved)
+    _train(resumed, optimizer, range(3, STEPS))
+    _assert_same_weights(resumed, uninterrupted)
 
 
 def test_bad_tier_settings_are_clear_errors():

@@ -150,7 +150,7 @@ def _shard_sizes_with_replicas() -> list[int]:
         parallel={"dp_replicate": 2}
     )
     engine = initialize(build_model(cfg), None, cfg)
-    return [b.reduced.numel() * 2 == b.numel for b in engine.reducer.buckets]
+    return [b.reduced.numel() * 2 == b.numel for b in engine.store.reducer.buckets]
 
 
 def test_hierarchical_dp_keeps_half_of_each_bucket_on_two_shards(pool4):

@@ -67,8 +67,8 @@ def _stage3_state_between_steps(dtype: str) -> dict:
     psi = sum(p.numel() for p in engine.params)
     return {
         "bytes_per_param": sum(engine.memory_report().values()) / psi,
-        "all_sharded": all(u.state is UnitState.SHARDED for u in engine.sharded_params.units),
-        "units": [u.name for u in engine.sharded_params.units],
+        "all_sharded": all(u.state is UnitState.SHARDED for u in engine.store.units.units),
+        "units": [u.name for u in engine.store.units.units],
     }
 
 
@@ -92,7 +92,7 @@ def _bytes_of_one_step(stage: int) -> dict:
     element = 4  # fp32
     return {
         "by_op": {op: stats.total(op=op) for op in ("all_reduce", "all_gather", "reduce_scatter")},
-        "bucket_bytes": [b.numel * element for b in engine.reducer.buckets],
+        "bucket_bytes": [b.numel * element for b in engine.store.reducer.buckets],
     }
 
 

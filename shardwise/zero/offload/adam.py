@@ -32,7 +32,7 @@ import torch
 from shardwise.accelerator import get_accelerator
 from shardwise.config import OffloadConfig, OptimConfig
 from shardwise.errors import ConfigError
-from shardwise.optim import OptimizerFactory
+from shardwise.optim import OptimizerFactory, default_optimizer_factory
 from shardwise.zero.offload.disk import DiskTier, check_root
 
 TIERS = ("host", "disk")
@@ -228,7 +228,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's AdamW layout (``exp_avg``, ``exp_avg_sq`` per parameter), states read back
-        from their tier chunk by chunk, so a checkpoint does not depend on the tier."""
+        from their tier chunk by chunk, so a checkpoint does not depend on the tier; plus the
+        fp32 ``master`` copy of a parameter that has one (bf16/fp16 parameters): rebuilt from
+        the parameter, a resume would lose the bits the parameter's dtype rounds away."""
         saved = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for chunk in self._streamed():
@@ -243,6 +245,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     "exp_avg": m.view_as(p),
                     "exp_avg_sq": v.view_as(p),
                 }
+                if "master" in self.state[p]:
+                    saved["state"][i]["master"] = self.state[p]["master"].clone()
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -257,6 +261,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 if saved is not None:
                     chunk.buffer[0, offset : offset + p.numel()] = saved["exp_avg"].flatten()
                     chunk.buffer[1, offset : offset + p.numel()] = saved["exp_avg_sq"].flatten()
+                    if "master" in saved:  # torch's load cast it to the parameter's dtype
+                        self.state[p]["master"] = saved["master"].to(HOST, torch.float32)
 
 
 def check_offload(offload: OffloadConfig) -> None:
@@ -281,6 +287,14 @@ def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> O
         return OffloadedAdamW(groups, **offloaded_adamw_settings(optim, offload, disk))
 
     return build
+
+
+def optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> OptimizerFactory:
+    """AdamW from the config: torch's fused one with the parameters, or `OffloadedAdamW` with
+    its states where ``offload.optimizer`` says."""
+    if offload.optimizer == "device":
+        return default_optimizer_factory(optim)
+    return offloaded_optimizer_factory(optim, offload)
 
 
 def offloaded_adamw_settings(

@@ -1,0 +1,274 @@
+"""Hugging Face causal LMs (GPT-2, LLaMA): built from a config, with their specs and 1D plans.
+
+The models are ``transformers``' own classes with their forward code untouched: the plans
+below name their modules and split them from outside (`shardwise.tensor_parallel`), like the
+reference GPT's. transformers is an optional extra (``pip install 'shardwise[hf]'``): it is
+imported inside the functions, never by importing this module.
+
+[Note: hf loss] The plans gather the head's output (``lm_head`` column-parallel with
+``gather_output``): every tp rank holds the full logits, so the model's own forward computes
+its loss from ``labels=`` and ``output.logits`` is whole. The plans therefore bring no loss
+(``Plan.loss`` is None) and the ordinary cross-entropy applies. This costs a [tokens, vocab]
+all-gather per step that the reference GPT's vocab-parallel loss avoids.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardwise.config import ModelConfig
+from shardwise.distributed.dims import ParallelDims, fitting_tp_degrees
+from shardwise.errors import ConfigError
+from shardwise.models.spec import ModelSpec, SpecBuilder
+from shardwise.tensor_parallel.conv1d import ColwiseParallelConv1D, RowwiseParallelConv1D
+from shardwise.tensor_parallel.one_d import (
+    ColwiseParallel,
+    LocalSizes,
+    RowwiseParallel,
+    VocabParallel,
+)
+from shardwise.tensor_parallel.plan import Plan
+
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": {
+        "model_type": "gpt2",
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "vocab_size": 256,
+        "n_positions": 64,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        # The byte tokenizer has no special tokens; GPT-2's 50256 is outside its vocabulary.
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+    "llama-tiny": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    },
+}
+"""Built-in tiny configs (``model.hf_config``), as config.json would hold them."""
+
+ATTN_IMPLEMENTATION = "sdpa"
+"""Set explicitly, not left to HF's choice: torch's scaled_dot_product_attention, as the
+reference GPT uses (deterministic on CPU, differentiable; ``"eager"`` is HF's fallback)."""
+
+HF_MISSING = "model.name='hf' needs transformers: pip install 'shardwise[hf]'"
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(HF_MISSING) from None
+    return transformers
+
+
+def hf_config_dict(hf_config: str | None) -> dict[str, Any]:
+    """The config.json contents named by ``model.hf_config``: a preset or a file/directory."""
+    if hf_config is None:
+        raise ConfigError(
+            f"model.name='hf' needs model.hf_config: one of {', '.join(HF_PRESETS)} or the "
+            "path of a config.json"
+        )
+    if hf_config in HF_PRESETS:
+        return dict(HF_PRESETS[hf_config])
+    path = Path(hf_config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"model.hf_config={hf_config!r} is neither a built-in config "
+            f"({', '.join(HF_PRESETS)}) nor a config.json or a directory holding one"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"model.hf_config={hf_config!r}: cannot read {path}: {err}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"model.hf_config={hf_config!r}: {path} has no 'model_type'")
+    return data
+
+
+def build_hf(
+    model_cfg: ModelConfig,
+    seq_len: int,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The Hugging Face causal LM of ``model_cfg.hf_config``, initialised from `seed`.
+
+    Built on the CPU by transformers' own init under ``torch.manual_seed(seed)`` (the caller's
+    RNG state is restored after), then moved to `device`. HF initialises per module, not per
+    parameter name, so the model cannot be filled shard by shard: with `device` "meta" it is
+    built on the CPU all the same. The HF config decides the vocabulary (``model.vocab_size``
+    is not read); it must cover the tokenizer's ids. The KV cache is off (training), the
+    attention is `ATTN_IMPLEMENTATION`.
+    """
+    transformers = _transformers()
+    fields = hf_config_dict(model_cfg.hf_config)
+    model_type = fields.pop("model_type")
+    fields["use_cache"] = False
+    fields.setdefault("loss_type", "ForCausalLM")  # its labels= loss; unset, HF warns
+    where = f"model.hf_config={model_cfg.hf_config!r}"
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{where}: {_first_line(err)}") from None
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the {limit} positions of {where}; "
+            f"use data.seq_len <= {limit}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTN_IMPLEMENTATION
+            )
+        except ValueError as err:
+            raise ConfigError(f"{where}: {_first_line(err)}") from None
+    if torch.device(device).type != "meta":
+        model.to(device)
+    return model
+
+
+def max_positions(config: Any) -> int | None:
+    """Longest input an HF config allows (its position table's size), None if unbounded."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and 1D tensor-parallel plans
+# ---------------------------------------------------------------------------------------------
+
+
+def check_hf_fits(sizes: dict[str, int], dims: ParallelDims, sequence_parallel: bool) -> None:
+    """Refuse a layout the HF plans do not build, or sizes (HF config fields) that do not
+    split over tp: one line naming the field, its value and the tp degrees that fit."""
+    if dims.tp_mode != "1d":
+        raise ConfigError(
+            f"Hugging Face models split with parallel.tp_mode='1d' only, not "
+            f"{dims.tp_mode!r}; set tp_mode='1d'"
+        )
+    if sequence_parallel:
+        raise ConfigError(
+            "parallel.tp_sequence_parallel is not supported for Hugging Face models (their "
+            "forward builds masks for the whole sequence); set it to false"
+        )
+    broken = [(name, value) for name, value in sizes.items() if value % dims.tp]
+    if not broken:
+        return
+    name, value = broken[0]
+    fit = fitting_tp_degrees(dims, lambda d: all(size % d.tp == 0 for size in sizes.values()))
+    raise ConfigError(
+        f"the Hugging Face config's {name}={value} does not split over parallel.tp={dims.tp} "
+        f"(tp_mode='1d' needs a multiple of {dims.tp}); tp degrees that fit: {fit}"
+    )
+
+
+def gpt2_tp_plan(
+    config: Any, dims: ParallelDims, micro_batch: int, sequence_parallel: bool
+) -> Plan:
+    """GPT-2 in Megatron's layout ([Note: hf loss]): c_attn (q|k|v) and c_fc column-split,
+    both c_proj row-split, the tied wte/lm_head split by vocabulary; each attention module's
+    sizes set to its local heads (its forward splits c_attn's output by ``split_size``)."""
+    if getattr(config, "add_cross_attention", False):
+        raise ConfigError("GPT-2 with add_cross_attention is not split by the 1D plan")
+    sizes = {
+        "n_head": config.n_head,
+        "n_inner": config.n_inner or 4 * config.n_embd,
+        "vocab_size": config.vocab_size,
+    }
+    check_hf_fits(sizes, dims, sequence_parallel)
+    layers = {
+        "transformer.wte": VocabParallel(),
+        "transformer.h.*.attn": LocalSizes(("split_size", "embed_dim", "num_heads")),
+        "transformer.h.*.attn.c_attn": ColwiseParallelConv1D(fused=3),
+        "transformer.h.*.attn.c_proj": RowwiseParallelConv1D(),
+        "transformer.h.*.mlp.c_fc": ColwiseParallelConv1D(),
+        "transformer.h.*.mlp.c_proj": RowwiseParallelConv1D(),
+        "lm_head": ColwiseParallel(gather_output=True),
+    }
+    return Plan(mode="1d", layers=layers)
+
+
+def llama_tp_plan(
+    config: Any, dims: ParallelDims, micro_batch: int, sequence_parallel: bool
+) -> Plan:
+    """LLaMA in Megatron's layout ([Note: hf loss]): q/k/v and gate/up column-split, o/down
+    row-split, embedding and head by vocabulary. Query and key/value heads split alike, so
+    the attention's ``num_key_value_groups`` (heads per kv head) is the same on every rank
+    and its forward reshapes with ``-1`` heads: no attribute changes."""
+    sizes = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+    }
+    check_hf_fits(sizes, dims, sequence_parallel)
+    layers = {
+        "model.embed_tokens": VocabParallel(),
+        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(),
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(),
+        "lm_head": ColwiseParallel(gather_output=True),
+    }
+    return Plan(mode="1d", layers=layers)
+
+
+def gpt2_spec(model: nn.Module) -> ModelSpec:
+    """``GPT2LMHeadModel``'s structure and plan."""
+    return ModelSpec(
+        blocks="transformer.h",
+        embedding="transformer.wte",
+        head="lm_head",
+        attention="transformer.h.*.attn",
+        max_seq_len=max_positions(model.config),
+        tp_plan=partial(gpt2_tp_plan, model.config),
+    )
+
+
+def llama_spec(model: nn.Module) -> ModelSpec:
+    """``LlamaForCausalLM``'s structure and plan."""
+    return ModelSpec(
+        blocks="model.layers",
+        embedding="model.embed_tokens",
+        head="lm_head",
+        attention="model.layers.*.self_attn",
+        max_seq_len=max_positions(model.config),
+        tp_plan=partial(llama_tp_plan, model.config),
+    )
+
+
+HF_SPECS: dict[str, SpecBuilder] = {
+    "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel": gpt2_spec,
+    "transformers.models.llama.modeling_llama.LlamaForCausalLM": llama_spec,
+}
+"""Declared specs of the HF classes shardwise knows, by qualified class name: nothing imports
+transformers until such a model exists."""

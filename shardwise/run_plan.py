@@ -1,0 +1,286 @@
+"""The resolved plan of a run: every decision the config implies, made once, before launch.
+
+`resolve(config, world_size)` validates the config against the world size and the model's
+spec and returns a frozen `RunPlan`: the parallel degrees, the tensor-parallel plan, what is
+sharded over which axis, where chunks and optimizer states live, the precision, activation
+checkpointing, how the config's optimizer section applies and the schedule. Every check lives
+here and raises a one-line `ConfigError`; the launcher resolves in the parent process and
+hands each worker the plan itself, so nothing is parsed or validated twice. The engine and the
+parameter stores read the plan's policies, never ``zero.stage`` or ``offload.policy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardwise.accelerator import get_accelerator
+from shardwise.config import Config, OffloadConfig, resolve_batch
+from shardwise.distributed.dims import ParallelDims
+from shardwise.errors import ConfigError
+from shardwise.models import MODELS, ModelSpec, spec_of
+from shardwise.precision import MixedPrecisionPolicy, policy_from_config
+from shardwise.tensor_parallel import Plan
+from shardwise.zero.offload.adam import check_offload
+
+OPTIM_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What ZeRO shards over the ``dp_shard`` axis (ZeRO, Rajbhandari et al. 2020, sec. 5)."""
+
+    stage: int
+    """The ZeRO stage the flags come from (0-3), for display and checkpoint layouts."""
+    optimizer: bool
+    """Optimizer states and master weights: each rank updates 1/N of every bucket."""
+    grads: bool
+    """Gradients reduce-scattered: each rank keeps the reduced gradient of its slice."""
+    params: bool
+    """Parameters gathered for compute and released after (stage 3)."""
+    reshard_after_forward: bool
+    """Stage 3: release gathered parameters after forward, gather again for backward."""
+    prefetch: bool
+    """Stage 3: gather the next unit while the current one computes."""
+
+
+@dataclass(frozen=True)
+class OptimizerUse:
+    """How the config's ``optim`` section applies to the optimizer."""
+
+    builtin: bool
+    """The optimizer is AdamW built from ``optim`` (no factory was given)."""
+    lr_schedule: bool
+    """Warm-up + cosine decay on the optimizer's learning rate."""
+    grad_clip: float
+    """Global gradient-norm clip; 0 = none."""
+    decay_groups: bool
+    """Parameters split into weight-decay groups (matrices) and none (biases, norms,
+    embeddings) with ``optim.weight_decay``."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a rank needs to know about the run, resolved and checked."""
+
+    config: Config
+    """The validated config (sections read as they are: model, data, train, logging)."""
+    dims: ParallelDims
+    """Parallel degrees for this world size."""
+    micro_batches: int
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    sharding: Sharding
+    offload: OffloadConfig
+    """Tiers and budgets: Adam states (``optimizer``) and parameter chunks (``policy``)."""
+    precision: MixedPrecisionPolicy
+    optimizer: OptimizerUse
+    tp_plan: Plan | None
+    """The model's tensor-parallel plan, when ``parallel.tp`` > 1."""
+    trainable_params: int
+    """Trainable parameter elements of the whole (unsplit) model."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def chunks(self) -> bool:
+        """Parameters live in chunks placed on device, host and disk (Gemini)."""
+        return self.offload.policy != "none"
+
+    def layout(self) -> dict:
+        """What fixes the shapes of each rank's saved state (checkpoints compare it)."""
+        chunks = None
+        if self.chunks:
+            keys = ("chunk_min_mb", "chunk_search_range_mb", "chunk_search_step_mb")
+            chunks = {key: getattr(self.offload, key) for key in keys}
+        return {**vars(self.dims), "zero_stage": self.sharding.stage, "chunks": chunks}
+
+    def model_state_bytes(self) -> dict[str, float]:
+        """Predicted model-state bytes per rank: parameters, gradients, fp32 master weights and
+        Adam's two moments (ZeRO paper, sec. 5: with Ψ elements and N shards, each category
+        divided by N where it is sharded; tensor parallelism divides Ψ by tp)."""
+        psi = self.trainable_params / self.dims.tp
+        shards = self.dims.dp_shard
+        chunked = self.chunks and self.dims.dp > 1
+        param_bytes = torch.finfo(self.precision.param_dtype).bits // 8
+
+        def per_rank(numel: float, sharded: bool) -> float:
+            return numel / shards if sharded or chunked else numel
+
+        master = 4 * psi if self.precision.needs_master_weights else 0
+        return {
+            "params": per_rank(param_bytes * psi, self.sharding.params),
+            "grads": per_rank(param_bytes * psi, self.sharding.grads),
+            "master_params": per_rank(master, self.sharding.optimizer),
+            "optimizer_states": per_rank(8 * psi, self.sharding.optimizer),
+        }
+
+    def table(self) -> str:
+        """The plan as a few aligned lines for the user (``shardwise train`` prints it)."""
+        dims = self.dims
+        axes = "  ".join(f"{name}={getattr(dims, name)}" for name in _AXES)
+        tp = f" ({dims.tp_mode})" if dims.tp > 1 else ""
+        shard = self.sharding
+        what = [
+            n
+            for n, on in (
+                ("optimizer", shard.optimizer),
+                ("grads", shard.grads),
+                ("params", shard.params),
+            )
+            if on
+        ]
+        sharded = f"{', '.join(what)} over dp_shard={dims.dp_shard}" if what else "nothing"
+        if self.chunks:
+            sharded = f"parameter chunks ({self.offload.policy}) over dp={dims.dp}"
+        tiers = f"adam states: {self.offload.optimizer}"
+        if self.chunks:
+            budget = self.offload.device_budget_mb
+            tiers += f"; chunks: device budget {budget:g} MiB" if budget else "; chunks: static"
+        states = self.model_state_bytes()
+        total = sum(states.values())
+        detail = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in states.items())
+        rows = [
+            ("axes", axes + tp),
+            ("sharded", sharded),
+            ("tiers", tiers),
+            (
+                "precision",
+                f"{_dtype(self.precision.param_dtype)} params, "
+                f"{_dtype(self.precision.reduce_dtype)} reduction",
+            ),
+            ("schedule", f"{self.micro_batches} micro-batch(es) per step"),
+            ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+_AXES = ("dp_replicate", "dp_shard", "pp", "sp", "tp")
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def resolve(
+    config: Config,
+    world_size: int,
+    *,
+    model: nn.Module | None = None,
+    spec: ModelSpec | None = None,
+    tp_plan: Plan | None = None,
+    optimizer_given: bool = False,
+) -> RunPlan:
+    """Check `config` for `world_size` ranks and resolve it into a `RunPlan`.
+
+        `model` is the model to train (its spec is `spec`, declared or discovered); without it the
+        registered ``model.name`` is built on the meta device to read its spec. `optimizer_given`:
+        the caller brings its own optimizer factory ([Note: a given optimizer]); `tp_plan` replaces
+    the spec's tensor-parallel plan."""
+    dims = ParallelDims.from_config(config.parallel, world_size)
+    _check_supported(dims)
+    micro_batches = resolve_batch(config.train, dims.dp)
+    if model is None:
+        model = MODELS.get(config.model.name)(
+            config.model, config.data.seq_len, device="meta", seed=config.train.seed
+        )
+    spec = spec_of(model, spec)
+    precision = policy_from_config(config.precision, get_accelerator())
+    _check_offload(config, precision, optimizer_given)
+    return RunPlan(
+        config=config,
+        dims=dims,
+        micro_batches=micro_batches,
+        sharding=_sharding(config, dims),
+        offload=config.offload,
+        precision=precision,
+        optimizer=_optimizer_use(config, optimizer_given),
+        tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def _check_supported(dims: ParallelDims) -> None:
+    """Reject degrees this version cannot run yet, before any process waits on them."""
+    for name in ("pp", "sp"):
+        degree = getattr(dims, name)
+        if degree > 1:
+            raise ConfigError(
+                f"parallel.{name}={degree} is not supported yet; this version trains with "
+                f"data and tensor parallelism only (parallel.{name}=1)"
+            )
+
+
+def _sharding(config: Config, dims: ParallelDims) -> Sharding:
+    """ZeRO's stage as flags; with one shard there is nothing to shard."""
+    stage = config.zero.stage
+    shards = dims.dp_shard > 1
+    return Sharding(
+        stage=stage,
+        optimizer=shards and stage >= 1,
+        grads=shards and stage >= 2,
+        params=shards and stage == 3,
+        reshard_after_forward=config.zero.reshard_after_forward,
+        prefetch=config.zero.prefetch,
+    )
+
+
+def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_given: bool) -> None:
+    offload = config.offload
+    check_offload(offload)
+    if offload.optimizer != "device" and optimizer_given:
+        raise ConfigError(
+            f"offload.optimizer={offload.optimizer!r} brings its own AdamW; pass "
+            "optimizer_factory=None or keep offload.optimizer='device'"
+        )
+    policy = offload.policy
+    if policy == "none":
+        return
+    if config.zero.stage not in (0, 3):
+        raise ConfigError(
+            f"offload.policy={policy!r} shards parameters, gradients and Adam states of every "
+            f"chunk over the data-parallel ranks (ZeRO-3 for chunks); zero.stage="
+            f"{config.zero.stage} asks for less: set zero.stage=3 (or leave it at 0)"
+        )
+    if offload.policy == "auto" and offload.device_budget_mb is None:
+        raise ConfigError(
+            "offload.policy='auto' places chunks within offload.device_budget_mb; set it "
+            "(MiB of device memory for parameter and gradient chunks and activations)"
+        )
+    if precision.needs_master_weights and offload.optimizer == "device":
+        raise ConfigError(
+            f"offload.policy={policy!r} with {_dtype(precision.param_dtype)} parameters keeps "
+            "the fp32 master weights in the host optimizer: set offload.optimizer='host' or "
+            "'disk', or precision.dtype='fp32'"
+        )
+
+
+# [Note: a given optimizer] A caller who passes an optimizer factory gets that optimizer as
+# built: the config's learning-rate schedule, clipping and weight-decay groups apply only
+# where the config sets them explicitly (``optim.warmup_steps`` / ``min_lr_ratio``,
+# ``optim.grad_clip``, ``optim.weight_decay``), not from their defaults. Without a factory the
+# engine builds AdamW from the whole ``optim`` section, defaults included.
+
+
+def _optimizer_use(config: Config, optimizer_given: bool) -> OptimizerUse:
+    optim = config.optim
+    explicit = optim.model_fields_set if optimizer_given else set(type(optim).model_fields)
+    return OptimizerUse(
+        builtin=not optimizer_given,
+        lr_schedule=any(key in explicit for key in OPTIM_SCHEDULE_KEYS),
+        grad_clip=optim.grad_clip if "grad_clip" in explicit else 0.0,
+        decay_groups="weight_decay" in explicit,
+    )
+
+
+def _tp_plan(config: Config, dims: ParallelDims, spec: ModelSpec) -> Plan:
+    if spec.tp_plan is None:
+        raise ConfigError(
+            f"parallel.tp={dims.tp}: the model has no tensor-parallel plan; declare one in "
+            "its ModelSpec (tp_plan=) or pass tp_plan= to initialize()"
+        )
+    return spec.tp_plan(dims, config.train.micro_batch, config.parallel.tp_sequence_parallel)

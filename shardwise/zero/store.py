@@ -1,0 +1,371 @@
+"""Where parameters, gradients and optimizer states live, and how gradients are reduced.
+
+`ParamStore` is the one protocol the engine trains through: the hooks around forward and
+backward, the gradients' loss-scale check and global norm, the optimizer update, state dicts
+and the memory report. Two stores implement it, chosen by the plan (`build_store`):
+
+* `FlatStore`: parameters as views of flat per-bucket buffers; gradients reduced bucket by
+  bucket while backward runs (all-reduce, or reduce-scatter when gradients are sharded); this
+  rank's optimizer owns a slice of every bucket (ZeRO 1-3) and, when parameters are sharded,
+  each unit (a block of the `ModelSpec`, or the rest of the model) is gathered around its
+  forward and backward.
+* `ChunkedParams` (zero/chunked.py): parameters in chunks placed on device, host and disk
+  under budgets (Gemini), sharded over the data-parallel ranks.
+
+Both receive the model, the plan and the mesh; the engine composes the store with an
+optimizer, a loss scaler and a schedule, and clips with the norm the store reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.distributed.dims import dp_mesh
+from shardwise.distributed.reducer import GradReducer
+from shardwise.errors import CheckpointError, ConfigError
+from shardwise.models import ModelSpec
+from shardwise.optim import OptimizerFactory
+from shardwise.precision import DynamicLossScaler
+from shardwise.run_plan import RunPlan
+from shardwise.tensor_parallel import TensorParallel
+from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
+from shardwise.zero.optimizer import OptimizerShards, ParamInit
+from shardwise.zero.params import ShardedParams, zero3_units
+
+
+class ParamStore(Protocol):
+    """The engine's view of where the model's trainable state lives."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    """Trainable parameters, in model order."""
+    device: torch.device
+    replicated: bool
+    """Every rank holds the same state (else each saves its own)."""
+
+    def build_optimizer(
+        self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
+    ) -> torch.optim.Optimizer: ...
+    def before_forward(self) -> None: ...
+    def before_backward(self, sync: bool) -> None: ...
+    def after_backward(self, sync: bool) -> None: ...
+    def unscale_and_check(self, scaler: DynamicLossScaler) -> bool: ...
+    def grad_norm(self) -> torch.Tensor: ...
+    def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None: ...
+    def end_step(self) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class DataParallelGroups:
+    """The data-parallel groups a store reduces over ([Note: hierarchical data parallelism]).
+
+    Gradients are averaged over every dp rank, but state is sharded only within `shard`; the
+    `replicate` groups (typically one per node) hold identical shards, kept equal by an
+    all-reduce of the reduced slices."""
+
+    dp: object | None
+    shard: object | None
+    replicate: object | None
+    """None when there is one replica."""
+
+    @classmethod
+    def of(cls, mesh: object | None) -> DataParallelGroups:
+        if mesh is None:
+            return cls(None, None, None)
+        replicate = mesh["dp_replicate"]
+        return cls(
+            dp_mesh(mesh),
+            mesh["dp_shard"],
+            replicate if comm.group_size(replicate) > 1 else None,
+        )
+
+    @property
+    def size(self) -> int:
+        return comm.group_size(self.dp) if self.dp is not None else 1
+
+
+def build_store(
+    model: nn.Module,
+    plan: RunPlan,
+    mesh: object | None,
+    device: torch.device,
+    spec: ModelSpec,
+    param_init: ParamInit | None,
+    tp: TensorParallel | None,
+) -> ParamStore:
+    """Place `model` (in the plan's parameter dtype, every replica starting from rank 0's
+    weights) and wrap its trainable parameters in the store the plan asks for."""
+    from shardwise.zero.chunked import ChunkedParams
+
+    check_materialisable(model, param_init)
+    groups = DataParallelGroups.of(mesh)
+    on_meta = any(p.is_meta for p in model.parameters())
+    # meta: filled in place later; chunks: their payloads carry the parameters there
+    placement = {} if on_meta or plan.chunks else {"device": device}
+    model.to(dtype=plan.precision.param_dtype, **placement)
+    broadcast_from_first_rank(model, groups)
+    if plan.chunks:
+        sample = spec.sample_input(plan.config.data.seq_len, device)
+        store = ChunkedParams(model, plan, groups, device, sample, param_init, tp)
+    else:
+        store = FlatStore(model, plan, groups, device, spec, param_init, tp)
+    materialise_frozen(model, param_init, device)
+    return store
+
+
+class FlatStore:
+    """Flat bucket buffers, reduced during backward, this rank's slice of each stepped by the
+    optimizer; units gathered around compute when parameters are sharded (docs/zero.md)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: RunPlan,
+        groups: DataParallelGroups,
+        device: torch.device,
+        spec: ModelSpec,
+        param_init: ParamInit | None,
+        tp: TensorParallel | None,
+    ) -> None:
+        sharding = plan.sharding
+        self.model, self.device, self.tp = model, device, tp
+        self.precision = plan.precision
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        shard_size = comm.group_size(groups.shard)
+        _check_shardable(self.params, sharding.stage, shard_size)
+        units = zero3_units(model, spec) if sharding.params else None
+        self.reducer = GradReducer(
+            self.params,
+            group=groups.shard if sharding.grads else groups.dp,
+            bucket_bytes=int(plan.config.distributed.bucket_mb * 2**20),
+            reduce_dtype=plan.precision.reduce_dtype,
+            scatter=sharding.grads,
+            bucket_groups=[params for *_, params in reversed(units)] if units else None,
+            replicate_group=groups.replicate if sharding.grads else None,
+            device=device,
+        )
+        self.shards = OptimizerShards(
+            model, self.reducer, plan.precision, groups.shard, sharding, param_init
+        )
+        self.units = None
+        if units:
+            self.units = ShardedParams(
+                [(name, module) for name, module, _ in units],
+                self.shards,
+                groups.shard,
+                sharding.reshard_after_forward,
+                sharding.prefetch,
+            )
+            self.reducer.on_bucket_complete = self.units.on_bucket_complete
+        tp_group = tp.ctx.group("tp") if tp is not None else None
+        self.norm_groups = [
+            g
+            for g in (self.shards.norm_group, tp_group)
+            if g is not None and comm.group_size(g) > 1
+        ]
+        """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are
+        summed over them."""
+        self.replicated = not self.shards.sharded and tp is None
+
+    def build_optimizer(
+        self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
+    ) -> torch.optim.Optimizer:
+        factory = given or optimizer_factory(plan.config.optim, plan.offload)
+        return factory(self.shards.param_groups(groups))
+
+    # -- around forward and backward ---------------------------------------------------------
+
+    def before_forward(self) -> None:
+        pass
+
+    def before_backward(self, sync: bool) -> None:
+        self.reducer.prepare(sync=sync)
+
+    def after_backward(self, sync: bool) -> None:
+        if sync:
+            self.reducer.finish()
+        if self.units is not None:
+            self.units.release_all()
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def unscale_and_check(self, scaler: DynamicLossScaler) -> bool:
+        return scaler.unscale_and_check_(self.shards.owned_grads(), self.norm_groups, self.device)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global 2-norm: this rank's squares (each tensor-parallel shard counted once
+        over its replicas) summed over the groups holding disjoint slices."""
+        squares = self._grad_squares(self.shards.owned_grads())
+        for group in self.norm_groups:
+            comm.all_reduce_(squares, group)
+        return squares.sqrt()
+
+    def _grad_squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of squared gradient elements this rank owns, counting each element of the
+        model once: a tensor-parallel shard held by k tp ranks contributes 1/k per holder."""
+        if self.tp is None:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            return torch.stack(norms).square().sum()
+        pieces, weights = [], []
+        for owned, grad in zip(self.shards.slices, grads, strict=True):
+            for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
+                pieces.append(grad[lo - owned.start : hi - owned.start])
+                weights.append(1.0 / self.tp.replicas[id(owner)])
+        norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
+        return (norms.square() * torch.tensor(weights, device=norms.device)).sum()
+
+    def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None:
+        """Clip, step this rank's pieces, write them back (all-gathered where sharded)."""
+        if clip_coef is not None:
+            torch._foreach_mul_(self.shards.owned_grads(), clip_coef)
+        self.shards.attach_grads()
+        optimizer.step()
+        self.shards.sync_params()
+        self.shards.release_grads()
+
+    def end_step(self) -> None:
+        self.reducer.release_grads()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the whole model's state (units gathered for it; tensor-parallel shards
+        stay this rank's)."""
+        gathered = self.units.all_gathered() if self.units is not None else nullcontext()
+        with gathered:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _model_state(self) -> dict:
+        """The model's state dict, less the parameters only shards hold (ZeRO-3)."""
+        state = self.model.state_dict()
+        if self.shards.params_sharded:
+            held = {id(p) for p in self.params}
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                if id(p) in held:
+                    state.pop(name, None)
+        return state
+
+    def state_dict(self) -> dict:
+        return {"model": self._model_state(), "shards": self.shards.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected_missing = set(self.model.state_dict()) - set(self._model_state())
+        load_model_state(self.model, state["model"], expected_missing)
+        self.shards.load_state_dict(state["shards"])
+
+    def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        buckets = self.reducer.buckets
+        grads = [b.grads for b in buckets if b.grads is not None] + [b.reduced for b in buckets]
+        slices = self.shards.slices
+        masters = [s.master for s in slices] if self.precision.needs_master_weights else []
+        return model_state_report(
+            self.model, optimizer, grads, masters, [s.shard for s in slices], states_skip=()
+        )
+
+
+# -- shared by the stores ---------------------------------------------------------------------
+
+
+def model_state_report(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grads: list[torch.Tensor],
+    masters: list[torch.Tensor],
+    shards: list[torch.Tensor],
+    states_skip: tuple[str, ...],
+) -> dict[str, int]:
+    """Bytes per category of model state, read from the tensors' storages (each counted once,
+    padding included); ``offloaded_host`` / ``offloaded_disk``: Adam states that
+    ``offload.optimizer`` moved off the device."""
+    states = [
+        t
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if isinstance(t, torch.Tensor) and key not in states_skip
+    ]
+    offloaded = (
+        optimizer.tier_bytes() if isinstance(optimizer, OffloadedAdamW) else {"host": 0, "disk": 0}
+    )
+    return {
+        "params": storage_bytes([*model.parameters(), *shards]),
+        "grads": storage_bytes(grads),
+        "master_params": storage_bytes(masters),
+        "optimizer_states": storage_bytes(states),
+        "buffers": storage_bytes(model.buffers()),
+        "offloaded_host": offloaded["host"],
+        "offloaded_disk": offloaded["disk"],
+    }
+
+
+def storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def load_model_state(model: nn.Module, state: dict, expected_missing: set[str]) -> None:
+    """Load what the checkpoint holds of the model; anything else missing is an error."""
+    result = model.load_state_dict(state, strict=False)
+    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint model state does not fit this model: missing "
+            f"{sorted(set(result.missing_keys) - expected_missing)[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}"
+        )
+
+
+def broadcast_from_first_rank(model: nn.Module, groups: DataParallelGroups) -> None:
+    """Start every replica from rank 0's weights, as DDP does, whatever the init (a meta
+    model is filled later by `param_init`, the same on every rank)."""
+    if groups.size == 1:
+        return
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if not tensor.is_meta:
+                comm.broadcast_(tensor, 0, groups.dp)
+
+
+def materialise_frozen(model: nn.Module, param_init: ParamInit | None, device) -> None:
+    """Frozen parameters are in no bucket or chunk: fill those still on the meta device."""
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            tensor = torch.empty(param.shape, dtype=param.dtype, device=device)
+            param_init(name, tensor)
+            torch.utils.swap_tensors(param, nn.Parameter(tensor, requires_grad=False))
+
+
+def check_materialisable(model: nn.Module, param_init: ParamInit | None) -> None:
+    meta_buffers = [name for name, b in model.named_buffers() if b.is_meta]
+    if meta_buffers:
+        raise ConfigError(
+            f"model buffer {meta_buffers[0]!r} is on the meta device; materialise buffers "
+            "before initialize() (only parameters are filled by param_init)"
+        )
+    if param_init is None and any(p.is_meta for p in model.parameters()):
+        raise ConfigError(
+            "the model's parameters are on the meta device: pass param_init=(name, tensor) -> "
+            "None to initialize() so they can be filled shard by shard"
+        )
+
+
+def _check_shardable(params: list[nn.Parameter], stage: int, shard_size: int) -> None:
+    """Every rank raises the same error (same model, same degrees): nobody is left waiting."""
+    numel = sum(p.numel() for p in params)
+    if stage >= 1 and shard_size > numel:
+        raise ConfigError(
+            f"zero.stage={stage} shards over {shard_size} data-parallel ranks, but the model has "
+            f"only {numel} trainable elements; use at most {numel} ranks or zero.stage=0"
+        )
