@@ -124,18 +124,10 @@ class RunPlan:
         axes = "  ".join(f"{name}={getattr(dims, name)}" for name in _AXES)
         tp = f" ({dims.tp_mode})" if dims.tp > 1 else ""
         shard = self.sharding
-        what = [
-            n
-            for n, on in (
-                ("optimizer", shard.optimizer),
-                ("grads", shard.grads),
-                ("params", shard.params),
-            )
-            if on
-        ]
+        what = [name for name in ("optimizer", "grads", "params") if getattr(shard, name)]
         sharded = f"{', '.join(what)} over dp_shard={dims.dp_shard}" if what else "nothing"
         if self.chunks:
-            sharded = f"parameter chunks ({self.offload.policy}) over dp={dims.dp}"
+            sharded = f"parameter chunks ({self.offload.policy}) over dp_shard={dims.dp_shard}"
         tiers = f"adam states: {self.offload.optimizer}"
         if self.chunks:
             budget = self.offload.device_budget_mb

@@ -218,12 +218,16 @@ def test_dp_measures_both_shapes_with_zero3_on_the_wide_one(one_rank_group, monk
 
     small_wide = {**dp.WIDE, "n_layers": 1, "vocab_size": 512, "seq_len": 16, "micro_batch": 2}
     monkeypatch.setattr(dp, "WIDE", small_wide)
-    settings = gpt_workload.Settings(warmup=1, iters=1, preset="tiny", seq_len=16, micro_batch=2)
+    settings = gpt_workload.Settings(
+        warmup=1, iters=1, preset="tiny", seq_len=16, micro_batch=2, precision="fp32"
+    )
     record = dp.measure(settings, 0, 0, 1)
-    assert set(record["mini"]["median_s"]) == {"ours", "torch_ddp"}
-    wide = record["wide"]
-    assert set(wide["median_s"]) == {"ours", "torch_ddp", "ours_zero3"}
-    assert wide["config"]["precision"] == "fp32" and "vocab 512" in wide["config"]["model"]
-    last = wide["config"]["last_loss"]
-    assert last["ours"] == pytest.approx(last["torch_ddp"], rel=1e-5)
-    assert last["ours_zero3"] == pytest.approx(last["torch_ddp"], rel=1e-5)
+    assert set(record) == {"mini", "wide", "wide_zero3"}
+    for shape, stage in (("mini", 0), ("wide", 0), ("wide_zero3", 3)):
+        config = record[shape]["config"]
+        assert set(record[shape]["median_s"]) == {"ours", "torch_ddp"}
+        assert config["zero_stage"] == stage
+        last = config["last_loss"]
+        assert last["ours"] == pytest.approx(last["torch_ddp"], rel=1e-5), shape
+    wide = record["wide"]["config"]
+    assert wide["precision"] == "fp32" and "vocab 512" in wide["model"]
