@@ -24,7 +24,7 @@ Three ratios, each measured against its own reference in the same run (issue 6, 
   target). On a CPU-only machine "host" and "device" are the same memory: the ratio is then
   the cost of the chunked optimizer, not of PCIe transfers.
 - ``sharded_state_fraction`` and ``sharded_vs_deepspeed`` (no target): the sharded parameter
-  chunks (zero/chunk_shards.py) in the same 2-rank job: ``offload.policy = "static"``,
+  chunks (zero/chunks/sharding.py) in the same 2-rank job: ``offload.policy = "static"``,
   ``param_device_fraction = 0``, ``offload.optimizer = "host"`` (each rank keeps 1/N of every
   parameter chunk, of its gradients and of its Adam states; full chunks gathered for compute,
   gradients reduce-scattered). ``sharded_state_fraction``: the most model-state bytes any

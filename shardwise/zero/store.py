@@ -9,7 +9,7 @@ and the memory report. Two stores implement it, chosen by the plan (`build_store
   rank's optimizer owns a slice of every bucket (ZeRO 1-3) and, when parameters are sharded,
   each unit (a block of the `ModelSpec`, or the rest of the model) is gathered around its
   forward and backward.
-* `ChunkedParams` (zero/chunked.py): parameters in chunks placed on device, host and disk
+* `ChunkStore` (zero/chunks/store.py): parameters in chunks placed on device, host and disk
   under budgets (Gemini), sharded over the data-parallel ranks.
 
 Both receive the model, the plan and the mesh; the engine composes the store with an
@@ -106,7 +106,7 @@ def build_store(
 ) -> ParamStore:
     """Place `model` (in the plan's parameter dtype, every replica starting from rank 0's
     weights) and wrap its trainable parameters in the store the plan asks for."""
-    from shardwise.zero.chunked import ChunkedParams
+    from shardwise.zero.chunks.store import ChunkStore  # it imports this module
 
     check_materialisable(model, param_init)
     groups = DataParallelGroups.of(mesh)
@@ -117,7 +117,7 @@ def build_store(
     broadcast_from_first_rank(model, groups)
     if plan.chunks:
         sample = spec.sample_input(plan.config.data.seq_len, device)
-        store = ChunkedParams(model, plan, groups, device, sample, param_init, tp)
+        store = ChunkStore(model, plan, groups, device, sample, param_init, tp)
     else:
         store = FlatStore(model, plan, groups, device, spec, param_init, tp)
     materialise_frozen(model, param_init, device)

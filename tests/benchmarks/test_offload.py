@@ -3,7 +3,7 @@ one-process and capacity jobs on a tiny model in this process, and the JSON line
 
 The whole benchmark (hundreds of MB of IO, a 2-rank and two 1-rank launched jobs training
 models of 25M and 300M parameters) takes minutes and is not run here; neither is the 2-rank
-sharding of the chunks (tests/zero/test_chunk_shards.py covers it).
+sharding of the chunks (tests/zero/chunks/test_sharding.py covers it).
 """
 
 from __future__ import annotations

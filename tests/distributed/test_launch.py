@@ -269,7 +269,11 @@ def test_rank_exiting_abruptly_stops_the_job():
     assert error is not None, seconds  # a hang would meet the deadline instead
     lines = str(error).splitlines()
     assert lines[0] == "rank 1 exited with code 3 without an error message (see its output)"
-    assert "another rank closed its connection" in str(error)  # rank 0 was in the all_reduce
+    # Rank 0 was in the all_reduce: it either saw the closed connection first or the agent
+    # stopped it first (a race between two processes; either ends the job with no orphan).
+    assert "another rank closed its connection" in lines[-1] or lines[-1] == (
+        "rank 0 was still running; the launcher stopped it"
+    )
     assert not child_pids()
 
 

@@ -1,4 +1,4 @@
-"""Parameters in chunks through the engine (``offload.policy``, zero/chunk_hooks.py), one process.
+"""Parameters in chunks through the engine (``offload.policy``, zero/chunks/hooks.py), one process.
 
 Parity is bit-exact against plain torch (tests/parity.py `reference_run`): the forward and
 backward read the same values from chunk payloads, the global norm is computed as
@@ -18,10 +18,10 @@ from torch import nn
 from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
-from shardwise.zero.chunk_hooks import ChunkHooks, held_chunks
-from shardwise.zero.chunks import ChunkState, Tier, build_chunks
-from shardwise.zero.manager import ChunkManager
-from shardwise.zero.tracer import MemoryTracer
+from shardwise.zero.chunks.chunk import ChunkState, Tier, build_chunks
+from shardwise.zero.chunks.hooks import ChunkHooks, held_chunks
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.tracer import MemoryTracer
 from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
 
 MIB = 2**20

@@ -1,11 +1,11 @@
 """The engine's trainable parameters in chunks (``offload.policy`` static or auto).
 
-`ChunkedParams` puts chunk_hooks.py together for the engine: it builds the chunks (size
+`ChunkStore` puts hooks.py together for the engine: it builds the chunks (size
 searched for the least padding), the `ChunkManager` within the device and host budgets (and
 the disk tier), the policy's placement, the hooks on the model, the warm-up trace of the auto
 policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
 
-With a data-parallel group of N > 1 ranks the chunks are sharded over it (chunk_shards.py;
+With a data-parallel group of N > 1 ranks the chunks are sharded over it (sharding.py;
 replica groups of such ranks average their gradient shards):
 the model's parameters view *gathered* chunks that exist on the device only while in use, and
 what rests between uses, is updated and is placed on the tiers (the *homes*) are this rank's
@@ -27,9 +27,7 @@ from shardwise.optim import OptimizerFactory, default_optimizer_factory
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
-from shardwise.zero.chunk_hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
-from shardwise.zero.chunk_shards import ShardedGrads, shard_chunks
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkState,
     Tier,
@@ -40,26 +38,28 @@ from shardwise.zero.chunks import (
     params_in_execution_order,
     search_chunk_size,
 )
-from shardwise.zero.manager import ChunkManager
-from shardwise.zero.offload.adam import offloaded_adamw_settings
-from shardwise.zero.offload.disk import DiskTier
-from shardwise.zero.optimizer import ParamInit
-from shardwise.zero.placement import (
+from shardwise.zero.chunks.hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.placement import (
     Placement,
     apply_placement,
     auto_placement,
     placement_summary,
     static_placement,
 )
+from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
+from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
+from shardwise.zero.offload.adam import offloaded_adamw_settings
+from shardwise.zero.offload.disk import DiskTier
+from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.store import DataParallelGroups, load_model_state, model_state_report
-from shardwise.zero.tracer import MemoryTrace, MemoryTracer
 
 log = logging.getLogger("shardwise")
 
 MIB = 2**20
 
 
-class ChunkedParams:
+class ChunkStore:
     """The engine's trainable parameters as chunks (``offload.policy``), sharded over `group`
     when it has more than one rank.
 

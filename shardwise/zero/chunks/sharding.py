@@ -32,7 +32,7 @@ reduce-scatter (HSDP); gathers, norms and overflow flags stay within the shard g
 replicas hold identical shards.
 
 The global gradient norm is the square root of the all-reduced sum of the squared norms of
-each rank's gradient pieces (`ChunkedParams.grad_norm`): equal to a single process's up to
+each rank's gradient pieces (`ChunkStore.grad_norm`): equal to a single process's up to
 summation order (not bit for bit, as the one-process path is).
 """
 
@@ -45,8 +45,7 @@ import torch
 from torch import nn
 
 from shardwise.distributed import comm
-from shardwise.zero.chunk_hooks import GradChunks, grad_norms
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkEvent,
     ChunkState,
@@ -56,7 +55,8 @@ from shardwise.zero.chunks import (
     Tier,
     TierIO,
 )
-from shardwise.zero.manager import ChunkManager
+from shardwise.zero.chunks.hooks import GradChunks, grad_norms
+from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.optimizer import ParamInit, alloc_storage
 
 
@@ -93,7 +93,7 @@ class GatheredChunk(Chunk):
             raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
         self.apply(ChunkEvent.MATERIALIZE)
         alloc_storage(self.payload)
-        # into .data: see [Note: refilling keeps the version] (chunks.py)
+        # into .data: see [Note: refilling keeps the version] (chunk.py)
         comm.all_gather_(self.payload.data, self.shard.payload, self.group)
         self.tier = Tier.DEVICE
 

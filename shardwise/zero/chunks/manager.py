@@ -26,7 +26,7 @@ high-water mark of that count. The transient host buffers of moves to and from d
 counted: one per read, and one per write behind (at most `MAX_WRITES_BEHIND` in flight).
 
 [Note: chunks with a source] A chunk may be rebuilt from another one (`Chunk.source`: the
-full chunk gathered from this rank's shard, zero/chunk_shards.py). Accessing it while FREE
+full chunk gathered from this rank's shard, zero/chunks/sharding.py). Accessing it while FREE
 accesses the source first, evicting it drops its bytes (no copy leaves the device), and
 prefetching it prefetches the source.
 """
@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkEvent,
     ChunkState,
@@ -211,7 +211,7 @@ class ChunkManager:
     def access(self, chunk: Chunk, read_only: bool = False) -> None:
         """Before a module computes: `chunk` on the device, usable, and COMPUTE. Unless
         `read_only`, its bytes may change: a clean disk copy is dropped ([Note: clean disk
-        copies] in chunks.py)."""
+        copies] in chunk.py)."""
         self._advance(chunk)
         self._tick += 1
         self._last_use[chunk.index] = self._tick
@@ -371,7 +371,7 @@ class ChunkManager:
 
     def _move(self, chunk: Chunk, to: Tier, non_blocking: bool = False) -> None:
         """`Chunk.move` with the counts kept; a move to disk with `non_blocking` is written
-        behind ([Note: write-behind] in chunks.py), at most `MAX_WRITES_BEHIND` at a time."""
+        behind ([Note: write-behind] in chunk.py), at most `MAX_WRITES_BEHIND` at a time."""
         self._settle(chunk)
         source = chunk.tier
         chunk.move(to, self.io, non_blocking=non_blocking)

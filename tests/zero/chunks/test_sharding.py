@@ -1,4 +1,4 @@
-"""Chunks sharded over data-parallel ranks (zero/chunk_shards.py), against plain torch.
+"""Chunks sharded over data-parallel ranks (zero/chunks/sharding.py), against plain torch.
 
 Two ranks, each training on its rows of the global batch with every parameter chunk split in
 two: gathered for compute, gradients reduce-scattered, each rank updating and placing its own
@@ -15,7 +15,7 @@ import torch
 
 from shardwise.cli import main
 from shardwise.engine import initialize
-from shardwise.zero.chunks import Tier
+from shardwise.zero.chunks.chunk import Tier
 from tests import parity
 from tests.parity import BF16_RTOL, assert_parity, build_model, make_config, reference_run
 

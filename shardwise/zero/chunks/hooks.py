@@ -4,7 +4,7 @@ PatrickStar / Colossal-AI Gemini: a module's parameter chunks are brought to the
 before it computes and may leave once it is done; the optimizer then visits the chunks one at
 a time. `ChunkHooks` turns module hooks into the manager's `access` / `release` calls,
 `GradChunks` keeps the gradients in chunks of their own, and `ChunkedAdamW` updates chunk by
-chunk; `ChunkedParams` (chunked.py) puts them together for the engine.
+chunk; `ChunkStore` (store.py) puts them together for the engine.
 
 [Note: the hook protocol] For every module that owns chunked parameters (non-recursively):
 
@@ -60,8 +60,8 @@ from torch import nn
 from torch.utils._foreach_utils import _has_foreach_support
 
 from shardwise.precision import DynamicLossScaler
-from shardwise.zero.chunks import Chunk, ChunkState, GradChunk, Tier, chunks_of_modules
-from shardwise.zero.manager import ChunkManager
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, GradChunk, Tier, chunks_of_modules
+from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.offload.adam import OffloadedAdamW
 from shardwise.zero.params import output_tensors
 
@@ -315,7 +315,7 @@ class ChunkedAdamW(OffloadedAdamW):
     """`OffloadedAdamW` whose step opens each parameter chunk (`open_chunk`: on the device,
     gradients attached) for the state chunks that update it, and closes it after.
 
-    Its param groups are per parameter chunk (`ChunkedParams.param_groups`), in chunk order,
+    Its param groups are per parameter chunk (`ChunkStore.param_groups`), in chunk order,
     so the state chunks (which never span two groups) stream in chunk order too: the disk
     tier's read-ahead of the next state chunk overlaps the update of the current one, and
     each parameter chunk is accessed once per step. The update itself is OffloadedAdamW's,

@@ -1,4 +1,4 @@
-"""Chunks (zero/chunks.py): size search, execution order, packing, state table, tier moves."""
+"""Chunks (zero/chunks/chunk.py): size search, execution order, packing, state table, tier moves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     _TRANSITIONS,
     Chunk,
     ChunkEvent,
@@ -27,7 +27,7 @@ from shardwise.zero.chunks import (
     params_in_execution_order,
     search_chunk_size,
 )
-from tests.zero.test_manager import FakeDisk, bits, make_chunks, same_bits
+from tests.zero.chunks.test_manager import FakeDisk, bits, make_chunks, same_bits
 
 SEQ_LEN = 16
 

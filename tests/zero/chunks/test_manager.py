@@ -1,4 +1,4 @@
-"""ChunkManager (zero/manager.py): budgets, Belady eviction, tiers, prefetch, static placement."""
+"""ChunkManager (zero/chunks/manager.py): budgets, Belady eviction, tiers, prefetch, placement."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkState,
     ChunkStateError,
@@ -22,9 +22,9 @@ from shardwise.zero.chunks import (
     build_chunks,
     build_grad_chunks,
 )
-from shardwise.zero.manager import ChunkManager
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.placement import apply_placement, placement_summary, static_placement
 from shardwise.zero.offload.disk import DiskFullError, DiskTier
-from shardwise.zero.placement import apply_placement, placement_summary, static_placement
 
 
 class FakeDisk:

@@ -1,6 +1,6 @@
-"""Memory tracer (zero/tracer.py) and auto placement, on a tiny GPT run through the manager.
+"""Memory tracer (zero/chunks/tracer.py) and auto placement, on a tiny GPT run through the manager.
 
-`ChunkHooks` (zero/chunk_hooks.py) is how the engine drives the manager: access a module's
+`ChunkHooks` (zero/chunks/hooks.py) is how the engine drives the manager: access a module's
 chunks before its forward and before its backward, release them after its forward and once all
 of its parameters' gradients are accumulated, prefetch the neighbouring chunk, end the step.
 """
@@ -15,8 +15,7 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt
-from shardwise.zero.chunk_hooks import ChunkHooks
-from shardwise.zero.chunks import (
+from shardwise.zero.chunks.chunk import (
     Chunk,
     Tier,
     TierIO,
@@ -24,10 +23,11 @@ from shardwise.zero.chunks import (
     params_in_execution_order,
     search_chunk_size,
 )
-from shardwise.zero.manager import ChunkManager
-from shardwise.zero.placement import apply_placement, auto_placement, placement_summary
-from shardwise.zero.tracer import MemoryTracer
-from tests.zero.test_manager import open_disk
+from shardwise.zero.chunks.hooks import ChunkHooks
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.placement import apply_placement, auto_placement, placement_summary
+from shardwise.zero.chunks.tracer import MemoryTracer
+from tests.zero.chunks.test_manager import open_disk
 
 SEQ_LEN, SEED = 16, 0
 CPU = torch.device("cpu")

@@ -28,9 +28,9 @@ from typing import Literal
 
 from shardwise.distributed.comm import format_bytes
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks import Chunk, ChunkState, Tier
-from shardwise.zero.manager import ChunkManager
-from shardwise.zero.tracer import MemoryTrace
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.tracer import MemoryTrace
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def apply_placement(
     """Pin, materialise FREE chunks where the placement says (chunks that already have bytes,
     e.g. after a warm-up step, stay and move lazily), and give the manager the schedule.
     `homes`: the chunks the placement's positions stand for, if not the manager's first ones
-    (the shards of sharded chunks, chunk_shards.py)."""
+    (the shards of sharded chunks, sharding.py)."""
     homes = manager.chunks if homes is None else homes
     for index in sorted(placement.pinned):
         manager.pin(homes[index])

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shardwise.zero.chunks import Chunk, Tier, chunks_of_modules
+from shardwise.zero.chunks.chunk import Chunk, Tier, chunks_of_modules
 from shardwise.zero.params import output_tensors
 
 
@@ -188,7 +188,7 @@ class MemoryTracer:
     def _after_forward(self, name: str, output: object) -> None:
         # Modules nest: the innermost open moment of this module just finished. Searched by
         # name, as a recomputation that activation checkpointing stopped early leaves a
-        # module opened and never finished (see chunk_hooks.py).
+        # module opened and never finished (see hooks.py).
         position = max(i for i, t in enumerate(self._open) if self._moments[t].module == name)
         index = self._open.pop(position)
         before = self._moments[index]

@@ -424,7 +424,7 @@ class GradChunk(Chunk):
 
     zeroed: bool = False
     """Materialise filled with zeros: the chunk is reduced whole, unwritten slots and padding
-    included (a full gradient chunk of sharded chunks, zero/chunk_shards.py)."""
+    included (a full gradient chunk of sharded chunks, zero/chunks/sharding.py)."""
 
     def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
         """FREE -> HOLD on `tier`, contents undefined (only written slots are ever read)
