@@ -195,10 +195,10 @@ class CubeEmbedding(nn.Module):
         super().__init__()
         self.weight, self.padding_idx = weight, padding_idx
         self.dep, self.row = ctx.group("tp_dep"), ctx.group("tp_row")
-        self.blocks, self.block = ctx.size("tp_dep") ** 2, batch_block("P", ctx)
+        self.batch_blocks, self.batch_block = ctx.size("tp_dep") ** 2, batch_block("P", ctx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = take_batch_block(ids, self.blocks, self.block)
+        ids = take_batch_block(ids, self.batch_blocks, self.batch_block)
         # Gather vocab sub-blocks (tp_dep), then blocks (tp_row); backward reduce-scatters
         # the table gradient, summing it over the batch blocks of the other ranks.
         table = comm.gather_along_dim_reduce_scatter_grad(self.weight, 0, self.dep)
