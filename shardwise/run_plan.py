@@ -104,11 +104,10 @@ class RunPlan:
         divided by N where it is sharded; tensor parallelism divides Ψ by tp)."""
         psi = self.trainable_params / self.dims.tp
         shards = self.dims.dp_shard
-        chunked = self.chunks and self.dims.dp > 1
         param_bytes = torch.finfo(self.precision.param_dtype).bits // 8
 
         def per_rank(numel: float, sharded: bool) -> float:
-            return numel / shards if sharded or chunked else numel
+            return numel / shards if sharded else numel
 
         master = 4 * psi if self.precision.needs_master_weights else 0
         return {
@@ -127,7 +126,7 @@ class RunPlan:
         what = [name for name in ("optimizer", "grads", "params") if getattr(shard, name)]
         sharded = f"{', '.join(what)} over dp_shard={dims.dp_shard}" if what else "nothing"
         if self.chunks:
-            sharded = f"parameter chunks ({self.offload.policy}) over dp_shard={dims.dp_shard}"
+            sharded += f"; parameters in chunks ({self.offload.policy})"
         tiers = f"adam states: {self.offload.optimizer}"
         if self.chunks:
             budget = self.offload.device_budget_mb
@@ -208,8 +207,11 @@ def _check_supported(dims: ParallelDims) -> None:
 
 
 def _sharding(config: Config, dims: ParallelDims) -> Sharding:
-    """ZeRO's stage as flags; with one shard there is nothing to shard."""
+    """ZeRO's stage as flags; with one shard there is nothing to shard. Chunks at stage 0
+    over several ranks are ZeRO-3's (Gemini's default): stage 0 has no chunk layout."""
     stage = config.zero.stage
+    if stage == 0 and config.offload.policy != "none":
+        stage = 3
     shards = dims.dp_shard > 1
     return Sharding(
         stage=stage,
@@ -232,12 +234,6 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
     policy = offload.policy
     if policy == "none":
         return
-    if config.zero.stage not in (0, 3):
-        raise ConfigError(
-            f"offload.policy={policy!r} shards parameters, gradients and Adam states of every "
-            f"chunk over the data-parallel ranks (ZeRO-3 for chunks); zero.stage="
-            f"{config.zero.stage} asks for less: set zero.stage=3 (or leave it at 0)"
-        )
     if offload.policy == "auto" and offload.device_budget_mb is None:
         raise ConfigError(
             "offload.policy='auto' places chunks within offload.device_budget_mb; set it "

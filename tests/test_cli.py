@@ -92,10 +92,6 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "offload.optimizer=disk"],
         "offload.optimizer='disk' needs offload.disk_path",
     ),
-    "offload-chunks-with-zero-2": (
-        ["--nproc", "2", "--set", "offload.policy=static", "--set", "zero.stage=2"],
-        "zero.stage=2 asks for less",
-    ),
     "offload-auto-without-budget": (
         ["--nproc", "2", "--set", "offload.policy=auto"],
         "offload.policy='auto' places chunks within offload.device_budget_mb; set it",

@@ -106,9 +106,11 @@ def test_tp2_with_parameter_chunks(pool2):
     pool2.run(tp_engine_run, cfg, 2)
 
 
-def test_tp2_dp2_with_parameter_chunks(pool4):
-    """tp=2 x dp=2: the chunks of each tp rank's shards are sharded over its dp group."""
-    cfg = _tp_config(micro_batch=2, tp=2, dp_shard=2).replace(offload=CHUNKS)
+@pytest.mark.parametrize("stage", [3, 2])
+def test_tp2_dp2_with_parameter_chunks(pool4, stage):
+    """tp=2 x dp=2: the chunks of each tp rank's shards are sharded over its dp group
+    (stage 2: kept whole, their gradients and Adam states sharded)."""
+    cfg = _tp_config(micro_batch=2, tp=2, dp_shard=2).replace(offload=CHUNKS, zero={"stage": stage})
     pool4.run(tp_engine_run, cfg, 4)
 
 

@@ -203,9 +203,6 @@ def test_budget_below_one_module_and_its_held_chunks_is_refused_at_start():
 
 def test_unsupported_settings_are_clear_errors(tmp_path):
     auto = config(policy="auto", device_budget_mb=1)
-    for stage in (1, 2):
-        with pytest.raises(ConfigError, match=f"zero.stage={stage} asks for less"):
-            initialize(build_model(auto), None, auto.replace(zero={"stage": stage}))
     with pytest.raises(ConfigError, match="needs offload.device_budget_mb|set it"):
         initialize(build_model(auto), None, config(policy="auto"))
     bf16 = config(policy="static").replace(precision={"dtype": "bf16"})

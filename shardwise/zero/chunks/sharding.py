@@ -1,9 +1,18 @@
-"""Chunks sharded over the data-parallel ranks: ZeRO-3 for chunks (Colossal-AI Gemini).
+"""Chunks sharded over the data-parallel ranks: ZeRO stages 1-3 for chunks (Colossal-AI
+Gemini).
 
 With N > 1 data-parallel ranks every parameter chunk is split into N equal shards and rank r
-keeps only shard r: its slice of the parameters (`ShardChunk`), of their gradients and of
+updates only shard r: its slice of the parameters (`ShardChunk`), of their gradients and of
 their Adam states. Each of these is a chunk of its own in the rank's `ChunkManager`, so it
 lives on the device, in host memory or on disk under the same budgets as everything else.
+What the stages add to that:
+
+    stage 3    the full chunk the model computes with is gathered for each use and dropped
+               after (`GatheredChunk`)
+    stage 2    every rank keeps the full chunk (`ReplicaChunk`), placed and moved like one
+               process's; after the update it is all-gathered from the updated shards
+    stage 1    as stage 2, and the full gradient chunks accumulate over the micro-batches
+               and are reduced once per step, at its last backward
 
 [Note: gather, reduce-scatter, update]
 
@@ -17,6 +26,7 @@ lives on the device, in host memory or on disk under the same budgets as everyth
                          by N, and freed (`ShardedGrads`)
     optimizer pass       each shard with its gradient shard: the update touches 1/N of the
                          chunk; the full chunk gathered before it is stale from then and freed
+                         (stage 3), or all-gathered from the updated shards (stages 1 and 2)
 
 Every rank must reach the collectives in the same order: gathers follow the accesses, which
 the model fixes, and the evictions, which the manager decides from budgets and a schedule that
@@ -24,7 +34,10 @@ are the same on every rank (the auto policy takes each traced moment's non-model
 largest over the ranks). Reduce-scatters follow the completion of gradient chunks in backward:
 every rank's backward must give gradients to the same parameters, as for DDP without
 ``find_unused_parameters``. Chunks some of whose parameters got no gradient are reduced at the
-end of the backward, in chunk order.
+end of the backward, in chunk order (stage 1: every chunk, at the end of the step's last
+backward). Full chunks kept whole (stages 1 and 2) move between tiers without collectives, so
+each rank may place them as its own memory asks; their all-gathers after the update run in
+chunk order on every rank.
 
 With hierarchical data parallelism (``parallel.dp_replicate`` > 1) the chunks are sharded
 within ``dp_shard`` and every replica group all-reduces its gradient shards after the
@@ -61,14 +74,11 @@ from shardwise.zero.optimizer import ParamInit, alloc_storage
 
 
 @dataclass(eq=False)
-class ShardChunk(Chunk):
-    """This rank's shard of a chunk. Its slots are *pieces*: 1-D parameters of their own
-    (what the optimizer updates), one per parameter of the chunk that overlaps the shard."""
+class SeededChunk(Chunk):
+    """A chunk whose first values are given (`initial`, dropped once it is materialised)
+    rather than read from its parameters."""
 
-    owners: list[Slot] = field(default_factory=list, repr=False)
-    """Per piece: the slot of the full chunk whose parameter it is a piece of."""
     initial: torch.Tensor | None = field(default=None, repr=False)
-    """The shard's first values, until it is materialised."""
 
     def _fill(self, flat: torch.Tensor, param_init: ParamInit | None) -> None:
         flat.copy_(self.initial)
@@ -76,9 +86,25 @@ class ShardChunk(Chunk):
 
 
 @dataclass(eq=False)
+class ShardChunk(SeededChunk):
+    """This rank's shard of a chunk. Its slots are *pieces*: 1-D parameters of their own
+    (what the optimizer updates), one per parameter of the chunk that overlaps the shard."""
+
+    owners: list[Slot] = field(default_factory=list, repr=False)
+    """Per piece: the slot of the full chunk whose parameter it is a piece of."""
+
+
+@dataclass(eq=False)
+class ReplicaChunk(SeededChunk):
+    """A full parameter chunk every rank keeps whole (ZeRO stages 1 and 2): placed and moved
+    like a chunk of one process, with no collective to bring it in; after each update its
+    bytes are all-gathered from the ranks' updated shards (`ChunkStore.update`)."""
+
+
+@dataclass(eq=False)
 class GatheredChunk(Chunk):
-    """A full parameter chunk whose bytes are the all-gather of its N shards: the model's
-    parameters view it while it is on the device; it is never on the host or disk."""
+    """A full parameter chunk whose bytes are the all-gather of its N shards (ZeRO-3): the
+    model's parameters view it while it is on the device; it is never on the host or disk."""
 
     shard: ShardChunk | None = field(default=None, repr=False)
     group: object = field(default=None, repr=False)
@@ -97,32 +123,27 @@ class GatheredChunk(Chunk):
         comm.all_gather_(self.payload.data, self.shard.payload, self.group)
         self.tier = Tier.DEVICE
 
-    def first_values(self, io: TierIO, param_init: ParamInit | None) -> torch.Tensor:
-        """The whole chunk's first values in host memory (its parameters' own, or
-        `param_init`'s), the chunk left FREE with its parameters viewing an empty payload."""
-        Chunk.materialize(self, Tier.HOST, io, param_init)
-        values = self.host
-        self.discard(io)
-        return values
-
 
 def shard_chunks(
-    chunks: Sequence[Chunk], group: object, io: TierIO, param_init: ParamInit | None
-) -> tuple[list[GatheredChunk], list[ShardChunk]]:
-    """Turn `chunks` (indices 0..n-1, capacities divisible by the group size) into gathered
-    chunks with the same indices and this rank's FREE shards, indices 2n..3n-1 (the full
-    gradient chunks take n..2n-1). Builds one chunk at a time in host memory."""
+    chunks: Sequence[Chunk],
+    group: object,
+    io: TierIO,
+    param_init: ParamInit | None,
+    *,
+    gathered: bool,
+) -> tuple[list[GatheredChunk] | list[ReplicaChunk], list[ShardChunk]]:
+    """Turn `chunks` (indices 0..n-1, capacities divisible by the group size) into full
+    chunks with the same indices, `gathered` (ZeRO-3) or kept whole (`ReplicaChunk`, stages 1
+    and 2), and this rank's FREE shards, indices 2n..3n-1 (the full gradient chunks take
+    n..2n-1). Builds one chunk at a time in host memory."""
     size, rank, n = comm.group_size(group), comm.group_rank(group), len(chunks)
-    gathered, shards = [], []
+    fulls, shards = [], []
     for chunk in chunks:
         if chunk.numel % size:
             raise ValueError(
                 f"chunk {chunk.index}: {chunk.numel} elements do not split {size} ways"
             )
-        full = GatheredChunk(
-            chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots, group=group
-        )
-        values = full.first_values(io, param_init)
+        values = _first_values(chunk, io, param_init)
         numel = chunk.numel // size
         lo, hi = rank * numel, (rank + 1) * numel
         pieces, owners = [], []
@@ -133,7 +154,7 @@ def shard_chunks(
                 name = f"{slot.name}[{start - slot.offset}:{end - slot.offset}]"
                 pieces.append(Slot(name, piece, start - lo, end - start))
                 owners.append(slot)
-        full.shard = ShardChunk(
+        shard = ShardChunk(
             2 * n + chunk.index,
             f"shard.{chunk.index}",
             numel,
@@ -142,9 +163,22 @@ def shard_chunks(
             owners=owners,
             initial=values[lo:hi].clone(),
         )
-        gathered.append(full)
-        shards.append(full.shard)
-    return gathered, shards
+        fields = (chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots)
+        if gathered:  # refilled in place: the parameters view this payload
+            fulls.append(GatheredChunk(*fields, payload=chunk.payload, shard=shard, group=group))
+        else:
+            fulls.append(ReplicaChunk(*fields, initial=values))
+        shards.append(shard)
+    return fulls, shards
+
+
+def _first_values(chunk: Chunk, io: TierIO, param_init: ParamInit | None) -> torch.Tensor:
+    """The whole chunk's first values in host memory (its parameters' own, or `param_init`'s),
+    the chunk left FREE with its parameters viewing an empty payload."""
+    chunk.materialize(Tier.HOST, io, param_init)
+    values = chunk.host
+    chunk.discard(io)
+    return values
 
 
 class ShardedGrads(GradChunks):
@@ -160,10 +194,15 @@ class ShardedGrads(GradChunks):
         manager: ChunkManager,
         group: object,
         replicate: object | None = None,
+        *,
+        reduce_every_backward: bool = True,
     ) -> None:
         """`replicate`: ranks holding the same shards as this one (hierarchical data
-        parallelism); each gradient shard is all-reduced over them."""
+        parallelism); each gradient shard is all-reduced over them. Unless
+        `reduce_every_backward`, the full gradient chunks accumulate over the step's
+        backwards and are reduced at its last one (stage 1)."""
         super().__init__(shards, chunks, manager)
+        self.reduce_every_backward = reduce_every_backward
         self.full = list(full)
         self.group = group
         replicas = comm.group_size(replicate) if replicate is not None else 1
@@ -176,23 +215,27 @@ class ShardedGrads(GradChunks):
 
     @torch.no_grad()
     def accumulate(self, param: nn.Parameter) -> None:
-        """Copy ``param.grad`` into its full gradient chunk and drop it; reduce the chunk once
-        it is complete for this backward."""
+        """Add ``param.grad`` into its full gradient chunk (zero-filled when it is
+        materialised) and drop it; reduce the chunk once it is complete for this backward,
+        if every backward reduces."""
         i, slot = self._full_of[id(param)]
         chunk = self.full[i]
         grad, param.grad = param.grad, None
         waiting = self._waiting.setdefault(i, {id(s.param) for s in chunk.slots})
         self.manager.access(chunk)
-        chunk.grad_view(slot).copy_(grad)
+        chunk.grad_view(slot).add_(grad)
         self.manager.release(chunk, "backward")
         waiting.discard(id(param))
-        if not waiting:
+        if not waiting and self.reduce_every_backward:
             self._reduce(i)
 
-    def finish_backward(self) -> None:
-        """Reduce the chunks some of whose parameters got no gradient, in chunk order."""
-        for i in sorted(self._waiting):
-            self._reduce(i)
+    def finish_backward(self, last: bool) -> None:
+        """Reduce, in chunk order, the chunks some of whose parameters got no gradient in
+        this backward, or, at the step's `last` backward of stage 1, every chunk that got
+        gradients in the step."""
+        if self.reduce_every_backward or last:
+            for i in sorted(self._waiting):
+                self._reduce(i)
 
     @torch.no_grad()
     def _reduce(self, i: int) -> None:

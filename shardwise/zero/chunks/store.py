@@ -6,10 +6,11 @@ the disk tier), the policy's placement, the hooks on the model, the warm-up trac
 policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
 
 With a data-parallel group of N > 1 ranks the chunks are sharded over it (sharding.py;
-replica groups of such ranks average their gradient shards):
-the model's parameters view *gathered* chunks that exist on the device only while in use, and
-what rests between uses, is updated and is placed on the tiers (the *homes*) are this rank's
-shards. In one process the homes are the chunks themselves.
+replica groups of such ranks average their gradient shards). What the optimizer updates (the
+*homes*) are this rank's shards; at ZeRO-3 the model's parameters view *gathered* chunks that
+exist on the device only while in use, and the placement's positions are the homes; at stages
+1 and 2 every rank keeps the full chunks, which the placement places, and its shards start in
+host memory. In one process the homes are the chunks themselves.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ class ChunkStore:
         when only replicas share them)."""
         self.replicated = not self.sharded
         self.group = group if self.sharded else None
+        whole = plan.sharding.optimizer and not plan.sharding.params
+        self.gathered = self.sharded and not whole
+        """ZeRO-3: full chunks gathered from the shards for each use and dropped after; else
+        (stages 1 and 2, or one process) full chunks kept on every rank."""
+        self.whole = self.sharded and whole
         trainable = {id(p) for p in params}
         order = [
             (name, p)
@@ -115,7 +121,9 @@ class ChunkStore:
         self._check_capacity(self.placement.device_budget, host_budget)
         if self.sharded:
             io = TierIO.for_device(torch.device(device))
-            self.chunks, self.homes = shard_chunks(self.chunks, self.group, io, param_init)
+            self.chunks, self.homes = shard_chunks(
+                self.chunks, self.group, io, param_init, gathered=self.gathered
+            )
             full_grads = build_grad_chunks(self.chunks, zeroed=True)
             home_grads = build_grad_chunks(self.homes)
             managed = [*self.chunks, *full_grads, *self.homes, *home_grads]
@@ -129,10 +137,18 @@ class ChunkStore:
         for i, chunk in enumerate(self.chunks):
             for follower in {full_grads[i], home_grads[i], self.homes[i]} - {chunk}:
                 self.manager.follow(follower, chunk)
-        apply_placement(self.manager, self.placement, self.homes)
+        apply_placement(self.manager, self.placement, self._placed())
+        for home in self.homes if self.whole else ():
+            self.manager.place(home, Tier.HOST)  # the chunk computes; its shard only updates
         if self.sharded:
             self.grads = ShardedGrads(
-                self.homes, home_grads, full_grads, self.manager, group, replicate
+                self.homes,
+                home_grads,
+                full_grads,
+                self.manager,
+                group,
+                replicate,
+                reduce_every_backward=plan.sharding.grads or self.gathered,
             )
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
@@ -179,12 +195,21 @@ class ChunkStore:
                 if id(param) not in chunked and not param.is_meta:
                     param.data = param.data.to(self.device)
 
+    def _placed(self) -> list[Chunk]:
+        """The chunks the placement's positions stand for: those that rest between uses."""
+        return self.homes if self.gathered else self.chunks
+
     def _log_placement(self) -> None:
-        log.info(placement_summary(self.homes, self.placement))
-        if self.sharded:
+        log.info(placement_summary(self._placed(), self.placement))
+        if self.gathered:
             log.info(
                 f"  chunks sharded over {self.ranks} rank(s): this rank keeps 1/{self.ranks} "
                 f"of each (homes above), gathered on the device while in use"
+            )
+        elif self.whole:
+            log.info(
+                f"  every rank keeps the full chunks (above) and updates 1/{self.ranks} of "
+                "each, all-gathered after the update"
             )
 
     # -- placement ---------------------------------------------------------------------------
@@ -227,6 +252,10 @@ class ChunkStore:
         """Bytes of the home of chunk `index`: the chunk, or this rank's shard of it."""
         return self.chunks[index].nbytes // self.ranks
 
+    def _placed_bytes(self, index: int) -> int:
+        """Bytes of what the placement puts at position `index` (see `_placed`)."""
+        return self.chunks[index].nbytes if self.whole else self._home_bytes(index)
+
     def _placement(self, pinned: frozenset[int], budget: int) -> Placement:
         """static: the policy's placement (pinning `pinned`). auto, for the warm-up: the first
         homes on the device while they fit in the budget, no schedule. Positions index the
@@ -236,8 +265,8 @@ class ChunkStore:
             placement = static_placement(self.chunks, self.offload.param_device_fraction, optim)
             return dataclasses.replace(placement, device_budget=budget)
         on_device, room = 0, budget
-        while on_device < len(self.chunks) and self._home_bytes(on_device) <= room:
-            room -= self._home_bytes(on_device)
+        while on_device < len(self.chunks) and self._placed_bytes(on_device) <= room:
+            room -= self._placed_bytes(on_device)
             on_device += 1
         tiers = tuple(Tier.DEVICE if c.index < on_device else Tier.HOST for c in self.chunks)
         return Placement("auto", tiers, frozenset(), None, budget)
@@ -246,11 +275,11 @@ class ChunkStore:
         """The smallest device budget for chunks a step runs in, and why: in backward the
         pinned homes, the chunks held through backward (`held_chunks`), the other chunks of
         the module that computes with the most bytes of them and one gradient chunk (sharded:
-        and a shard being gathered and a gradient shard being reduced into); in the optimizer
-        pass the pinned homes, one home and its gradients."""
-        on_device = frozenset() if self.sharded else pinned  # pinned shards gather anyway
+        and a gradient shard being reduced into; ZeRO-3: and a shard being gathered); in the
+        optimizer pass the pinned homes and `_update_bytes`."""
+        on_device = frozenset() if self.gathered else pinned  # pinned shards gather anyway
         held = held_chunks(self.model, self.chunks) - on_device
-        base = sum(self._home_bytes(i) for i in pinned)
+        base = sum(self._placed_bytes(i) for i in pinned)
         base += sum(self.chunks[i].nbytes for i in held)
         modules = chunks_of_modules(self.model, self.chunks)
         working = {
@@ -262,15 +291,24 @@ class ChunkStore:
         home = max(self._home_bytes(i) for i in range(len(self.chunks)))
         why = [f"{module!r} computes with chunks {list(modules[module])}"]
         if pinned:
-            why.append(f"{'shards of ' if self.sharded else ''}chunks {sorted(pinned)} are pinned")
+            pinned_what = "shards of chunks" if self.gathered else "chunks"
+            why.append(f"{pinned_what} {sorted(pinned)} are pinned")
         if held:
             why.append(f"chunks {sorted(held)} are held through backward (tied parameters)")
         why.append(f"one gradient chunk ({grad} bytes) receives gradients beside them")
-        shards = 2 * home if self.sharded else 0
-        if shards:
+        shards = (home if self.gathered else 0) + (home if self.sharded else 0)
+        if self.gathered:
             why.append(f"a shard is gathered and a gradient shard reduced into ({shards} bytes)")
-        update = sum(self._home_bytes(i) for i in pinned) + 2 * home
+        elif self.sharded:
+            why.append(f"a gradient shard is reduced into ({shards} bytes)")
+        update = sum(self._placed_bytes(i) for i in pinned) + self._update_bytes()
         return max(base + working[module] + grad + shards, update), "; ".join(why)
+
+    def _update_bytes(self) -> int:
+        """Device bytes of the optimizer pass beside pinned chunks: a home and its gradients,
+        or, with full chunks kept whole over ranks, a home and the chunk gathered from it."""
+        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
+        return home + (max(c.nbytes for c in self.chunks) if self.whole else home)
 
     def _check_trace(self, trace: MemoryTrace, budget: int) -> None:
         """The minimum device budget the warm-up measured: at each moment its non-model bytes
@@ -281,18 +319,20 @@ class ChunkStore:
         held = held_chunks(self.model, self.chunks)
         grad = max(c.nbytes for c in self.chunks)
         home = max(self._home_bytes(i) for i in range(len(self.chunks)))
-        shard = home if self.sharded else 0  # gathered from; reduced into (backward)
+        gathered = home if self.gathered else 0  # a shard gathered from
+        reduced = home if self.sharded else 0  # a gradient shard reduced into (backward)
         need, worst = 0, None
         for moment in trace.moments:
             backward = moment.phase == "backward"
             used = set(moment.chunks) | (held if backward else set())
             moment_need = moment.non_model_bytes + sum(self.chunks[i].nbytes for i in used)
-            moment_need += shard + (grad + shard if backward else 0)
+            moment_need += gathered + (grad + reduced if backward else 0)
             if moment_need > need:
                 need, worst = moment_need, (moment, sorted(used))
+        update = self._update_bytes()
         for moment in trace.moments[:1] + trace.moments[-1:]:
-            if moment.non_model_bytes + 2 * home > need:
-                need, worst = moment.non_model_bytes + 2 * home, (moment, "the optimizer pass")
+            if moment.non_model_bytes + update > need:
+                need, worst = moment.non_model_bytes + update, (moment, "the optimizer pass")
         if worst is not None and need > budget:
             moment, used = worst
             raise ConfigError(
@@ -305,6 +345,8 @@ class ChunkStore:
 
     def _check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
         total = 2 * sum(map(self._home_bytes, range(len(self.chunks))))  # backward..update
+        if self.whole:  # the full chunks beside the shards
+            total += sum(c.nbytes for c in self.chunks)
         if self.disk is None and host_budget is not None and device_budget is not None:
             if total > device_budget + host_budget:
                 raise ConfigError(
@@ -332,7 +374,7 @@ class ChunkStore:
         auto policy's warm-up."""
         self.hooks.finish_backward()
         if self.sharded:
-            self.grads.finish_backward()
+            self.grads.finish_backward(last=sync)
         if sync:
             self._finish_warm_up()
 
@@ -370,13 +412,13 @@ class ChunkStore:
         trace = self._same_on_every_rank(tracer.trace())
         self._check_trace(trace, self.manager.device_budget)
         self.placement = auto_placement(self.chunks, trace, self.manager.device_budget)
-        apply_placement(self.manager, self.placement, self.homes)
+        apply_placement(self.manager, self.placement, self._placed())
         self._log_placement()
 
     def _same_on_every_rank(self, trace: MemoryTrace) -> MemoryTrace:
-        """Sharded: each moment's non-model bytes as the largest over the ranks, so that every
+        """ZeRO-3: each moment's non-model bytes as the largest over the ranks, so that every
         rank evicts, and so gathers, the same chunks at the same moments."""
-        if not self.sharded or not trace.moments:
+        if not self.gathered or not trace.moments:
             return trace
         sizes = torch.tensor(
             [m.non_model_bytes for m in trace.moments],
@@ -441,6 +483,21 @@ class ChunkStore:
                     self._close_after_update(home)
         finally:
             self._clip_coef = None
+        if self.whole:
+            self._gather_updates()
+
+    @torch.no_grad()
+    def _gather_updates(self) -> None:
+        """Full chunks kept whole: each all-gathered from the ranks' updated shards, in chunk
+        order on every rank (a pass of its own: which homes an optimizer visits may differ
+        between ranks, whose shards can hold padding only)."""
+        for chunk, home in zip(self.chunks, self.homes, strict=True):
+            self.manager.access(home, read_only=True)
+            self.manager.access(chunk)
+            # into .data: see [Note: refilling keeps the version] (chunk.py)
+            comm.all_gather_(chunk.payload.data, home.payload, self.group)
+            self.manager.release(chunk, "backward")
+            self.manager.release(home, "backward")
 
     def _open_for_update(self, chunk: Chunk) -> None:
         """Bring home `chunk` with its gradients, clipped, and start bringing the next home
@@ -448,7 +505,7 @@ class ChunkStore:
         now on and dropped."""
         self.manager.access(chunk)
         position = self._position[chunk.index]
-        if self.sharded:
+        if self.gathered:
             self._drop_gathered(self.chunks[position])
         params = self.grads.attach(chunk)
         if position + 1 < len(self.homes):
@@ -466,7 +523,7 @@ class ChunkStore:
         """After the optimizer step: gradient chunks and gathered chunks freed, every chunk
         back to HOLD."""
         self.grads.end_step()
-        if self.sharded:
+        if self.gathered:
             for chunk in self.chunks:
                 self._drop_gathered(chunk)
         self.manager.end_step()

@@ -15,7 +15,7 @@ import torch
 
 from shardwise.cli import main
 from shardwise.engine import initialize
-from shardwise.zero.chunks.chunk import Tier
+from shardwise.zero.chunks.chunk import ChunkState, Tier
 from tests import parity
 from tests.parity import BF16_RTOL, assert_parity, build_model, make_config, reference_run
 
@@ -58,6 +58,7 @@ def train_rows(cfg) -> dict:
         "pieces": sum(s.numel for h in chunked.homes for s in h.slots),
         "tiers": sorted({h.tier.value for h in chunked.homes}),
         "gathers": sum(c.tier is Tier.DEVICE for c in chunked.chunks),
+        "kept": sum(c.state is not ChunkState.FREE for c in chunked.chunks),
     }
 
 
@@ -77,8 +78,24 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
             assert got["report"]["offloaded_disk"] > 0
 
 
-def test_four_ranks_keep_a_quarter_of_every_chunk(pool4):
-    cfg = make_config(micro_batch=1, global_batch=8).replace(
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stages_one_and_two_keep_full_chunks_and_match_single_process(pool2, stage):
+    """Every rank keeps the full chunks between steps and updates its half of each (stage 1:
+    the gradient chunks accumulate over both micro-batches and are reduced once)."""
+    want = reference_run(config())
+    for name in ("static-third", "auto"):
+        cfg = config(**PLACEMENTS[name]).replace(zero={"stage": stage})
+        for got in pool2.run(train_rows, cfg):
+            assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
+            assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"]), name
+            assert got["kept"] == len(got["home_bytes"]), "full chunks kept between steps"
+            peak = got["report"]["chunks_device_peak"]
+            assert peak <= got["budget"], f"{name}: device peak {peak} > {got['budget']}"
+
+
+@pytest.mark.parametrize("stage", [3, 1])
+def test_four_ranks_keep_a_quarter_of_every_chunk(pool4, stage):
+    cfg = make_config(micro_batch=1, global_batch=8, zero_stage=stage).replace(
         offload={**SMALLEST_CHUNKS, "policy": "auto", "device_budget_mb": BUDGET_MB}
     )
     want = reference_run(cfg)
