@@ -6,7 +6,6 @@ precision and whether pinned memory exists. Nothing else names ``cuda`` or ``glo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -70,12 +69,8 @@ def _cpu_has_amx() -> bool:
 
 @cache
 def get_accelerator() -> Accelerator:
-    """The accelerator of this process; ``SHARDWISE_DEVICE=cpu`` forces the CPU."""
-    forced = os.environ.get("SHARDWISE_DEVICE", "").lower()
-    if forced not in ("", "cpu", "cuda"):
-        from shardwise.errors import ConfigError
-
-        raise ConfigError(f"SHARDWISE_DEVICE={forced!r} is not a device; use 'cpu' or 'cuda'")
-    if forced == "cuda" or (forced == "" and torch.cuda.is_available()):
+    """The accelerator of this process: CUDA where torch sees a GPU (hide them with
+    ``CUDA_VISIBLE_DEVICES=`` to train on the CPU), else the CPU."""
+    if torch.cuda.is_available():
         return Accelerator(device_type="cuda", backend="nccl")
     return Accelerator(device_type="cpu", backend="gloo")

@@ -18,9 +18,10 @@ from torch import nn
 from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks.chunk import ChunkState, Tier, build_chunks
+from shardwise.zero.chunks.chunk import ChunkState, Tier
 from shardwise.zero.chunks.hooks import ChunkHooks, held_chunks
 from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.packing import build_chunks
 from shardwise.zero.chunks.tracer import MemoryTracer
 from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
 

@@ -60,8 +60,9 @@ from torch import nn
 from torch.utils._foreach_utils import _has_foreach_support
 
 from shardwise.precision import DynamicLossScaler
-from shardwise.zero.chunks.chunk import Chunk, ChunkState, GradChunk, Tier, chunks_of_modules
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, GradChunk, Tier
 from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.packing import chunks_of_modules
 from shardwise.zero.offload.adam import OffloadedAdamW
 from shardwise.zero.params import output_tensors
 

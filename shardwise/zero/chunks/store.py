@@ -28,19 +28,15 @@ from shardwise.optim import OptimizerFactory, default_optimizer_factory
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
-from shardwise.zero.chunks.chunk import (
-    Chunk,
-    ChunkState,
-    Tier,
-    TierIO,
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier, TierIO, build_grad_chunks
+from shardwise.zero.chunks.hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
+from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.packing import (
     build_chunks,
-    build_grad_chunks,
     chunks_of_modules,
     params_in_execution_order,
     search_chunk_size,
 )
-from shardwise.zero.chunks.hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
-from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.placement import (
     Placement,
     apply_placement,

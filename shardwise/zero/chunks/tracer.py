@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shardwise.zero.chunks.chunk import Chunk, Tier, chunks_of_modules
+from shardwise.zero.chunks.chunk import Chunk, Tier
+from shardwise.zero.chunks.packing import chunks_of_modules
 from shardwise.zero.params import output_tensors
 
 

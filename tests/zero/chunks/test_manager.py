@@ -14,15 +14,9 @@ import torch
 from torch import nn
 
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks.chunk import (
-    Chunk,
-    ChunkState,
-    ChunkStateError,
-    Tier,
-    build_chunks,
-    build_grad_chunks,
-)
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, ChunkStateError, Tier, build_grad_chunks
 from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.packing import build_chunks
 from shardwise.zero.chunks.placement import apply_placement, placement_summary, static_placement
 from shardwise.zero.offload.disk import DiskFullError, DiskTier
 

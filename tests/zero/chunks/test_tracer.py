@@ -15,16 +15,10 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt
-from shardwise.zero.chunks.chunk import (
-    Chunk,
-    Tier,
-    TierIO,
-    build_chunks,
-    params_in_execution_order,
-    search_chunk_size,
-)
+from shardwise.zero.chunks.chunk import Chunk, Tier, TierIO
 from shardwise.zero.chunks.hooks import ChunkHooks
 from shardwise.zero.chunks.manager import ChunkManager
+from shardwise.zero.chunks.packing import build_chunks, params_in_execution_order, search_chunk_size
 from shardwise.zero.chunks.placement import apply_placement, auto_placement, placement_summary
 from shardwise.zero.chunks.tracer import MemoryTracer
 from tests.zero.chunks.test_manager import open_disk
