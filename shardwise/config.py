@@ -89,6 +89,16 @@ class ParallelConfig(_Section):
     shards (reduce-scatter / all-gather instead of all-reduce); seq_len must divide by tp."""
 
 
+class PipelineConfig(_Section):
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"] = "1f1b"
+    """Pipeline schedule (parallel.pp > 1); micro-batches are the step's
+    (train.global_batch / (dp x train.micro_batch))."""
+    chunks: int = Field(1, ge=1)
+    """Stages per pipeline rank (virtual stages: interleaved_1f1b, zbv)."""
+    partition: Literal["layers", "params"] = "layers"
+    """Split the blocks into stages of equal block count, or of equal parameter count."""
+
+
 class ZeroConfig(_Section):
     stage: int = Field(0, ge=0, le=3)
     """ZeRO stage: 0 = replicated (DP), 1 = shard optimizer states, 2 = + gradients,
@@ -215,6 +225,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     parallel: ParallelConfig = ParallelConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     zero: ZeroConfig = ZeroConfig()
     offload: OffloadConfig = OffloadConfig()
     precision: PrecisionConfig = PrecisionConfig()

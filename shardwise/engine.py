@@ -33,7 +33,7 @@ from shardwise.models import ModelSpec, spec_of
 from shardwise.optim import OptimizerFactory, lr_multiplier, param_groups
 from shardwise.precision import make_loss_scaler
 from shardwise.run_plan import RunPlan, resolve
-from shardwise.schedule import Batch, GradientAccumulation
+from shardwise.schedule import Batch, build_schedule
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
 from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.store import DataParallelGroups, build_store
@@ -57,6 +57,7 @@ class Engine:
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)
+        self.schedule = build_schedule(plan, model, spec, mesh, self.device)
         self.tp = apply_tensor_parallel(model, mesh, plan.tp_plan) if plan.tp_plan else None
         self.loss_fn = choose_loss(loss_fn, self.tp.loss_fn if self.tp else None)
         train = plan.config.train
@@ -78,7 +79,6 @@ class Engine:
             factor = lr_multiplier(optim, train.steps)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.scaler = make_loss_scaler(plan.precision, plan.config.precision)
-        self.schedule = GradientAccumulation(plan.micro_batches)
         self.global_step = 0
         self.last_grad_norm = 0.0
         self._micro_step = 0
@@ -99,24 +99,30 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch; the last micro-batch of a step reduces gradients."""
-        sync = self._micro_step == self.plan.micro_batches - 1
+        self.backward_from(self.scaled(loss), None, self._micro_step == len(self.schedule) - 1)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` averaged over the step's micro-batches and loss-scaled (fp16)."""
+        scaled = loss / len(self.schedule)
+        return self.scaler.scale_loss(scaled) if self.scaler is not None else scaled
+
+    def backward_from(self, tensor: torch.Tensor, grad: torch.Tensor | None, sync: bool) -> None:
+        """Backward from `tensor` (a pipeline stage's output with its gradient); `sync`: the
+        rank's last backward of the step, which reduces gradients."""
         self.store.before_backward(sync)
-        scaled = loss / self.plan.micro_batches
-        if self.scaler is not None:
-            scaled = self.scaler.scale_loss(scaled)
-        scaled.backward()
+        torch.autograd.backward(tensor, grad)
         self.store.after_backward(sync)
         self._micro_step += 1
 
     def step(self) -> bool:
         """Optimizer step at the accumulation boundary; returns whether weights changed."""
-        if self._micro_step < self.plan.micro_batches:
+        if self._micro_step < len(self.schedule):
             return False
         should_step = True
         if self.scaler is not None:
             should_step = self.scaler.update(self.store.unscale_and_check(self.scaler))
         if should_step:
-            norm = self.store.grad_norm()
+            norm = self.schedule.global_norm(self.store.grad_norm())
             self.last_grad_norm = norm.item()
             max_norm = self.plan.optimizer.grad_clip
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None
@@ -135,7 +141,7 @@ class Engine:
         or a dict of the model's keyword inputs (with ``labels``: the model's own loss).
         Returns the mean loss over the whole global batch (all micro-batches, all
         data-parallel ranks)."""
-        mean_loss = self.schedule.run(batch, self._forward_backward)
+        mean_loss = self.schedule.run(batch, self)
         if self.dp.size > 1:
             comm.all_reduce_(mean_loss, self.dp.dp)
             mean_loss = mean_loss / self.dp.size
@@ -147,15 +153,18 @@ class Engine:
         self.step()
         return mean_loss.item()
 
-    def _forward_backward(self, micro: Batch) -> torch.Tensor:
+    def forward_backward(self, micro: Batch) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch (the schedule calls it)."""
         if isinstance(micro, Mapping):
             loss = own_loss(self.forward(micro))
         else:
             inputs, targets = micro
-            output = self.forward(inputs)
-            loss = self.loss_fn(output, targets.to(self.device, non_blocking=True))
+            loss = self.loss_of(self.forward(inputs), targets)
         self.backward(loss)
         return loss
+
+    def loss_of(self, output: object, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, targets.to(self.device, non_blocking=True))
 
     # -- state ----------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class Engine:
     @property
     def state_is_replicated(self) -> bool:
         """Whether every rank holds the same state (else each saves its own)."""
-        return self.store.replicated
+        return self.store.replicated and self.plan.pipeline is None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (copies; gathered where sharded over

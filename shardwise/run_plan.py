@@ -21,6 +21,9 @@ from shardwise.config import Config, OffloadConfig, resolve_batch
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.models import MODELS, ModelSpec, spec_of
+from shardwise.pipeline.schedules import Schedule
+from shardwise.pipeline.schedules import build_schedule as build_pipeline_schedule
+from shardwise.pipeline.stage import stage_blocks
 from shardwise.precision import MixedPrecisionPolicy, policy_from_config
 from shardwise.tensor_parallel import Plan
 from shardwise.zero.offload.adam import check_offload
@@ -80,6 +83,8 @@ class RunPlan:
     """The model's tensor-parallel plan, when ``parallel.tp`` > 1."""
     trainable_params: int
     """Trainable parameter elements of the whole (unsplit) model."""
+    pipeline: Schedule | None = None
+    """The pipeline schedule, when ``parallel.pp`` > 1."""
 
     @property
     def world_size(self) -> int:
@@ -96,13 +101,22 @@ class RunPlan:
         if self.chunks:
             keys = ("chunk_min_mb", "chunk_search_range_mb", "chunk_search_step_mb")
             chunks = {key: getattr(self.offload, key) for key in keys}
-        return {**vars(self.dims), "zero_stage": self.sharding.stage, "chunks": chunks}
+        stages = None
+        if self.pipeline is not None:
+            pipe = self.config.pipeline
+            stages = {"chunks": pipe.chunks, "partition": pipe.partition}
+        return {
+            **vars(self.dims),
+            "zero_stage": self.sharding.stage,
+            "chunks": chunks,
+            "pipeline": stages,
+        }
 
     def model_state_bytes(self) -> dict[str, float]:
         """Predicted model-state bytes per rank: parameters, gradients, fp32 master weights and
         Adam's two moments (ZeRO paper, sec. 5: with Ψ elements and N shards, each category
-        divided by N where it is sharded; tensor parallelism divides Ψ by tp)."""
-        psi = self.trainable_params / self.dims.tp
+        divided by N where it is sharded; tensor and pipeline parallelism divide Ψ by tp x pp)."""
+        psi = self.trainable_params / self.dims.tp / self.dims.pp  # balanced stages
         shards = self.dims.dp_shard
         param_bytes = torch.finfo(self.precision.param_dtype).bits // 8
 
@@ -116,6 +130,13 @@ class RunPlan:
             "master_params": per_rank(master, self.sharding.optimizer),
             "optimizer_states": per_rank(8 * psi, self.sharding.optimizer),
         }
+
+    def _schedule_row(self) -> str:
+        row = f"{self.micro_batches} micro-batch(es) per step"
+        if self.pipeline is not None:
+            pipe = self.pipeline
+            row += f", pipeline {pipe.name} over pp={pipe.ranks}, {pipe.stages} stages"
+        return row
 
     def table(self) -> str:
         """The plan as a few aligned lines for the user (``shardwise train`` prints it)."""
@@ -143,7 +164,7 @@ class RunPlan:
                 f"{_dtype(self.precision.param_dtype)} params, "
                 f"{_dtype(self.precision.reduce_dtype)} reduction",
             ),
-            ("schedule", f"{self.micro_batches} micro-batch(es) per step"),
+            ("schedule", self._schedule_row()),
             ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -182,6 +203,7 @@ def resolve(
     spec = spec_of(model, spec)
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
+    pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     return RunPlan(
         config=config,
         dims=dims,
@@ -192,18 +214,51 @@ def resolve(
         optimizer=_optimizer_use(config, optimizer_given),
         tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        pipeline=pipeline,
     )
 
 
 def _check_supported(dims: ParallelDims) -> None:
     """Reject degrees this version cannot run yet, before any process waits on them."""
-    for name in ("pp", "sp"):
-        degree = getattr(dims, name)
-        if degree > 1:
+    if dims.sp > 1:
+        raise ConfigError(
+            f"parallel.sp={dims.sp} is not supported yet; this version trains with data, "
+            "pipeline and tensor parallelism only (parallel.sp=1)"
+        )
+
+
+def _pipeline(
+    config: Config,
+    dims: ParallelDims,
+    micro_batches: int,
+    model: nn.Module,
+    spec: ModelSpec,
+    precision: MixedPrecisionPolicy,
+) -> Schedule | None:
+    """The pipeline schedule (built checked: deadlock-free, every channel in order), after checking
+    that the model splits into its stages and that the rest of the config combines with it."""
+    if dims.pp == 1:
+        return None
+    pipe = config.pipeline
+    limits = {
+        "parallel.tp=1": dims.tp > 1,
+        "zero.stage=0": config.zero.stage > 0,
+        "offload.policy='none'": config.offload.policy != "none",
+        "precision.dtype='fp32' or 'bf16'": precision.param_dtype == torch.float16,
+    }
+    for fix, hit in limits.items():
+        if hit:
             raise ConfigError(
-                f"parallel.{name}={degree} is not supported yet; this version trains with "
-                f"data and tensor parallelism only (parallel.{name}=1)"
+                f"parallel.pp={dims.pp} does not combine with this setting yet; set {fix}"
             )
+    if spec.pipeline is None:
+        raise ConfigError(
+            f"parallel.pp={dims.pp} needs to know how {type(model).__name__}'s forward splits "
+            "into stages: declare ModelSpec(pipeline=PipelineCalls(...)) for it"
+        )
+    schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
+    stage_blocks(spec, model, schedule.stages, pipe.partition)
+    return schedule
 
 
 def _sharding(config: Config, dims: ParallelDims) -> Sharding:

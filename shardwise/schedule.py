@@ -10,14 +10,67 @@ schedule the plan names without a branch of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import nn
 
 from shardwise.errors import ConfigError
 
+if TYPE_CHECKING:
+    from shardwise.models import ModelSpec
+    from shardwise.run_plan import RunPlan
+
 Batch = tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]
 """(inputs, targets), or keyword inputs of the model (``input_ids``, ``labels``, ...)."""
+
+
+class StepOps(Protocol):
+    """What a schedule asks of the engine."""
+
+    def forward_backward(self, micro: Batch) -> torch.Tensor:
+        """Forward, loss and backward of one whole micro-batch; returns its loss."""
+
+    def loss_of(self, output: object, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of the model's `output` (the last pipeline stage's)."""
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` as its backward starts: averaged over micro-batches, loss-scaled."""
+
+    def backward_from(self, tensor: torch.Tensor, grad: torch.Tensor | None, sync: bool) -> None:
+        """Backward from `tensor` (with `grad`, unless a scalar); `sync`: the rank's last
+        backward of the step, which reduces gradients."""
+
+
+class Schedule(Protocol):
+    def __len__(self) -> int: ...
+
+    def run(self, batch: Batch, ops: StepOps) -> torch.Tensor:
+        """One step's micro-batches; the step's mean loss (detached, fp32) on every rank."""
+
+    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The whole model's gradient norm from the store's (which covers this rank's
+        parameters, over data- and tensor-parallel ranks)."""
+
+
+def build_schedule(
+    plan: RunPlan, model: nn.Module, spec: ModelSpec, mesh: object, device: torch.device
+) -> Schedule:
+    """The plan's schedule; a pipeline's cuts `model` to this rank's stages (in place)."""
+    if plan.pipeline is None:
+        return GradientAccumulation(plan.micro_batches)
+    from shardwise.pipeline.runtime import PipelineSchedule  # it imports this module
+
+    return PipelineSchedule.build(
+        plan.pipeline,
+        model,
+        spec,
+        mesh,
+        plan.config.pipeline.partition,
+        device,
+        plan.precision.param_dtype,
+    )
 
 
 class GradientAccumulation:
@@ -44,10 +97,13 @@ class GradientAccumulation:
     def __len__(self) -> int:
         return self.micro_batches
 
-    def run(self, batch: Batch, forward_backward: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+    def run(self, batch: Batch, ops: StepOps) -> torch.Tensor:
         """Run every micro-batch; returns the mean of their (detached, fp32) losses."""
         total = None
         for micro in self.split(batch):
-            loss = forward_backward(micro).detach().float()
+            loss = ops.forward_backward(micro).detach().float()
             total = loss if total is None else total + loss
         return total / self.micro_batches
+
+    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm

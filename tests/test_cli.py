@@ -66,9 +66,13 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "parallel.tp=2", "--set", "parallel.tp_mode=2d"],
         "parallel.tp=2 does not fit tp_mode='2d', which needs tp = a square q^2",
     ),
-    "pp-not-yet": (
-        ["--nproc", "2", "--set", "parallel.pp=2"],
-        "parallel.pp=2 is not supported yet",
+    "pp-with-zero-2": (
+        ["--nproc", "2", "--set", "parallel.pp=2", "--set", "zero.stage=2"],
+        "parallel.pp=2 does not combine with this setting yet; set zero.stage=0",
+    ),
+    "pp-more-stages-than-blocks": (
+        ["--nproc", "4", "--set", "parallel.pp=4", "--set", "model.n_layers=2"],
+        "4 pipeline stages need at least 4 blocks",
     ),
     "tp-not-dividing-heads": (
         ["--nproc", "3", "--set", "parallel.tp=3", *TINY],

@@ -297,15 +297,24 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [B, T] (int64 token ids, T <= seq_len) -> logits [B, T, vocab_size]."""
+        x = self.embed_tokens(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.finish(x)
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, T] -> hidden states [B, T, d_model]: what the blocks take (the first
+        pipeline stage runs this)."""
         seq = idx.shape[1]
         if seq > self.cfg.seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds seq_len={self.cfg.seq_len}")
         x = self.embed(idx)
         if self.cfg.positions == "learned":
             x = x + self.pos_embed(torch.arange(seq, device=idx.device))
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        return self.drop(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, d_model] -> logits [B, T, vocab_size] (the last stage's)."""
         return self.head(self.norm_f(x))
 
 

@@ -13,7 +13,7 @@ from functools import partial
 from shardwise.distributed.dims import ParallelDims, fitting_tp_degrees
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import GPT, GPTConfig
-from shardwise.models.spec import ModelSpec
+from shardwise.models.spec import ModelSpec, PipelineCalls
 from shardwise.tensor_parallel.one_d import (
     ColwiseParallel,
     RowwiseParallel,
@@ -191,4 +191,11 @@ def gpt_spec(model: GPT) -> ModelSpec:
         attention="blocks.*.attn.core",
         max_seq_len=model.cfg.seq_len,
         tp_plan=partial(gpt_tp_plan, model.cfg),
+        pipeline=PipelineCalls(
+            embed=GPT.embed_tokens,
+            finish=GPT.finish,
+            first=("embed", "pos_embed", "drop"),
+            last=("norm_f", "head"),
+            hidden_size=model.cfg.d_model,
+        ),
     )

@@ -31,6 +31,24 @@ tensor-parallel plan for a layout, after checking that its shapes split (one-lin
 
 
 @dataclass(frozen=True)
+class PipelineCalls:
+    """How a model's forward splits around its blocks, so that pipeline stages can run its
+    parts (pipeline/stage.py): the first stage embeds, every stage runs its blocks (each maps
+    hidden states ``[B, T, hidden]`` to the same shape), the last finishes."""
+
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    """``(model, token ids [B, T]) -> hidden states [B, T, hidden]``."""
+    finish: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    """``(model, hidden states) -> output`` (the logits)."""
+    first: tuple[str, ...]
+    """Modules only `embed` uses: kept by the first stage alone."""
+    last: tuple[str, ...]
+    """Modules only `finish` uses: kept by the last stage alone."""
+    hidden_size: int
+    """Width of the hidden states passed between stages."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's structure as the parallel machinery needs it."""
 
@@ -50,6 +68,8 @@ class ModelSpec:
     """Longest input in tokens (a learned position table's size), None if unbounded."""
     tp_plan: TpPlanBuilder | None = None
     """The model's tensor-parallel plans; None if it has none."""
+    pipeline: PipelineCalls | None = None
+    """How its forward splits into pipeline stages; None: it cannot be pipelined."""
 
     def named_blocks(self, model: nn.Module, purpose: str) -> list[tuple[str, nn.Module]]:
         """(name, block) of every block, names relative to `model`; `purpose` names what
@@ -61,7 +81,8 @@ class ModelSpec:
                 "'<name of its block list>') to initialize()"
             )
         blocks = model.get_submodule(self.blocks)
-        return [(f"{self.blocks}.{i}", b) for i, b in enumerate(blocks)]
+        # None: a block another pipeline stage holds (pipeline/stage.py)
+        return [(f"{self.blocks}.{i}", b) for i, b in enumerate(blocks) if b is not None]
 
     def tied(self, model: nn.Module) -> bool:
         """Whether the head's weight is the embedding's Parameter."""

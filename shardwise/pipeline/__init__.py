@@ -1,0 +1,1 @@
+"""Pipeline parallelism: schedules as data (schedules.py), stages and their runtime."""

@@ -1,0 +1,58 @@
+"""Splitting a model's blocks into pipeline stages: contiguous runs of blocks, balanced.
+
+Each (virtual) stage takes a contiguous run of the blocks of the model's `ModelSpec`; the
+embedding goes with the first stage and the head with the last (`PipelineCalls`). A run's
+cost is the sum of its blocks' costs: one per block (``pipeline.partition = "layers"``) or its
+parameter count (``"params"``, for blocks of unequal width). The split minimises the largest
+stage's cost (the pipeline's steady state runs at the pace of its slowest stage), found
+exactly by a binary search over that bound with a greedy fill, as in Megatron's and
+DeepSpeed's ``partition_balanced``; ties keep earlier stages no larger than later ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shardwise.errors import ConfigError
+
+
+def balanced_split(costs: Sequence[int], stages: int) -> list[range]:
+    """Contiguous, non-empty index ranges of `costs`, one per stage, minimising the largest
+    stage's total cost."""
+    if stages > len(costs):
+        raise ConfigError(
+            f"{stages} pipeline stages need at least {stages} blocks, the model has "
+            f"{len(costs)}: lower parallel.pp (x pipeline.chunks)"
+        )
+    if any(c < 0 for c in costs):
+        raise ValueError(f"block costs must be non-negative, got {list(costs)}")
+    low, high = max(costs, default=0), sum(costs)
+    while low < high:
+        bound = (low + high) // 2
+        if _fill(costs, stages, bound) is None:
+            low = bound + 1
+        else:
+            high = bound
+    split = _fill(costs, stages, low)
+    assert split is not None  # `low` is feasible by the search
+    return split
+
+
+def _fill(costs: Sequence[int], stages: int, bound: int) -> list[range] | None:
+    """Stages of cost at most `bound`, filled from the last backwards (later stages, which
+    also hold the head, take the larger share of a tie), each left with at least one block per
+    stage before it; None if `stages` do not suffice."""
+    ends, end = [], len(costs)
+    for stage in range(stages - 1, -1, -1):
+        start, total = end, 0
+        # stage `stage` may not reach into the `stage` blocks the stages before it need
+        while start > stage and total + costs[start - 1] <= bound:
+            start -= 1
+            total += costs[start]
+        if stage == 0 and start > 0:
+            return None
+        if start == end:
+            return None
+        ends.append(range(start, end))
+        end = start
+    return ends[::-1]

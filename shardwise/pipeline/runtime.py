@@ -1,0 +1,221 @@
+"""Running a pipeline schedule: this rank's actions, one step at a time (the schedule seam).
+
+`PipelineSchedule.run` walks this rank's actions of the `Schedule` (schedules.py) in order:
+
+    RECV_ACT / RECV_GRAD   a blocking receive of the activation (gradient) a neighbour sent
+    F                      the stage part's forward; the last stage's loss
+    SEND_ACT / SEND_GRAD   a non-blocking send (isend); every send is waited for at the end
+                           of the step, so a rank never blocks on a send while its peer
+                           waits for something it has yet to compute
+    B                      the backward of the stage's output with the received gradient (the
+                           last stage: of its scaled loss); the input's gradient is what
+                           SEND_GRAD sends
+    I / W                  zero-bubble's halves of B: the input's gradient first, the weights'
+                           later ([Note: I and W])
+
+`check` (schedules.py) proved the order deadlock-free with exactly these semantics (sends
+buffered, receives blocking) and matched every channel's sends and receives in FIFO order,
+which is what NCCL needs; gloo matches by order too. Activations between stages have the
+shape ``[rows, T, hidden]`` of the micro-batch and the compute dtype, known to both sides.
+
+A stage's input is a leaf that requires grad, so the backward of one stage stops at its
+input and the gradient crosses to the previous stage explicitly (between ranks, or within one
+rank when it holds both stages). The store sees each backward as a micro-batch: the rank's
+last backward of the step is the one that reduces gradients over the data-parallel ranks.
+The step's loss (the mean over micro-batches) lives on the last stage and is broadcast over
+the pipeline; the global gradient norm sums the stages' squares (`global_norm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.errors import ConfigError
+from shardwise.models import ModelSpec
+from shardwise.pipeline.schedules import Action, Kind, Schedule
+from shardwise.pipeline.stage import PipelineStages, build_stages
+from shardwise.schedule import StepOps
+
+_UPDATES_WEIGHTS = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)
+"""Actions whose backward gives the stage's weights their gradients."""
+
+
+class PipelineSchedule:
+    """A pipeline `Schedule` run on this rank's stages."""
+
+    def __init__(
+        self, schedule: Schedule, stages: PipelineStages, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.schedule = schedule
+        self.stages = stages
+        self.device = device
+        self.dtype = dtype
+        self.actions = schedule.actions(comm.group_rank(stages.group))
+        backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
+        self._last_backward = backwards[-1] if backwards else -1
+        self._last_rank = schedule.rank_of(schedule.stages - 1)
+
+    @classmethod
+    def build(
+        cls,
+        schedule: Schedule,
+        model: nn.Module,
+        spec: ModelSpec,
+        mesh: object,
+        partition: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> PipelineSchedule:
+        """Cut `model` to this rank's stages (in place) and schedule them."""
+        return cls(schedule, build_stages(model, spec, schedule, partition, mesh), device, dtype)
+
+    def __len__(self) -> int:
+        return self.schedule.micro_batches
+
+    def run(self, batch: object, ops: StepOps) -> torch.Tensor:
+        """This rank's actions for one step; returns the step's mean loss on every rank."""
+        if isinstance(batch, Mapping):
+            raise ConfigError(
+                "parallel.pp > 1 takes (inputs, targets) batches; a dict batch needs the "
+                "model's own loss, which pipeline stages do not run"
+            )
+        inputs, targets = batch
+        m = self.schedule.micro_batches
+        if inputs.shape[0] % m:
+            raise ConfigError(
+                f"batch of {inputs.shape[0]} rows does not split into {m} micro-batches"
+            )
+        step = _Step(self, inputs.chunk(m), targets.chunk(m), ops)
+        for index, action in enumerate(self.actions):
+            step.do(action, sync=index == self._last_backward)
+        for work, _tensor in step.sends:
+            work.wait()
+        self.stages.sync_tied_grads()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if step.losses:
+            total = torch.stack(step.losses).sum() / m
+        comm.broadcast_(total, self._last_rank, self.stages.group)
+        return total
+
+    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The norm over every stage from this rank's `norm` (the tied weight counted once)."""
+        squares = norm.float().square()
+        tied = self.stages.tied
+        if tied is not None and tied.grad is not None and not self.stages.counts_tied:
+            squares = squares - tied.grad.float().square().sum()
+        comm.all_reduce_(squares, self.stages.group)
+        return squares.clamp_min(0).sqrt()
+
+
+class _Step:
+    """The tensors one step's actions pass to each other."""
+
+    def __init__(
+        self,
+        runner: PipelineSchedule,
+        inputs: tuple[torch.Tensor, ...],
+        targets: tuple[torch.Tensor, ...],
+        ops: StepOps,
+    ) -> None:
+        self.runner, self.inputs, self.targets, self.ops = runner, inputs, targets, ops
+        self.stage_inputs: dict[tuple[int, int], torch.Tensor] = {}
+        """(micro, stage) -> the stage's input leaf (from a receive or this rank's stage)."""
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        """(micro, stage) -> the stage's output (the last stage: its scaled loss)."""
+        self.grads: dict[tuple[int, int], torch.Tensor] = {}
+        """(micro, stage) -> the gradient of the stage's output."""
+        self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
+        """(micro, stage) -> the gradient of the stage's input, to send."""
+        self.losses: list[torch.Tensor] = []
+        self.sends: list[tuple[object, torch.Tensor]] = []
+        """(work, tensor) of every isend: the tensor stays alive until the work is done."""
+
+    def _shape(self, micro: int) -> tuple[int, ...]:
+        rows, seq = self.inputs[micro].shape[:2]
+        return (rows, seq, self.runner.stages.hidden_size)
+
+    def _receive(self, micro: int) -> torch.Tensor:
+        return torch.empty(self._shape(micro), dtype=self.runner.dtype, device=self.runner.device)
+
+    def do(self, action: Action, sync: bool) -> None:
+        key = (action.micro, action.stage)
+        kind = action.kind
+        group = self.runner.stages.group
+        if kind is Kind.RECV_ACT:
+            buffer = self._receive(action.micro)
+            comm.recv(buffer, action.peer, group)
+            self.stage_inputs[key] = buffer.requires_grad_()
+        elif kind is Kind.RECV_GRAD:
+            buffer = self._receive(action.micro)
+            comm.recv(buffer, action.peer, group)
+            self.grads[key] = buffer
+        elif kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+            tensor = (
+                self.outputs[key].detach() if kind is Kind.SEND_ACT else self.input_grads.pop(key)
+            )
+            self.sends.append((comm.send(tensor, action.peer, group, async_op=True), tensor))
+        elif kind is Kind.FORWARD:
+            self._forward(action)
+        elif kind is Kind.BACKWARD_INPUT:
+            self._backward_input(action)
+        else:
+            self._backward(action, sync)
+
+    def _forward(self, action: Action) -> None:
+        micro, stage = action.micro, action.stage
+        part = self.runner.stages.parts[stage]
+        if part.first:
+            x = self.inputs[micro].to(self.runner.device, non_blocking=True)
+        else:
+            x = self.stage_inputs[(micro, stage)]
+        out = part(x)
+        if part.last:
+            loss = self.ops.loss_of(out, self.targets[micro].to(self.runner.device))
+            self.losses.append(loss.detach().float())
+            out = self.ops.scaled(loss)
+        elif stage + 1 in self.runner.stages.parts:  # the next stage runs here too
+            self.stage_inputs[(micro, stage + 1)] = out.detach().requires_grad_()
+        self.outputs[(micro, stage)] = out
+
+    def _backward(self, action: Action, sync: bool) -> None:
+        """B: the whole backward, then the input's gradient handed on; W (after I): the
+        whole backward again for the weights' gradients (see [Note: I and W])."""
+        micro, stage = action.micro, action.stage
+        part = self.runner.stages.parts[stage]
+        out = self.outputs.pop((micro, stage))
+        grad = None if part.last else self.grads.pop((micro, stage))
+        self.ops.backward_from(out, grad, sync)
+        x = self.stage_inputs.pop((micro, stage), None)
+        if action.kind is Kind.BACKWARD and x is not None:
+            self._hand_on(micro, stage, x.grad)
+
+    def _backward_input(self, action: Action) -> None:
+        """I: only the gradient of the stage's input, the graph kept for W.
+
+        [Note: I and W] Zero-bubble schedules run a stage's backward in two halves so that
+        the input gradient, which the previous stage waits for, leaves early. Here I takes
+        it with `torch.autograd.grad` (retaining the graph) and W runs the whole backward,
+        which also yields the weights' gradients: the order and the results are the
+        schedule's, the cost is about 1.5 backwards per micro-batch instead of one, so the
+        schedule's bubble saving does not show in the step time yet."""
+        micro, stage = action.micro, action.stage
+        part = self.runner.stages.parts[stage]
+        if part.first:
+            return  # token ids have no gradient
+        out = self.outputs[(micro, stage)]
+        grad = None if part.last else self.grads[(micro, stage)]
+        x = self.stage_inputs[(micro, stage)]
+        (input_grad,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        self._hand_on(micro, stage, input_grad)
+
+    def _hand_on(self, micro: int, stage: int, input_grad: torch.Tensor) -> None:
+        """The gradient of stage `stage`'s input, to the previous stage's backward: on this
+        rank directly, else through SEND_GRAD."""
+        if stage - 1 in self.runner.stages.parts:  # the previous stage runs here too
+            self.grads[(micro, stage - 1)] = input_grad
+        else:
+            self.input_grads[(micro, stage)] = input_grad

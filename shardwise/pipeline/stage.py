@@ -1,0 +1,162 @@
+"""This rank's pipeline stages: its runs of the model's blocks, with the embedding or head.
+
+`build_stages` cuts the model in place: the blocks of other ranks' stages become None in
+their `nn.ModuleList` (indices and so parameter names stay as in the whole model, so
+checkpoints and parity checks compare by name), the embedding's modules stay on the first
+stage only and the head's on the last. What is left is an ordinary module the parameter
+store wraps as usual; each `StagePart` runs one (virtual) stage of it.
+
+[Note: tied embedding across stages] With the head's weight the embedding's Parameter
+(GPT-2 style), the first and the last stage each hold it (the last keeps the embedding module
+too, unused, so that the weight is still known as an embedding's: no weight decay): two
+copies, started equal (every rank builds the same model). Each stage computes only its
+share of the gradient; `sync_tied_grads` sums the two over the pair of ranks after the step's
+last backward, so both apply the same update and stay equal, as the one tensor of a single
+process would. The global gradient norm counts it once (the last stage leaves it out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.errors import ConfigError
+from shardwise.models import ModelSpec
+from shardwise.models.spec import PipelineCalls
+from shardwise.pipeline.partition import balanced_split
+from shardwise.pipeline.schedules import Schedule
+
+
+@dataclass
+class StagePart:
+    """One (virtual) stage: blocks ``blocks`` of the model, after the embedding if it is the
+    first stage, before the head if it is the last."""
+
+    stage: int
+    blocks: range
+    first: bool
+    last: bool
+    model: nn.Module
+    block_list: nn.ModuleList
+    calls: PipelineCalls
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.calls.embed(self.model, x)
+        for index in self.blocks:
+            x = self.block_list[index](x)
+        return self.calls.finish(self.model, x) if self.last else x
+
+
+@dataclass
+class PipelineStages:
+    """This rank's parts of the pipeline and what its runtime needs to talk to the others."""
+
+    parts: dict[int, StagePart]
+    """Stage index -> the part this rank runs."""
+    group: object
+    """The pipeline axis of this rank (point-to-point, losses, norms): group rank i runs
+    the schedule's rank i."""
+    hidden_size: int
+    tied: nn.Parameter | None
+    """This rank's copy of a weight tied across the first and last stage, if it holds one."""
+    tied_group: object | None
+    """The first and last stage's ranks, when a weight is tied across them."""
+    counts_tied: bool
+    """Whether this rank's copy of the tied weight counts in the global norm (first stage)."""
+
+    def sync_tied_grads(self) -> None:
+        """Sum the tied weight's gradient over its two stages ([Note: tied embedding across
+        stages])."""
+        if self.tied_group is not None and self.tied is not None and self.tied.grad is not None:
+            comm.all_reduce_(self.tied.grad, self.tied_group)
+
+
+def stage_blocks(spec: ModelSpec, model: nn.Module, stages: int, by: str) -> list[range]:
+    """The blocks of each of `stages` stages, balanced by block count or parameter count."""
+    blocks = [block for _, block in spec.named_blocks(model, "pipeline parallelism")]
+    costs = [1 if by == "layers" else sum(p.numel() for p in b.parameters()) for b in blocks]
+    return balanced_split(costs, stages)
+
+
+def build_stages(
+    model: nn.Module, spec: ModelSpec, schedule: Schedule, by: str, mesh: object
+) -> PipelineStages:
+    """Cut `model` to this rank's stages of `schedule` (in place) and return them; `mesh`
+    has a ``pp`` axis. Collective over the world (the tied pair's group)."""
+    calls = _calls(spec, model)
+    pp = mesh["pp"]
+    rank = pp.get_local_rank()
+    split = stage_blocks(spec, model, schedule.stages, by)
+    block_list = model.get_submodule(spec.blocks)
+    mine = schedule.stages_of(rank)
+    last_stage = schedule.stages - 1
+    tied = spec.tied(model)
+    tied_weight = model.get_submodule(spec.embedding).weight if tied else None
+    keep = {i for s in mine for i in split[s]}
+    for index in range(len(block_list)):
+        if index not in keep:
+            block_list[index] = None
+    holds_first, holds_last = 0 in mine, last_stage in mine
+    # A tied embedding stays on the last stage: its weight is the head's, and the module says
+    # it is an embedding (no weight decay, as in one process).
+    shared = {spec.embedding} if tied and holds_last else set()
+    for names, held in ((calls.first, holds_first), (calls.last, holds_last)):
+        for name in names:
+            if not held and name not in shared and _has(model, name):
+                _drop(model, name)
+    parts = {
+        s: StagePart(s, split[s], s == 0, s == last_stage, model, block_list, calls) for s in mine
+    }
+    tied_group = _tied_group(mesh, schedule) if tied else None
+    return PipelineStages(
+        parts=parts,
+        group=pp,
+        hidden_size=calls.hidden_size,
+        tied=tied_weight if (holds_first or holds_last) else None,
+        tied_group=tied_group,
+        counts_tied=holds_first,
+    )
+
+
+def _calls(spec: ModelSpec, model: nn.Module) -> PipelineCalls:
+    if spec.pipeline is None:
+        raise ConfigError(
+            f"parallel.pp > 1 needs to know how {type(model).__name__}'s forward splits into "
+            "stages: declare ModelSpec(pipeline=PipelineCalls(...)) for it"
+        )
+    return spec.pipeline
+
+
+def _tied_group(mesh: object, schedule: Schedule) -> object | None:
+    """The group of this pipeline's ranks holding the first and the last stage (None when
+    one rank holds both: there is one copy). new_group is collective over the world, so every
+    rank creates every pipeline's pair, in the same order."""
+    first, last = schedule.rank_of(0), schedule.rank_of(schedule.stages - 1)
+    if first == last:
+        return None
+    axis = mesh.mesh_dim_names.index("pp")
+    pipelines = mesh.mesh.movedim(axis, -1).reshape(-1, mesh.mesh.shape[axis]).tolist()
+    mine = None
+    for pipeline in pipelines:
+        group = dist.new_group([pipeline[first], pipeline[last]])
+        if dist.get_rank() in (pipeline[first], pipeline[last]):
+            mine = group
+    return mine
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _drop(model: nn.Module, name: str) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, None)

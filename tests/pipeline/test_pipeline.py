@@ -1,0 +1,173 @@
+"""Pipeline parallelism against the single-process reference (tests/parity.py).
+
+Every rank of a pipeline trains on its data-parallel rank's rows; the stages together hold
+the model, so the final weights are the union of every rank's (a tied embedding is held by
+the first and the last stage alike, and they must agree).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shardwise.cli import main
+from shardwise.distributed import comm
+from shardwise.engine import initialize
+from shardwise.errors import ConfigError
+from shardwise.run_plan import resolve
+from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+
+LAYERS = 8
+"""Enough blocks for 8 virtual stages (pp=4 x 2 chunks)."""
+
+
+def config(pp: int, schedule: str, chunks: int = 1, global_batch: int = 8, **parallel):
+    return make_config(micro_batch=1, global_batch=global_batch).replace(
+        model={"n_layers": LAYERS},
+        parallel={"pp": pp, **parallel},
+        pipeline={"schedule": schedule, "chunks": chunks},
+    )
+
+
+def pipeline_run(cfg) -> tuple[list[float], dict]:
+    """On every rank: train this data-parallel rank's rows; losses and the whole model's
+    weights (the union of every stage's)."""
+    engine = initialize(build_model(cfg), None, cfg)
+    dp = engine.dp.size
+    rank = comm.group_rank(engine.dp.dp) if dp > 1 else 0
+    losses = []
+    for inputs, targets in global_batches(cfg):
+        rows = inputs.shape[0] // dp
+        part = slice(rank * rows, (rank + 1) * rows)
+        losses.append(engine.train_step((inputs[part], targets[part])))
+    mine = {k: v.float() for k, v in engine.full_state_dict().items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    merged = {}
+    for state in every:
+        for name, tensor in state.items():
+            if name in merged:  # a tied weight, or a data-parallel replica's copy
+                assert torch.equal(merged[name], tensor), f"copies of {name} differ"
+            merged[name] = tensor
+    return losses, merged
+
+
+CASES = {
+    "gpipe": {"schedule": "gpipe"},
+    "1f1b": {"schedule": "1f1b"},
+    "interleaved": {"schedule": "interleaved_1f1b", "chunks": 2},
+    "zb_h1": {"schedule": "zb_h1"},
+    "zbv": {"schedule": "zbv", "chunks": 2},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_stages_match_single_process(pool2, case):
+    cfg = config(2, **CASES[case])
+    want = reference_run(cfg)
+    for got in pool2.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+        assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_four_stages_match_single_process(pool4, case):
+    cfg = config(4, **CASES[case])
+    want = reference_run(cfg)
+    for got in pool4.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def test_two_stages_times_two_replicas_match_single_process(pool4):
+    cfg = config(2, "1f1b", dp_shard=2)
+    want = reference_run(cfg)
+    for got in pool4.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def held_names(cfg) -> list[str]:
+    engine = initialize(build_model(cfg), None, cfg)
+    return sorted(name for name, _ in engine.model.named_parameters())
+
+
+def test_each_rank_holds_only_its_stages(pool2):
+    first, last = pool2.run(held_names, config(2, "1f1b"))
+    assert "embed.weight" in first and "norm_f.weight" not in first
+    assert "norm_f.weight" in last and "embed.weight" in last, "the tied weight on both"
+    assert {n.split(".")[1] for n in first if n.startswith("blocks.")} == {"0", "1", "2", "3"}
+    assert {n.split(".")[1] for n in last if n.startswith("blocks.")} == {"4", "5", "6", "7"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model": {"n_layers": 2}, "parallel": {"pp": 4}}, "4 pipeline stages need at least 4"),
+        ({"parallel": {"pp": 2}, "zero": {"stage": 2}}, "set zero.stage=0"),
+        ({"parallel": {"pp": 2}, "offload": {"policy": "static"}}, "set offload.policy='none'"),
+        ({"parallel": {"pp": 3}}, "divisible|does not divide|world"),
+    ],
+)
+def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
+    cfg = make_config(micro_batch=1, global_batch=8).replace(**overrides)
+    with pytest.raises(ConfigError, match=message) as info:
+        resolve(cfg, 4)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_schedule_is_one_line():
+    with pytest.raises(ConfigError, match="pipeline.schedule") as info:
+        make_config().replace(pipeline={"schedule": "zigzag"})
+    assert "\n" not in str(info.value)
+
+
+def test_plan_table_names_the_schedule():
+    plan = resolve(config(2, "1f1b"), 2)
+    assert "pipeline 1f1b over pp=2, 2 stages" in plan.table()
+    assert plan.pipeline.micro_batches == 8
+    assert torch.float32 == plan.precision.param_dtype
+
+
+def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
+    """`shardwise train` with parallel.pp=2: each stage saves its own state; a resume from
+    step 2 repeats steps 3-4 exactly; another split of the blocks is refused before launch."""
+    settings = [
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "data.seq_len=16",
+        "data.max_bytes=20000",
+        "train.micro_batch=1",
+        "train.global_batch=4",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "log.progress=false",
+        "parallel.pp=2",
+        "pipeline.schedule=gpipe",
+    ]
+    out = tmp_path / "run"
+    argv = ["train", "--nproc", "2", "--out", str(out)]
+    with pytest.raises(SystemExit) as code:
+        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
+    printed = capsys.readouterr().err
+    assert code.value.code == 0, printed
+    assert "pipeline gpipe over pp=2, 2 stages" in printed
+    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = out / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in checkpoint.glob("engine*")) == [
+        "engine_rank0.pt",
+        "engine_rank1.pt",
+    ]
+    one_f_one_b = ["--set", "pipeline.schedule=1f1b"]  # same stages: resumes
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--nproc", "2", "--resume", str(checkpoint), *one_f_one_b])
+    assert code.value.code == 0, capsys.readouterr().err
+    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == pytest.approx(full, rel=1e-6) and len(full) == 4
+    other_split = ["--set", "pipeline.partition=params"]
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--nproc", "2", "--resume", str(checkpoint), *other_split])
+    assert code.value.code == 2
+    assert "another layout" in capsys.readouterr().err
