@@ -64,21 +64,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("case", CASES)
-def test_two_stages_match_single_process(pool2, case):
-    cfg = config(2, **CASES[case])
+def test_every_schedule_matches_single_process(request, pp, case):
+    cfg = config(pp, **CASES[case])
     want = reference_run(cfg)
-    for got in pool2.run(pipeline_run, cfg):
+    for got in request.getfixturevalue(f"pool{pp}").run(pipeline_run, cfg):
         assert_parity(got, want, rtol=1e-5)
         assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_four_stages_match_single_process(pool4, case):
-    cfg = config(4, **CASES[case])
-    want = reference_run(cfg)
-    for got in pool4.run(pipeline_run, cfg):
-        assert_parity(got, want, rtol=1e-5)
 
 
 def test_two_stages_times_two_replicas_match_single_process(pool4):
