@@ -28,6 +28,7 @@ the pipeline; the global gradient norm sums the stages' squares (`global_norm`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
@@ -40,6 +41,7 @@ from shardwise.pipeline.schedules import Action, Kind, Schedule
 from shardwise.pipeline.stage import PipelineStages, build_stages
 from shardwise.schedule import StepOps
 
+_COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
 _UPDATES_WEIGHTS = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)
 """Actions whose backward gives the stage's weights their gradients."""
 
@@ -58,7 +60,12 @@ class PipelineSchedule:
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
-
+        self.busy_s = 0.0
+        """Seconds the last step spent in compute actions (F, B, I, W) on this rank; its
+        schedule's idle time is the rest of `step_s` (host time: on an accelerator it counts
+        launches, not kernels)."""
+        self.step_s = 0.0
+        """Seconds of the last step's actions, its sends included."""
     @classmethod
     def build(
         cls,
@@ -90,10 +97,16 @@ class PipelineSchedule:
                 f"batch of {inputs.shape[0]} rows does not split into {m} micro-batches"
             )
         step = _Step(self, inputs.chunk(m), targets.chunk(m), ops)
+        start = busy = time.perf_counter()
         for index, action in enumerate(self.actions):
+            before = time.perf_counter()
             step.do(action, sync=index == self._last_backward)
+            if action.kind in _COMPUTE:
+                busy += time.perf_counter() - before
         for work, _tensor in step.sends:
             work.wait()
+        end = time.perf_counter()
+        self.busy_s, self.step_s = busy - start, end - start
         self.stages.sync_tied_grads()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if step.losses:

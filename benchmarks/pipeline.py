@@ -1,0 +1,225 @@
+"""Benchmark ``pipeline``: every pipeline schedule's measured idle time against its theory,
+and our 1F1B against torch.distributed.pipelining's ``Schedule1F1B`` on the same split.
+
+Two ranks (``parallel.pp = 2``), one compute thread each, fp32, a GPT of uniform blocks whose
+embedding and head are small beside them (vocabulary 256), so the theory's equal-stage
+assumption holds: 8 blocks of width 256, 128 tokens, 8 micro-batches of 2 sequences per step.
+Each contender trains from the same weights on the same batches, AdamW, no clipping (equal
+work for all; clipping would add a global norm to ours only).
+
+- ours (one per schedule): `shardwise.initialize` with ``parallel.pp = 2`` and
+  ``pipeline.schedule`` = gpipe, 1f1b, interleaved_1f1b (2 stages per rank), zb_h1, zbv
+  (2 stages per rank), then ``Engine.train_step``. The runtime records each step's seconds in
+  compute actions (`PipelineSchedule.busy_s`) and in all actions (`step_s`); the measured
+  idle fraction is ``1 - busy / step``, averaged over ranks and steps.
+- torch_pipelining: the same blocks split the same way into two ``PipelineStage`` modules
+  (embedding + blocks 0-3, blocks 4-7 + head; the head untied, so the peer skips the tied
+  gradient's all-reduce), ``Schedule1F1B`` with 8 micro-batches, then fused AdamW.
+
+The JSON ``ratio`` keys: ``bubble_<schedule>`` = measured idle fraction / the schedule's
+theoretical bubble (`theoretical_bubble`: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(vm+p-1)
+interleaved, the zero-bubble paper's for ZB-H1 and ZB-V at F = I = W); ``zb_vs_1f1b`` = ZB-H1
+step time / 1F1B's; ``torch_pipelining`` = our 1F1B step time / the peer's. Step times are
+the slowest rank's medians, contenders interleaved one step each per round (rotating order).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardwise.bench import BenchResult, interleaved_step_times, launch_workers, worker_main
+from shardwise.config import Config
+from shardwise.engine import initialize
+from shardwise.loss import cross_entropy_loss
+from shardwise.models.gpt import build_gpt
+from shardwise.optim import default_optimizer_factory
+from shardwise.pipeline.schedules import theoretical_bubble
+
+NPROC = 2
+SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "zbv": 2}
+"""Schedule -> stages per rank."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: int
+    iters: int
+    n_layers: int = 8
+    d_model: int = 256
+    n_heads: int = 4
+    seq_len: int = 128
+    rows: int = 2
+    """Sequences per micro-batch."""
+    micro_batches: int = 8
+    seed: int = 1234
+
+
+QUICK = Settings(warmup=2, iters=6)
+FULL = Settings(warmup=3, iters=20)
+
+
+def run(quick: bool) -> BenchResult:
+    settings = QUICK if quick else FULL
+    record = launch_workers(
+        "benchmarks.pipeline", ["--settings", json.dumps(asdict(settings))], NPROC
+    )
+    medians, bubbles = record["median_s"], record["bubble"]
+    theory = {
+        name: theoretical_bubble(name, NPROC, settings.micro_batches, v)
+        for name, v in SCHEDULES.items()
+    }
+    peers = {f"bubble_{name}": theory[name] for name in SCHEDULES}
+    ratio = {f"bubble_{name}": bubbles[name] / theory[name] for name in SCHEDULES}
+    peers["zb_vs_1f1b"] = medians["1f1b"]
+    ratio["zb_vs_1f1b"] = medians["zb_h1"] / medians["1f1b"]
+    peers["torch_pipelining"] = medians["torch_pipelining"]
+    ratio["torch_pipelining"] = medians["1f1b"] / medians["torch_pipelining"]
+    config = {
+        **record["config"],
+        "measured_bubble": bubbles,
+        "theoretical_bubble": theory,
+        "peers": "bubble_<schedule>: the theoretical bubble (ratio measured / theory); "
+        "zb_vs_1f1b: 1F1B's median step seconds (ratio ZB-H1 / 1F1B); torch_pipelining: "
+        "Schedule1F1B's median step seconds (ratio our 1F1B / it)",
+    }
+    return BenchResult(
+        metric="median_step_s", ours=medians["1f1b"], peers=peers, config=config, ratio=ratio
+    )
+
+
+def engine_config(settings: Settings, schedule: str, chunks: int) -> Config:
+    return Config.from_dict(
+        {
+            "model": {
+                "n_layers": settings.n_layers,
+                "d_model": settings.d_model,
+                "n_heads": settings.n_heads,
+                "vocab_size": 256,
+            },
+            "data": {"seq_len": settings.seq_len},
+            "parallel": {"pp": NPROC},
+            "pipeline": {"schedule": schedule, "chunks": chunks},
+            "train": {
+                "micro_batch": settings.rows,
+                "global_batch": settings.rows * settings.micro_batches,
+                "steps": settings.warmup + settings.iters,
+                "seed": settings.seed,
+            },
+            "precision": {"dtype": "fp32"},
+            "optim": {"grad_clip": 0.0, "warmup_steps": 0},
+            "log": {"progress": False},
+        }
+    )
+
+
+class _TorchStage(nn.Module):
+    """Blocks `blocks` of `model`, after its embedding (first) or before its head (last);
+    only what the stage runs is registered (its parameters are the optimizer's)."""
+
+    def __init__(self, model: nn.Module, blocks: range, first: bool, last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: it holds every block
+        self.blocks = nn.ModuleList(model.blocks[i] for i in blocks)
+        ends = ("embed", "pos_embed") if first else ("norm_f", "head")
+        self.ends = nn.ModuleList(getattr(model, n) for n in ends if hasattr(model, n))
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self._model.embed_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self._model.finish(x) if self.last else x
+
+
+def torch_pipelining_step(cfg: Config, settings: Settings, batches: list, rank: int):
+    """The peer: torch.distributed.pipelining's Schedule1F1B on the same split, fused AdamW."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    model = build_gpt(cfg.model, cfg.data.seq_len, device="cpu", seed=cfg.train.seed)
+    if rank == 1:  # the head's own copy of the tied weight
+        model.head.weight = nn.Parameter(model.head.weight.detach().clone())
+    half = settings.n_layers // NPROC
+    part = _TorchStage(model, range(rank * half, (rank + 1) * half), rank == 0, rank == 1)
+    stage = PipelineStage(part, rank, NPROC, torch.device("cpu"))
+    schedule = Schedule1F1B(stage, settings.micro_batches, loss_fn=cross_entropy_loss)
+    optimizer = default_optimizer_factory(cfg.optim)([{"params": list(part.parameters())}])
+
+    def step(index: int) -> None:
+        inputs, targets = batches[index]
+        if rank == 0:
+            schedule.step(inputs)
+        else:
+            schedule.step(target=targets, losses=[])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> dict[str, Any]:
+    del local_rank, world_size
+    gen = torch.Generator().manual_seed(settings.seed)
+    rows = settings.rows * settings.micro_batches
+    tokens = [
+        torch.randint(0, 256, (rows, settings.seq_len + 1), generator=gen)
+        for _ in range(settings.warmup + settings.iters)
+    ]
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    steps, engines = {}, {}
+    for name, chunks in SCHEDULES.items():
+        cfg = engine_config(settings, name, chunks)
+        model = build_gpt(cfg.model, cfg.data.seq_len, device="cpu", seed=cfg.train.seed)
+        engine = initialize(model, None, cfg)
+        engines[name] = engine
+        steps[name] = lambda i, e=engine: e.train_step(batches[i])
+    cfg = engine_config(settings, "1f1b", 1)
+    steps["torch_pipelining"] = torch_pipelining_step(cfg, settings, batches, rank)
+    idle: dict[str, list[float]] = {name: [] for name in SCHEDULES}
+
+    def on_step(name: str, index: int, seconds: float) -> None:
+        if name in engines and index >= settings.warmup:
+            runner = engines[name].schedule
+            idle[name].append(1.0 - runner.busy_s / runner.step_s)
+        print(f"rank {rank} {name} step {index}: {seconds:.3f} s", file=sys.stderr)
+
+    times = interleaved_step_times(
+        steps,
+        warmup=settings.warmup,
+        iters=settings.iters,
+        before_step=dist.barrier,
+        on_step=on_step,
+    )
+    slowest = {}
+    for name, values in times.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        slowest[name] = statistics.median(t.tolist())
+    bubble = {}
+    for name, values in idle.items():
+        t = torch.tensor([statistics.mean(values)], dtype=torch.float64)
+        dist.all_reduce(t)
+        bubble[name] = t.item() / NPROC
+    return {
+        "median_s": slowest,
+        "bubble": bubble,
+        "config": {
+            **asdict(settings),
+            "pp": NPROC,
+            "precision": "fp32",
+            "threads_per_rank": 1,
+            "torch": torch.__version__,
+        },
+    }
+
+
+if __name__ == "__main__":
+    worker_main("benchmarks.pipeline", Settings, measure)
