@@ -5,17 +5,18 @@ import pytest
 from tests.harness import DistributedPool
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool2():
-    """Two ranks in one gloo group, spawned once per test module."""
+    """Two ranks in one gloo group, spawned once per session (every file's cases share it:
+    a spawn and group init costs seconds)."""
     pool = DistributedPool(2)
     yield pool
     pool.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool4():
-    """Four ranks in one gloo group, spawned once per test module."""
+    """Four ranks in one gloo group, spawned once per session."""
     pool = DistributedPool(4)
     yield pool
     pool.close()

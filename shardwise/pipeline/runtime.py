@@ -66,6 +66,7 @@ class PipelineSchedule:
         launches, not kernels)."""
         self.step_s = 0.0
         """Seconds of the last step's actions, its sends included."""
+
     @classmethod
     def build(
         cls,

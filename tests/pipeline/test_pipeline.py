@@ -24,7 +24,7 @@ LAYERS = 8
 """Enough blocks for 8 virtual stages (pp=4 x 2 chunks)."""
 
 
-def config(pp: int, schedule: str, chunks: int = 1, global_batch: int = 8, **parallel):
+def config(pp: int, schedule: str, chunks: int = 1, global_batch: int = 4, **parallel):
     return make_config(micro_batch=1, global_batch=global_batch).replace(
         model={"n_layers": LAYERS},
         parallel={"pp": pp, **parallel},
@@ -75,7 +75,7 @@ def test_every_schedule_matches_single_process(request, pp, case):
 
 
 def test_two_stages_times_two_replicas_match_single_process(pool4):
-    cfg = config(2, "1f1b", dp_shard=2)
+    cfg = config(2, "1f1b", global_batch=8, dp_shard=2)
     want = reference_run(cfg)
     for got in pool4.run(pipeline_run, cfg):
         assert_parity(got, want, rtol=1e-5)
@@ -119,7 +119,7 @@ def test_unknown_schedule_is_one_line():
 def test_plan_table_names_the_schedule():
     plan = resolve(config(2, "1f1b"), 2)
     assert "pipeline 1f1b over pp=2, 2 stages" in plan.table()
-    assert plan.pipeline.micro_batches == 8
+    assert plan.pipeline.micro_batches == 4
     assert torch.float32 == plan.precision.param_dtype
 
 
