@@ -5,18 +5,17 @@ import pytest
 from tests.harness import DistributedPool
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pool2():
-    """Two ranks in one gloo group, spawned once per session (every file's cases share it:
-    a spawn and group init costs seconds)."""
+    """Two ranks in one gloo group, spawned once per test module."""
     pool = DistributedPool(2)
     yield pool
     pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pool4():
-    """Four ranks in one gloo group, spawned once per session."""
+    """Four ranks in one gloo group, spawned once per test module."""
     pool = DistributedPool(4)
     yield pool
     pool.close()

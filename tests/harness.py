@@ -1,9 +1,8 @@
 """A pool of N processes that join one gloo group once and then run many test cases.
 
-Process start and group init cost seconds, so the session spawns each pool once (the
-session-scoped fixtures of conftest.py) and every test file sends it module-level functions
-to run on every rank. Rendezvous goes through a FileStore in a fresh temporary directory: no
-fixed port.
+Process start and group init cost seconds, so a test file spawns its pool once (a
+module-scoped fixture in conftest.py) and sends it module-level functions to run on every
+rank. Rendezvous goes through a FileStore in a fresh temporary directory: no fixed port.
 """
 
 from __future__ import annotations
