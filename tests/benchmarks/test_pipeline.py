@@ -14,7 +14,7 @@ def test_worker_times_every_schedule_and_the_torch_peer_on_a_tiny_model():
     record = launch_workers(
         "benchmarks.pipeline", ["--settings", json.dumps(asdict(settings))], pipeline.NPROC
     )
-    assert set(record["median_s"]) == {*pipeline.SCHEDULES, "torch_pipelining"}
+    assert set(record["median_s"]) == {*pipeline.SCHEDULES, "1f1b_pair", "torch_pipelining"}
     assert all(seconds > 0 for seconds in record["median_s"].values())
     assert set(record["bubble"]) == set(pipeline.SCHEDULES)
     assert all(0.0 <= idle < 1.0 for idle in record["bubble"].values())
@@ -22,7 +22,7 @@ def test_worker_times_every_schedule_and_the_torch_peer_on_a_tiny_model():
 
 def test_json_ratios_are_measured_over_theory_and_step_time_ratios(monkeypatch):
     medians = {name: 1.0 for name in pipeline.SCHEDULES}
-    medians.update({"zb_h1": 0.9, "torch_pipelining": 2.0})
+    medians.update({"zb_h1": 0.9, "1f1b_pair": 1.0, "torch_pipelining": 2.0})
     bubbles = {name: 0.2 for name in pipeline.SCHEDULES}
     fake = {"median_s": medians, "bubble": bubbles, "config": {}}
     monkeypatch.setattr(pipeline, "launch_workers", lambda *args: fake)
