@@ -39,7 +39,7 @@ from shardwise.errors import ConfigError
 from shardwise.models import ModelSpec
 from shardwise.pipeline.schedules import Action, Kind, Schedule
 from shardwise.pipeline.stage import PipelineStages, build_stages
-from shardwise.schedule import StepOps
+from shardwise.schedule import GradientAccumulation, StepOps
 
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
 _UPDATES_WEIGHTS = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)
@@ -91,13 +91,9 @@ class PipelineSchedule:
                 "parallel.pp > 1 takes (inputs, targets) batches; a dict batch needs the "
                 "model's own loss, which pipeline stages do not run"
             )
-        inputs, targets = batch
         m = self.schedule.micro_batches
-        if inputs.shape[0] % m:
-            raise ConfigError(
-                f"batch of {inputs.shape[0]} rows does not split into {m} micro-batches"
-            )
-        step = _Step(self, inputs.chunk(m), targets.chunk(m), ops)
+        inputs, targets = zip(*GradientAccumulation(m).split(batch), strict=True)
+        step = _Step(self, inputs, targets, ops)
         start = busy = time.perf_counter()
         for index, action in enumerate(self.actions):
             before = time.perf_counter()

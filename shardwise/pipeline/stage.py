@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise.distributed import comm
-from shardwise.errors import ConfigError
 from shardwise.models import ModelSpec
 from shardwise.models.spec import PipelineCalls
 from shardwise.pipeline.partition import balanced_split
@@ -87,8 +86,9 @@ def build_stages(
     model: nn.Module, spec: ModelSpec, schedule: Schedule, by: str, mesh: object
 ) -> PipelineStages:
     """Cut `model` to this rank's stages of `schedule` (in place) and return them; `mesh`
-    has a ``pp`` axis. Collective over the world (the tied pair's group)."""
-    calls = _calls(spec, model)
+    has a ``pp`` axis, `spec` its `PipelineCalls` (the plan checked both). Collective over
+    the world (the tied pair's group)."""
+    calls = spec.pipeline
     pp = mesh["pp"]
     rank = pp.get_local_rank()
     split = stage_blocks(spec, model, schedule.stages, by)
@@ -121,15 +121,6 @@ def build_stages(
         tied_group=tied_group,
         counts_tied=holds_first,
     )
-
-
-def _calls(spec: ModelSpec, model: nn.Module) -> PipelineCalls:
-    if spec.pipeline is None:
-        raise ConfigError(
-            f"parallel.pp > 1 needs to know how {type(model).__name__}'s forward splits into "
-            "stages: declare ModelSpec(pipeline=PipelineCalls(...)) for it"
-        )
-    return spec.pipeline
 
 
 def _tied_group(mesh: object, schedule: Schedule) -> object | None:
