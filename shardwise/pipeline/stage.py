@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise.distributed import comm
+from shardwise.errors import TrainingError
 from shardwise.models import ModelSpec
 from shardwise.models.spec import PipelineCalls
 from shardwise.pipeline.partition import balanced_split
@@ -112,6 +113,7 @@ def build_stages(
     parts = {
         s: StagePart(s, split[s], s == 0, s == last_stage, model, block_list, calls) for s in mine
     }
+    model.register_forward_pre_hook(_refuse_whole_model_call)
     tied_group = _tied_group(mesh, schedule) if tied else None
     return PipelineStages(
         parts=parts,
@@ -120,6 +122,14 @@ def build_stages(
         tied=tied_weight if (holds_first or holds_last) else None,
         tied_group=tied_group,
         counts_tied=holds_first,
+    )
+
+
+def _refuse_whole_model_call(module: nn.Module, _args: object) -> None:
+    """The cut model holds this rank's stages only; its parts run through `StagePart`."""
+    raise TrainingError(
+        f"{type(module).__name__} is cut into pipeline stages (parallel.pp > 1), so it cannot "
+        "run as a whole: train with engine.train_step(batch), which runs the schedule"
     )
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from shardwise.cli import main
 from shardwise.distributed import comm
 from shardwise.engine import initialize
-from shardwise.errors import ConfigError
+from shardwise.errors import ConfigError, TrainingError
 from shardwise.run_plan import resolve
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
 
@@ -84,6 +84,21 @@ def test_two_stages_times_two_replicas_match_single_process(pool4):
 def held_names(cfg) -> list[str]:
     engine = initialize(build_model(cfg), None, cfg)
     return sorted(name for name, _ in engine.model.named_parameters())
+
+
+def whole_model_call(cfg) -> str:
+    engine = initialize(build_model(cfg), None, cfg)
+    inputs, _ = global_batches(cfg)[0]
+    try:
+        engine.forward(inputs)
+    except TrainingError as err:
+        return str(err)
+    return "no error"
+
+
+def test_calling_the_cut_model_as_a_whole_is_one_line(pool2):
+    for message in pool2.run(whole_model_call, config(2, "1f1b")):
+        assert "cut into pipeline stages" in message and "engine.train_step" in message
 
 
 def test_each_rank_holds_only_its_stages(pool2):
