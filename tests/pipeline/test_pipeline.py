@@ -116,6 +116,10 @@ def test_each_rank_holds_only_its_stages(pool2):
         ({"parallel": {"pp": 2}, "zero": {"stage": 2}}, "set zero.stage=0"),
         ({"parallel": {"pp": 2}, "offload": {"policy": "static"}}, "set offload.policy='none'"),
         ({"parallel": {"pp": 3}}, "divisible|does not divide|world"),
+        (
+            {"model": {"name": "hf", "hf_config": "gpt2-tiny"}, "parallel": {"pp": 2}},
+            "declare ModelSpec\\(pipeline=PipelineCalls",
+        ),
     ],
 )
 def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
