@@ -57,6 +57,8 @@ class PipelineSchedule:
         self.device = device
         self.dtype = dtype
         self.actions = schedule.actions(comm.group_rank(stages.group))
+        self._micro_batches = GradientAccumulation(schedule.micro_batches)
+        """Splits a step's batch (the rule every schedule uses)."""
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
@@ -92,7 +94,7 @@ class PipelineSchedule:
                 "model's own loss, which pipeline stages do not run"
             )
         m = self.schedule.micro_batches
-        inputs, targets = zip(*GradientAccumulation(m).split(batch), strict=True)
+        inputs, targets = zip(*self._micro_batches.split(batch), strict=True)
         step = _Step(self, inputs, targets, ops)
         start = busy = time.perf_counter()
         for index, action in enumerate(self.actions):

@@ -33,11 +33,11 @@ from shardwise.pipeline.schedules import Schedule
 
 @dataclass
 class StagePart:
-    """One (virtual) stage: blocks ``blocks`` of the model, after the embedding if it is the
-    first stage, before the head if it is the last."""
+    """One (virtual) stage: the blocks at `indices` of the model's block list, after the
+    embedding if it is the first stage, before the head if it is the last."""
 
     stage: int
-    blocks: range
+    indices: range
     first: bool
     last: bool
     model: nn.Module
@@ -47,7 +47,7 @@ class StagePart:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
             x = self.calls.embed(self.model, x)
-        for index in self.blocks:
+        for index in self.indices:
             x = self.block_list[index](x)
         return self.calls.finish(self.model, x) if self.last else x
 
@@ -61,13 +61,17 @@ class PipelineStages:
     group: object
     """The pipeline axis of this rank (point-to-point, losses, norms): group rank i runs
     the schedule's rank i."""
-    hidden_size: int
     tied: nn.Parameter | None
     """This rank's copy of a weight tied across the first and last stage, if it holds one."""
     tied_group: object | None
     """The first and last stage's ranks, when a weight is tied across them."""
     counts_tied: bool
     """Whether this rank's copy of the tied weight counts in the global norm (first stage)."""
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states passed between stages."""
+        return next(iter(self.parts.values())).calls.hidden_size
 
     def sync_tied_grads(self) -> None:
         """Sum the tied weight's gradient over its two stages ([Note: tied embedding across
@@ -118,7 +122,6 @@ def build_stages(
     return PipelineStages(
         parts=parts,
         group=pp,
-        hidden_size=calls.hidden_size,
         tied=tied_weight if (holds_first or holds_last) else None,
         tied_group=tied_group,
         counts_tied=holds_first,
