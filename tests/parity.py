@@ -102,8 +102,11 @@ def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
     return train_rows(initialize(build_model(cfg, freeze), None, cfg), cfg)
 
 
-def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float]]:
-    """Through the trainer, bf16: 4 steps with a checkpoint at step 2, then again from it."""
+def train_then_resume(
+    out_dir: str, stage: int, **sections: dict
+) -> tuple[list[float], list[float]]:
+    """Through the trainer, bf16: 4 steps with a checkpoint at step 2, then again from it.
+    `sections` are further config sections (a parallel layout, offload settings)."""
     from pathlib import Path
 
     from shardwise.run_plan import resolve
@@ -113,7 +116,7 @@ def train_then_resume(out_dir: str, stage: int) -> tuple[list[float], list[float
         data={"max_bytes": 20_000},
         checkpoint={"every": 2},
         log={"progress": False},
-        train={"steps": 4},
+        **{**sections, "train": {"steps": 4, **sections.get("train", {})}},
     )
     out = Path(out_dir)
     plan = resolve(cfg, dist.get_world_size())

@@ -19,6 +19,7 @@ from tests.parity import (
     global_batches,
     make_config,
     reference_run,
+    train_then_resume,
 )
 
 FP32_RTOL = 1e-5
@@ -97,6 +98,22 @@ def test_four_ranks(pool4, parallel, stage):
 CHUNKS = {"policy": "auto", "device_budget_mb": 0.25, "chunk_search_range_mb": 0}
 """Parameter chunks placed from a traced warm-up step (offload.policy=auto) under a budget
 below what the rank's shards and their gradients take."""
+
+
+def test_tp2_sequence_parallel_resumes_exactly(pool2, tmp_path):
+    """Through the trainer: a resume from step 2 of a tp=2 run repeats steps 3-4 exactly."""
+    layout = {"tp": 2, "tp_sequence_parallel": True}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 0, parallel=layout):
+        assert resumed == full[2:]
+
+
+def test_tp4_2d_resumes_exactly(pool4, tmp_path):
+    layout = {"tp": 4, "tp_mode": "2d"}
+    rows = {"micro_batch": 2, "global_batch": 2}  # 2D splits the rows over q=2
+    for full, resumed in pool4.run(
+        train_then_resume, str(tmp_path), 0, parallel=layout, train=rows
+    ):
+        assert resumed == full[2:]
 
 
 def test_tp2_with_parameter_chunks(pool2):

@@ -162,6 +162,14 @@ def test_two_ranks_zero2_with_states_on_disk_match_single_process(pool2, tmp_pat
         assert_parity(got, want, rtol=1e-5)
 
 
+def test_two_ranks_zero2_with_states_on_disk_resume_exactly(pool2, tmp_path):
+    from tests.parity import train_then_resume
+
+    disk = {"optimizer": "disk", "disk_path": str(tmp_path)}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 2, offload=disk):
+        assert resumed == full[2:]
+
+
 def test_engine_offload_errors_are_clear(tmp_path):
     from tests.parity import build_model, make_config
 
