@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from shardwise.errors import ConfigError
 
@@ -97,6 +97,30 @@ class PipelineConfig(_Section):
     """Stages per pipeline rank (virtual stages: interleaved_1f1b, zbv)."""
     partition: Literal["layers", "params"] = "layers"
     """Split the blocks into stages of equal block count, or of equal parameter count."""
+
+
+class AttentionConfig(_Section):
+    kind: Literal["dense", "sparse"] = "dense"
+    """dense: torch's scaled_dot_product_attention; sparse: block-sparse attention computing
+    only the blocks `layout` keeps (docs/attention.md)."""
+    layout: str = "bigbird"
+    """Block layout (kind = sparse): dense, sliding_window, bslongformer, bigbird, fixed,
+    variable."""
+    block: int = Field(64, ge=1)
+    """Tokens per block; data.seq_len must be a multiple of it."""
+    window: int = Field(3, ge=1)
+    """Sliding-window width in blocks (sliding_window, bslongformer, bigbird); the local
+    window of fixed."""
+    global_blocks: int = Field(1, ge=0)
+    """Global blocks (the first ones; fixed: the last ones of every window)."""
+    random_blocks: int = Field(2, ge=0)
+    """Random key blocks per query block (bigbird, variable)."""
+    windows: tuple[PositiveInt, ...] = Field((4,), min_length=1)
+    """Local window sizes in blocks, the last repeated (variable)."""
+    per_head: bool = False
+    """Draw random blocks per head (else every head shares one layout)."""
+    seed: int = 0
+    """Seed of the random blocks (every rank draws the same layout)."""
 
 
 class ZeroConfig(_Section):
@@ -226,6 +250,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     parallel: ParallelConfig = ParallelConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    attention: AttentionConfig = AttentionConfig()
     zero: ZeroConfig = ZeroConfig()
     offload: OffloadConfig = OffloadConfig()
     precision: PrecisionConfig = PrecisionConfig()

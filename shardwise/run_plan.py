@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shardwise.accelerator import get_accelerator
+from shardwise.attention.core import SparseAttention, attention_cores, sparse_attention
 from shardwise.config import Config, OffloadConfig, resolve_batch
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
@@ -85,6 +86,8 @@ class RunPlan:
     """Trainable parameter elements of the whole (unsplit) model."""
     pipeline: Schedule | None = None
     """The pipeline schedule, when ``parallel.pp`` > 1."""
+    attention: SparseAttention | None = None
+    """Block-sparse attention replacing the model's attention cores (``attention.kind``)."""
 
     @property
     def world_size(self) -> int:
@@ -165,6 +168,7 @@ class RunPlan:
                 f"{_dtype(self.precision.reduce_dtype)} reduction",
             ),
             ("schedule", self._schedule_row()),
+            *([("attention", self.attention.describe())] if self.attention else []),
             ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -204,6 +208,7 @@ def resolve(
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
+    attention = _attention(config, dims, model, spec)
     return RunPlan(
         config=config,
         dims=dims,
@@ -215,6 +220,7 @@ def resolve(
         tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         pipeline=pipeline,
+        attention=attention,
     )
 
 
@@ -259,6 +265,26 @@ def _pipeline(
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
     stage_blocks(spec, model, schedule.stages, pipe.partition)
     return schedule
+
+
+def _attention(
+    config: Config, dims: ParallelDims, model: nn.Module, spec: ModelSpec
+) -> SparseAttention | None:
+    """Block-sparse attention, checked against the model's attention cores."""
+    cfg = config.attention
+    if cfg.kind == "dense":
+        return None
+    cores = attention_cores(model, spec, "attention.kind='sparse'")
+    if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
+        raise ConfigError(
+            "attention.kind='sparse' has no dropout on attention weights; set model.dropout=0"
+        )
+    if cfg.per_head and dims.tp > 1:
+        raise ConfigError(
+            f"attention.per_head=true with parallel.tp={dims.tp}: each rank holds a slice of the "
+            "heads; use one layout for every head (attention.per_head=false)"
+        )
+    return sparse_attention(cfg, config.data.seq_len)
 
 
 def _sharding(config: Config, dims: ParallelDims) -> Sharding:

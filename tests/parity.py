@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shardwise.attention import apply_sparse_attention, sparse_attention
 from shardwise.config import Config
 from shardwise.engine import initialize
+from shardwise.models import spec_of
 from shardwise.models.gpt import build_gpt
 from shardwise.optim import lr_multiplier, param_groups
 
@@ -58,8 +60,12 @@ def build_model(cfg: Config, freeze: bool = False) -> torch.nn.Module:
 
 
 def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
-    """Single process, plain torch: micro-batches accumulate, then clip and step."""
+    """Single process, plain torch: micro-batches accumulate, then clip and step. With
+    ``attention.kind = 'sparse'`` the model's attention cores are the block-sparse op's."""
     model = build_model(cfg, freeze)
+    if cfg.attention.kind == "sparse":
+        attention = sparse_attention(cfg.attention, SEQ)
+        apply_sparse_attention(model, spec_of(model), attention)
     opt_cfg = cfg.optim
     opt = torch.optim.AdamW(
         param_groups(model, opt_cfg.weight_decay),

@@ -1,0 +1,105 @@
+"""Block-sparse attention in a model: the plan from the config, the core that replaces the
+model's attention cores (the modules its `ModelSpec.attention` names)."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from shardwise.attention.block_sparse import BlockSparsePlan, block_sparse_attention
+from shardwise.attention.layouts import LayoutSpec, build_layout
+from shardwise.config import AttentionConfig
+from shardwise.errors import ConfigError
+from shardwise.models.spec import ModelSpec
+
+
+@dataclass
+class SparseAttention:
+    """A resolved ``attention.kind = 'sparse'``: the layout and its plan per head count."""
+
+    layout: str
+    """The `LAYOUTS` name."""
+    spec: LayoutSpec
+    """The layout's settings; its ``heads`` is set per call of `plan`."""
+    block: int
+    _plans: dict[int, BlockSparsePlan] = field(default_factory=dict, repr=False)
+
+    def plan(self, heads: int) -> BlockSparsePlan:
+        """The (cached) plan for attention of `heads` heads: one shared layout, or one per
+        head with ``per_head``."""
+        heads = heads if self.spec.per_head else 1
+        if heads not in self._plans:
+            layout = build_layout(self.layout, replace(self.spec, heads=heads))
+            self._plans[heads] = BlockSparsePlan(layout, self.block, self.spec.causal)
+        return self._plans[heads]
+
+    def describe(self) -> str:
+        kept = self.plan(1).density
+        return f"block-sparse {self.layout}, block {self.block}, {kept:.1%} of blocks kept"
+
+
+def sparse_attention(cfg: AttentionConfig, seq_len: int) -> SparseAttention:
+    """`cfg`'s causal block-sparse attention for sequences of `seq_len` tokens, checked: one-line
+    errors for a length that does not split into blocks or a layout the op cannot run."""
+    if seq_len % cfg.block:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is not a multiple of attention.block={cfg.block}"
+        )
+    spec = LayoutSpec(
+        blocks=seq_len // cfg.block,
+        causal=True,
+        window=cfg.window,
+        global_blocks=cfg.global_blocks,
+        random_blocks=cfg.random_blocks,
+        windows=cfg.windows,
+        per_head=cfg.per_head,
+        seed=cfg.seed,
+    )
+    attention = SparseAttention(cfg.layout, spec, cfg.block)
+    attention.plan(1)  # builds and checks the layout
+    return attention
+
+
+class SparseAttentionCore(nn.Module):
+    """Causal block-sparse attention of q, k, v [B, H, T, head_dim]: a drop-in for the
+    model's parameter-free attention core."""
+
+    def __init__(self, attention: SparseAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        plan = self.attention.plan(q.shape[1]).on(q.device)
+        return block_sparse_attention(q, k, v, plan)
+
+    def extra_repr(self) -> str:
+        return self.attention.describe()
+
+
+def attention_cores(model: nn.Module, spec: ModelSpec, purpose: str) -> list[str]:
+    """Names of the model's parameter-free attention cores (`ModelSpec.attention`)."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if spec.attention and fnmatch.fnmatchcase(name, spec.attention)
+    ]
+    with_params = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
+    if not names or with_params:
+        raise ConfigError(
+            f"{purpose} replaces {type(model).__name__}'s attention cores, the parameter-free "
+            "modules mapping (q, k, v) to the output, and its ModelSpec.attention "
+            f"({spec.attention!r}) names none: declare the pattern of such modules"
+        )
+    return names
+
+
+def apply_sparse_attention(model: nn.Module, spec: ModelSpec, attention: SparseAttention) -> int:
+    """Replace every attention core of `model` with a `SparseAttentionCore`; returns how many."""
+    names = attention_cores(model, spec, "attention.kind='sparse'")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SparseAttentionCore(attention))
+    return len(names)
