@@ -3,10 +3,11 @@
 A layout is a boolean block mask ``[heads, q_blocks, k_blocks]`` (heads = 1: shared by every
 head). Its rows are grouped by their block count K, so that each group is one batched matmul
 of a query block ``[block, head_dim]`` against its K gathered key blocks ``[K * block,
-head_dim]``: the softmax of a row spans exactly its kept keys, with no padding, no
-``seq x seq`` matrix and no scatter in the forward pass. Groups are cut into chunks of rows
-whose score tile stays small (`CHUNK_SCORES`), so temporaries stay in cache and memory grows
-with the number of kept blocks, not with the square of the sequence.
+head_dim]``: the softmax of a row spans exactly its kept keys in one pass (every key block
+of a row is in the same chunk, so no online rescaling across chunks is needed), with no
+padding and no ``seq x seq`` matrix. Groups are cut into chunks whose score tile stays small
+(`CHUNK_SCORES`), so memory grows with the kept blocks of one chunk, not with the square of
+the sequence.
 
 The backward pass recomputes each chunk's probabilities from q and k (as FlashAttention does)
 instead of keeping them: it saves q, k, v and the output only. With ``causal`` the layout
@@ -22,8 +23,9 @@ import torch
 from shardwise.errors import ConfigError
 
 CHUNK_SCORES = 1 << 19
-"""Score elements per chunk (2 MiB of fp32): a chunk's scores, probabilities and gathered keys
-and values fit in a core's L2 cache, where a whole group's would be memory-bound."""
+"""Score elements per chunk (2 MiB of fp32). Chosen on the benchmark (8 heads of 64, blocks of
+64, 4096 tokens): smaller chunks cost Python and dispatch time (2^17: +40%), larger ones
+memory (2^20: a peak above dense SDPA's) for no speed (docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
@@ -121,18 +123,26 @@ def block_sparse_attention(
 
 
 def _blocks(x: torch.Tensor, plan: BlockSparsePlan) -> torch.Tensor:
-    """[B, H, T, d] -> [lead, layout heads * blocks, block, d]: the flat block index of the
-    plan in dimension 1, every (batch, head) that shares a layout head in dimension 0."""
-    batch, heads, seq, dim = x.shape
-    return x.reshape(batch * heads // plan.heads, plan.heads * (seq // plan.block), plan.block, dim)
+    """[B, H, T, d] -> [lead x layout heads x blocks, block, d]: one row per block, where
+    lead counts the (batch, head) pairs that share a layout head (a view, no copy)."""
+    return x.reshape(-1, plan.block, x.shape[-1])
 
 
-def _chunks(group: RowGroup, lead: int, block: int):
-    """(rows, cols) slices of `group` whose scores hold about `CHUNK_SCORES` elements."""
-    keys = group.cols.shape[1]
-    step = max(1, CHUNK_SCORES // (lead * block * block * keys))
-    for start in range(0, group.rows.numel(), step):
-        yield group.rows[start : start + step], group.cols[start : start + step].reshape(-1)
+def _chunks(group: RowGroup, lead: int, blocks: int, block: int):
+    """(rows, cols): flat block indices (into `_blocks`) of pieces of `group` whose scores
+    hold at most `CHUNK_SCORES` elements: rows ``[lead x R]`` (several layout rows of every
+    lead, or, for rows too long for that, one row of a few leads) and their key blocks
+    ``[lead x R x K]``; `blocks` is the number of blocks per lead."""
+    per_row = block * block * group.cols.shape[1]
+    rows = max(1, CHUNK_SCORES // (lead * per_row))
+    leads = lead if CHUNK_SCORES >= lead * per_row else max(1, CHUNK_SCORES // per_row)
+    offsets = torch.arange(lead, device=group.rows.device) * blocks
+    for start in range(0, group.rows.numel(), rows):
+        part_rows = group.rows[start : start + rows]
+        part_cols = group.cols[start : start + rows].reshape(-1)
+        for first in range(0, lead, leads):
+            offset = offsets[first : first + leads, None]
+            yield (offset + part_rows).reshape(-1), (offset + part_cols).reshape(-1)
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -140,43 +150,33 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scores(qc, kc, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """Probabilities of one chunk [n, block, K * block]; `mask` (additive, -inf above the
-    diagonal of the last block) for rows whose last block is their diagonal."""
-    if mask is None:
-        scores = torch.baddbmm(qc.new_empty(()), qc, kc.mT, beta=0, alpha=scale)
-    else:
-        scores = torch.baddbmm(mask.to(qc.dtype), qc, kc.mT, alpha=scale)
+def _scores(qc, kc, scale: float, above: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities of one chunk [n, block, K * block]; `above` (the causal mask of a block,
+    True above its diagonal) for rows whose last block is their diagonal."""
+    scores = torch.baddbmm(qc.new_empty(()), qc, kc.mT, beta=0, alpha=scale)
+    if above is not None:
+        scores[..., -above.shape[0] :].masked_fill_(above, float("-inf"))
     return torch.softmax(scores.to(_accumulation(qc.dtype)), dim=-1)
 
 
 def _diagonal_mask(plan: BlockSparsePlan, group: RowGroup, like: torch.Tensor):
-    """The additive causal mask of `group`'s rows [block, K * block], or None."""
+    """The causal mask of a diagonal block for `group`'s rows (True above the diagonal), or
+    None when their last block is not their diagonal."""
     if not group.diagonal:
         return None
-    block, keys = plan.block, group.cols.shape[1]
-    mask = torch.zeros(block, keys * block, dtype=torch.float32, device=like.device)
-    above = torch.ones(block, block, dtype=torch.bool, device=like.device).triu_(1)
-    mask[:, -block:].masked_fill_(above, float("-inf"))
-    return mask
+    return torch.ones(plan.block, plan.block, dtype=torch.bool, device=like.device).triu_(1)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockSparsePlan):  # type: ignore[override]
         qb, kb, vb = (_blocks(x, plan) for x in (q, k, v))
-        lead, _, block, dim = qb.shape
-        scale = dim**-0.5
         out = torch.empty_like(qb)
+        lead, blocks = _leads(q, plan)
         for group in plan.groups:
-            mask = _diagonal_mask(plan, group, q)
-            for rows, cols in _chunks(group, lead, block):
-                n = lead * rows.numel()
-                qc = qb.index_select(1, rows).reshape(n, block, dim)
-                kc = kb.index_select(1, cols).reshape(n, -1, dim)
-                vc = vb.index_select(1, cols).reshape(n, -1, dim)
-                probs = _scores(qc, kc, scale, mask).to(vc.dtype)
-                out.index_copy_(1, rows, torch.bmm(probs, vc).view(lead, -1, block, dim))
+            above = _diagonal_mask(plan, group, q)
+            for rows, cols in _chunks(group, lead, blocks, plan.block):
+                _forward_chunk(qb, kb, vb, out, rows, cols, above)
         out = out.view_as(q)
         ctx.save_for_backward(q, k, v, out)
         ctx.plan = plan
@@ -186,35 +186,67 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out = ctx.saved_tensors
         plan: BlockSparsePlan = ctx.plan
-        qb, kb, vb = (_blocks(x, plan) for x in (q, k, v))
+        qb, kb, vb, ob = (_blocks(x, plan) for x in (q, k, v, out))
         gb = _blocks(grad_out.contiguous(), plan)
         wide = _accumulation(q.dtype)
-        # d(softmax): dS = P * (dP - rowsum(dO * O)), the row sums taken once from the output.
-        row_dot = torch.linalg.vecdot(gb.to(wide), _blocks(out, plan).to(wide))
-        lead, _, block, dim = qb.shape
-        scale = dim**-0.5
         dq = torch.empty_like(qb)
         dk = torch.zeros(kb.shape, dtype=wide, device=kb.device)
         dv = torch.zeros(vb.shape, dtype=wide, device=vb.device)
+        lead, blocks = _leads(q, plan)
         for group in plan.groups:
-            mask = _diagonal_mask(plan, group, q)
-            for rows, cols in _chunks(group, lead, block):
-                n = lead * rows.numel()
-                qc = qb.index_select(1, rows).reshape(n, block, dim)
-                kc = kb.index_select(1, cols).reshape(n, -1, dim)
-                vc = vb.index_select(1, cols).reshape(n, -1, dim)
-                gc = gb.index_select(1, rows).reshape(n, block, dim)
-                probs = _scores(qc, kc, scale, mask)
-                values = torch.bmm(probs.mT.to(gc.dtype), gc).to(wide)
-                dv.index_add_(1, cols, values.view(lead, -1, block, dim))
-                dprobs = (
-                    torch.bmm(gc, vc.mT)
-                    .to(wide)
-                    .sub_(row_dot.index_select(1, rows).reshape(n, block, 1))
-                )
-                dscores = probs.mul_(dprobs).to(qc.dtype)
-                queries = torch.bmm(dscores, kc).mul_(scale)
-                dq.index_copy_(1, rows, queries.view(lead, -1, block, dim))
-                keys = torch.baddbmm(qc.new_empty(()), dscores.mT, qc, beta=0, alpha=scale).to(wide)
-                dk.index_add_(1, cols, keys.view(lead, -1, block, dim))
+            above = _diagonal_mask(plan, group, q)
+            for rows, cols in _chunks(group, lead, blocks, plan.block):
+                _backward_chunk(qb, kb, vb, ob, gb, dq, dk, dv, rows, cols, above)
         return dq.view_as(q), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), None
+
+
+def _leads(q: torch.Tensor, plan: BlockSparsePlan) -> tuple[int, int]:
+    """(batch, head) pairs per layout head, and blocks per such pair's layout."""
+    batch, heads, seq, _ = q.shape
+    return batch * heads // plan.heads, plan.heads * (seq // plan.block)
+
+
+# One chunk per call: its temporaries are freed before the next chunk's are made, and each is
+# released as soon as it is used (`del`), so a chunk's peak is about four score tiles.
+# Blocks move by index_select / index_copy_ / index_add_ on the [blocks, block, d] views with
+# flat indices: several times faster than the same selection along an inner dimension.
+
+
+def _forward_chunk(qb, kb, vb, out, rows, cols, above) -> None:
+    """out[rows] = attention of the query blocks `rows` over their key blocks `cols`."""
+    block, dim = qb.shape[-2:]
+    qc = qb.index_select(0, rows)
+    n = qc.shape[0]
+    kc = kb.index_select(0, cols).view(n, -1, dim)
+    probs = _scores(qc, kc, dim**-0.5, above)
+    del qc, kc
+    vc = vb.index_select(0, cols).view(n, -1, dim)
+    out.index_copy_(0, rows, torch.bmm(probs.to(vc.dtype), vc))
+
+
+def _backward_chunk(qb, kb, vb, ob, gb, dq, dk, dv, rows, cols, above) -> None:
+    """Adds the chunk's share of dk and dv; writes dq of its rows (each row is in one chunk).
+    With P the probabilities and dO the output gradient: dV = Pᵀ dO; dP = dO Vᵀ;
+    dS = P * (dP - rowsum(dO * O)) (softmax's backward, the row sums from the output);
+    dQ = dS K / sqrt(d); dK = dSᵀ Q / sqrt(d)."""
+    block, dim = qb.shape[-2:]
+    scale, wide = dim**-0.5, dk.dtype
+    qc = qb.index_select(0, rows)
+    n = qc.shape[0]
+    kc = kb.index_select(0, cols).view(n, -1, dim)
+    gc = gb.index_select(0, rows)
+    probs = _scores(qc, kc, scale, above)
+    values = torch.bmm(probs.mT.to(gc.dtype), gc).to(wide)
+    dv.index_add_(0, cols, values.view(-1, block, dim))
+    del values
+    oc = ob.index_select(0, rows).view(n * block, 1, dim).to(wide)
+    row_dot = torch.bmm(oc, gc.view(n * block, dim, 1).to(wide)).view(n, block, 1)
+    vc = vb.index_select(0, cols).view(n, -1, dim)
+    dprobs = torch.bmm(gc, vc.mT).to(wide).sub_(row_dot)
+    del vc
+    dscores = probs.mul_(dprobs).to(qc.dtype)
+    del dprobs, probs
+    dq.index_copy_(0, rows, torch.bmm(dscores, kc).mul_(scale))
+    del kc
+    keys = torch.baddbmm(qc.new_empty(()), dscores.mT, qc, beta=0, alpha=scale).to(wide)
+    dk.index_add_(0, cols, keys.view(-1, block, dim))
