@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from shardwise.cli import main
+from tests.cli_runs import logged_losses, run_cli, settings_args
 
 TINY = [
     "--set",
@@ -28,13 +28,6 @@ TINY = [
     "--set",
     "log.progress=false",
 ]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    return exit_info.value.code, err
 
 
 def assert_one_line_error(code: int, err: str, pattern: str) -> None:
@@ -205,19 +198,17 @@ def test_train_then_resume_through_the_launcher(tmp_path, capsys):
     layout = ["parallel.tp=2", "parallel.tp_sequence_parallel=true"]
     settings = ["train.steps=4", "checkpoint.every=2", *layout]
     argv = ["train", "--nproc", "2", "--out", str(run), *TINY]
-    code, err = run_cli(
-        [*argv, *(arg for setting in settings for arg in ("--set", setting))], capsys
-    )
+    code, err = run_cli([*argv, *settings_args(settings)], capsys)
     assert code == 0, err
     for name in ("metrics.jsonl", "loss.png", "config.toml", "checkpoints/latest"):
         assert (run / name).is_file(), name
-    full = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    full = logged_losses(run)
     step2 = str(run / "checkpoints" / "step_00000002")
     code, err = run_cli(["train", "--nproc", "2", "--resume", step2], capsys)
     assert code == 0, err
-    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in again] == [1, 2, 3, 4]
-    assert [r["loss"] for r in again] == [r["loss"] for r in full]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert logged_losses(run) == full
     code, err = run_cli(
         ["train", "--nproc", "2", "--resume", step2, "--set", "parallel.tp=1"], capsys
     )

@@ -23,21 +23,27 @@ class SparseAttention:
     layout: str
     """The `LAYOUTS` name."""
     spec: LayoutSpec
-    """The layout's settings; its ``heads`` is set per call of `plan`."""
+    """The layout's settings at the configured sequence length (``data.seq_len``)."""
     block: int
-    _plans: dict[int, BlockSparsePlan] = field(default_factory=dict, repr=False)
+    _plans: dict[tuple[int, int], BlockSparsePlan] = field(default_factory=dict, repr=False)
 
-    def plan(self, heads: int) -> BlockSparsePlan:
-        """The (cached) plan for attention of `heads` heads: one shared layout, or one per
-        head with ``per_head``."""
+    def plan(self, heads: int, seq_len: int) -> BlockSparsePlan:
+        """The (cached) plan for `heads` heads over `seq_len` tokens (any multiple of the
+        block): one layout for every head, or one per head with ``per_head``."""
         heads = heads if self.spec.per_head else 1
-        if heads not in self._plans:
-            layout = build_layout(self.layout, replace(self.spec, heads=heads))
-            self._plans[heads] = BlockSparsePlan(layout, self.block, self.spec.causal)
-        return self._plans[heads]
+        if (heads, seq_len) not in self._plans:
+            if seq_len % self.block:
+                raise ConfigError(
+                    f"a sequence of {seq_len} tokens is not a multiple of attention.block="
+                    f"{self.block}"
+                )
+            spec = replace(self.spec, heads=heads, blocks=seq_len // self.block)
+            plan = BlockSparsePlan(build_layout(self.layout, spec), self.block, spec.causal)
+            self._plans[heads, seq_len] = plan
+        return self._plans[heads, seq_len]
 
     def describe(self) -> str:
-        kept = self.plan(1).density
+        kept = self.plan(1, self.spec.blocks * self.block).density
         return f"block-sparse {self.layout}, block {self.block}, {kept:.1%} of blocks kept"
 
 
@@ -59,7 +65,7 @@ def sparse_attention(cfg: AttentionConfig, seq_len: int) -> SparseAttention:
         seed=cfg.seed,
     )
     attention = SparseAttention(cfg.layout, spec, cfg.block)
-    attention.plan(1)  # builds and checks the layout
+    attention.plan(1, seq_len)  # builds and checks the layout
     return attention
 
 
@@ -72,7 +78,7 @@ class SparseAttentionCore(nn.Module):
         self.attention = attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        plan = self.attention.plan(q.shape[1]).on(q.device)
+        plan = self.attention.plan(q.shape[1], q.shape[2]).on(q.device)
         return block_sparse_attention(q, k, v, plan)
 
     def extra_repr(self) -> str:

@@ -5,18 +5,16 @@ one-line errors before launch."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from shardwise.attention import SparseAttentionCore, apply_sparse_attention, sparse_attention
-from shardwise.cli import main
 from shardwise.config import AttentionConfig
 from shardwise.errors import ConfigError
 from shardwise.models import spec_of
 from shardwise.run_plan import resolve
+from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import (
     SEQ,
     assert_parity,
@@ -57,7 +55,19 @@ def test_sparse_attention_changes_the_model():
     dense_losses, _ = reference_run(make_config(micro_batch=2, global_batch=2))
     sparse_losses, _ = reference_run(cfg)
     assert abs(sparse_losses[1] - dense_losses[1]) > 1e-4
-    assert resolve(cfg, 1).attention.plan(1).density < 0.5
+    assert resolve(cfg, 1).attention.plan(1, SEQ).density < 0.5
+
+
+def test_shorter_inputs_get_their_own_layout():
+    """Layouts are built per input length (any multiple of the block), e.g. a shorter batch
+    at the end of a file; a length that is not a multiple is a one-line error."""
+    cfg = make_config()
+    model = build_model(cfg)
+    apply_sparse_attention(model, spec_of(model), sparse_attention(AttentionConfig(**SPARSE), SEQ))
+    assert model(torch.randint(0, 256, (1, 8))).shape == (1, 8, 256)
+    with pytest.raises(ConfigError, match="a sequence of 7 tokens is not a multiple") as info:
+        model(torch.randint(0, 256, (1, 7)))
+    assert "\n" not in str(info.value)
 
 
 def test_dp2_zero3_matches_single_process(pool2):
@@ -118,11 +128,10 @@ def test_train_on_two_ranks_through_the_launcher(tmp_path, capsys):
         "attention.block=4",
     ]
     out = tmp_path / "run"
-    argv = ["train", "--nproc", "2", "--out", str(out)]
-    with pytest.raises(SystemExit) as code:
-        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
-    printed = capsys.readouterr().err
-    assert code.value.code == 0, printed
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
     assert "attention     block-sparse bigbird, block 4, " in printed
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = logged_losses(out)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5

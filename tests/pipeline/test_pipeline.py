@@ -7,17 +7,15 @@ the first and the last stage alike, and they must agree).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from shardwise.cli import main
 from shardwise.distributed import comm
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError, TrainingError
 from shardwise.run_plan import resolve
+from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
 
 LAYERS = 8
@@ -160,26 +158,27 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
         "pipeline.schedule=gpipe",
     ]
     out = tmp_path / "run"
-    argv = ["train", "--nproc", "2", "--out", str(out)]
-    with pytest.raises(SystemExit) as code:
-        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
-    printed = capsys.readouterr().err
-    assert code.value.code == 0, printed
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
     assert "pipeline gpipe over pp=2, 2 stages" in printed
-    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    full = logged_losses(out)
     checkpoint = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("engine*")) == [
         "engine_rank0.pt",
         "engine_rank1.pt",
     ]
     one_f_one_b = ["--set", "pipeline.schedule=1f1b"]  # same stages: resumes
-    with pytest.raises(SystemExit) as code:
-        main(["train", "--nproc", "2", "--resume", str(checkpoint), *one_f_one_b])
-    assert code.value.code == 0, capsys.readouterr().err
-    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--resume", str(checkpoint), *one_f_one_b], capsys
+    )
+    assert code == 0, printed
+    again = logged_losses(out)
     assert again == pytest.approx(full, rel=1e-6) and len(full) == 4
     other_split = ["--set", "pipeline.partition=params"]
-    with pytest.raises(SystemExit) as code:
-        main(["train", "--nproc", "2", "--resume", str(checkpoint), *other_split])
-    assert code.value.code == 2
-    assert "another layout" in capsys.readouterr().err
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--resume", str(checkpoint), *other_split], capsys
+    )
+    assert code == 2
+    assert "another layout" in printed

@@ -9,13 +9,10 @@ without offload (whose norm is summed over flat buckets, in another order) param
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
 
-from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.zero.chunks.chunk import ChunkState, Tier
@@ -23,6 +20,7 @@ from shardwise.zero.chunks.hooks import ChunkHooks, held_chunks
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import build_chunks
 from shardwise.zero.chunks.tracer import MemoryTracer
+from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
 
 MIB = 2**20
@@ -266,15 +264,15 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
     ]
     caplog.set_level("INFO", logger="shardwise")
     out = tmp_path / "run"
-    argv = ["train", "--nproc", "1", "--out", str(out)]
-    with pytest.raises(SystemExit) as code:
-        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
-    assert code.value.code == 0, capsys.readouterr().err
-    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    with pytest.raises(SystemExit) as code:
-        main(["train", "--nproc", "1", "--resume", str(out / "checkpoints" / "step_00000002")])
-    assert code.value.code == 0, capsys.readouterr().err
-    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    code, printed = run_cli(
+        ["train", "--nproc", "1", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
+    full = logged_losses(out)
+    step2 = str(out / "checkpoints" / "step_00000002")
+    code, printed = run_cli(["train", "--nproc", "1", "--resume", step2], capsys)
+    assert code == 0, printed
+    again = logged_losses(out)
     assert again == full and len(full) == 4
     summaries = [r.message for r in caplog.records if r.message.startswith("placement auto")]
     assert len(summaries) == 2, "the run and the resumed run each placed after a warm-up"

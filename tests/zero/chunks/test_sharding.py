@@ -8,15 +8,13 @@ shards. Losses and parameters are checked against tests/parity.py's single-proce
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from shardwise.cli import main
 from shardwise.engine import initialize
 from shardwise.zero.chunks.chunk import ChunkState, Tier
 from tests import parity
+from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import BF16_RTOL, assert_parity, build_model, make_config, reference_run
 
 SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
@@ -162,23 +160,23 @@ def test_train_and_resume_on_two_ranks_through_the_launcher(tmp_path, capsys):
         f"offload.disk_path={tmp_path}",
     ]
     out = tmp_path / "run"
-    argv = ["train", "--nproc", "2", "--out", str(out)]
-    with pytest.raises(SystemExit) as code:
-        main([*argv, *(arg for setting in settings for arg in ("--set", setting))])
-    assert code.value.code == 0, capsys.readouterr().err
-    full = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
+    full = logged_losses(out)
     checkpoint = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("engine*")) == [
         "engine_rank0.pt",
         "engine_rank1.pt",
     ]
-    with pytest.raises(SystemExit) as code:
-        main(["train", "--nproc", "2", "--resume", str(checkpoint)])
-    assert code.value.code == 0, capsys.readouterr().err
-    again = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    code, printed = run_cli(["train", "--nproc", "2", "--resume", str(checkpoint)], capsys)
+    assert code == 0, printed
+    again = logged_losses(out)
     assert again == full and len(full) == 4
     other_chunks = ["--set", "offload.chunk_min_mb=0.1"]  # other shards: refused before launch
-    with pytest.raises(SystemExit) as code:
-        main(["train", "--nproc", "2", "--resume", str(checkpoint), *other_chunks])
-    assert code.value.code == 2
-    assert "another layout: chunks=" in capsys.readouterr().err
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--resume", str(checkpoint), *other_chunks], capsys
+    )
+    assert code == 2
+    assert "another layout: chunks=" in printed
