@@ -1,7 +1,7 @@
 """Benchmark ``sparse-attention``: block-sparse attention against dense causal attention.
 
-One forward and backward of causal attention, q, k, v [1, 8 heads, seq, 64] in fp32, at seq
-4096 and 16384 (blocks of 64 tokens), torch's default thread count. Contenders:
+One forward and backward of causal attention on the CPU, q, k, v [1, 8 heads, seq, 64] in
+fp32, at seq 4096 and 16384 (blocks of 64 tokens), torch's default thread count. Contenders:
 
 - ours, one per layout (`shardwise.attention.block_sparse_attention`): ``bigbird`` (window 3,
   1 global, 2 random blocks per row: 8.4% of the full square kept at 4096), ``fixed``

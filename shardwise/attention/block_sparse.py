@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardwise.attention.flex import flex_available, flex_block_sparse_attention
 from shardwise.errors import ConfigError
 
 CHUNK_SCORES = 1 << 19
@@ -110,7 +111,8 @@ def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockSparsePlan
 ) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(head_dim) + mask) v over the plan's kept blocks; q, k, v
-    [batch, heads, seq, head_dim] with seq = the plan's blocks x block."""
+    [batch, heads, seq, head_dim] with seq = the plan's blocks x block. On CUDA through
+    FlexAttention with the same layout (shardwise/attention/flex.py), elsewhere our op."""
     batch, heads, seq, _ = q.shape
     if seq != plan.seq_len:
         raise ConfigError(
@@ -119,6 +121,8 @@ def block_sparse_attention(
         )
     if plan.heads not in (1, heads):
         raise ConfigError(f"a block layout of {plan.heads} heads for attention of {heads} heads")
+    if flex_available(q.device):
+        return flex_block_sparse_attention(q, k, v, plan, compiled=True)
     return _BlockSparseAttention.apply(q, k, v, plan)
 
 

@@ -3,6 +3,8 @@ layout, causal and not, shared and per head, outputs and input gradients (fp32, 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from shardwise.attention import (
     build_layout,
     element_mask,
 )
+from shardwise.attention.flex import flex_available, flex_block_sparse_attention
 from shardwise.errors import ConfigError
 
 BLOCK = 8
@@ -60,6 +63,23 @@ def test_every_layout_equals_masked_dense_attention(name, causal, per_head, monk
         got = outputs_and_grads(lambda q, k, v: block_sparse_attention(q, k, v, plan), tensors)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("causal", "per_head"), [(True, False), (True, True), (False, True)], ids=str
+)
+def test_flex_attention_path_gives_the_same_output(causal, per_head):
+    """The CUDA path (FlexAttention with the layout as its block mask), run here through
+    torch's eager FlexAttention, forward only: FlexAttention has no backward on CPU, and no
+    GPU runs in CI, so the fused CUDA kernels and their backward are not checked here."""
+    spec = LayoutSpec(BLOCKS, HEADS, causal, per_head=per_head, seed=4, **SETTINGS)
+    plan = BlockSparsePlan(build_layout("bigbird", spec), BLOCK, causal)
+    q, k, v = (t.detach() for t in qkv())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is slow
+        got = flex_block_sparse_attention(q, k, v, plan, compiled=False)
+    torch.testing.assert_close(got, block_sparse_attention(q, k, v, plan), rtol=1e-5, atol=1e-6)
+    assert not flex_available(torch.device("cpu"))
 
 
 def test_dense_causal_layout_equals_sdpa():
