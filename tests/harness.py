@@ -46,6 +46,10 @@ def _worker(rank: int, world_size: int, store_path: str, tasks: Any, results: An
         except BaseException:  # report everything, including assertion failures
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()
+    # Every result has reached the parent (it asked to stop only after reading them): end now,
+    # without waiting for threads a case left behind (disk-tier workers, gloo's own), which
+    # would hold the process past `close`'s join and cost seconds per pool.
+    os._exit(0)
 
 
 class DistributedPool:
