@@ -1,0 +1,15 @@
+"""Sequence parallelism: attention over a sequence split across the ``sp`` ranks — ring
+attention (blocks of keys and values passed around) and Ulysses (all-to-all between sequence
+and head sharding). The attention ops; their use inside a model is the next step (issue 13)."""
+
+from shardwise.sequence_parallel.masks import contiguous_positions, visible, zigzag_positions
+from shardwise.sequence_parallel.ring import ring_attention
+from shardwise.sequence_parallel.ulysses import ulysses_attention
+
+__all__ = [
+    "contiguous_positions",
+    "ring_attention",
+    "ulysses_attention",
+    "visible",
+    "zigzag_positions",
+]
