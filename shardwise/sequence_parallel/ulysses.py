@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
-from shardwise.sequence_parallel.masks import contiguous_positions, visible
+from shardwise.sequence_parallel.masks import visible
 
 
 def ulysses_attention(
@@ -30,6 +30,21 @@ def ulysses_attention(
     (Hkv divides Hq: grouped-query attention), slices in rank order. `doc_ids` [B, T]: the
     document of every token of the whole sequence (packed sequences attend within their
     document). Returns [B, Hq, T/sp, d]."""
+
+    def attend(q, k, v):
+        positions = torch.arange(q.shape[2], device=q.device)
+        mask = visible(positions, positions, causal, doc_ids) if doc_ids is not None else None
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa
+        )
+
+    return across_heads(q, k, v, group, attend, stats)
+
+
+def across_heads(q, k, v, group: comm.Group, attend, stats=None) -> torch.Tensor:
+    """`attend(q, k, v)` on the whole of this group's sequence for heads/sp of the heads:
+    all-to-all from sequence-sharded to head-sharded, then back for the output."""
     ranks = comm.group_size(group)
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads % ranks:
@@ -40,15 +55,4 @@ def ulysses_attention(
     if kv_heads % ranks:  # fewer kv heads than ranks: each rank takes the kv heads it needs
         k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     q, k, v = (comm.all_to_all_along_dims(t, 1, 2, group, stats=stats) for t in (q, k, v))
-    seq = q.shape[2]
-    positions = contiguous_positions(seq, 0, 1, q.device)
-    mask = visible(positions, positions, causal, doc_ids) if doc_ids is not None else None
-    out = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=causal and mask is None,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return comm.all_to_all_along_dims(out, 2, 1, group, stats=stats)
+    return comm.all_to_all_along_dims(attend(q, k, v), 2, 1, group, stats=stats)
