@@ -121,6 +121,11 @@ class AttentionConfig(_Section):
     """Draw random blocks per head (else every head shares one layout)."""
     seed: int = 0
     """Seed of the random blocks (every rank draws the same layout)."""
+    sequence_parallel: Literal["ring", "ulysses"] = "ring"
+    """How attention runs over the parallel.sp ranks (sp > 1): ring (each rank holds two
+    zig-zag chunks of the sequence; key/value blocks travel around; data.seq_len a multiple
+    of 2 x sp) or ulysses (all-to-all to whole sequences of heads/sp heads; sp divides the
+    heads). docs/sequence_parallel.md."""
 
 
 class ZeroConfig(_Section):

@@ -24,7 +24,7 @@ from torch import nn
 
 from shardwise.accelerator import get_accelerator
 from shardwise.activation_checkpointing import apply_activation_checkpointing
-from shardwise.attention import apply_sparse_attention
+from shardwise.attention import apply_attention
 from shardwise.config import Config
 from shardwise.distributed import comm
 from shardwise.distributed.launch import join_launched_group
@@ -60,9 +60,8 @@ class Engine:
         spec = spec_of(model, spec)
         self.schedule = build_schedule(plan, model, spec, mesh, self.device)
         self.tp = apply_tensor_parallel(model, mesh, plan.tp_plan) if plan.tp_plan else None
-        self.loss_fn = choose_loss(loss_fn, self.tp.loss_fn if self.tp else None)
-        if plan.attention is not None:
-            apply_sparse_attention(model, spec, plan.attention)
+        loss_fn = choose_loss(loss_fn, self.tp.loss_fn if self.tp else None)
+        self.loss_fn = apply_attention(model, spec, plan, mesh, loss_fn)
         train = plan.config.train
         apply_activation_checkpointing(
             model, spec, train.activation_checkpointing, train.checkpoint_every_n

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from shardwise.accelerator import get_accelerator
-from shardwise.attention.core import SparseAttention, attention_cores, sparse_attention
+from shardwise.attention.core import SparseAttention, sparse_attention
 from shardwise.config import Config, OffloadConfig, resolve_batch
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
@@ -26,6 +26,7 @@ from shardwise.pipeline.schedules import Schedule
 from shardwise.pipeline.schedules import build_schedule as build_pipeline_schedule
 from shardwise.pipeline.stage import stage_blocks
 from shardwise.precision import MixedPrecisionPolicy, policy_from_config
+from shardwise.sequence_parallel.model import KINDS
 from shardwise.tensor_parallel import Plan
 from shardwise.zero.offload.adam import check_offload
 
@@ -88,6 +89,8 @@ class RunPlan:
     """The pipeline schedule, when ``parallel.pp`` > 1."""
     attention: SparseAttention | None = None
     """Block-sparse attention replacing the model's attention cores (``attention.kind``)."""
+    sequence_parallel: str | None = None
+    """Ring or Ulysses attention over the sp ranks, when ``parallel.sp`` > 1."""
 
     @property
     def world_size(self) -> int:
@@ -169,6 +172,11 @@ class RunPlan:
             ),
             ("schedule", self._schedule_row()),
             *([("attention", self.attention.describe())] if self.attention else []),
+            *(
+                [("sequence", f"{self.sequence_parallel} attention over sp={dims.sp}")]
+                if self.sequence_parallel
+                else []
+            ),
             ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -198,7 +206,6 @@ def resolve(
         the caller brings its own optimizer factory ([Note: a given optimizer]); `tp_plan` replaces
     the spec's tensor-parallel plan."""
     dims = ParallelDims.from_config(config.parallel, world_size)
-    _check_supported(dims)
     micro_batches = resolve_batch(config.train, dims.dp)
     if model is None:
         model = MODELS.get(config.model.name)(
@@ -209,6 +216,7 @@ def resolve(
     _check_offload(config, precision, optimizer_given)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
+    sequence_parallel = _sequence_parallel(config, dims, model, spec)
     return RunPlan(
         config=config,
         dims=dims,
@@ -221,16 +229,46 @@ def resolve(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         pipeline=pipeline,
         attention=attention,
+        sequence_parallel=sequence_parallel,
     )
 
 
-def _check_supported(dims: ParallelDims) -> None:
-    """Reject degrees this version cannot run yet, before any process waits on them."""
-    if dims.sp > 1:
+def _sequence_parallel(
+    config: Config, dims: ParallelDims, model: nn.Module, spec: ModelSpec
+) -> str | None:
+    """The attention kind over the sp ranks, checked before any process starts."""
+    if dims.sp == 1:
+        return None
+    kind = config.attention.sequence_parallel
+    limits = {
+        "parallel.tp=1": dims.tp > 1,
+        "parallel.pp=1": dims.pp > 1,
+        "offload.policy='none'": config.offload.policy != "none",
+        "attention.kind='dense'": config.attention.kind != "dense",
+    }
+    for fix, hit in limits.items():
+        if hit:
+            raise ConfigError(
+                f"parallel.sp={dims.sp} does not combine with this setting yet; set {fix}"
+            )
+    if spec.positions is None:
         raise ConfigError(
-            f"parallel.sp={dims.sp} is not supported yet; this version trains with data, "
-            "pipeline and tensor parallelism only (parallel.sp=1)"
+            f"parallel.sp={dims.sp} gives each rank a part of every sequence: "
+            f"{type(model).__name__}'s forward must take the tokens' positions; declare "
+            "ModelSpec(positions=<its keyword>)"
         )
+    cores = spec.attention_cores(model, f"parallel.sp={dims.sp}")
+    if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
+        raise ConfigError(
+            f"parallel.sp={dims.sp} has no dropout on attention weights; set model.dropout=0"
+        )
+    KINDS[kind][1](config.data.seq_len, 0, dims.sp)  # the sequence splits, or one line
+    if kind == "ulysses" and spec.heads is not None and spec.heads % dims.sp:
+        raise ConfigError(
+            f"model.n_heads={spec.heads} does not split over Ulysses' parallel.sp={dims.sp}: "
+            "use an sp that divides the heads, or attention.sequence_parallel='ring'"
+        )
+    return kind
 
 
 def _pipeline(
@@ -274,7 +312,7 @@ def _attention(
     cfg = config.attention
     if cfg.kind == "dense":
         return None
-    cores = attention_cores(model, spec, "attention.kind='sparse'")
+    cores = spec.attention_cores(model, "attention.kind='sparse'")
     if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
         raise ConfigError(
             "attention.kind='sparse' has no dropout on attention weights; set model.dropout=0"

@@ -5,6 +5,7 @@ from shardwise.attention.block_sparse import BlockSparsePlan, block_sparse_atten
 from shardwise.attention.core import (
     SparseAttention,
     SparseAttentionCore,
+    apply_attention,
     apply_sparse_attention,
     sparse_attention,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "LayoutSpec",
     "SparseAttention",
     "SparseAttentionCore",
+    "apply_attention",
     "apply_sparse_attention",
     "block_sparse_attention",
     "build_layout",

@@ -3,8 +3,9 @@ model's attention cores (the modules its `ModelSpec.attention` names)."""
 
 from __future__ import annotations
 
-import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from shardwise.attention.layouts import LayoutSpec, build_layout
 from shardwise.config import AttentionConfig
 from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from shardwise.run_plan import RunPlan
 
 
 @dataclass
@@ -85,27 +89,25 @@ class SparseAttentionCore(nn.Module):
         return self.attention.describe()
 
 
-def attention_cores(model: nn.Module, spec: ModelSpec, purpose: str) -> list[str]:
-    """Names of the model's parameter-free attention cores (`ModelSpec.attention`)."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if spec.attention and fnmatch.fnmatchcase(name, spec.attention)
-    ]
-    with_params = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
-    if not names or with_params:
-        raise ConfigError(
-            f"{purpose} replaces {type(model).__name__}'s attention cores, the parameter-free "
-            "modules mapping (q, k, v) to the output, and its ModelSpec.attention "
-            f"({spec.attention!r}) names none: declare the pattern of such modules"
-        )
-    return names
-
-
 def apply_sparse_attention(model: nn.Module, spec: ModelSpec, attention: SparseAttention) -> int:
     """Replace every attention core of `model` with a `SparseAttentionCore`; returns how many."""
-    names = attention_cores(model, spec, "attention.kind='sparse'")
+    names = spec.attention_cores(model, "attention.kind='sparse'")
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, SparseAttentionCore(attention))
     return len(names)
+
+
+def apply_attention(
+    model: nn.Module, spec: ModelSpec, plan: RunPlan, mesh: object | None, loss_fn: Callable
+) -> Callable:
+    """The plan's attention cores in `model`: block-sparse, or ring / Ulysses attention over
+    the sp ranks (which also cuts each rank's part of the inputs and of the targets). Returns
+    the loss function to train with."""
+    if plan.attention is not None:
+        apply_sparse_attention(model, spec, plan.attention)
+    if plan.sequence_parallel is None:
+        return loss_fn
+    from shardwise.sequence_parallel.model import apply_sequence_parallel
+
+    return apply_sequence_parallel(model, spec, plan.sequence_parallel, mesh["sp"], loss_fn)

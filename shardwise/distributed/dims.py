@@ -175,6 +175,8 @@ class ParallelDims:
         # See [Note: flattened dp axis]; the same holds for a factorised tp axis.
         mesh["dp_replicate", "dp_shard"]._flatten(DP_AXIS)
         tp_mesh(mesh)
+        grad_mesh(mesh)
+        replica_mesh(mesh)
         return mesh
 
     def dp_rank(self, mesh: DeviceMesh) -> int:
@@ -186,6 +188,22 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The 1-D flattened ``"dp"`` axis of a mesh from `ParallelDims.build_mesh` (no new group:
     `_flatten` returns the cached one)."""
     return mesh["dp_replicate", "dp_shard"]._flatten(DP_AXIS)
+
+
+def grad_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks whose gradients are averaged: the dp axis, and with sequence parallelism the
+    sp ranks too (same parameters, other tokens of the same rows)."""
+    if mesh["sp"].size() == 1:
+        return dp_mesh(mesh)
+    return mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
+
+
+def replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks holding the same ZeRO shards: the dp_replicate axis, and with sequence
+    parallelism the sp ranks too."""
+    if mesh["sp"].size() == 1:
+        return mesh["dp_replicate"]
+    return mesh["dp_replicate", "sp"]._flatten("dp_replicate_sp")
 
 
 def tp_mesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -137,17 +137,18 @@ def gpt_config_from(model_cfg: ModelConfig, seq_len: int) -> GPTConfig:
 
 
 def rope_tables(
-    seq_len: int, head_dim: int, *, device: torch.device, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, *, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each [seq_len, head_dim // 2], in `dtype`.
+    """cos and sin of the rotary angles at `positions` [T], each [T, head_dim // 2], in `dtype`.
 
     Angles are computed in fp32 and only then cast: positions above 256 are not exact in
     bf16, and an angle error grows with the position.
     """
+    device = positions.device
     freqs = ROPE_BASE ** (
         -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     )
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
+    angles = torch.outer(positions.to(torch.float32), freqs)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -186,8 +187,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; `positions` [T] of the tokens in the whole
+        sequence (default 0..T-1; a sequence-parallel rank holds other parts)."""
         qkv = self.qkv(x)
         # The qkv output is [q | k | v]; the head count comes from its width and the shape
         # from the output, not x, so that a tensor-parallel shard holding [q_local | k_local |
@@ -199,7 +201,9 @@ class CausalSelfAttention(nn.Module):
             for part in qkv.chunk(3, dim=-1)
         )
         if self.rope:
-            cos, sin = rope_tables(seq, self.head_dim, device=q.device, dtype=q.dtype)
+            if positions is None:
+                positions = torch.arange(seq, device=q.device)
+            cos, sin = rope_tables(positions, self.head_dim, dtype=q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
         return F.dropout(self.proj(out), self.dropout, self.training)
@@ -236,9 +240,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]."""
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model] (`positions`: see CausalSelfAttention)."""
+        x = x + self.attn(self.norm1(x), positions)
         return x + self.mlp(self.norm2(x))
 
 
@@ -295,14 +299,18 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B, T] (int64 token ids, T <= seq_len) -> logits [B, T, vocab_size]."""
-        x = self.embed_tokens(idx)
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] (int64 token ids, T <= seq_len) -> logits [B, T, vocab_size].
+        `positions` [T]: each token's place in the whole sequence (default 0..T-1; under
+        sequence parallelism a rank holds a part of the sequence)."""
+        x = self.embed_tokens(idx, positions)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, positions)
         return self.finish(x)
 
-    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """idx [B, T] -> hidden states [B, T, d_model]: what the blocks take (the first
         pipeline stage runs this)."""
         seq = idx.shape[1]
@@ -310,7 +318,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {seq} tokens exceeds seq_len={self.cfg.seq_len}")
         x = self.embed(idx)
         if self.cfg.positions == "learned":
-            x = x + self.pos_embed(torch.arange(seq, device=idx.device))
+            where = torch.arange(seq, device=idx.device) if positions is None else positions
+            x = x + self.pos_embed(where)
         return self.drop(x)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

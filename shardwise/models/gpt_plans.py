@@ -189,6 +189,8 @@ def gpt_spec(model: GPT) -> ModelSpec:
         embedding="embed",
         head="head",
         attention="blocks.*.attn.core",
+        heads=model.cfg.n_heads,
+        positions="positions",
         max_seq_len=model.cfg.seq_len,
         tp_plan=partial(gpt_tp_plan, model.cfg),
         pipeline=PipelineCalls(

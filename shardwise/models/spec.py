@@ -16,6 +16,7 @@ fail with one line naming what to declare.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -64,6 +65,11 @@ class ModelSpec:
     """Pattern (fnmatch, model-relative) of the modules computing attention, for sequence
     parallelism and sparse attention to replace: a parameter-free core mapping (q, k, v) to
     the output where the model has one (the GPT's ``attn.core``), else the attention module."""
+    heads: int | None = None
+    """Attention (query) heads, for the checks of sequence parallelism; None: unknown."""
+    positions: str | None = None
+    """Keyword of the model's forward that takes each token's position in the whole sequence
+    ([T]): sequence parallelism gives each rank a part of the sequence. None: it has none."""
     max_seq_len: int | None = None
     """Longest input in tokens (a learned position table's size), None if unbounded."""
     tp_plan: TpPlanBuilder | None = None
@@ -83,6 +89,23 @@ class ModelSpec:
         blocks = model.get_submodule(self.blocks)
         # None: a block another pipeline stage holds (pipeline/stage.py)
         return [(f"{self.blocks}.{i}", b) for i, b in enumerate(blocks) if b is not None]
+
+    def attention_cores(self, model: nn.Module, purpose: str) -> list[str]:
+        """Names of the model's parameter-free attention cores (`attention`); `purpose` names
+        what replaces them in the error raised when there are none."""
+        names = [
+            name
+            for name, _ in model.named_modules()
+            if self.attention and fnmatch.fnmatchcase(name, self.attention)
+        ]
+        if not names or any(any(True for _ in model.get_submodule(n).parameters()) for n in names):
+            raise ConfigError(
+                f"{purpose} replaces {type(model).__name__}'s attention cores, the "
+                "parameter-free modules mapping (q, k, v) to the output, and its "
+                f"ModelSpec.attention ({self.attention!r}) names none: declare the pattern of "
+                "such modules"
+            )
+        return names
 
     def tied(self, model: nn.Module) -> bool:
         """Whether the head's weight is the embedding's Parameter."""

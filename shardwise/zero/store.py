@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shardwise.distributed import comm
-from shardwise.distributed.dims import dp_mesh
+from shardwise.distributed.dims import grad_mesh, replica_mesh
 from shardwise.distributed.reducer import GradReducer
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models import ModelSpec
@@ -83,9 +83,9 @@ class DataParallelGroups:
     def of(cls, mesh: object | None) -> DataParallelGroups:
         if mesh is None:
             return cls(None, None, None)
-        replicate = mesh["dp_replicate"]
+        replicate = replica_mesh(mesh)
         return cls(
-            dp_mesh(mesh),
+            grad_mesh(mesh),
             mesh["dp_shard"],
             replicate if comm.group_size(replicate) > 1 else None,
         )
