@@ -9,6 +9,18 @@ import pytest
 
 from shardwise.cli import main
 
+TINY_RUN = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "data.seq_len=32",
+    "data.max_bytes=20000",
+    "precision.dtype=fp32",
+    "train.micro_batch=2",
+    "log.progress=false",
+]
+"""`--set` settings of a run small enough for a launcher test (fp32, whatever the machine)."""
+
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     """Exit code and stderr of ``shardwise *argv``."""

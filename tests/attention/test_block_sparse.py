@@ -3,6 +3,7 @@ layout, causal and not, shared and per head, outputs and input gradients (fp32, 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -174,8 +175,6 @@ def test_bad_layouts_and_shapes_are_one_line_errors():
         if message is None:  # a permuted diagonal is a legal non-causal layout
             build()
             continue
-        with pytest.raises(
-            ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-        ) as info:
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
             build()
         assert "\n" not in str(info.value)
