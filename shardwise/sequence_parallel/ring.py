@@ -6,7 +6,8 @@ rank sends the block it holds to the next rank and receives the previous rank's,
 attends its queries to the block it holds, merging blocks with an online softmax in fp32.
 The backward pass sends the key/value blocks around again together with their gradients,
 which pick up every rank's contribution and make one more hop home. Memory per rank stays
-O(seq / sp): one visiting block at a time, never the whole sequence.
+O(seq / sp): one visiting block at a time, never the whole sequence, and its scores a tile
+pair at a time (`TILE`); tile pairs the causal or document mask hides entirely are skipped.
 
 Bytes per layer and rank: forward (sp - 1) x |k + v| sent; backward (sp - 1) x |k + v| plus
 sp x |dk + dv| (fp32 accumulators).
@@ -70,7 +71,7 @@ def _fold(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _scores(q, k, scale, mask) -> torch.Tensor:
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    scores = (q @ k.transpose(-1, -2)).mul_(scale)
     return scores if mask is None else scores.masked_fill_(~mask, float("-inf"))
 
 
@@ -80,7 +81,6 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(group, q.shape[2], q.device)
         wide = torch.promote_types(q.dtype, torch.float32)
         qw, scale = q.to(wide), q.shape[-1] ** -0.5
-        mine = ring.positions[ring.rank]
         shape = q.shape[:-1]
         top = torch.full(shape, float("-inf"), dtype=wide, device=q.device)
         total = torch.zeros(shape, dtype=wide, device=q.device)
@@ -90,15 +90,15 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:  # the next block travels while this one is computed
                 incoming = ring.pass_on(block, stats)
             key, value = (_expand(t, q.shape[1]).to(wide) for t in block)
-            mask = visible(mine, ring.positions[ring.source(step)], causal, doc_ids)
-            scores = _scores(qw, key, scale, mask)
-            new_top = torch.maximum(top, scores.amax(-1))
-            safe = new_top.masked_fill(new_top == float("-inf"), 0.0)
-            probs = torch.exp(scores - safe[..., None])
-            shrink = torch.exp(top - safe)
-            total = total * shrink + probs.sum(-1)
-            acc = acc * shrink[..., None] + torch.matmul(probs, value)
-            top = new_top
+            for rows, cols, mask in _tile_pairs(ring, step, causal, doc_ids):
+                scores = _scores(qw[:, :, rows], key[:, :, cols], scale, mask)
+                new_top = torch.maximum(top[..., rows], scores.amax(-1))
+                safe = new_top.masked_fill(new_top == float("-inf"), 0.0)
+                probs = torch.exp(scores - safe[..., None])
+                shrink = torch.exp(top[..., rows] - safe)
+                total[..., rows] = total[..., rows] * shrink + probs.sum(-1)
+                acc[:, :, rows] = acc[:, :, rows] * shrink[..., None] + probs @ value[:, :, cols]
+                top[..., rows] = new_top
             if step < ring.size - 1:
                 block = incoming.result()
         out = acc / total[..., None]
@@ -114,7 +114,6 @@ class _RingAttention(torch.autograd.Function):
         wide, scale = out.dtype, q.shape[-1] ** -0.5
         qw, gw = q.to(wide), grad_out.to(wide)
         row_dot = (gw * out).sum(-1, keepdim=True)  # rowsum(dO * O) of softmax's backward
-        mine = ring.positions[ring.rank]
         dq = torch.zeros(q.shape, dtype=wide, device=q.device)
         block = torch.stack([k, v])
         grads = torch.zeros(block.shape, dtype=wide, device=q.device)
@@ -122,16 +121,40 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:
                 incoming = ring.pass_on(block, ctx.stats)
             key, value = (_expand(t, q.shape[1]).to(wide) for t in block)
-            mask = visible(mine, ring.positions[ring.source(step)], ctx.causal, ctx.doc_ids)
-            probs = torch.exp(_scores(qw, key, scale, mask) - lse[..., None])
-            dscores = probs * (torch.matmul(gw, value.transpose(-1, -2)) - row_dot)
-            dq += torch.matmul(dscores, key) * scale
-            grads[0] += _fold(torch.matmul(dscores.transpose(-1, -2), qw) * scale, k.shape[1])
-            grads[1] += _fold(torch.matmul(probs.transpose(-1, -2), gw), k.shape[1])
+            dkey, dvalue = torch.zeros_like(key), torch.zeros_like(value)
+            for rows, cols, mask in _tile_pairs(ring, step, ctx.causal, ctx.doc_ids):
+                scores = _scores(qw[:, :, rows], key[:, :, cols], scale, mask)
+                probs = torch.exp(scores - lse[..., rows, None])
+                dprobs = gw[:, :, rows] @ value[:, :, cols].transpose(-1, -2)
+                dscores = probs * (dprobs - row_dot[:, :, rows])
+                dq[:, :, rows] += dscores @ key[:, :, cols] * scale
+                dkey[:, :, cols] += dscores.transpose(-1, -2) @ qw[:, :, rows] * scale
+                dvalue[:, :, cols] += probs.transpose(-1, -2) @ gw[:, :, rows]
+            grads[0] += _fold(dkey, k.shape[1])
+            grads[1] += _fold(dvalue, k.shape[1])
             grads = ring.pass_on(grads, ctx.stats).result()  # the last hop brings them home
             if step < ring.size - 1:
                 block = incoming.result()
         return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
+
+
+TILE = 512
+"""Queries and keys per tile: one tile pair's scores (batch x heads x TILE x TILE) are the
+largest temporary, so memory grows linearly with the sequence, not with its square."""
+
+
+def _tile_pairs(ring: _Ring, step: int, causal: bool, doc_ids):
+    """(query rows, key columns, mask) of the tile pairs of this rank's queries against the
+    block it holds at `step`, leaving out the pairs the mask hides entirely (causal: the
+    parts of a block after every query of the tile)."""
+    mine, theirs = ring.positions[ring.rank], ring.positions[ring.source(step)]
+    for first in range(0, len(mine), TILE):
+        rows = slice(first, first + TILE)
+        for start in range(0, len(theirs), TILE):
+            cols = slice(start, start + TILE)
+            mask = visible(mine[rows], theirs[cols], causal, doc_ids)
+            if mask is None or mask.any():
+                yield rows, cols, mask
 
 
 class _Exchange:
