@@ -230,7 +230,10 @@ def live_storages() -> dict[int, int]:
         # type(), not isinstance(): some module objects warn when asked for their __class__.
         if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
             storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # no real storage: a fake tensor torch's tracing left behind
+                continue
     return storages
 
 
