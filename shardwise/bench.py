@@ -224,12 +224,15 @@ def median_step_time(
 # --------------------------------------------------------------------------- multi-rank benchmarks
 
 
-def launch_workers(entry_module: str, args: list[str], nproc: int) -> dict[str, Any]:
+def launch_workers(
+    entry_module: str, args: list[str], nproc: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python -m entry_module *args --result FILE`` on `nproc` ranks; rank 0's record.
 
     The ranks import the checkout's ``benchmarks`` package, so the repository root goes on
-    their PYTHONPATH. Rank 0 writes its record with `write_worker_result`; a failed rank
-    raises `LaunchError` (one line per rank) from the launcher.
+    their PYTHONPATH; `env` is added to their environment. Rank 0 writes its record with
+    `write_worker_result`; a failed rank raises `LaunchError` (one line per rank) from the
+    launcher.
     """
     from shardwise.distributed.launch import launch
 
@@ -240,7 +243,7 @@ def launch_workers(entry_module: str, args: list[str], nproc: int) -> dict[str, 
             entry_module,
             [*args, "--result", str(result_file)],
             nproc,
-            env={"PYTHONPATH": python_path},
+            env={**(env or {}), "PYTHONPATH": python_path},
         )
         if not result_file.is_file():
             raise ShardwiseError(

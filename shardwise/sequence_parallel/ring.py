@@ -138,9 +138,11 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
 
 
-TILE = 512
+TILE = 256
 """Queries and keys per tile: one tile pair's scores (batch x heads x TILE x TILE) are the
-largest temporary, so memory grows linearly with the sequence, not with its square."""
+largest temporary, so memory grows linearly with the sequence, not with its square. 512 held
+~16 MiB of temporaries at 4 heads (the sequence-parallel benchmark's cap is 24 MiB); smaller
+tiles cost Python time per pair."""
 
 
 def _tile_pairs(ring: _Ring, step: int, causal: bool, doc_ids):
