@@ -121,11 +121,14 @@ class AttentionConfig(_Section):
     """Draw random blocks per head (else every head shares one layout)."""
     seed: int = 0
     """Seed of the random blocks (every rank draws the same layout)."""
-    sequence_parallel: Literal["ring", "ulysses"] = "ring"
+    sequence_parallel: Literal["ring", "ulysses", "hybrid"] = "ring"
     """How attention runs over the parallel.sp ranks (sp > 1): ring (each rank holds two
     zig-zag chunks of the sequence; key/value blocks travel around; data.seq_len a multiple
-    of 2 x sp) or ulysses (all-to-all to whole sequences of heads/sp heads; sp divides the
-    heads). docs/sequence_parallel.md."""
+    of 2 x sp), ulysses (all-to-all to whole sequences of heads/sp heads; sp divides the
+    heads) or hybrid (Ulysses within groups of attention.ulysses_degree ranks, ring across
+    them: sp may exceed the heads). docs/sequence_parallel.md."""
+    ulysses_degree: int = Field(2, ge=1)
+    """Hybrid only: ranks of each Ulysses group (it divides parallel.sp and the heads)."""
 
 
 class ZeroConfig(_Section):

@@ -26,7 +26,7 @@ from shardwise.pipeline.schedules import Schedule
 from shardwise.pipeline.schedules import build_schedule as build_pipeline_schedule
 from shardwise.pipeline.stage import stage_blocks
 from shardwise.precision import MixedPrecisionPolicy, policy_from_config
-from shardwise.sequence_parallel.model import KINDS
+from shardwise.sequence_parallel import contiguous_positions, hybrid_positions
 from shardwise.tensor_parallel import Plan
 from shardwise.zero.offload.adam import check_offload
 
@@ -262,11 +262,21 @@ def _sequence_parallel(
         raise ConfigError(
             f"parallel.sp={dims.sp} has no dropout on attention weights; set model.dropout=0"
         )
-    KINDS[kind][1](config.data.seq_len, 0, dims.sp)  # the sequence splits, or one line
-    if kind == "ulysses" and spec.heads is not None and spec.heads % dims.sp:
+    ulysses = {"ring": 1, "ulysses": dims.sp, "hybrid": config.attention.ulysses_degree}[kind]
+    if dims.sp % ulysses:
         raise ConfigError(
-            f"model.n_heads={spec.heads} does not split over Ulysses' parallel.sp={dims.sp}: "
-            "use an sp that divides the heads, or attention.sequence_parallel='ring'"
+            f"attention.ulysses_degree={ulysses} does not divide parallel.sp={dims.sp}"
+        )
+    # the sequence splits (zig-zag ring parts, each over the Ulysses ranks), or one line
+    if kind == "ulysses":
+        contiguous_positions(config.data.seq_len, 0, dims.sp)
+    else:
+        hybrid_positions(config.data.seq_len, 0, dims.sp // ulysses, 0, ulysses)
+    if ulysses > 1 and spec.heads is not None and spec.heads % ulysses:
+        raise ConfigError(
+            f"model.n_heads={spec.heads} does not split over {ulysses} Ulysses ranks: use "
+            "Ulysses degrees that divide the heads, attention.sequence_parallel='hybrid' with "
+            "a smaller attention.ulysses_degree, or 'ring'"
         )
     return kind
 

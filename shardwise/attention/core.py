@@ -108,6 +108,8 @@ def apply_attention(
         apply_sparse_attention(model, spec, plan.attention)
     if plan.sequence_parallel is None:
         return loss_fn
-    from shardwise.sequence_parallel.model import apply_sequence_parallel
+    from shardwise.sequence_parallel.model import apply_sequence_parallel, split_of
 
-    return apply_sequence_parallel(model, spec, plan.sequence_parallel, mesh["sp"], loss_fn)
+    ulysses = plan.config.attention.ulysses_degree
+    split = split_of(plan.sequence_parallel, mesh, ulysses)
+    return apply_sequence_parallel(model, spec, split, loss_fn)

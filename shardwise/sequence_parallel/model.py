@@ -8,12 +8,16 @@ targets. Each rank's loss is the mean over its tokens, so averaging gradients ov
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.distributed import comm
 from shardwise.models.spec import ModelSpec
+from shardwise.sequence_parallel.hybrid import hybrid_attention, hybrid_positions
 from shardwise.sequence_parallel.masks import contiguous_positions, zigzag_positions
 from shardwise.sequence_parallel.ring import ring_attention
 from shardwise.sequence_parallel.ulysses import ulysses_attention
@@ -22,36 +26,82 @@ KINDS = {
     "ring": (ring_attention, zigzag_positions),
     "ulysses": (ulysses_attention, contiguous_positions),
 }
-"""attention.sequence_parallel -> (attention op, the positions a rank holds)."""
+"""attention.sequence_parallel (one group) -> (attention op, the positions a rank holds)."""
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    """How this rank takes part: its attention over the others, and its positions."""
+
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    positions: Callable[[int, torch.device], torch.Tensor]
+    """(sequence length, device) -> the positions this rank holds."""
+    label: str
+
+
+def split_of(kind: str, mesh: DeviceMesh, ulysses: int) -> SequenceSplit:
+    """This rank's `SequenceSplit` over the mesh's ``sp`` axis (`ulysses`: ranks per Ulysses
+    group of the hybrid)."""
+    sp = mesh["sp"]
+    ranks, rank = comm.group_size(sp), comm.group_rank(sp)
+    if kind != "hybrid":
+        op, positions_of = KINDS[kind]
+        return SequenceSplit(
+            partial(op, group=sp, causal=True),
+            lambda seq, device: positions_of(seq, rank, ranks, device),
+            f"{kind} over sp={ranks}",
+        )
+    rings, across = ranks // ulysses, _split_sp(mesh, ulysses)
+    ring_rank, ulysses_rank = across.get_local_rank("sp_ring"), across.get_local_rank("sp_ulysses")
+    return SequenceSplit(
+        partial(
+            hybrid_attention,
+            ring_group=across["sp_ring"],
+            ulysses_group=across["sp_ulysses"],
+            causal=True,
+        ),
+        lambda seq, device: hybrid_positions(seq, ring_rank, rings, ulysses_rank, ulysses, device),
+        f"hybrid over sp={ranks} (ring {rings} x Ulysses {ulysses})",
+    )
+
+
+def _split_sp(mesh: DeviceMesh, ulysses: int) -> DeviceMesh:
+    """The mesh with its sp axis split into ``sp_ring`` x ``sp_ulysses`` (a collective: every
+    rank builds it)."""
+    names = list(mesh.mesh_dim_names)
+    at = names.index("sp")
+    shape = list(mesh.mesh.shape)
+    shape[at : at + 1] = [shape[at] // ulysses, ulysses]
+    names[at : at + 1] = ["sp_ring", "sp_ulysses"]
+    return DeviceMesh(mesh.device_type, mesh.mesh.reshape(shape), mesh_dim_names=tuple(names))
 
 
 class SequenceParallelCore(nn.Module):
-    """Causal attention of this rank's part of the sequence over the sp group: a drop-in for
+    """Causal attention of this rank's part of the sequence over the sp ranks: a drop-in for
     the model's parameter-free attention core."""
 
-    def __init__(self, kind: str, group: comm.Group) -> None:
+    def __init__(self, split: SequenceSplit) -> None:
         super().__init__()
-        self.kind, self.group = kind, group
+        self.split = split
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return KINDS[self.kind][0](q, k, v, self.group, causal=True)
+        return self.split.attend(q, k, v)
 
     def extra_repr(self) -> str:
-        return f"{self.kind} over sp={comm.group_size(self.group)}"
+        return self.split.label
 
 
 def apply_sequence_parallel(
-    model: nn.Module, spec: ModelSpec, kind: str, group: comm.Group, loss_fn: Callable
+    model: nn.Module, spec: ModelSpec, split: SequenceSplit, loss_fn: Callable
 ) -> Callable:
     """Make `model` run on this rank's part of each sequence (see the module docstring);
     returns `loss_fn` taking the same part of the targets."""
-    for name in spec.attention_cores(model, f"parallel.sp with {kind} attention"):
+    for name in spec.attention_cores(model, f"parallel.sp ({split.label})"):
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SequenceParallelCore(kind, group))
-    rank, ranks, positions_of = comm.group_rank(group), comm.group_size(group), KINDS[kind][1]
+        setattr(model.get_submodule(parent), child, SequenceParallelCore(split))
 
     def mine(tokens: torch.Tensor) -> torch.Tensor:
-        return positions_of(tokens.shape[1], rank, ranks, tokens.device)
+        return split.positions(tokens.shape[1], tokens.device)
 
     def cut_inputs(module, args, kwargs):
         ids, *rest = args

@@ -61,6 +61,14 @@ def test_sp2_times_dp2_with_zero3_matches_single_process(pool4, kind):
         assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
 
 
+def test_hybrid_two_by_two_matches_single_process(pool4):
+    """sp = 4 as ring 2 x Ulysses 2 (the sp axis split into sub-axes inside the engine)."""
+    cfg = sp_config("hybrid", micro_batch=2, global_batch=2, sp=4)
+    want = reference_run(cfg)
+    for got in pool4.run(sp_engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
+
+
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
@@ -71,9 +79,13 @@ def test_sp2_times_dp2_with_zero3_matches_single_process(pool4, kind):
         ),
         (
             {"attention": {"sequence_parallel": "ulysses"}, "model": {"n_heads": 1, "d_model": 32}},
-            "model.n_heads=1 does not split over Ulysses' parallel.sp=2",
+            "model.n_heads=1 does not split over 2 Ulysses ranks",
         ),
         ({"attention": {"sequence_parallel": "rings"}}, "attention.sequence_parallel='rings'"),
+        (
+            {"attention": {"sequence_parallel": "hybrid", "ulysses_degree": 3}},
+            "attention.ulysses_degree=3 does not divide parallel.sp=2",
+        ),
         ({"parallel": {"sp": 2, "tp": 2}}, "set parallel.tp=1"),
         ({"attention": {"kind": "sparse", "block": 2}}, "set attention.kind='dense'"),
         ({"model": {"dropout": 0.1}}, "no dropout on attention weights"),
@@ -82,7 +94,17 @@ def test_sp2_times_dp2_with_zero3_matches_single_process(pool4, kind):
             "forward must take the tokens' positions",
         ),
     ],
-    ids=["zigzag", "ulysses-ok", "ulysses-heads", "kind", "tp", "sparse", "dropout", "hf"],
+    ids=[
+        "zigzag",
+        "ulysses-ok",
+        "ulysses-heads",
+        "kind",
+        "hybrid-degree",
+        "tp",
+        "sparse",
+        "dropout",
+        "hf",
+    ],
 )
 def test_bad_settings_are_one_line_errors(sections, message):
     cfg = make_config(micro_batch=2, global_batch=4).replace(parallel={"sp": 2})
