@@ -233,6 +233,14 @@ def resolve(
     )
 
 
+def _refuse_combinations(feature: str, limits: dict[str, bool]) -> None:
+    """One line for the first setting (`limits`: the fix -> whether it is needed) that
+    `feature` does not combine with yet."""
+    for fix, hit in limits.items():
+        if hit:
+            raise ConfigError(f"{feature} does not combine with this setting yet; set {fix}")
+
+
 def _sequence_parallel(
     config: Config, dims: ParallelDims, model: nn.Module, spec: ModelSpec
 ) -> str | None:
@@ -246,11 +254,7 @@ def _sequence_parallel(
         "offload.policy='none'": config.offload.policy != "none",
         "attention.kind='dense'": config.attention.kind != "dense",
     }
-    for fix, hit in limits.items():
-        if hit:
-            raise ConfigError(
-                f"parallel.sp={dims.sp} does not combine with this setting yet; set {fix}"
-            )
+    _refuse_combinations(f"parallel.sp={dims.sp}", limits)
     if spec.positions is None:
         raise ConfigError(
             f"parallel.sp={dims.sp} gives each rank a part of every sequence: "
@@ -300,11 +304,7 @@ def _pipeline(
         "offload.policy='none'": config.offload.policy != "none",
         "precision.dtype='fp32' or 'bf16'": precision.param_dtype == torch.float16,
     }
-    for fix, hit in limits.items():
-        if hit:
-            raise ConfigError(
-                f"parallel.pp={dims.pp} does not combine with this setting yet; set {fix}"
-            )
+    _refuse_combinations(f"parallel.pp={dims.pp}", limits)
     if spec.pipeline is None:
         raise ConfigError(
             f"parallel.pp={dims.pp} needs to know how {type(model).__name__}'s forward splits "
