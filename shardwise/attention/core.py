@@ -15,6 +15,7 @@ from shardwise.attention.layouts import LayoutSpec, build_layout
 from shardwise.config import AttentionConfig
 from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec
+from shardwise.sequence_parallel.model import apply_sequence_parallel, split_of
 
 if TYPE_CHECKING:
     from shardwise.run_plan import RunPlan
@@ -108,8 +109,6 @@ def apply_attention(
         apply_sparse_attention(model, spec, plan.attention)
     if plan.sequence_parallel is None:
         return loss_fn
-    from shardwise.sequence_parallel.model import apply_sequence_parallel, split_of
-
     ulysses = plan.config.attention.ulysses_degree
     split = split_of(plan.sequence_parallel, mesh, ulysses)
     return apply_sequence_parallel(model, spec, split, loss_fn)
