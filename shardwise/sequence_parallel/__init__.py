@@ -1,7 +1,7 @@
 """Sequence parallelism: attention over a sequence split across the ``sp`` ranks — ring
 attention (blocks of keys and values passed around) and Ulysses (all-to-all between sequence
-and head sharding) and their product (hybrid). The attention ops; their use inside a model is
-the next step (issue 13)."""
+and head sharding) and their product (hybrid): the ops, and `model.py` running a model on each
+rank's part of every sequence. See docs/sequence_parallel.md."""
 
 from shardwise.sequence_parallel.hybrid import hybrid_attention, hybrid_positions
 from shardwise.sequence_parallel.masks import contiguous_positions, visible, zigzag_positions
