@@ -90,7 +90,7 @@ class RunPlan:
     attention: SparseAttention | None = None
     """Block-sparse attention replacing the model's attention cores (``attention.kind``)."""
     sequence_parallel: str | None = None
-    """Ring or Ulysses attention over the sp ranks, when ``parallel.sp`` > 1."""
+    """Ring, Ulysses or hybrid attention over the sp ranks, when ``parallel.sp`` > 1."""
 
     @property
     def world_size(self) -> int:
@@ -241,6 +241,14 @@ def _refuse_combinations(feature: str, limits: dict[str, bool]) -> None:
             raise ConfigError(f"{feature} does not combine with this setting yet; set {fix}")
 
 
+def _check_attention_cores(model: nn.Module, spec: ModelSpec, feature: str) -> None:
+    """`feature` replaces the model's attention cores: they exist and apply no dropout (the
+    replacements have none)."""
+    cores = spec.attention_cores(model, feature)
+    if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
+        raise ConfigError(f"{feature} has no dropout on attention weights; set model.dropout=0")
+
+
 def _sequence_parallel(
     config: Config, dims: ParallelDims, model: nn.Module, spec: ModelSpec
 ) -> str | None:
@@ -261,11 +269,7 @@ def _sequence_parallel(
             f"{type(model).__name__}'s forward must take the tokens' positions; declare "
             "ModelSpec(positions=<its keyword>)"
         )
-    cores = spec.attention_cores(model, f"parallel.sp={dims.sp}")
-    if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
-        raise ConfigError(
-            f"parallel.sp={dims.sp} has no dropout on attention weights; set model.dropout=0"
-        )
+    _check_attention_cores(model, spec, f"parallel.sp={dims.sp}")
     ulysses = {"ring": 1, "ulysses": dims.sp, "hybrid": config.attention.ulysses_degree}[kind]
     if dims.sp % ulysses:
         raise ConfigError(
@@ -322,11 +326,7 @@ def _attention(
     cfg = config.attention
     if cfg.kind == "dense":
         return None
-    cores = spec.attention_cores(model, "attention.kind='sparse'")
-    if any(getattr(model.get_submodule(name), "dropout", 0.0) for name in cores):
-        raise ConfigError(
-            "attention.kind='sparse' has no dropout on attention weights; set model.dropout=0"
-        )
+    _check_attention_cores(model, spec, "attention.kind='sparse'")
     if cfg.per_head and dims.tp > 1:
         raise ConfigError(
             f"attention.per_head=true with parallel.tp={dims.tp}: each rank holds a slice of the "

@@ -42,13 +42,13 @@ class SparseAttention:
                     f"a sequence of {seq_len} tokens is not a multiple of attention.block="
                     f"{self.block}"
                 )
-            spec = replace(self.spec, heads=heads, blocks=seq_len // self.block)
+            spec = replace(self.spec, heads=heads, n_blocks=seq_len // self.block)
             plan = BlockSparsePlan(build_layout(self.layout, spec), self.block, spec.causal)
             self._plans[heads, seq_len] = plan
         return self._plans[heads, seq_len]
 
     def describe(self) -> str:
-        kept = self.plan(1, self.spec.blocks * self.block).density
+        kept = self.plan(1, self.spec.n_blocks * self.block).density
         return f"block-sparse {self.layout}, block {self.block}, {kept:.1%} of blocks kept"
 
 
@@ -60,7 +60,7 @@ def sparse_attention(cfg: AttentionConfig, seq_len: int) -> SparseAttention:
             f"data.seq_len={seq_len} is not a multiple of attention.block={cfg.block}"
         )
     spec = LayoutSpec(
-        blocks=seq_len // cfg.block,
+        n_blocks=seq_len // cfg.block,
         causal=True,
         window=cfg.window,
         global_blocks=cfg.global_blocks,
@@ -92,11 +92,8 @@ class SparseAttentionCore(nn.Module):
 
 def apply_sparse_attention(model: nn.Module, spec: ModelSpec, attention: SparseAttention) -> int:
     """Replace every attention core of `model` with a `SparseAttentionCore`; returns how many."""
-    names = spec.attention_cores(model, "attention.kind='sparse'")
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SparseAttentionCore(attention))
-    return len(names)
+    purpose = "attention.kind='sparse'"
+    return spec.replace_attention_cores(model, purpose, lambda: SparseAttentionCore(attention))
 
 
 def apply_attention(

@@ -37,7 +37,7 @@ from shardwise.registry import Registry
 class LayoutSpec:
     """What a pattern needs; the `attention` config section holds the same fields."""
 
-    blocks: int
+    n_blocks: int
     """Blocks per sequence (sequence length / block size)."""
     heads: int = 1
     causal: bool = True
@@ -62,7 +62,7 @@ def _band(blocks: int, window: int, causal: bool) -> torch.Tensor:
 
 def _global(spec: LayoutSpec, indices: torch.Tensor) -> torch.Tensor:
     """Global blocks: every row attends to them; unless causal they attend to every key."""
-    layout = torch.zeros(spec.blocks, spec.blocks, dtype=torch.bool)
+    layout = torch.zeros(spec.n_blocks, spec.n_blocks, dtype=torch.bool)
     layout[:, indices] = True
     if not spec.causal:
         layout[indices, :] = True
@@ -71,9 +71,9 @@ def _global(spec: LayoutSpec, indices: torch.Tensor) -> torch.Tensor:
 
 def _random(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
     """`random_blocks` keys per row, drawn among the keys a row may see."""
-    layout = torch.zeros(spec.blocks, spec.blocks, dtype=torch.bool)
-    for row in range(spec.blocks):
-        allowed = row + 1 if spec.causal else spec.blocks
+    layout = torch.zeros(spec.n_blocks, spec.n_blocks, dtype=torch.bool)
+    for row in range(spec.n_blocks):
+        allowed = row + 1 if spec.causal else spec.n_blocks
         picks = torch.randperm(allowed, generator=gen)[: spec.random_blocks]
         layout[row, picks] = True
     return layout
@@ -91,11 +91,11 @@ def _windows(blocks: int, sizes: tuple[int, ...], causal: bool) -> torch.Tensor:
 
 
 def dense(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
-    return torch.ones(spec.blocks, spec.blocks, dtype=torch.bool)
+    return torch.ones(spec.n_blocks, spec.n_blocks, dtype=torch.bool)
 
 
 def sliding_window(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
-    return _band(spec.blocks, spec.window, spec.causal)
+    return _band(spec.n_blocks, spec.window, spec.causal)
 
 
 def bslongformer(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
@@ -107,16 +107,16 @@ def bigbird(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
 
 
 def fixed(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.arange(0, spec.blocks, spec.window)
-    last = torch.minimum(starts + spec.window, torch.tensor(spec.blocks))
+    starts = torch.arange(0, spec.n_blocks, spec.window)
+    last = torch.minimum(starts + spec.window, torch.tensor(spec.n_blocks))
     offsets = torch.arange(1, spec.global_blocks + 1)
     indices = (last[:, None] - offsets[None, :]).flatten()
-    local = _windows(spec.blocks, (spec.window,), spec.causal)
+    local = _windows(spec.n_blocks, (spec.window,), spec.causal)
     return local | _global(spec, indices[indices >= 0].unique())
 
 
 def variable(spec: LayoutSpec, gen: torch.Generator) -> torch.Tensor:
-    local = _windows(spec.blocks, spec.windows, spec.causal)
+    local = _windows(spec.n_blocks, spec.windows, spec.causal)
     return local | _global(spec, torch.arange(spec.global_blocks)) | _random(spec, gen)
 
 
@@ -136,9 +136,9 @@ LAYOUTS: Registry[Pattern] = Registry(
 def build_layout(name: str, spec: LayoutSpec) -> torch.Tensor:
     """The named pattern's layout [heads or 1, blocks, blocks] (see the module docstring)."""
     pattern = LAYOUTS.get(name)
-    if spec.global_blocks > spec.blocks:
+    if spec.global_blocks > spec.n_blocks:
         raise ConfigError(
-            f"attention.global_blocks={spec.global_blocks} exceeds the {spec.blocks} blocks "
+            f"attention.global_blocks={spec.global_blocks} exceeds the {spec.n_blocks} blocks "
             "of a sequence"
         )
     heads = spec.heads if spec.per_head else 1

@@ -107,6 +107,16 @@ class ModelSpec:
             )
         return names
 
+    def replace_attention_cores(
+        self, model: nn.Module, purpose: str, core: Callable[[], nn.Module]
+    ) -> int:
+        """Put a new `core()` in place of every attention core of `model`; returns how many."""
+        names = self.attention_cores(model, purpose)
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, core())
+        return len(names)
+
     def tied(self, model: nn.Module) -> bool:
         """Whether the head's weight is the embedding's Parameter."""
         if self.embedding is None or self.head is None:

@@ -96,9 +96,9 @@ def apply_sequence_parallel(
 ) -> Callable:
     """Make `model` run on this rank's part of each sequence (see the module docstring);
     returns `loss_fn` taking the same part of the targets."""
-    for name in spec.attention_cores(model, f"parallel.sp ({split.label})"):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SequenceParallelCore(split))
+    spec.replace_attention_cores(
+        model, f"parallel.sp ({split.label})", lambda: SequenceParallelCore(split)
+    )
 
     def mine(tokens: torch.Tensor) -> torch.Tensor:
         return split.positions(tokens.shape[1], tokens.device)
