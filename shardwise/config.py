@@ -197,8 +197,9 @@ class PrecisionConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw"] = "adamw"
-    """Optimizer."""
+    name: Literal["adamw", "onebit_adam"] = "adamw"
+    """Optimizer: AdamW, or 1-bit Adam (AdamW until freeze_step, then the variance frozen
+    and gradients exchanged at one bit per element; docs/onebit_adam.md)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -213,6 +214,13 @@ class OptimConfig(_Section):
     """Cosine decay ends at lr * min_lr_ratio."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables."""
+    freeze_step: int | None = Field(None, ge=1)
+    """1-bit Adam: exact AdamW steps before the variance freezes; default 20% of train.steps."""
+    compression_chunk: int = Field(64, ge=1)
+    """1-bit Adam: elements per fp32 scale of the compressed gradient."""
+    variance_refresh: int = Field(10, ge=0)
+    """1-bit Adam: after the freeze, every this many steps one step runs on exact gradients
+    and refreshes the variance; 0: frozen for good (the paper's 1-bit Adam)."""
 
 
 class TrainingConfig(_Section):
@@ -235,6 +243,9 @@ class DistributedConfig(_Section):
     """Seconds a collective may wait before every rank aborts with a message."""
     bucket_mb: float = Field(25.0, gt=0)
     """Gradient bucket size in MiB (one collective per bucket)."""
+    emulate_gbps: float | None = Field(None, gt=0)
+    """Emulate a slow link: every collective also waits its wire bytes at this many Gbit/s
+    (for measuring bandwidth-bound behaviour on one machine; None: off)."""
 
 
 class CheckpointConfig(_Section):

@@ -55,6 +55,7 @@ class Engine:
         spec: ModelSpec | None = None,
     ) -> None:
         self.plan = plan
+        comm.emulate_link(plan.config.distributed.emulate_gbps)
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)

@@ -64,6 +64,8 @@ class OptimizerUse:
     decay_groups: bool
     """Parameters split into weight-decay groups (matrices) and none (biases, norms,
     embeddings) with ``optim.weight_decay``."""
+    onebit_freeze: int | None = None
+    """1-bit Adam's freeze step (``optim.name = 'onebit_adam'``); None: AdamW."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class RunPlan:
         return {
             **vars(self.dims),
             "zero_stage": self.sharding.stage,
+            "optimizer": self.config.optim.name,
             "chunks": chunks,
             "pipeline": stages,
         }
@@ -214,6 +217,7 @@ def resolve(
     spec = spec_of(model, spec)
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
@@ -224,9 +228,9 @@ def resolve(
         sharding=_sharding(config, dims),
         offload=config.offload,
         precision=precision,
-        optimizer=_optimizer_use(config, optimizer_given),
+        optimizer=_optimizer_use(config, dims, precision, optimizer_given, trainable),
         tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_params=trainable,
         pipeline=pipeline,
         attention=attention,
         sequence_parallel=sequence_parallel,
@@ -383,7 +387,13 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
 # engine builds AdamW from the whole ``optim`` section, defaults included.
 
 
-def _optimizer_use(config: Config, optimizer_given: bool) -> OptimizerUse:
+def _optimizer_use(
+    config: Config,
+    dims: ParallelDims,
+    precision: MixedPrecisionPolicy,
+    optimizer_given: bool,
+    trainable: int,
+) -> OptimizerUse:
     optim = config.optim
     explicit = optim.model_fields_set if optimizer_given else set(type(optim).model_fields)
     return OptimizerUse(
@@ -391,7 +401,53 @@ def _optimizer_use(config: Config, optimizer_given: bool) -> OptimizerUse:
         lr_schedule=any(key in explicit for key in OPTIM_SCHEDULE_KEYS),
         grad_clip=optim.grad_clip if "grad_clip" in explicit else 0.0,
         decay_groups="weight_decay" in explicit,
+        onebit_freeze=_onebit_freeze(config, dims, precision, optimizer_given, trainable),
     )
+
+
+def _onebit_freeze(
+    config: Config,
+    dims: ParallelDims,
+    precision: MixedPrecisionPolicy,
+    optimizer_given: bool,
+    trainable: int,
+) -> int | None:
+    """1-bit Adam's freeze step, after checking what it combines with (docs/onebit_adam.md)."""
+    optim, steps = config.optim, config.train.steps
+    if optim.name != "onebit_adam":
+        return None
+    if optimizer_given:
+        raise ConfigError(
+            "optim.name='onebit_adam' builds its own optimizer; pass optimizer_factory=None"
+        )
+    limits = {
+        "zero.stage=0, 1 or 2 (stage 3 shards the parameters the exchange reads)": (
+            config.zero.stage == 3
+        ),
+        "offload.policy='none'": config.offload.policy != "none",
+        "offload.optimizer='device'": config.offload.optimizer != "device",
+        "parallel.pp=1": dims.pp > 1,
+        "parallel.sp=1 and parallel.dp_replicate=1 (one flat data-parallel group)": (
+            dims.sp * dims.dp_replicate > 1
+        ),
+        "precision.dtype='fp32' or 'bf16' (fp16's loss scale would rescale the errors)": (
+            precision.param_dtype == torch.float16
+        ),
+    }
+    _refuse_combinations("optim.name='onebit_adam'", limits)
+    freeze = optim.freeze_step if optim.freeze_step is not None else max(1, steps // 5)
+    if freeze >= steps:
+        raise ConfigError(
+            f"optim.freeze_step={freeze} leaves no compressed step in train.steps={steps}: "
+            "1-bit Adam compresses only after the freeze; use a freeze_step below train.steps"
+        )
+    per_rank = trainable // (dims.tp * dims.dp_shard)
+    if optim.compression_chunk > per_rank:
+        raise ConfigError(
+            f"optim.compression_chunk={optim.compression_chunk} is larger than a rank's slice "
+            f"of the gradients ({per_rank} elements): use a chunk of at most {per_rank}"
+        )
+    return freeze
 
 
 def _tp_plan(config: Config, dims: ParallelDims, spec: ModelSpec) -> Plan:

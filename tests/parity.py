@@ -109,16 +109,16 @@ def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
 
 
 def train_then_resume(
-    out_dir: str, stage: int, **sections: dict
+    out_dir: str, stage: int, dtype: str = "bf16", **sections: dict
 ) -> tuple[list[float], list[float]]:
-    """Through the trainer, bf16: 4 steps with a checkpoint at step 2, then again from it.
+    """Through the trainer: 4 steps with a checkpoint at step 2, then again from it.
     `sections` are further config sections (a parallel layout, offload settings)."""
     from pathlib import Path
 
     from shardwise.run_plan import resolve
     from shardwise.trainer import train
 
-    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype="bf16").replace(
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype=dtype).replace(
         data={"max_bytes": 20_000},
         checkpoint={"every": 2},
         log={"progress": False},

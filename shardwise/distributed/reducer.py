@@ -88,6 +88,7 @@ class GradReducer:
         bucket_groups: list[list[nn.Parameter]] | None = None,
         replicate_group: object | None = None,
         device: torch.device | None = None,
+        align: int = 1,
     ) -> None:
         """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
@@ -99,7 +100,11 @@ class GradReducer:
         reduce-scatter only) the kept slices are then all-reduced across the replicas.
         Buffers go on `device` (default: the first parameter's), so parameters may still be
         on the meta device; hooks are registered at the first `prepare`, after whoever
-        materialises them (ZeRO, see zero/optimizer.py) has swapped them in."""
+        materialises them (ZeRO, see zero/optimizer.py) has swapped them in. Each bucket's
+        slices are a multiple of `align` elements (8 for 1-bit compression's packed signs).
+
+        `compression`, when set (1-bit Adam's `OneBitExchange`), replaces the collective of
+        every bucket while it is active."""
         self.group = group
         self.group_size = comm.group_size(group)
         self.replicate_group = replicate_group
@@ -109,10 +114,11 @@ class GradReducer:
         rank = comm.group_rank(group)
         device = device or params[0].device
         self.buckets = [
-            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter, device)
+            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter, device, align)
             for group_params in bucket_groups or _bucket_params(params, bucket_bytes)
         ]
         self.on_bucket_complete = None
+        self.compression = None
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = False
         self._next_launch = 0
@@ -156,7 +162,13 @@ class GradReducer:
     def _launch(self, bucket: Bucket) -> None:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
-        if self.scatter:
+        if self.compression is not None and self.compression.active():
+            slice_numel = bucket.numel // self.group_size
+            start = 0 if self.compression.gather else self.compression.rank * slice_numel
+            end = bucket.numel if self.compression.gather else start + slice_numel
+            out = self.reduced_range(bucket, start, end)
+            bucket.work = self.compression.launch(bucket, out)
+        elif self.scatter:
             source = bucket.grads.to(bucket.reduced.dtype).div_(self._ranks_averaged)
             bucket.work = comm.reduce_scatter_(bucket.reduced, source, self.group, async_op=True)
         else:
@@ -250,12 +262,14 @@ def _make_bucket(
     rank: int,
     scatter: bool,
     device: torch.device,
+    align: int,
 ) -> Bucket:
     offsets, total = [], 0
     for param in params:
         offsets.append(total)
         total += param.numel()
-    numel = -(-total // group_size) * group_size
+    multiple = group_size * align
+    numel = -(-total // multiple) * multiple
     shard_numel = numel // group_size
     shard = (rank * shard_numel, (rank + 1) * shard_numel) if scatter else (0, numel)
     dtype = params[0].dtype

@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from shardwise.distributed import comm
+from shardwise.distributed.compressed import OneBitExchange
 from shardwise.distributed.dims import grad_mesh, replica_mesh
 from shardwise.distributed.reducer import GradReducer
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models import ModelSpec
 from shardwise.optim import OptimizerFactory
+from shardwise.optim.onebit import OneBitAdam
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
@@ -145,16 +147,25 @@ class FlatStore:
         shard_size = comm.group_size(groups.shard)
         _check_shardable(self.params, sharding.stage, shard_size)
         units = zero3_units(model, spec) if sharding.params else None
+        reduce_group = groups.shard if sharding.grads else groups.dp
+        # 1-bit Adam compresses only where there is someone to send to
+        onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(reduce_group) > 1
         self.reducer = GradReducer(
             self.params,
-            group=groups.shard if sharding.grads else groups.dp,
+            group=reduce_group,
             bucket_bytes=int(plan.config.distributed.bucket_mb * 2**20),
             reduce_dtype=plan.precision.reduce_dtype,
             scatter=sharding.grads,
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
             replicate_group=groups.replicate if sharding.grads else None,
             device=device,
+            align=8 if onebit else 1,
         )
+        if onebit:
+            chunk = plan.config.optim.compression_chunk
+            self.reducer.compression = OneBitExchange(
+                self.reducer.buckets, reduce_group, chunk, gather=not sharding.optimizer
+            )
         self.shards = OptimizerShards(
             model, self.reducer, plan.precision, groups.shard, sharding, param_init
         )
@@ -176,13 +187,20 @@ class FlatStore:
         ]
         """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are
         summed over them."""
-        self.replicated = not self.shards.sharded and tp is None
+        self.replicated = not self.shards.sharded and tp is None and not onebit
+        """(1-bit Adam's error buffers are each rank's own.)"""
 
     def build_optimizer(
         self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
     ) -> torch.optim.Optimizer:
-        factory = given or optimizer_factory(plan.config.optim, plan.offload)
-        return factory(self.shards.param_groups(groups))
+        groups = self.shards.param_groups(groups)
+        freeze = plan.optimizer.onebit_freeze
+        if freeze is None:
+            return (given or optimizer_factory(plan.config.optim, plan.offload))(groups)
+        optimizer = OneBitAdam(groups, plan.config.optim, freeze)
+        if self.reducer.compression is not None:
+            self.reducer.compression.active = lambda: optimizer.frozen
+        return optimizer
 
     # -- around forward and backward ---------------------------------------------------------
 
@@ -257,20 +275,35 @@ class FlatStore:
         return state
 
     def state_dict(self) -> dict:
-        return {"model": self._model_state(), "shards": self.shards.state_dict()}
+        compression = self.reducer.compression
+        return {
+            "model": self._model_state(),
+            "shards": self.shards.state_dict(),
+            "compression": compression.state_dict() if compression is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         expected_missing = set(self.model.state_dict()) - set(self._model_state())
         load_model_state(self.model, state["model"], expected_missing)
         self.shards.load_state_dict(state["shards"])
+        compression = self.reducer.compression
+        if (compression is None) != (state.get("compression") is None):
+            raise CheckpointError(
+                "the checkpoint was saved with another optimizer (1-bit Adam's error buffers "
+                "are missing or extra); resume with the optim.name it was saved with"
+            )
+        if compression is not None:
+            compression.load_state_dict(state["compression"])
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         buckets = self.reducer.buckets
         grads = [b.grads for b in buckets if b.grads is not None] + [b.reduced for b in buckets]
         slices = self.shards.slices
         masters = [s.master for s in slices] if self.precision.needs_master_weights else []
+        compression = self.reducer.compression
+        errors = compression.worker_errors + compression.server_errors if compression else []
         return model_state_report(
-            self.model, optimizer, grads, masters, [s.shard for s in slices], states_skip=()
+            self.model, optimizer, grads, masters, [s.shard for s in slices], (), errors
         )
 
 
@@ -284,16 +317,18 @@ def model_state_report(
     masters: list[torch.Tensor],
     shards: list[torch.Tensor],
     states_skip: tuple[str, ...],
+    states_extra: list[torch.Tensor] = (),
 ) -> dict[str, int]:
     """Bytes per category of model state, read from the tensors' storages (each counted once,
-    padding included); ``offloaded_host`` / ``offloaded_disk``: Adam states that
-    ``offload.optimizer`` moved off the device."""
+    padding included); ``optimizer_states`` adds `states_extra` (1-bit Adam's error
+    buffers); ``offloaded_host`` / ``offloaded_disk``: Adam states that ``offload.optimizer``
+    moved off the device."""
     states = [
         t
         for state in optimizer.state.values()
         for key, t in state.items()
         if isinstance(t, torch.Tensor) and key not in states_skip
-    ]
+    ] + list(states_extra)
     offloaded = (
         optimizer.tier_bytes() if isinstance(optimizer, OffloadedAdamW) else {"host": 0, "disk": 0}
     )

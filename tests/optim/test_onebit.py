@@ -1,0 +1,240 @@
+"""1-bit Adam: the compression, the optimizer's formula, its exchange at 2 ranks (bytes, parity
+before the freeze, exact resume after it) and the settings it refuses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shardwise.config import Config
+from shardwise.distributed import comm
+from shardwise.distributed.comm import CommStats, _Link
+from shardwise.distributed.compressed import (
+    compress,
+    decompress,
+    pack_signs,
+    packed_bytes,
+    unpack_signs,
+)
+from shardwise.engine import initialize
+from shardwise.errors import ConfigError
+from shardwise.optim.onebit import OneBitAdam
+from shardwise.run_plan import resolve
+from tests.parity import (
+    assert_parity,
+    build_model,
+    engine_run,
+    global_batches,
+    make_config,
+    reference_run,
+    train_then_resume,
+)
+
+ONEBIT = {"name": "onebit_adam", "compression_chunk": 64}
+
+# -- compression ------------------------------------------------------------------------------
+
+
+def test_packed_signs_round_trip():
+    x = torch.randn(3, 64)
+    x[0, :5] = 0.0  # zero counts as positive
+    packed = pack_signs(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
+    torch.testing.assert_close(unpack_signs(packed), torch.where(x >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("n, chunk", [(64, 16), (40, 16), (24, 100)])
+def test_compression_keeps_signs_and_chunk_norms(n, chunk):
+    x = torch.randn(2, n)
+    message = compress(x, chunk)
+    assert message.shape == (2, packed_bytes(n, chunk))
+    y = decompress(message, n, chunk)
+    assert torch.equal(y.sign(), torch.where(x >= 0, 1.0, -1.0))
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        torch.testing.assert_close(y[:, part].norm(dim=1), x[:, part].norm(dim=1))
+    # the error is the part of x orthogonal to its signs: smaller than x
+    assert torch.all((x - y).norm(dim=1) < x.norm(dim=1))
+
+
+def test_error_feedback_keeps_the_accumulated_error_bounded():
+    """e <- c - C(c), c = g + e: what was sent plus the error left is exactly what arrived,
+    and the error stays within a few gradient norms however long it runs."""
+    gen = torch.Generator().manual_seed(0)
+    error = torch.zeros(1, 256)
+    sent_total = torch.zeros(1, 256, dtype=torch.float64)
+    grad_total = torch.zeros(1, 256, dtype=torch.float64)
+    largest = 0.0
+    for _ in range(500):
+        grad = torch.randn(1, 256, generator=gen) * torch.linspace(0.01, 1, 256)
+        corrected = grad + error
+        sent = decompress(compress(corrected, 32), 256, 32)
+        error = corrected - sent
+        sent_total += sent.double()
+        grad_total += grad.double()
+        largest = max(largest, error.norm().item() / grad.norm().item())
+    torch.testing.assert_close(sent_total + error.double(), grad_total, atol=1e-3, rtol=0)
+    assert largest < 5.0
+
+
+# -- the optimizer on one rank ----------------------------------------------------------------
+
+
+def test_one_rank_update_is_adamw_then_frozen_variance_adam():
+    cfg = Config().optim.model_copy(
+        update={"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-6, "variance_refresh": 0}
+    )
+    freeze, decay = 3, 0.05
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(20, generator=gen)
+    grads = [torch.randn(20, generator=gen) for _ in range(6)]
+    grads[0][:4] = grads[1][:4] = grads[2][:4] = 0.0  # never a gradient in the warm-up
+
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    onebit = OneBitAdam([{"params": [ours], "weight_decay": decay}], cfg, freeze)
+    adamw = torch.optim.AdamW(
+        [theirs], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=decay, fused=True
+    )
+    p, m, v = start.double(), torch.zeros(20, dtype=torch.float64), None
+    for step, grad in enumerate(grads, start=1):
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        onebit.step()
+        adamw.step()
+        assert onebit.frozen == (step >= freeze)
+        if step <= freeze:
+            torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+            v = adamw.state[theirs]["exp_avg_sq"].double()
+            m = adamw.state[theirs]["exp_avg"].double()
+            p = theirs.detach().double()
+            continue
+        # frozen variance: v and its bias correction stay at step `freeze`; masked momentum
+        m = (0.9 * m + 0.1 * grad.double()) * (v > 0)
+        denom = (v / (1 - 0.99**freeze)).sqrt() + 1e-6
+        p = p * (1 - 0.1 * decay) - 0.1 / (1 - 0.9**step) * m / denom
+        torch.testing.assert_close(ours.detach().double(), p, rtol=1e-6, atol=1e-7)
+    # the masked momentum: only weight decay moved the elements that had no gradient
+    torch.testing.assert_close(ours.detach()[:4], start[:4] * (1 - 0.1 * decay) ** 6)
+
+
+def test_variance_refresh_updates_v_every_k_steps_after_the_freeze():
+    cfg = Config().optim.model_copy(
+        update={"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-6, "variance_refresh": 3}
+    )
+    param = torch.nn.Parameter(torch.ones(4))
+    onebit = OneBitAdam([{"params": [param], "weight_decay": 0.0}], cfg, freeze_step=2)
+    compressed, v_seen = [], []
+    for step in range(1, 10):
+        compressed.append(onebit.frozen)  # whether step `step` travels compressed
+        param.grad = torch.full((4,), float(step))
+        onebit.step()
+        v_seen.append(onebit.state[param]["exp_avg_sq"][0].item())
+    # steps 1-2 warm up, then every third step (5, 8) is exact
+    assert compressed == [False, False, True, True, False, True, True, False, True]
+    v2 = 0.01 * 1 * 0.99 + 0.01 * 4
+    v5 = 0.99**3 * v2 + (1 - 0.99**3) * 25
+    assert v_seen[2:4] == [pytest.approx(v2)] * 2 and v_seen[4] == pytest.approx(v5)
+    assert onebit.param_groups[0]["variance_step"] == 8
+
+
+# -- two ranks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_matches_adamw_until_the_freeze(pool2, stage):
+    """All five steps are warm-up steps (freeze at 5): exact gradients, AdamW's formula."""
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=stage).replace(
+        optim={**ONEBIT, "freeze_step": 5}, train={"steps": 6}
+    )
+    want = reference_run(cfg, freeze=True)
+    for got in pool2.run(engine_run, cfg, freeze=True):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def _compressed_step_bytes(stage: int) -> tuple[dict, dict, list[float]]:
+    """One exact step, then one compressed step under a recorder: recorded wire bytes per op
+    and the closed form of [Note: the compressed exchange] for the buckets."""
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage).replace(
+        optim={**ONEBIT, "freeze_step": 1}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    rank, world = comm.group_rank(None), comm.group_size(None)
+    losses = []
+    for step, (inputs, targets) in enumerate(global_batches(cfg, steps=3)):
+        with CommStats() as stats:
+            losses.append(engine.train_step((inputs[rank : rank + 1], targets[rank : rank + 1])))
+        if step == 1:
+            recorded = {op: stats.total(op=op) for op in ("all_to_all", "all_gather")}
+            recorded["all_reduce_payload"] = stats.total("payload_bytes", op="all_reduce")
+            recorded["reduce_scatter"] = stats.total(op="reduce_scatter")
+    slices = [b.numel // world for b in engine.store.reducer.buckets]
+    message = [packed_bytes(n, 64) for n in slices]
+    expected = {"all_to_all": sum((world - 1) / world * world * m for m in message)}
+    if stage == 0:
+        expected["all_gather"] = sum((world - 1) * m for m in message)
+    return recorded, expected, losses
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_compressed_step_sends_the_closed_form_bytes(pool2, stage):
+    for recorded, expected, losses in pool2.run(_compressed_step_bytes, stage):
+        assert recorded["all_to_all"] == expected["all_to_all"]
+        if stage == 0:
+            assert recorded["all_gather"] == expected["all_gather"]
+        # no gradient travels uncompressed: only the loss and norm scalars are all-reduced
+        assert recorded["all_reduce_payload"] <= 8 and recorded["reduce_scatter"] == 0
+        assert all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
+    """fp32, freeze after step 1, checkpoint at step 2: steps 3 and 4 are bitwise the same
+    (error buffers, frozen variance and step count are in the checkpoint)."""
+    optim = {**ONEBIT, "freeze_step": 1}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), stage, "fp32", optim=optim):
+        assert resumed == full[2:]
+    assert (tmp_path / "checkpoints" / "step_00000004" / "engine_rank1.pt").is_file()
+
+
+# -- settings it refuses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"optim": {"freeze_step": 5}}, "optim.freeze_step=5 leaves no compressed step"),
+        ({"zero": {"stage": 3}}, "set zero.stage=0, 1 or 2"),
+        ({"optim": {"compression_chunk": 10**6}}, "optim.compression_chunk=1000000 is larger"),
+        ({"precision": {"dtype": "fp16"}}, "set precision.dtype='fp32' or 'bf16'"),
+        ({"parallel": {"dp_replicate": 2, "dp_shard": 1}}, "one flat data-parallel group"),
+    ],
+)
+def test_unsupported_settings_are_one_line_errors(settings, message):
+    cfg = make_config(micro_batch=1).replace(optim={"name": "onebit_adam"}, train={"steps": 5})
+    with pytest.raises(ConfigError, match=message) as error:
+        resolve(cfg.replace(**settings), 2)
+    assert "\n" not in str(error.value)
+
+
+def test_a_given_optimizer_is_refused():
+    cfg = make_config(micro_batch=1).replace(optim={"name": "onebit_adam"})
+    with pytest.raises(ConfigError, match="builds its own optimizer"):
+        resolve(cfg, 1, optimizer_given=True)
+
+
+def test_freeze_defaults_to_a_fifth_of_the_steps():
+    cfg = make_config(micro_batch=1).replace(optim={"name": "onebit_adam"}, train={"steps": 300})
+    assert resolve(cfg, 1).optimizer.onebit_freeze == 60
+
+
+# -- the emulated link --------------------------------------------------------------------------
+
+
+def test_emulated_link_sends_bytes_one_after_another():
+    link = _Link(gbps=8.0)  # 1 GB/s: 1e9 bytes take 1 s
+    assert link.reserve(1e9, now=10.0) == pytest.approx(11.0)
+    assert link.reserve(5e8, now=10.5) == pytest.approx(11.5)  # queued behind the first
+    assert link.reserve(1e9, now=20.0) == pytest.approx(21.0)  # the link was idle
+    assert _Link().reserve(1e9, now=0.0) is None
