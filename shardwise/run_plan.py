@@ -180,10 +180,20 @@ class RunPlan:
                 if self.sequence_parallel
                 else []
             ),
+            *([("optimizer", self._onebit_row())] if self.optimizer.onebit_freeze else []),
             ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+    def _onebit_row(self) -> str:
+        optim = self.config.optim
+        refresh = optim.variance_refresh
+        return (
+            f"1-bit Adam: AdamW for {self.optimizer.onebit_freeze} steps, then gradients at 1 "
+            f"bit + 1 scale per {optim.compression_chunk} elements"
+            + (f", variance refreshed every {refresh} steps" if refresh else "")
+        )
 
 
 _AXES = ("dp_replicate", "dp_shard", "pp", "sp", "tp")

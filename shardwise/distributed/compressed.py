@@ -12,7 +12,7 @@ per rank (the slice a rank's optimizer owns under ZeRO, [Note: shard layout] of 
 1. Worker: c = local gradient + worker error (the whole bucket, fp32); each slice is sent as
    its signs, 8 per byte, and one fp32 scale per `chunk` elements, ||c_chunk|| / sqrt(len),
    so the decompressed chunk scale * sign(c) has the norm of c_chunk. The worker error
-   becomes c - decompress(compress(c)). One all-to-all sends slice j to rank j.
+   becomes c - decompress(compress(c)) (`compress_`). One all-to-all sends slice j to rank j.
 2. Server (rank j, for slice j): the mean of the N decompressed slices is this step's estimate
    of the averaged gradient of its slice.
 3. With optimizer states sharded (ZeRO 1 and 2) the estimate is all this rank's optimizer
@@ -22,9 +22,9 @@ per rank (the slice a rank's optimizer owns under ZeRO, [Note: shard layout] of 
    one all-gather of the packed slices gives every rank the same decompressed bucket.
 
 Bytes one rank sends for a bucket (comm's [Note: byte accounting]): the all-to-all
-(N-1)/N * N * m and, at stage 0, the all-gather (N-1) * m, where m = n/(8N) + 4 *
-ceil(n/(N*chunk)) is one packed slice; an fp32 all-reduce of the same bucket sends
-2 (N-1)/N * 4n. Stage 0's ratio is about 1/32 + 1/chunk.
+(N-1)/N * N * m and, at stage 0, the all-gather (N-1) * m, where m = n/(8N) + 4n/(N chunk)
+is one packed slice (buckets are padded so that chunks and bytes divide the slices); an fp32
+all-reduce of the same bucket sends 2 (N-1)/N * 4n. Stage 0's ratio is 1/32 + 1/chunk.
 
 Unlike DeepSpeed's 1-bit Adam, which compresses each worker's whole local momentum, the
 workers here compress their gradient: a rank under ZeRO holds the momentum of its slice only.
@@ -43,53 +43,59 @@ import torch
 from shardwise.distributed import comm
 from shardwise.errors import CheckpointError
 
-_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
-"""Bit positions of 8 consecutive signs in their byte (first element in the top bit)."""
+_GATHER_BITS = 0x0102040810204080
+"""Times 8 bytes of 0 / 1 read as one little-endian int64: byte k's bit lands on bit 56 + k
+(no two products overlap, so nothing carries) -- packing 8 flags per multiply."""
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """One bit per element of `x` (rows, n), n a multiple of 8: 1 where x >= 0, packed 8 per
-    byte, first element in the top bit -> uint8 (rows, n / 8)."""
-    shifts = _SHIFTS.to(x.device)
-    bits = x.ge(0).view(*x.shape[:-1], -1, 8).to(torch.uint8)
-    return bits.bitwise_left_shift(shifts).sum(-1, dtype=torch.uint8)
+    """One bit per element of `x` (rows, n), n a multiple of 8: 1 where the sign bit is set
+    (negative, and -0.0), 8 per byte, element 8j + k in bit k of byte j -> uint8 (rows, n/8)."""
+    negative = torch.signbit(x).view(torch.uint8).view(*x.shape[:-1], -1, 8)
+    words = negative.view(torch.int64).squeeze(-1)
+    return words.mul(_GATHER_BITS).bitwise_right_shift(56).to(torch.uint8)
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """Row b: the 8 signs (+1.0 / -1.0) that byte b packs."""
+    bits = (
+        torch.arange(256, device=device)
+        .unsqueeze(-1)
+        .bitwise_right_shift(torch.arange(8, device=device))
+    )
+    return 1.0 - 2.0 * bits.bitwise_and(1).float()
 
 
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     """The signs `pack_signs` packed, as +1.0 / -1.0 in fp32 (rows, 8 * bytes)."""
-    shifts = _SHIFTS.to(packed.device)
-    bits = packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1)
-    return bits.view(*packed.shape[:-1], -1).float().mul_(2).sub_(1)
-
-
-def chunk_scales(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """One scale per `chunk` elements of each row of `x` (the last chunk may be shorter):
-    ||x_chunk|| / sqrt(len(x_chunk)), the value whose signed copies keep the chunk's norm."""
-    n = x.shape[-1]
-    count = math.ceil(n / chunk)
-    padded = torch.nn.functional.pad(x, (0, count * chunk - n)).view(*x.shape[:-1], count, chunk)
-    lengths = torch.full((count,), float(chunk), device=x.device)
-    lengths[-1] = n - (count - 1) * chunk
-    return torch.linalg.vector_norm(padded, dim=-1).div_(lengths.sqrt_())
+    signs = torch.nn.functional.embedding(packed.int(), _sign_table(packed.device))
+    return signs.view(*packed.shape[:-1], -1)
 
 
 def packed_bytes(n: int, chunk: int) -> int:
     """Bytes of `n` elements compressed: n / 8 of signs and 4 per chunk of scales."""
-    return n // 8 + 4 * math.ceil(n / chunk)
+    return n // 8 + 4 * (n // chunk)
 
 
-def compress(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each row of fp32 `x` (rows, n) as one uint8 message: its packed signs, then its chunk
-    scales' bytes (rows, `packed_bytes(n, chunk)`)."""
-    scales = chunk_scales(x, chunk)
-    return torch.cat([pack_signs(x), scales.view(torch.uint8).view(x.shape[0], -1)], dim=1)
+def compress_(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each row of fp32 `x` (rows, n; n a multiple of 8 and of `chunk`) as one uint8 message
+    (rows, `packed_bytes(n, chunk)`): its signs, then one scale per chunk, ||x_chunk|| /
+    sqrt(chunk) (signed copies of it keep the chunk's norm). `x` is left holding what the
+    compression dropped: x - decompress(message)."""
+    rows, n = x.shape
+    blocks = x.view(rows, n // chunk, chunk)
+    scales = torch.linalg.vector_norm(blocks, dim=-1).div_(math.sqrt(chunk))
+    message = torch.cat([pack_signs(x), scales.view(torch.uint8)], dim=1)
+    blocks.sub_(torch.copysign(scales.unsqueeze(-1), blocks))  # the sign bit decides, as packed
+    return message
 
 
 def decompress(message: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
-    """The fp32 rows (rows, n) that `compress` messages stand for: scale * sign."""
-    signs = unpack_signs(message[:, : n // 8])
+    """The fp32 rows (rows, n) that `compress_` messages stand for: scale * sign."""
+    rows = message.shape[0]
+    signs = unpack_signs(message[:, : n // 8]).view(rows, n // chunk, chunk)
     scales = message[:, n // 8 :].contiguous().view(torch.float32)
-    return signs.mul_(scales.repeat_interleave(chunk, dim=1)[:, :n])
+    return signs.mul_(scales.unsqueeze(-1)).view(rows, n)
 
 
 class OneBitExchange:
@@ -97,7 +103,7 @@ class OneBitExchange:
     error feedback ([Note: the compressed exchange]); `active()` says from which step on."""
 
     def __init__(self, buckets: list, group: object | None, chunk: int, gather: bool) -> None:
-        """`buckets`: the reducer's (each a multiple of 8 x group size elements); `gather`:
+        """`buckets`: the reducer's (slices of a multiple of 8 and `chunk` elements); `gather`:
         every rank needs the whole reduced bucket (optimizer states not sharded)."""
         self.group = group
         self.size = comm.group_size(group)
@@ -124,8 +130,7 @@ class OneBitExchange:
         index = self._index[id(bucket)]
         error = self.worker_errors[index]
         corrected = error.add_(bucket.grads).view(self.size, -1)  # c = g + e, in place
-        message = compress(corrected, self.chunk)
-        corrected.sub_(decompress(message, corrected.shape[1], self.chunk))  # e = c - C(c)
+        message = compress_(corrected, self.chunk)  # leaves e = c - C(c)
         error[_used(bucket) :].zero_()  # padding carries no error
         received = torch.empty_like(message)
         work = comm.all_to_all_(received, message, self.group, async_op=True)
@@ -136,9 +141,7 @@ class OneBitExchange:
         estimate = decompress(received, slice_numel, self.chunk).mean(0)
         if self.gather:
             error = self.server_errors[index]
-            corrected = error.add_(estimate).view(1, -1)
-            message = compress(corrected, self.chunk)
-            corrected.sub_(decompress(message, slice_numel, self.chunk))
+            message = compress_(error.add_(estimate).view(1, -1), self.chunk)
             error[max(0, _used(bucket) - self.rank * slice_numel) :].zero_()
             everyone = message.new_empty(self.size, message.shape[1])
             comm.all_gather_(everyone, message, self.group)

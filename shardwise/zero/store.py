@@ -19,6 +19,7 @@ optimizer, a loss scaler and a schedule, and clips with the norm the store repor
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -159,7 +160,7 @@ class FlatStore:
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
             replicate_group=groups.replicate if sharding.grads else None,
             device=device,
-            align=8 if onebit else 1,
+            align=math.lcm(8, plan.config.optim.compression_chunk) if onebit else 1,
         )
         if onebit:
             chunk = plan.config.optim.compression_chunk

@@ -12,7 +12,7 @@ from shardwise.config import Config
 from shardwise.distributed import comm
 from shardwise.distributed.comm import CommStats, _Link
 from shardwise.distributed.compressed import (
-    compress,
+    compress_,
     decompress,
     pack_signs,
     packed_bytes,
@@ -22,6 +22,7 @@ from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.optim.onebit import OneBitAdam
 from shardwise.run_plan import resolve
+from tests.cli_runs import TINY_RUN, logged_losses, run_cli, settings_args
 from tests.parity import (
     assert_parity,
     build_model,
@@ -37,26 +38,34 @@ ONEBIT = {"name": "onebit_adam", "compression_chunk": 64}
 # -- compression ------------------------------------------------------------------------------
 
 
+def _signs(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.signbit(x), -1.0, 1.0)
+
+
 def test_packed_signs_round_trip():
     x = torch.randn(3, 64)
-    x[0, :5] = 0.0  # zero counts as positive
+    x[0, :5] = 0.0  # +0.0 counts as positive, -0.0 as negative
+    x[1, :3] = -0.0
     packed = pack_signs(x)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
-    torch.testing.assert_close(unpack_signs(packed), torch.where(x >= 0, 1.0, -1.0))
+    assert torch.equal(unpack_signs(packed), _signs(x))
+    assert pack_signs(torch.tensor([[-1.0] + [1.0] * 7])).item() == 1  # element 0 in bit 0
 
 
-@pytest.mark.parametrize("n, chunk", [(64, 16), (40, 16), (24, 100)])
+@pytest.mark.parametrize("n, chunk", [(64, 16), (48, 8), (32, 32)])
 def test_compression_keeps_signs_and_chunk_norms(n, chunk):
     x = torch.randn(2, n)
-    message = compress(x, chunk)
+    error = x.clone()
+    message = compress_(error, chunk)
     assert message.shape == (2, packed_bytes(n, chunk))
     y = decompress(message, n, chunk)
-    assert torch.equal(y.sign(), torch.where(x >= 0, 1.0, -1.0))
+    assert torch.equal(_signs(y), _signs(x))
+    torch.testing.assert_close(y + error, x)  # the error is exactly what was dropped
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         torch.testing.assert_close(y[:, part].norm(dim=1), x[:, part].norm(dim=1))
     # the error is the part of x orthogonal to its signs: smaller than x
-    assert torch.all((x - y).norm(dim=1) < x.norm(dim=1))
+    assert torch.all(error.norm(dim=1) < x.norm(dim=1))
 
 
 def test_error_feedback_keeps_the_accumulated_error_bounded():
@@ -69,9 +78,8 @@ def test_error_feedback_keeps_the_accumulated_error_bounded():
     largest = 0.0
     for _ in range(500):
         grad = torch.randn(1, 256, generator=gen) * torch.linspace(0.01, 1, 256)
-        corrected = grad + error
-        sent = decompress(compress(corrected, 32), 256, 32)
-        error = corrected - sent
+        error = grad + error
+        sent = decompress(compress_(error, 32), 256, 32)
         sent_total += sent.double()
         grad_total += grad.double()
         largest = max(largest, error.norm().item() / grad.norm().item())
@@ -238,3 +246,25 @@ def test_emulated_link_sends_bytes_one_after_another():
     assert link.reserve(5e8, now=10.5) == pytest.approx(11.5)  # queued behind the first
     assert link.reserve(1e9, now=20.0) == pytest.approx(21.0)  # the link was idle
     assert _Link().reserve(1e9, now=0.0) is None
+
+
+def test_train_and_resume_through_the_launcher(tmp_path, capsys):
+    settings = [
+        *TINY_RUN,
+        "train.steps=4",
+        "checkpoint.every=2",
+        "optim.name=onebit_adam",
+        "optim.freeze_step=1",
+        "optim.compression_chunk=32",
+    ]
+    out = tmp_path / "run"
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
+    assert "1-bit Adam: AdamW for 1 steps, then gradients at 1 bit" in printed
+    full = logged_losses(out)
+    step2 = str(out / "checkpoints" / "step_00000002")
+    code, printed = run_cli(["train", "--nproc", "2", "--resume", step2], capsys)
+    assert code == 0, printed
+    assert logged_losses(out) == full and len(full) == 4
