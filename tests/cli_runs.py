@@ -37,3 +37,14 @@ def settings_args(settings: list[str]) -> list[str]:
 def logged_losses(out: Path) -> list[float]:
     """The loss of every step in a run's metrics.jsonl."""
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_on_two_ranks(out: Path, settings: list[str], capsys, shows: str) -> list[float]:
+    """``shardwise train --nproc 2 --out out`` with `settings`: checks that it succeeded and
+    that its plan printed `shows`; the logged losses."""
+    code, printed = run_cli(
+        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
+    )
+    assert code == 0, printed
+    assert shows in printed
+    return logged_losses(out)

@@ -16,7 +16,7 @@ from shardwise.config import AttentionConfig
 from shardwise.errors import ConfigError
 from shardwise.models import spec_of
 from shardwise.run_plan import resolve
-from tests.cli_runs import TINY_RUN, logged_losses, run_cli, settings_args
+from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import (
     SEQ,
     assert_parity,
@@ -122,11 +122,6 @@ def test_train_on_two_ranks_through_the_launcher(tmp_path, capsys):
         "attention.layout=bigbird",
         "attention.block=4",
     ]
-    out = tmp_path / "run"
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
-    )
-    assert code == 0, printed
-    assert "attention     block-sparse bigbird, block 4, " in printed
-    losses = logged_losses(out)
+    shows = "attention     block-sparse bigbird, block 4, "
+    losses = train_on_two_ranks(tmp_path / "run", settings, capsys, shows)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5

@@ -15,7 +15,7 @@ from shardwise.distributed import comm
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError, TrainingError
 from shardwise.run_plan import resolve
-from tests.cli_runs import logged_losses, run_cli, settings_args
+from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
 
 LAYERS = 8
@@ -158,12 +158,7 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
         "pipeline.schedule=gpipe",
     ]
     out = tmp_path / "run"
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
-    )
-    assert code == 0, printed
-    assert "pipeline gpipe over pp=2, 2 stages" in printed
-    full = logged_losses(out)
+    full = train_on_two_ranks(out, settings, capsys, "pipeline gpipe over pp=2, 2 stages")
     checkpoint = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("engine*")) == [
         "engine_rank0.pt",

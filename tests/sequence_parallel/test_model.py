@@ -15,7 +15,7 @@ from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.run_plan import resolve
-from tests.cli_runs import TINY_RUN, logged_losses, run_cli, settings_args
+from tests.cli_runs import TINY_RUN, logged_losses, run_cli, train_on_two_ranks
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
 
 SP_PARAM_RTOL = 2e-4
@@ -126,12 +126,7 @@ def test_train_and_resume_through_the_launcher(tmp_path, capsys):
         "attention.sequence_parallel=ring",
     ]
     out = tmp_path / "run"
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
-    )
-    assert code == 0, printed
-    assert "ring attention over sp=2" in printed
-    full = logged_losses(out)
+    full = train_on_two_ranks(out, settings, capsys, "ring attention over sp=2")
     step2 = str(out / "checkpoints" / "step_00000002")
     code, printed = run_cli(["train", "--nproc", "2", "--resume", step2], capsys)
     assert code == 0, printed
