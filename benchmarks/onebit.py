@@ -12,10 +12,11 @@ Three figures, each against AdamW measured in the same run:
   of the last 10 steps of each, ratio 1-bit / AdamW. The full run repeats it for preset mini
   (ratio key ``loss_vs_adam_mini``). Target <= 1.03.
 * ``step_vs_adam_slow_link``: under ``distributed.emulate_gbps = 1`` (every collective waits
-  its wire bytes at 1 Gbit/s, comm's [Note: emulated link]), preset mini (25M parameters),
-  64 tokens and one sequence per rank, the mean step time of 1-bit Adam over one refresh
-  cycle (9 compressed steps and 1 exact one) over AdamW's mean; contenders interleaved step
-  by step, a barrier before each step, a step timed on each rank. Target <= 0.5.
+  its wire bytes at 1 Gbit/s, [Note: emulated link] in distributed/link.py), preset mini
+  (25M parameters), 64 tokens and one sequence per rank, the mean step time of 1-bit Adam
+  over one refresh cycle (9 compressed steps and 1 exact one) over AdamW's mean; contenders
+  interleaved step by step, a barrier before each step, a step timed on each rank. Target
+  <= 0.5.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from shardwise.attention import apply_attention
 from shardwise.config import Config
 from shardwise.distributed import comm
 from shardwise.distributed.launch import join_launched_group
+from shardwise.distributed.link import emulate_link
 from shardwise.errors import TrainingError
 from shardwise.loss import LossFn, choose_loss, own_loss
 from shardwise.models import ModelSpec, spec_of
@@ -55,7 +56,7 @@ class Engine:
         spec: ModelSpec | None = None,
     ) -> None:
         self.plan = plan
-        comm.emulate_link(plan.config.distributed.emulate_gbps)
+        emulate_link(plan.config.distributed.emulate_gbps)
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)

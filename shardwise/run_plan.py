@@ -228,6 +228,7 @@ def resolve(
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    onebit_freeze = _onebit_freeze(config, dims, precision, optimizer_given, trainable)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
@@ -238,7 +239,7 @@ def resolve(
         sharding=_sharding(config, dims),
         offload=config.offload,
         precision=precision,
-        optimizer=_optimizer_use(config, dims, precision, optimizer_given, trainable),
+        optimizer=_optimizer_use(config, optimizer_given, onebit_freeze),
         tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
         trainable_params=trainable,
         pipeline=pipeline,
@@ -398,11 +399,7 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
 
 
 def _optimizer_use(
-    config: Config,
-    dims: ParallelDims,
-    precision: MixedPrecisionPolicy,
-    optimizer_given: bool,
-    trainable: int,
+    config: Config, optimizer_given: bool, onebit_freeze: int | None
 ) -> OptimizerUse:
     optim = config.optim
     explicit = optim.model_fields_set if optimizer_given else set(type(optim).model_fields)
@@ -411,7 +408,7 @@ def _optimizer_use(
         lr_schedule=any(key in explicit for key in OPTIM_SCHEDULE_KEYS),
         grad_clip=optim.grad_clip if "grad_clip" in explicit else 0.0,
         decay_groups="weight_decay" in explicit,
-        onebit_freeze=_onebit_freeze(config, dims, precision, optimizer_given, trainable),
+        onebit_freeze=onebit_freeze,
     )
 
 

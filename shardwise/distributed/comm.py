@@ -56,7 +56,6 @@ import contextvars
 import functools
 import itertools
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -67,6 +66,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 from torch.distributed.device_mesh import DeviceMesh
 
+from shardwise.distributed import link
 from shardwise.distributed.cost import ring_wire_bytes
 
 Group = DeviceMesh | ProcessGroup | None
@@ -82,7 +82,6 @@ __all__ = [
     "all_to_all_",
     "all_to_all_along_dims",
     "backward_recording",
-    "emulate_link",
     "format_bytes",
     "broadcast_",
     "copy_to_group",
@@ -106,8 +105,8 @@ __all__ = [
 # Hang diagnostics
 # ---------------------------------------------------------------------------------------------
 # [Note: process-local diagnostic state] Apart from the context-local recorder stack and the
-# emulated link ([Note: emulated link]), this is the one piece of module state in shardwise's
-# distributed code. It is acceptable because it is write-only for the library (nothing
+# emulated link (link.py), this is the one piece of module state in shardwise's distributed
+# code. It is acceptable because it is write-only for the library (nothing
 # branches on it; it never changes what a collective does, so no run depends on it) and is
 # per process by nature: the question "what was *this* process waiting on when it timed out"
 # has one answer per process. The launcher reads it after a timeout to print one line per
@@ -146,44 +145,6 @@ def _finish(number: int) -> None:
             _pending = None
 
 
-# [Note: emulated link] ``distributed.emulate_gbps`` makes this process's link slow: it sends
-# its collectives' wire bytes ([Note: byte accounting]) one after another at that rate, and a
-# collective is complete only once its bytes have gone out: a synchronous op returns then, an
-# asynchronous one's `TrackedWork.wait` waits until then (so compute issued in between
-# overlaps with the transfer, as on a real link). Every rank of a collective sends, so every
-# rank waits alike; a recv waits on its sender. It changes when ops complete, never their
-# results. Process state like the diagnostic above: one link per process.
-
-
-@dataclass
-class _Link:
-    gbps: float | None = None
-    free_at: float = 0.0
-    """When the bytes already sent have gone out (time.perf_counter)."""
-
-    def reserve(self, wire_bytes: float, now: float) -> float | None:
-        """Queue `wire_bytes` issued at `now`; when they have gone out (None: no emulation)."""
-        if self.gbps is None:
-            return None
-        self.free_at = max(now, self.free_at) + wire_bytes * 8 / (self.gbps * 1e9)
-        return self.free_at
-
-
-_link = _Link()
-
-
-def emulate_link(gbps: float | None) -> None:
-    """Send this process's collectives at `gbps` Gbit/s from now on ([Note: emulated link]);
-    None turns the emulation off."""
-    with _state_lock:
-        _link.gbps, _link.free_at = gbps, 0.0
-
-
-def _sleep_until(deadline: float | None) -> None:
-    if deadline is not None:
-        time.sleep(max(0.0, deadline - time.perf_counter()))
-
-
 def format_bytes(nbytes: float) -> str:
     """A byte count for people: ``"512 B"``, ``"1.5 KiB"``, ... up to GiB."""
     if nbytes < 1024:
@@ -209,7 +170,7 @@ class TrackedWork:
     def wait(self, *args: Any) -> bool:
         """Block until the collective has completed (on CUDA: until the stream waits on it)."""
         result = self._work.wait(*args) if self._work is not None else True
-        _sleep_until(self._sent_at)
+        link.wait_until_sent(self._sent_at)
         _finish(self._number)
         return result
 
@@ -426,12 +387,11 @@ def _issue(
         recorder.record(g.label, op, payload, wire_bytes)
     dtype = str(tensor.dtype).removeprefix("torch.")
     number = _begin(f"{op}{peer} on axis '{g.label}' ({format_bytes(payload)} {dtype}")
-    with _state_lock:
-        sent_at = _link.reserve(wire_bytes, time.perf_counter())
+    sent_at = link.sent_at(wire_bytes)  # [Note: emulated link]
     work = launch()
     if async_op:
         return TrackedWork(work, number, sent_at)
-    _sleep_until(sent_at)
+    link.wait_until_sent(sent_at)
     _finish(number)
     return None
 

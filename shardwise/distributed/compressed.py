@@ -35,6 +35,7 @@ same in expectation; the error feedback works on the gradient as EF-SGD does.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return words.mul(_GATHER_BITS).bitwise_right_shift(56).to(torch.uint8)
 
 
+@functools.cache
 def _sign_table(device: torch.device) -> torch.Tensor:
     """Row b: the 8 signs (+1.0 / -1.0) that byte b packs."""
     bits = (
@@ -123,10 +125,17 @@ class OneBitExchange:
         self.active: Callable[[], bool] = lambda: False
         """Whether this step's gradients travel compressed (set to the optimizer's freeze)."""
 
+    def owned_range(self, bucket) -> tuple[int, int]:
+        """The flat range of `bucket` whose estimate this rank receives: its slice, or the
+        whole bucket when gathering."""
+        if self.gather:
+            return 0, bucket.numel
+        slice_numel = bucket.numel // self.size
+        return self.rank * slice_numel, (self.rank + 1) * slice_numel
+
     def launch(self, bucket, out: torch.Tensor) -> _CompressedWork:
         """Compress `bucket`'s local gradient and start the all-to-all; the returned work's
-        `wait()` writes the averaged estimate into `out` (this rank's slice of the bucket,
-        or the whole bucket when gathering)."""
+        `wait()` writes the averaged estimate into `out` (the bucket's `owned_range`)."""
         index = self._index[id(bucket)]
         error = self.worker_errors[index]
         corrected = error.add_(bucket.grads).view(self.size, -1)  # c = g + e, in place
@@ -146,10 +155,8 @@ class OneBitExchange:
             everyone = message.new_empty(self.size, message.shape[1])
             comm.all_gather_(everyone, message, self.group)
             estimate = decompress(everyone, slice_numel, self.chunk).view(-1)
-            start = 0
-        else:
-            start = self.rank * slice_numel
         out.copy_(estimate)
+        start, _ = self.owned_range(bucket)
         out[max(0, _used(bucket) - start) :].zero_()  # padding: norms read the whole slice
 
     def state_dict(self) -> dict:

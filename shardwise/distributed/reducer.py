@@ -163,10 +163,7 @@ class GradReducer:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
         if self.compression is not None and self.compression.active():
-            slice_numel = bucket.numel // self.group_size
-            start = 0 if self.compression.gather else self.compression.rank * slice_numel
-            end = bucket.numel if self.compression.gather else start + slice_numel
-            out = self.reduced_range(bucket, start, end)
+            out = self.reduced_range(bucket, *self.compression.owned_range(bucket))
             bucket.work = self.compression.launch(bucket, out)
         elif self.scatter:
             source = bucket.grads.to(bucket.reduced.dtype).div_(self._ranks_averaged)

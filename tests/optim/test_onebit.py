@@ -10,7 +10,7 @@ import torch
 
 from shardwise.config import Config
 from shardwise.distributed import comm
-from shardwise.distributed.comm import CommStats, _Link
+from shardwise.distributed.comm import CommStats
 from shardwise.distributed.compressed import (
     compress_,
     decompress,
@@ -18,6 +18,7 @@ from shardwise.distributed.compressed import (
     packed_bytes,
     unpack_signs,
 )
+from shardwise.distributed.link import Link
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.optim.onebit import OneBitAdam
@@ -241,11 +242,11 @@ def test_freeze_defaults_to_a_fifth_of_the_steps():
 
 
 def test_emulated_link_sends_bytes_one_after_another():
-    link = _Link(gbps=8.0)  # 1 GB/s: 1e9 bytes take 1 s
+    link = Link(gbps=8.0)  # 1 GB/s: 1e9 bytes take 1 s
     assert link.reserve(1e9, now=10.0) == pytest.approx(11.0)
     assert link.reserve(5e8, now=10.5) == pytest.approx(11.5)  # queued behind the first
     assert link.reserve(1e9, now=20.0) == pytest.approx(21.0)  # the link was idle
-    assert _Link().reserve(1e9, now=0.0) is None
+    assert Link().reserve(1e9, now=0.0) is None
 
 
 def test_trains_on_two_ranks_through_the_launcher(tmp_path, capsys):
