@@ -11,11 +11,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardwise.checkpoint.io import check_resumable
 from shardwise.engine import initialize
+from shardwise.errors import CheckpointError
+from shardwise.run_plan import resolve
 from shardwise.zero.chunks.chunk import ChunkState, Tier
 from tests import parity
-from tests.cli_runs import logged_losses, run_cli, settings_args
-from tests.parity import BF16_RTOL, assert_parity, build_model, make_config, reference_run
+from tests.parity import (
+    BF16_RTOL,
+    assert_parity,
+    build_model,
+    make_config,
+    reference_run,
+    train_then_resume,
+)
 
 SMALLEST_CHUNKS = {"chunk_search_range_mb": 0}
 BUDGET_MB = 0.21
@@ -142,41 +151,23 @@ def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtyp
     assert sum(got["pieces"] for got in results) == total
 
 
-def test_train_and_resume_on_two_ranks_through_the_launcher(tmp_path, capsys):
-    settings = [
-        "model.n_layers=1",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "data.seq_len=16",
-        "data.max_bytes=20000",
-        "train.steps=4",
-        "checkpoint.every=2",
-        "log.progress=false",
-        "offload.policy=auto",
-        "offload.device_budget_mb=0.45",
-        "offload.host_budget_mb=0.02",
-        "offload.optimizer=disk",
-        "offload.chunk_search_range_mb=0",
-        f"offload.disk_path={tmp_path}",
-    ]
-    out = tmp_path / "run"
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
-    )
-    assert code == 0, printed
-    full = logged_losses(out)
-    checkpoint = out / "checkpoints" / "step_00000002"
+def test_resumes_exactly_with_its_chunk_layout_only(pool2, tmp_path):
+    """Through the trainer (the launcher's resume path is tests/test_cli.py's): chunks placed
+    under budgets, Adam states on disk; a checkpoint of other chunk shards is refused."""
+    offload = {
+        **PLACEMENTS["auto-disk-adam-on-disk"],
+        **SMALLEST_CHUNKS,
+        "disk_path": str(tmp_path),
+    }
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 0, "fp32", offload=offload):
+        assert resumed == full[2:]
+    checkpoint = tmp_path / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("engine*")) == [
         "engine_rank0.pt",
         "engine_rank1.pt",
     ]
-    code, printed = run_cli(["train", "--nproc", "2", "--resume", str(checkpoint)], capsys)
-    assert code == 0, printed
-    again = logged_losses(out)
-    assert again == full and len(full) == 4
-    other_chunks = ["--set", "offload.chunk_min_mb=0.1"]  # other shards: refused before launch
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--resume", str(checkpoint), *other_chunks], capsys
+    other = make_config(micro_batch=1, global_batch=2).replace(
+        offload={**offload, "chunk_min_mb": 0.1}
     )
-    assert code == 2
-    assert "another layout: chunks=" in printed
+    with pytest.raises(CheckpointError, match="another layout: chunks="):
+        check_resumable(checkpoint, 2, resolve(other, 2).layout())
