@@ -68,7 +68,10 @@ class Engine:
         apply_activation_checkpointing(
             model, spec, train.activation_checkpointing, train.checkpoint_every_n
         )
-        self.store = build_store(model, plan, mesh, self.device, spec, param_init, self.tp)
+        self.scaler = make_loss_scaler(plan.precision, plan.config.precision)
+        self.store = build_store(
+            model, plan, mesh, self.device, spec, param_init, self.tp, self.scaler
+        )
         self.model = model
         self.dp = DataParallelGroups.of(mesh)
         optim = plan.config.optim
@@ -82,7 +85,6 @@ class Engine:
         if plan.optimizer.lr_schedule:
             factor = lr_multiplier(optim, train.steps)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.scaler = make_loss_scaler(plan.precision, plan.config.precision)
         self.global_step = 0
         self.last_grad_norm = 0.0
         self._micro_step = 0

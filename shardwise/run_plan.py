@@ -228,7 +228,7 @@ def resolve(
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    onebit_freeze = _onebit_freeze(config, dims, precision, optimizer_given, trainable)
+    onebit_freeze = _onebit_freeze(config, dims, optimizer_given, trainable)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
@@ -413,11 +413,7 @@ def _optimizer_use(
 
 
 def _onebit_freeze(
-    config: Config,
-    dims: ParallelDims,
-    precision: MixedPrecisionPolicy,
-    optimizer_given: bool,
-    trainable: int,
+    config: Config, dims: ParallelDims, optimizer_given: bool, trainable: int
 ) -> int | None:
     """1-bit Adam's freeze step, after checking what it combines with (docs/onebit_adam.md)."""
     optim, steps = config.optim, config.train.steps
@@ -436,9 +432,6 @@ def _onebit_freeze(
         "parallel.pp=1": dims.pp > 1,
         "parallel.sp=1 and parallel.dp_replicate=1 (one flat data-parallel group)": (
             dims.sp * dims.dp_replicate > 1
-        ),
-        "precision.dtype='fp32' or 'bf16' (fp16's loss scale would rescale the errors)": (
-            precision.param_dtype == torch.float16
         ),
     }
     _refuse_combinations("optim.name='onebit_adam'", limits)

@@ -9,7 +9,8 @@ is lost, only delayed).
 [Note: the compressed exchange] A bucket of n elements over N ranks is cut into N slices, one
 per rank (the slice a rank's optimizer owns under ZeRO, [Note: shard layout] of reducer.py).
 
-1. Worker: c = local gradient + worker error (the whole bucket, fp32); each slice is sent as
+1. Worker: c = local gradient + worker error (the whole bucket, fp32; an fp16 gradient is
+   divided by the loss scale first, so errors survive a change of scale); each slice is sent as
    its signs, 8 per byte, and one fp32 scale per `chunk` elements, ||c_chunk|| / sqrt(len),
    so the decompressed chunk scale * sign(c) has the norm of c_chunk. The worker error
    becomes c - decompress(compress(c)) (`compress_`). One all-to-all sends slice j to rank j.
@@ -124,6 +125,9 @@ class OneBitExchange:
         self._index = {id(b): i for i, b in enumerate(buckets)}
         self.active: Callable[[], bool] = lambda: False
         """Whether this step's gradients travel compressed (set to the optimizer's freeze)."""
+        self.loss_scale: Callable[[], float] = lambda: 1.0
+        """The fp16 loss scale the gradients arrive multiplied by: errors are kept unscaled,
+        so a change of scale leaves them valid."""
 
     def owned_range(self, bucket) -> tuple[int, int]:
         """The flat range of `bucket` whose estimate this rank receives: its slice, or the
@@ -138,14 +142,17 @@ class OneBitExchange:
         `wait()` writes the averaged estimate into `out` (the bucket's `owned_range`)."""
         index = self._index[id(bucket)]
         error = self.worker_errors[index]
-        corrected = error.add_(bucket.grads).view(self.size, -1)  # c = g + e, in place
+        scale = self.loss_scale()
+        corrected = error.add_(bucket.grads, alpha=1 / scale).view(self.size, -1)  # c = g + e
         message = compress_(corrected, self.chunk)  # leaves e = c - C(c)
         error[_used(bucket) :].zero_()  # padding carries no error
         received = torch.empty_like(message)
         work = comm.all_to_all_(received, message, self.group, async_op=True)
-        return _CompressedWork(self, index, bucket, received, work, out)
+        return _CompressedWork(self, index, bucket, received, work, out, scale)
 
-    def _finish(self, index: int, bucket, received: torch.Tensor, out: torch.Tensor) -> None:
+    def _finish(
+        self, index: int, bucket, received: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> None:
         slice_numel = bucket.numel // self.size
         estimate = decompress(received, slice_numel, self.chunk).mean(0)
         if self.gather:
@@ -155,9 +162,15 @@ class OneBitExchange:
             everyone = message.new_empty(self.size, message.shape[1])
             comm.all_gather_(everyone, message, self.group)
             estimate = decompress(everyone, slice_numel, self.chunk).view(-1)
-        out.copy_(estimate)
+        out.copy_(estimate.mul_(scale) if scale != 1 else estimate)  # scaled, as the grads
         start, _ = self.owned_range(bucket)
         out[max(0, _used(bucket) - start) :].zero_()  # padding: norms read the whole slice
+
+    def discard_errors(self) -> None:
+        """Forget the errors after a step whose gradients were discarded (an fp16 overflow):
+        they hold non-finite values, or the residue of gradients that were never applied."""
+        for error in self.worker_errors + self.server_errors:
+            error.zero_()
 
     def state_dict(self) -> dict:
         return {
@@ -185,8 +198,8 @@ def _used(bucket) -> int:
 class _CompressedWork:
     """A bucket's compressed reduction in flight; `wait()` completes it."""
 
-    def __init__(self, exchange, index, bucket, received, work, out) -> None:
-        self._args = (index, bucket, received, out)
+    def __init__(self, exchange, index, bucket, received, work, out, scale) -> None:
+        self._args = (index, bucket, received, out, scale)
         self._exchange = exchange
         self._work = work
 

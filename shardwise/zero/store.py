@@ -106,9 +106,11 @@ def build_store(
     spec: ModelSpec,
     param_init: ParamInit | None,
     tp: TensorParallel | None,
+    scaler: DynamicLossScaler | None = None,
 ) -> ParamStore:
     """Place `model` (in the plan's parameter dtype, every replica starting from rank 0's
-    weights) and wrap its trainable parameters in the store the plan asks for."""
+    weights) and wrap its trainable parameters in the store the plan asks for. `scaler`: the
+    fp16 loss scaler the gradients arrive scaled by."""
     from shardwise.zero.chunks.store import ChunkStore  # it imports this module
 
     check_materialisable(model, param_init)
@@ -122,7 +124,7 @@ def build_store(
         sample = spec.sample_input(plan.config.data.seq_len, device)
         store = ChunkStore(model, plan, groups, device, sample, param_init, tp)
     else:
-        store = FlatStore(model, plan, groups, device, spec, param_init, tp)
+        store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler)
     materialise_frozen(model, param_init, device)
     return store
 
@@ -140,6 +142,7 @@ class FlatStore:
         spec: ModelSpec,
         param_init: ParamInit | None,
         tp: TensorParallel | None,
+        scaler: DynamicLossScaler | None = None,
     ) -> None:
         sharding = plan.sharding
         self.model, self.device, self.tp = model, device, tp
@@ -167,6 +170,8 @@ class FlatStore:
             self.reducer.compression = OneBitExchange(
                 self.reducer.buckets, reduce_group, chunk, gather=not sharding.optimizer
             )
+            if scaler is not None:
+                self.reducer.compression.loss_scale = lambda: scaler.scale
         self.shards = OptimizerShards(
             model, self.reducer, plan.precision, groups.shard, sharding, param_init
         )
@@ -220,7 +225,13 @@ class FlatStore:
     # -- the step ----------------------------------------------------------------------------
 
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool:
-        return scaler.unscale_and_check_(self.shards.owned_grads(), self.norm_groups, self.device)
+        found_inf = scaler.unscale_and_check_(
+            self.shards.owned_grads(), self.norm_groups, self.device
+        )
+        compression = self.reducer.compression
+        if found_inf and compression is not None and compression.active():
+            compression.discard_errors()  # they hold the residue of a discarded step
+        return found_inf
 
     def grad_norm(self) -> torch.Tensor:
         """The global 2-norm: this rank's squares (each tensor-parallel shard counted once

@@ -207,6 +207,63 @@ def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
     assert (tmp_path / "checkpoints" / "step_00000004" / "engine_rank1.pt").is_file()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_resumes_exactly_in_half_precision(pool2, tmp_path, dtype):
+    optim = {**ONEBIT, "freeze_step": 1}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 2, dtype, optim=optim):
+        assert resumed == full[2:] and all(math.isfinite(loss) for loss in full)
+
+
+def _fp16_error_norm(initial_scale: float) -> float:
+    """The worker errors' norm after one exact and one compressed fp16 step."""
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=1, dtype="fp16").replace(
+        optim={**ONEBIT, "freeze_step": 1}, precision={"initial_scale": initial_scale}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    rank = comm.group_rank(None)
+    for inputs, targets in global_batches(cfg, 2):
+        engine.train_step((inputs[rank : rank + 1], targets[rank : rank + 1]))
+    errors = engine.store.reducer.compression.worker_errors
+    return torch.linalg.vector_norm(torch.cat(errors)).item()
+
+
+def test_fp16_errors_are_kept_unscaled(pool2):
+    """Errors in gradient units: the same whatever the loss scale (to fp16 rounding), not
+    16 times larger at a 16 times larger scale."""
+    low, high = pool2.run(_fp16_error_norm, 2.0**8), pool2.run(_fp16_error_norm, 2.0**12)
+    for a, b in zip(low, high, strict=True):
+        assert a > 0 and b == pytest.approx(a, rel=1e-2)
+
+
+def _overflow_in_a_compressed_step(stage: int) -> tuple[bool, bool, bool, float]:
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype="fp16").replace(
+        optim={**ONEBIT, "freeze_step": 1}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    rank = comm.group_rank(None)
+    batches = [(x[rank : rank + 1], y[rank : rank + 1]) for x, y in global_batches(cfg, 3)]
+    errors = engine.store.reducer.compression.worker_errors
+    engine.train_step(batches[0])  # exact
+    engine.train_step(batches[1])  # compressed: errors now hold residues
+    had_errors = any(e.any() for e in errors)
+    before = [p.detach().clone() for p in engine.params]
+    loss = engine.loss_fn(engine.forward(batches[2][0]), batches[2][1])
+    engine.backward(loss * (float("inf") if rank == 1 else 1.0))
+    stepped = engine.step()
+    unchanged = all(torch.equal(b, p) for b, p in zip(before, engine.params, strict=True))
+    cleared = not any(e.any() for e in errors)
+    return had_errors, stepped, unchanged and cleared, engine.train_step(batches[2])
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp16_overflow_in_a_compressed_step_skips_it_and_clears_the_errors(pool2, stage):
+    for had_errors, stepped, unchanged_and_cleared, next_loss in pool2.run(
+        _overflow_in_a_compressed_step, stage
+    ):
+        assert had_errors and not stepped and unchanged_and_cleared
+        assert math.isfinite(next_loss)
+
+
 # -- settings it refuses ------------------------------------------------------------------------
 
 
@@ -216,7 +273,6 @@ def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
         ({"optim": {"freeze_step": 5}}, "optim.freeze_step=5 leaves no compressed step"),
         ({"zero": {"stage": 3}}, "set zero.stage=0, 1 or 2"),
         ({"optim": {"compression_chunk": 10**6}}, "optim.compression_chunk=1000000 is larger"),
-        ({"precision": {"dtype": "fp16"}}, "set precision.dtype='fp32' or 'bf16'"),
         ({"parallel": {"dp_replicate": 2, "dp_shard": 1}}, "one flat data-parallel group"),
     ],
 )
