@@ -101,7 +101,8 @@ class GradReducer:
         Buffers go on `device` (default: the first parameter's), so parameters may still be
         on the meta device; hooks are registered at the first `prepare`, after whoever
         materialises them (ZeRO, see zero/optimizer.py) has swapped them in. Each bucket's
-        slices are a multiple of `align` elements (8 for 1-bit compression's packed signs).
+        slices are a multiple of `align` elements (1-bit compression packs 8 signs a byte and
+        scales whole chunks).
 
         `compression`, when set (1-bit Adam's `OneBitExchange`), replaces the collective of
         every bucket while it is active."""

@@ -154,6 +154,7 @@ class FlatStore:
         reduce_group = groups.shard if sharding.grads else groups.dp
         # 1-bit Adam compresses only where there is someone to send to
         onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(reduce_group) > 1
+        chunk = plan.config.optim.compression_chunk
         self.reducer = GradReducer(
             self.params,
             group=reduce_group,
@@ -163,10 +164,9 @@ class FlatStore:
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
             replicate_group=groups.replicate if sharding.grads else None,
             device=device,
-            align=math.lcm(8, plan.config.optim.compression_chunk) if onebit else 1,
+            align=math.lcm(8, chunk) if onebit else 1,
         )
         if onebit:
-            chunk = plan.config.optim.compression_chunk
             self.reducer.compression = OneBitExchange(
                 self.reducer.buckets, reduce_group, chunk, gather=not sharding.optimizer
             )
