@@ -1,5 +1,6 @@
 """1-bit Adam: the compression, the optimizer's formula, its exchange at 2 ranks (bytes, parity
-before the freeze, exact resume after it) and the settings it refuses."""
+before the freeze, exact resume after it, fp16 loss scales and overflows) and the settings it
+refuses."""
 
 from __future__ import annotations
 
