@@ -72,11 +72,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         find_checkpoint(args.resume)
     cfg = _resolve_config(args)
     plan = resolve(cfg, args.nproc)
-    if args.resume is not None:
-        check_resumable(args.resume, args.nproc, plan.layout())
-    # Read the data once here: a missing file or a too-small corpus fails before any launch.
     dp = plan.dims.dp
-    build_data(cfg.data, cfg.train.micro_batch * dp * plan.micro_batches, 0, dp, 0)
+    global_batch = cfg.train.micro_batch * dp * plan.micro_batches
+    if args.resume is not None:
+        check_resumable(args.resume, args.nproc, plan.layout(), global_batch)
+    # Read the data once here: a missing file or a too-small corpus fails before any launch.
+    build_data(cfg.data, global_batch, 0, dp, 0)
     out = _run_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())

@@ -172,6 +172,9 @@ class Engine:
     def loss_of(self, output: object, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, targets.to(self.device, non_blocking=True))
 
+    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
+        return self.store.reduced_grad(param)
+
     # -- state ----------------------------------------------------------------------------
 
     def memory_report(self) -> dict[str, int]:
@@ -183,29 +186,22 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    @property
-    def state_is_replicated(self) -> bool:
-        """Whether every rank holds the same state (else each saves its own)."""
-        return self.store.replicated and self.plan.pipeline is None
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (copies; gathered where sharded over
         data-parallel ranks; tensor-parallel shards stay each rank's own)."""
         return self.store.full_state_dict()
 
     def state_dict(self) -> dict:
-        """Everything an exact resume needs: this rank's shards and the model's other state."""
+        """The state every rank shares: step, LR schedule, loss scale. Parameters and
+        optimizer states are saved from the store, in any layout's terms
+        (shardwise/checkpoint/shards.py)."""
         return {
-            **self.store.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "global_step": self.global_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.store.load_state_dict(state)
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:

@@ -42,6 +42,10 @@ class StepOps(Protocol):
         """Backward from `tensor` (with `grad`, unless a scalar); `sync`: the rank's last
         backward of the step, which reduces gradients."""
 
+    def reduced_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """`param`'s gradient as the update will read it, after the step's reduction (zero
+        stage 0, which pipeline parallelism runs with)."""
+
 
 class Schedule(Protocol):
     def __len__(self) -> int: ...

@@ -69,8 +69,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     global_batch = cfg.train.micro_batch * dp_size * plan.micro_batches
     data = build_data(cfg.data, global_batch, dp_rank, dp_size, cfg.train.seed)
     if resume is not None:
-        engine_state, trainer_state = load_checkpoint(resume, engine.device, plan.layout())
-        engine.load_state_dict(engine_state)
+        trainer_state = load_checkpoint(resume, engine, plan.layout())
         data.load_state_dict(trainer_state["data"])
     start, total = engine.global_step, cfg.train.steps
     ckpt_root = out_dir / "checkpoints"
@@ -115,10 +114,9 @@ def _save(engine: Engine, data, root: Path, plan: RunPlan) -> Path:
     return save_checkpoint(
         root,
         engine.global_step,
-        engine.state_dict(),
+        engine,
         trainer_state,
         keep=plan.config.checkpoint.keep,
-        replicated=engine.state_is_replicated,
         layout=plan.layout(),
     )
 

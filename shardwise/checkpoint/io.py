@@ -1,11 +1,12 @@
-"""Atomic checkpoint directories.
+"""Atomic checkpoint directories that any layout can resume from.
 
-Layout of ``<root>/step_00000100/``: ``engine.pt`` (written by rank 0 when every rank holds
-the same state) or ``engine_rank<R>.pt`` (one per rank when optimizer state is sharded),
-``rank<R>.pt`` (per-rank RNG state), ``trainer.json`` (step, data position) and
-``manifest.json`` (written last). Everything is written into ``.step_00000100.tmp/`` and
-renamed once complete, and ``<root>/latest`` names the newest finished checkpoint, so a
-crash during a save leaves the previous checkpoint intact and never a half one.
+Layout of ``<root>/step_00000100/``: ``shards_rank<R>.pt`` (each rank's fragments of the
+named full tensors, [Note: layout-free checkpoints] in shards.py), ``engine.pt`` (the step,
+LR schedule and loss scale, written by rank 0), ``rank<R>.pt`` (per-rank RNG state),
+``trainer.json`` (step, data position) and ``manifest.json`` (written last). Everything is
+written into ``.step_00000100.tmp/`` and renamed once complete, and ``<root>/latest`` names
+the newest finished checkpoint, so a crash during a save leaves the previous checkpoint
+intact and never a half one.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from shardwise.checkpoint.shards import ShardReader, load_rank_shards, rank_shards
 from shardwise.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from shardwise.engine import Engine
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -43,24 +48,18 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _engine_file(replicated: bool, rank: int) -> str:
-    return "engine.pt" if replicated else f"engine_rank{rank}.pt"
+def _shards_file(rank: int) -> str:
+    return f"shards_rank{rank}.pt"
 
 
 def save_checkpoint(
-    root: Path,
-    step: int,
-    engine_state: dict,
-    trainer_state: dict,
-    keep: int,
-    replicated: bool,
-    layout: dict | None = None,
+    root: Path, step: int, engine: Engine, trainer_state: dict, keep: int, layout: dict
 ) -> Path:
     """Collective: every rank calls it. Returns the finished checkpoint directory.
 
-    `replicated`: every rank's `engine_state` is the same (rank 0 writes it alone).
-    `layout`: what decides the shapes of per-rank state (parallel degrees, ZeRO stage); a
-    resume must match it (`check_resumable`)."""
+    `layout`: the run's parallel layout (`RunPlan.layout`); any layout can load the
+    checkpoint, except where per-rank state (1-bit Adam's error buffers) ties it to this one
+    (`check_resumable`)."""
     rank, world = _rank_and_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -68,9 +67,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if rank == 0 or not replicated:
-        torch.save(engine_state, tmp / _engine_file(replicated, rank))
+    shards = rank_shards(engine)
+    torch.save(shards, tmp / _shards_file(rank))
     if rank == 0:
+        torch.save(engine.state_dict(), tmp / "engine.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state))
     torch.save(_rng_state(), tmp / f"rank{rank}.pt")
     _barrier()
@@ -78,8 +78,8 @@ def save_checkpoint(
         manifest = {
             "step": step,
             "world_size": world,
-            "replicated": replicated,
-            "layout": layout or {},
+            "layout": layout,
+            "rank_state": shards["rank_state"] is not None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest))
         shutil.rmtree(final, ignore_errors=True)
@@ -88,6 +88,15 @@ def save_checkpoint(
         _prune(root, keep)
     _barrier()
     return final
+
+
+def _per_group(scheduler: dict, groups: int) -> dict:
+    """The LR scheduler's state for `groups` param groups: layouts group pieces differently
+    (chunks split groups per chunk), all with the one learning rate of the config."""
+    per_group = {k: v for k, v in scheduler.items() if isinstance(v, list)}
+    if any(len(set(v)) > 1 for v in per_group.values()):
+        raise CheckpointError("the checkpoint's param groups have different learning rates")
+    return {**scheduler, **{k: v[:1] * groups for k, v in per_group.items()}}
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -116,40 +125,60 @@ def find_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no finished checkpoint under {str(path)!r} (looked for {MANIFEST})")
 
 
-def check_resumable(path: Path, world_size: int, layout: dict | None = None) -> dict:
+def check_resumable(
+    path: Path, world_size: int, layout: dict, global_batch: int | None = None
+) -> dict:
     """The manifest of the checkpoint at `path`, after checking that a run of `world_size`
-    ranks with `layout` can load it (before any process starts, and again on load)."""
+    ranks with `layout` (and `global_batch` samples per step, when given) can load it (before
+    any process starts, and again on load)."""
     ckpt = find_checkpoint(path)
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    later = "resharding to another layout comes with the checkpoint-resharding feature"
-    if manifest["world_size"] != world_size:
+    trained = json.loads((ckpt / "trainer.json").read_text())["data"].get("global_batch")
+    if global_batch is not None and trained not in (None, global_batch):
         raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} was saved by {manifest['world_size']} ranks, this run has "
-            f"{world_size}; resume with --nproc {manifest['world_size']} ({later})"
+            f"checkpoint {str(ckpt)!r} was trained with {trained} samples per step, this run "
+            f"takes {global_batch}; set train.global_batch={trained} (and a train.micro_batch "
+            "that divides it over the data-parallel ranks) to continue its data order"
         )
-    saved = manifest.get("layout") or {}
-    if layout and saved and not manifest["replicated"]:
+    saved = manifest["layout"]
+    if saved["optimizer"] != layout["optimizer"]:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} was saved with optim.name={saved['optimizer']!r}, this "
+            f"run has {layout['optimizer']!r}; resume with the optimizer it was saved with"
+        )
+    if manifest["rank_state"] and (manifest["world_size"] != world_size or saved != layout):
         changed = [f"{k}={saved.get(k)} (now {v})" for k, v in layout.items() if saved.get(k) != v]
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {str(ckpt)!r} holds per-rank shards of another layout: "
-                f"{', '.join(changed)}; resume with the saved settings ({later})"
-            )
+        if manifest["world_size"] != world_size:
+            changed.insert(0, f"{manifest['world_size']} ranks (now {world_size})")
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} holds per-rank state (1-bit Adam's error buffers) that "
+            f"only its own layout can load: {', '.join(changed)}; resume with the saved layout"
+        )
     return manifest
 
 
-def load_checkpoint(
-    path: Path, device: torch.device, layout: dict | None = None
-) -> tuple[dict, dict]:
-    """Engine state and trainer state; restores this rank's RNG state when it was saved."""
+def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:
+    """Load `engine`'s state from the checkpoint at `path`, whatever layout saved it; restore
+    this rank's RNG state where the saving run had this rank. Returns the trainer state."""
     ckpt = find_checkpoint(path)
     rank, world = _rank_and_world()
     manifest = check_resumable(ckpt, world, layout)
-    engine_file = ckpt / _engine_file(manifest["replicated"], rank)
-    engine_state = torch.load(engine_file, map_location=device, weights_only=False)
-    trainer_state = json.loads((ckpt / "trainer.json").read_text())
-    rng = torch.load(ckpt / f"rank{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return engine_state, trainer_state
+    files = [ckpt / _shards_file(r) for r in range(manifest["world_size"])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
+    own = None
+    if manifest["rank_state"]:
+        own = torch.load(files[rank], map_location="cpu", weights_only=True)["rank_state"]
+    shared = torch.load(ckpt / "engine.pt", weights_only=True)
+    if shared["scheduler"] is not None:
+        shared["scheduler"] = _per_group(shared["scheduler"], len(engine.optimizer.param_groups))
+    engine.load_state_dict(shared)
+    load_rank_shards(engine, ShardReader(files), own)
+    rng_file = ckpt / f"rank{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "trainer.json").read_text())

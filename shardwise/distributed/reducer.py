@@ -215,6 +215,11 @@ class GradReducer:
             for param in bucket.params:
                 param.grad = None
 
+    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """`param`'s reduced gradient, where every rank holds all of it (no reduce-scatter)."""
+        bucket, index = self._slot[id(param)]
+        return bucket.view_of(bucket.reduced, index)
+
     def reduced_range(self, bucket: Bucket, start: int, end: int) -> torch.Tensor:
         """The reduced gradient of flat range [start, end) of `bucket` (inside its shard when
         reduce-scattering)."""

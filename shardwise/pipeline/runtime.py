@@ -62,6 +62,8 @@ class PipelineSchedule:
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
+        self._tied_grad: torch.Tensor | None = None
+        """This rank's copy of the tied weight's reduced gradient, summed over its stages."""
         self.busy_s = 0.0
         """Seconds the last step spent in compute actions (F, B, I, W) on this rank; its
         schedule's idle time is the rest of `step_s` (host time: on an accelerator it counts
@@ -106,7 +108,12 @@ class PipelineSchedule:
             work.wait()
         end = time.perf_counter()
         self.busy_s, self.step_s = busy - start, end - start
-        self.stages.sync_tied_grads()
+        tied = self.stages.tied
+        # the reduced gradient: where it is another buffer than `.grad` (bf16 parameters
+        # reduced in fp32), a sum of `.grad` after the reduction would be lost
+        self._tied_grad = ops.reduced_grad(tied) if tied is not None else None
+        if self._tied_grad is not None:
+            self.stages.sync_tied_grad(self._tied_grad)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if step.losses:
             total = torch.stack(step.losses).sum() / m
@@ -116,9 +123,8 @@ class PipelineSchedule:
     def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """The norm over every stage from this rank's `norm` (the tied weight counted once)."""
         squares = norm.float().square()
-        tied = self.stages.tied
-        if tied is not None and tied.grad is not None and not self.stages.counts_tied:
-            squares = squares - tied.grad.float().square().sum()
+        if self._tied_grad is not None and not self.stages.counts_tied:
+            squares = squares - self._tied_grad.float().square().sum()
         comm.all_reduce_(squares, self.stages.group)
         return squares.clamp_min(0).sqrt()
 

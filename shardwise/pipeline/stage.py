@@ -10,7 +10,7 @@ store wraps as usual; each `StagePart` runs one (virtual) stage of it.
 (GPT-2 style), the first and the last stage each hold it (the last keeps the embedding module
 too, unused, so that the weight is still known as an embedding's: no weight decay): two
 copies, started equal (every rank builds the same model). Each stage computes only its
-share of the gradient; `sync_tied_grads` sums the two over the pair of ranks after the step's
+share of the gradient; `sync_tied_grad` sums the two over the pair of ranks after the step's
 last backward, so both apply the same update and stay equal, as the one tensor of a single
 process would. The global gradient norm counts it once (the last stage leaves it out).
 """
@@ -73,11 +73,11 @@ class PipelineStages:
         """Width of the hidden states passed between stages."""
         return next(iter(self.parts.values())).calls.hidden_size
 
-    def sync_tied_grads(self) -> None:
-        """Sum the tied weight's gradient over its two stages ([Note: tied embedding across
-        stages])."""
-        if self.tied_group is not None and self.tied is not None and self.tied.grad is not None:
-            comm.all_reduce_(self.tied.grad, self.tied_group)
+    def sync_tied_grad(self, grad: torch.Tensor) -> None:
+        """Sum the tied weight's reduced gradient `grad` over its two stages ([Note: tied
+        embedding across stages])."""
+        if self.tied_group is not None:
+            comm.all_reduce_(grad, self.tied_group)
 
 
 def stage_blocks(spec: ModelSpec, model: nn.Module, stages: int, by: str) -> list[range]:

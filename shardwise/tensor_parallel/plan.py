@@ -61,6 +61,8 @@ class TensorParallelContext:
         self._shards: dict[int, tuple[weakref.ref, str, nn.Parameter]] = {}
         self.replicas: dict[int, int] = {}
         """id(shard parameter) -> tp ranks holding an identical copy of it."""
+        self.origins: dict[int, tuple[torch.Size, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        """id(shard parameter) -> (the full parameter's shape, the `make` that cut it)."""
 
     def group(self, axis: str) -> DeviceMesh:
         """The 1-D mesh of a tp axis: ``"tp"`` (all tp ranks) or a sub-axis of the layout."""
@@ -98,6 +100,7 @@ class TensorParallelContext:
         shard = nn.Parameter(local, requires_grad=param.requires_grad)
         self._shards[id(param)] = (weakref.ref(param), layout, shard)
         self.replicas[id(shard)] = replicas
+        self.origins[id(shard)] = (param.shape, make)
         return shard
 
 
@@ -128,6 +131,18 @@ class TensorParallel:
     """The loss of the split output; None: the output is whole, use the ordinary loss."""
     replicas: dict[int, int] = field(default_factory=dict)
     """id(parameter) -> tp ranks holding an identical copy (tp size for untouched ones)."""
+
+    def global_index(self, tensor: torch.Tensor) -> tuple[torch.Size, torch.Tensor | None]:
+        """The full tensor's shape and, for a shard, where each of its elements sits in the
+        full tensor flattened (int64, in the shard's flat order); None for a tensor the plan
+        did not split. Computed by cutting an index tensor as the parameter was cut (every
+        style's `make` only selects elements)."""
+        origin = self.ctx.origins.get(id(tensor))
+        if origin is None:
+            return tensor.shape, None
+        shape, make = origin
+        positions = torch.arange(shape.numel(), dtype=torch.int64).view(shape)
+        return shape, make(positions).flatten()
 
 
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: Plan) -> TensorParallel:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,7 +40,7 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
-from shardwise.zero.optimizer import OptimizerShards, ParamInit
+from shardwise.zero.optimizer import OptimizerShards, ParamInit, PieceInfo
 from shardwise.zero.params import ShardedParams, zero3_units
 
 
@@ -50,8 +51,6 @@ class ParamStore(Protocol):
     params: list[nn.Parameter]
     """Trainable parameters, in model order."""
     device: torch.device
-    replicated: bool
-    """Every rank holds the same state (else each saves its own)."""
 
     def build_optimizer(
         self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
@@ -64,9 +63,27 @@ class ParamStore(Protocol):
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None: ...
     def end_step(self) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+    @property
+    def writes_owned(self) -> bool: ...
+    def owned(self) -> Iterator[OwnedPiece]: ...
+    def load_owned(self, fill: Callable[[OwnedPiece], None]) -> None: ...
+    def rank_state(self) -> dict | None: ...
+    def load_rank_state(self, state: dict | None) -> None: ...
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class OwnedPiece:
+    """A tensor this rank's optimizer updates (the master weights of a slice of a parameter),
+    as a checkpoint sees it (shardwise/checkpoint/shards.py)."""
+
+    info: PieceInfo
+    """The parameter's name and the slice of it (of this rank's tensor-parallel shard,
+    flattened) that `tensor` holds."""
+    owner: nn.Parameter
+    """The model's parameter (for a tensor-parallel shard: where it sits in the full one)."""
+    tensor: torch.Tensor
+    """The optimizer's parameter; valid during the walk only (it may be evicted after)."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +210,7 @@ class FlatStore:
         ]
         """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are
         summed over them."""
-        self.replicated = not self.shards.sharded and tp is None and not onebit
-        """(1-bit Adam's error buffers are each rank's own.)"""
+        self.groups = groups
 
     def build_optimizer(
         self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
@@ -232,6 +248,10 @@ class FlatStore:
         if found_inf and compression is not None and compression.active():
             compression.discard_errors()  # they hold the residue of a discarded step
         return found_inf
+
+    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """`param`'s gradient as the update will read it (zero.stage 0: held whole)."""
+        return self.reducer.reduced_grad(param)
 
     def grad_norm(self) -> torch.Tensor:
         """The global 2-norm: this rank's squares (each tensor-parallel shard counted once
@@ -276,36 +296,39 @@ class FlatStore:
         with gathered:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _model_state(self) -> dict:
-        """The model's state dict, less the parameters only shards hold (ZeRO-3)."""
-        state = self.model.state_dict()
-        if self.shards.params_sharded:
-            held = {id(p) for p in self.params}
-            for name, p in self.model.named_parameters(remove_duplicate=False):
-                if id(p) in held:
-                    state.pop(name, None)
-        return state
+    @property
+    def writes_owned(self) -> bool:
+        """Whether this rank saves its owned slices: the first of the ranks holding them."""
+        holders = self.groups.replicate if self.shards.sharded else self.groups.dp
+        return holders is None or comm.group_rank(holders) == 0
 
-    def state_dict(self) -> dict:
-        compression = self.reducer.compression
-        return {
-            "model": self._model_state(),
-            "shards": self.shards.state_dict(),
-            "compression": compression.state_dict() if compression is not None else None,
-        }
+    def owned(self) -> Iterator[OwnedPiece]:
+        for owned in self.shards.slices:
+            for info, owner, piece in zip(owned.infos, owned.owners, owned.pieces, strict=True):
+                yield OwnedPiece(info, owner, piece)
 
-    def load_state_dict(self, state: dict) -> None:
-        expected_missing = set(self.model.state_dict()) - set(self._model_state())
-        load_model_state(self.model, state["model"], expected_missing)
-        self.shards.load_state_dict(state["shards"])
+    def load_owned(self, fill: Callable[[OwnedPiece], None]) -> None:
+        """`fill` writes each owned piece; the parameters are then written from them (and
+        all-gathered where the optimizer is sharded), as after a step."""
+        with torch.no_grad():
+            for piece in self.owned():
+                fill(piece)
+        self.shards.sync_params()
+
+    def rank_state(self) -> dict | None:
+        """State only this rank has, in this layout: 1-bit Adam's error buffers."""
         compression = self.reducer.compression
-        if (compression is None) != (state.get("compression") is None):
+        return compression.state_dict() if compression is not None else None
+
+    def load_rank_state(self, state: dict | None) -> None:
+        compression = self.reducer.compression
+        if (compression is None) != (state is None):
             raise CheckpointError(
                 "the checkpoint was saved with another optimizer (1-bit Adam's error buffers "
                 "are missing or extra); resume with the optim.name it was saved with"
             )
         if compression is not None:
-            compression.load_state_dict(state["compression"])
+            compression.load_state_dict(state)
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         buckets = self.reducer.buckets
@@ -361,17 +384,6 @@ def storage_bytes(tensors) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
-
-
-def load_model_state(model: nn.Module, state: dict, expected_missing: set[str]) -> None:
-    """Load what the checkpoint holds of the model; anything else missing is an error."""
-    result = model.load_state_dict(state, strict=False)
-    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint model state does not fit this model: missing "
-            f"{sorted(set(result.missing_keys) - expected_missing)[:3]}, unexpected "
-            f"{result.unexpected_keys[:3]}"
-        )
 
 
 def broadcast_from_first_rank(model: nn.Module, groups: DataParallelGroups) -> None:

@@ -4,11 +4,13 @@ refuses."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from shardwise.checkpoint import check_resumable
 from shardwise.config import Config
 from shardwise.distributed import comm
 from shardwise.distributed.comm import CommStats
@@ -21,7 +23,7 @@ from shardwise.distributed.compressed import (
 )
 from shardwise.distributed.link import Link
 from shardwise.engine import initialize
-from shardwise.errors import ConfigError
+from shardwise.errors import CheckpointError, ConfigError
 from shardwise.optim.onebit import OneBitAdam
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
@@ -205,7 +207,13 @@ def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
     optim = {**ONEBIT, "freeze_step": 1}
     for full, resumed in pool2.run(train_then_resume, str(tmp_path), stage, "fp32", optim=optim):
         assert resumed == full[2:]
-    assert (tmp_path / "checkpoints" / "step_00000004" / "engine_rank1.pt").is_file()
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    assert (checkpoint / "shards_rank1.pt").is_file()
+    layout = json.loads((checkpoint / "manifest.json").read_text())["layout"]
+    with pytest.raises(CheckpointError, match="error buffers\\) that only its own layout"):
+        check_resumable(checkpoint, 4, layout)
+    with pytest.raises(CheckpointError, match="saved with optim.name='onebit_adam'"):
+        check_resumable(checkpoint, 2, {**layout, "optimizer": "adamw"})
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -320,4 +328,4 @@ def test_trains_on_two_ranks_through_the_launcher(tmp_path, capsys):
     losses = train_on_two_ranks(out, settings, capsys, shows)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     final = out / "checkpoints" / "step_00000004"
-    assert sorted(p.name for p in final.glob("engine*")) == ["engine_rank0.pt", "engine_rank1.pt"]
+    assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.pt", "shards_rank1.pt"]

@@ -16,7 +16,14 @@ from shardwise.engine import initialize
 from shardwise.errors import ConfigError, TrainingError
 from shardwise.run_plan import resolve
 from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
-from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+from tests.parity import (
+    BF16_RTOL,
+    assert_parity,
+    build_model,
+    global_batches,
+    make_config,
+    reference_run,
+)
 
 LAYERS = 8
 """Enough blocks for 8 virtual stages (pp=4 x 2 chunks)."""
@@ -77,6 +84,15 @@ def test_two_stages_times_two_replicas_match_single_process(pool4):
     want = reference_run(cfg)
     for got in pool4.run(pipeline_run, cfg):
         assert_parity(got, want, rtol=1e-5)
+
+
+def test_bf16_stages_keep_the_tied_weight_equal(pool2):
+    """bf16 parameters reduce in fp32 (another buffer than ``.grad``): the tied weight's two
+    copies must sum the reduced gradients, or they drift apart (pipeline_run compares them)."""
+    cfg = config(2, "1f1b").replace(precision={"dtype": "bf16"})
+    want, _ = reference_run(config(2, "1f1b"))
+    for losses, _ in pool2.run(pipeline_run, cfg):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=BF16_RTOL, atol=0)
 
 
 def held_names(cfg) -> list[str]:
@@ -160,9 +176,9 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
     out = tmp_path / "run"
     full = train_on_two_ranks(out, settings, capsys, "pipeline gpipe over pp=2, 2 stages")
     checkpoint = out / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in checkpoint.glob("engine*")) == [
-        "engine_rank0.pt",
-        "engine_rank1.pt",
+    assert sorted(p.name for p in checkpoint.glob("shards*")) == [
+        "shards_rank0.pt",
+        "shards_rank1.pt",
     ]
     one_f_one_b = ["--set", "pipeline.schedule=1f1b"]  # same stages: resumes
     code, printed = run_cli(
@@ -175,5 +191,5 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
     code, printed = run_cli(
         ["train", "--nproc", "2", "--resume", str(checkpoint), *other_split], capsys
     )
-    assert code == 2
-    assert "another layout" in printed
+    assert code == 0, printed  # other stages: resharded by parameter name
+    assert logged_losses(out) == pytest.approx(full, rel=1e-5)

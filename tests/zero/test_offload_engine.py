@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.zero.chunks.chunk import ChunkState, Tier
@@ -230,7 +231,7 @@ def test_fp16_unscales_the_gradient_chunks():
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-3, atol=0)
 
 
-def test_state_dict_round_trip_resumes_exactly(tmp_path):
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     cfg = config(policy="auto", device_budget_mb=BUDGET_MB, optimizer="disk").replace(
         offload={"disk_path": str(tmp_path), "host_budget_mb": 0.05}
     )
@@ -238,9 +239,10 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     _, want_losses, want_state = run(cfg)
     first = initialize(build_model(cfg), None, cfg)
     losses = [first.train_step(batch) for batch in batches[:2]]
-    saved = first.state_dict()
+    layout = first.plan.layout()
+    save_checkpoint(tmp_path / "ckpt", 2, first, {"data": {}}, keep=1, layout=layout)
     second = initialize(build_model(cfg), None, cfg)
-    second.load_state_dict(saved)
+    load_checkpoint(tmp_path / "ckpt", second, layout)
     losses += [second.train_step(batch) for batch in batches[2:]]
     assert losses == want_losses
     state = second.full_state_dict()

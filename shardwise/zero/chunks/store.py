@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -48,8 +49,8 @@ from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
 from shardwise.zero.offload.adam import offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
-from shardwise.zero.optimizer import ParamInit
-from shardwise.zero.store import DataParallelGroups, load_model_state, model_state_report
+from shardwise.zero.optimizer import ParamInit, PieceInfo
+from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
 
 log = logging.getLogger("shardwise")
 
@@ -92,8 +93,8 @@ class ChunkStore:
         self.sharded = self.ranks * replicas > 1
         """Gradients are reduced over ranks: chunks in shards (one "shard" of the whole chunk
         when only replicas share them)."""
-        self.replicated = not self.sharded
         self.group = group if self.sharded else None
+        self.replicate = replicate
         whole = plan.sharding.optimizer and not plan.sharding.params
         self.gathered = self.sharded and not whole
         """ZeRO-3: full chunks gathered from the shards for each use and dropped after; else
@@ -551,30 +552,6 @@ class ChunkStore:
         self.manager.end_step()
         return {name: copies[id(p)] for name, p in self.names().items()}
 
-    def write_params(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy the chunked parameters' values in from `state` (a model state dict), chunk by
-        chunk through the manager."""
-        names: dict[int, str] = {}
-        for name, p in self.names().items():
-            names.setdefault(id(p), name)
-        missing = [name for name in names.values() if name not in state]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint model state lacks parameters {missing[:3]} of this model"
-            )
-        with torch.no_grad():
-            for chunk, home in zip(self.chunks, self.homes, strict=True):
-                self.manager.access(chunk)
-                for slot in chunk.slots:
-                    slot.param.copy_(state[names[id(slot.param)]])
-                if home is not chunk:  # this rank's shard of the values just written
-                    self.manager.access(home)
-                    lo = comm.group_rank(self.group) * home.numel
-                    home.payload.copy_(chunk.payload[lo : lo + home.numel])
-                    self.manager.release(home, "forward")
-                self.manager.release(chunk, "forward")
-        self.manager.end_step()
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the whole model's state, chunked parameters read chunk by chunk."""
         params = self.read_params()
@@ -583,16 +560,49 @@ class ChunkStore:
             for k, v in self.model.state_dict().items()
         }
 
-    def state_dict(self) -> dict:
-        """The model's state with the chunked parameters read through the manager (this
-        rank's shards live in the optimizer's state dict)."""
-        return {"model": {**self.model.state_dict(), **self.read_params()}, "shards": None}
+    @property
+    def writes_owned(self) -> bool:
+        """Whether this rank saves its homes: the first of the ranks holding the same ones."""
+        if not self.sharded:
+            return True
+        return self.replicate is None or comm.group_rank(self.replicate) == 0
 
-    def load_state_dict(self, state: dict) -> None:
-        self.write_params(state["model"])  # through the manager, chunk by chunk
-        chunked = set(self.names())
-        rest = {k: v for k, v in state["model"].items() if k not in chunked}
-        load_model_state(self.model, rest, chunked)
+    def owned(self) -> Iterator[OwnedPiece]:
+        """The homes' pieces, one home brought in through the manager at a time."""
+        yield from self._walk_homes(read_only=True)
+
+    def load_owned(self, fill: Callable[[OwnedPiece], None]) -> None:
+        """`fill` writes each home's pieces; the full chunks follow from the homes: dropped
+        where gathered, all-gathered where kept whole."""
+        with torch.no_grad():
+            for piece in self._walk_homes(read_only=False):
+                fill(piece)
+            if self.gathered:
+                for chunk in self.chunks:
+                    self._drop_gathered(chunk)
+            if self.whole:
+                self._gather_updates()
+        self.manager.end_step()
+
+    def _walk_homes(self, read_only: bool) -> Iterator[OwnedPiece]:
+        first_name = {id(p): name for name, p in self.model.named_parameters()}
+        rank = comm.group_rank(self.group) if self.sharded else 0
+        for home in self.homes:
+            self.manager.access(home, read_only=read_only)
+            owners = home.owners if self.sharded else home.slots
+            for slot, owner in zip(home.slots, owners, strict=True):
+                start = rank * home.numel + slot.offset - owner.offset
+                info = PieceInfo(first_name[id(owner.param)], start, start + slot.numel)
+                yield OwnedPiece(info, owner.param, slot.param)
+            self.manager.release(home, "forward")
+        self.manager.end_step()
+
+    def rank_state(self) -> dict | None:
+        return None  # nothing here depends on the layout alone
+
+    def load_rank_state(self, state: dict | None) -> None:
+        if state is not None:
+            raise CheckpointError("the checkpoint holds per-rank state a chunked run has not")
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """`model_state_report` with ``params`` the chunks now on the device, ``grads`` the
