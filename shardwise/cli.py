@@ -132,11 +132,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="export a checkpoint (any layout) to safetensors or a Hugging Face dir"
+    )
+    p.add_argument("source", type=Path, metavar="SRC", help="run, checkpoints or step directory")
+    p.add_argument("dest", type=Path, metavar="DST", help="a .safetensors file, or a directory")
+    p.add_argument("--to", required=True, choices=["safetensors", "hf"])
+    p.add_argument("--config", type=Path, default=None, help="the run's config.toml (hf)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint.convert import convert
+
+    written = convert(args.source, args.dest, args.to, args.config)
+    print(f"shardwise convert: wrote {written}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    _convert_parser(sub)
     sub.add_parser(
         "run",
         help="launch a script on N ranks via torchrun: shardwise run [torchrun args] -- script.py",
@@ -151,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_run(argv[1:])
         else:
             args = build_parser().parse_args(argv)
-            code = cmd_bench(args) if args.command == "bench" else cmd_train(args)
+            commands = {"bench": cmd_bench, "convert": cmd_convert, "train": cmd_train}
+            code = commands[args.command](args)
     except ShardwiseError as err:
         if os.environ.get("SHARDWISE_DEBUG"):
             raise

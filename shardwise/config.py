@@ -32,6 +32,10 @@ class ModelConfig(_Section):
     Face config.json (or a directory holding one); the model is built from it, no download."""
     preset: str = "tiny"
     """Size preset of the model: tiny, mini, small, medium, large, xl."""
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a safetensors file, or a directory
+    holding model.safetensors (a Hugging Face model directory, `shardwise convert` output);
+    names as in the model (a tied weight under any of its names)."""
     n_layers: int | None = Field(None, ge=1)
     """Transformer blocks; overrides the preset."""
     d_model: int | None = Field(None, ge=1)

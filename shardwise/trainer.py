@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
+from shardwise.checkpoint.convert import initial_weights
 from shardwise.data import build_data
 from shardwise.engine import Engine, initialize
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
@@ -55,6 +56,8 @@ def build_engine(plan: RunPlan) -> tuple[Engine, int]:
     )
     meta = any(p.is_meta for p in model.parameters())
     param_init = partial(model.init_parameter, seed=cfg.train.seed) if meta else None
+    if cfg.model.init_from is not None:
+        param_init = initial_weights(model, Path(cfg.model.init_from))
     engine = initialize(model, None, plan=plan, mesh=mesh, param_init=param_init)
     return engine, dims.dp_rank(mesh) if mesh is not None else 0
 

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from shardwise.checkpoint.shards import ShardReader, load_rank_shards, rank_shards
+from shardwise.checkpoint.shards import (
+    ShardReader,
+    load_rank_shards,
+    read_torch,
+    write_rank_shards,
+)
 from shardwise.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -48,8 +53,12 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _shards_file(rank: int) -> str:
-    return f"shards_rank{rank}.pt"
+def shard_files(checkpoint: Path, world: int) -> tuple[list[Path], list[Path]]:
+    """Every rank's fragment file and optimizer-scalars file in `checkpoint`."""
+    return (
+        [checkpoint / f"shards_rank{r}.bin" for r in range(world)],
+        [checkpoint / f"states_rank{r}.pt" for r in range(world)],
+    )
 
 
 def save_checkpoint(
@@ -67,27 +76,60 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    shards = rank_shards(engine)
-    torch.save(shards, tmp / _shards_file(rank))
+    fragments, states = shard_files(tmp, world)
+    rank_state = write_rank_shards(engine, fragments[rank], states[rank])
     if rank == 0:
-        torch.save(engine.state_dict(), tmp / "engine.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state))
-    torch.save(_rng_state(), tmp / f"rank{rank}.pt")
+        _durable(tmp / "engine.pt", lambda f: torch.save(engine.state_dict(), f))
+        _durable(tmp / "trainer.json", lambda f: f.write(json.dumps(trainer_state).encode()))
+    _durable(tmp / f"rank{rank}.pt", lambda f: torch.save(_rng_state(), f))
     _barrier()
     if rank == 0:
         manifest = {
             "step": step,
             "world_size": world,
             "layout": layout,
-            "rank_state": shards["rank_state"] is not None,
+            "rank_state": rank_state,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
+        _durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+        _commit(tmp, final)
         _prune(root, keep)
     _barrier()
     return final
+
+
+def _durable(path: Path, write) -> None:
+    """`write(file)` into `path`, then fsync it: on disk before the checkpoint is committed."""
+    with open(path, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Make the complete directory `tmp` the checkpoint `final` and point `latest` at it.
+    A checkpoint of the same step already there is moved aside first and removed last, so at
+    every moment `find_checkpoint` finds a complete checkpoint (the newest one whose manifest
+    exists, if `latest` names a directory not there)."""
+    root = final.parent
+    _fsync_dir(tmp)
+    aside = root / f".{final.name}.old"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    latest = root / f".{LATEST}.tmp"
+    _durable(latest, lambda f: f.write((final.name + "\n").encode()))
+    os.replace(latest, root / LATEST)
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _per_group(scheduler: dict, groups: int) -> dict:
@@ -99,21 +141,16 @@ def _per_group(scheduler: dict, groups: int) -> dict:
     return {**scheduler, **{k: v[:1] * groups for k, v in per_group.items()}}
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
-
-
 def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove what crashed saves left behind."""
     finished = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
-    for old in finished[:-keep]:
+    for old in finished[:-keep] + sorted(root.glob(".step_*.tmp")):
         shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(path: Path) -> Path:
     """Resolve a run directory, a checkpoints directory or a step directory to a finished
-    checkpoint directory."""
+    checkpoint directory (`latest`, or the newest complete one if `latest` names none)."""
     for candidate in (path, path / "checkpoints"):
         if (candidate / MANIFEST).is_file():
             return candidate
@@ -122,7 +159,17 @@ def find_checkpoint(path: Path) -> Path:
             step_dir = candidate / latest.read_text().strip()
             if (step_dir / MANIFEST).is_file():
                 return step_dir
+        finished = sorted(p for p in candidate.glob("step_*") if (p / MANIFEST).is_file())
+        if finished:
+            return finished[-1]
     raise CheckpointError(f"no finished checkpoint under {str(path)!r} (looked for {MANIFEST})")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is unreadable: {exc}") from None
 
 
 def check_resumable(
@@ -132,8 +179,8 @@ def check_resumable(
     ranks with `layout` (and `global_batch` samples per step, when given) can load it (before
     any process starts, and again on load)."""
     ckpt = find_checkpoint(path)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    trained = json.loads((ckpt / "trainer.json").read_text())["data"].get("global_batch")
+    manifest = read_json(ckpt / MANIFEST)
+    trained = read_json(ckpt / "trainer.json")["data"].get("global_batch")
     if global_batch is not None and trained not in (None, global_batch):
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r} was trained with {trained} samples per step, this run "
@@ -163,22 +210,21 @@ def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:
     ckpt = find_checkpoint(path)
     rank, world = _rank_and_world()
     manifest = check_resumable(ckpt, world, layout)
-    files = [ckpt / _shards_file(r) for r in range(manifest["world_size"])]
-    missing = [str(f) for f in files if not f.is_file()]
+    fragments, states = shard_files(ckpt, manifest["world_size"])
+    missing = [str(f) for f in fragments + states if not f.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
-    own = None
-    if manifest["rank_state"]:
-        own = torch.load(files[rank], map_location="cpu", weights_only=True)["rank_state"]
-    shared = torch.load(ckpt / "engine.pt", weights_only=True)
+    own = read_torch(states[rank])["rank_state"] if manifest["rank_state"] else None
+    shared = read_torch(ckpt / "engine.pt")
     if shared["scheduler"] is not None:
         shared["scheduler"] = _per_group(shared["scheduler"], len(engine.optimizer.param_groups))
     engine.load_state_dict(shared)
-    load_rank_shards(engine, ShardReader(files), own)
+    with ShardReader(fragments, states) as reader:
+        load_rank_shards(engine, reader, own)
     rng_file = ckpt / f"rank{rank}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
+        rng = read_torch(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((ckpt / "trainer.json").read_text())
+    return read_json(ckpt / "trainer.json")

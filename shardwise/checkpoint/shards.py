@@ -22,9 +22,17 @@ since the loading layout may group pieces differently (chunks split groups per c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ctypes
+import functools
+import io
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -77,14 +85,46 @@ class Positions:
         return shape, index_runs(index[lo:hi])
 
 
-def _fragment(kind: str, name: str, shape: torch.Size, runs: torch.Tensor, values) -> dict:
-    return {
-        "kind": kind,
-        "name": name,
-        "shape": list(shape),
-        "runs": runs,
-        "values": values.detach().reshape(-1).to("cpu", copy=True),
-    }
+MAGIC = b"SWSHARD1"
+"""Last bytes of a fragment file; before them the index's length (8 bytes, little-endian)."""
+FEW_RUNS = 64
+"""Runs kept in the index (more: stored in the file), and copied as slices when assembling
+(more: through one index tensor)."""
+READ_BLOCK = 16 * 2**20
+"""Bytes per read; each block's checksum runs while the next one is read."""
+
+
+class FragmentWriter:
+    """Writes one rank's fragments to `path` as they come: each one's values (and runs, if
+    many) as raw bytes, then a JSON index of them (kind, name, full shape, dtype, runs or
+    their offset, values' offset, CRC-32), so neither writing nor reading needs more than one
+    fragment in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by `close`
+        self.index: list[dict] = []
+
+    def add(self, kind: str, name: str, shape: torch.Size, runs, values: torch.Tensor) -> None:
+        values = values.detach().reshape(-1).to("cpu").contiguous()
+        entry = {"kind": kind, "name": name, "shape": list(shape), "dtype": str(values.dtype)}
+        crc = _checksums().submit(zlib.crc32, raw_bytes(values))  # beside the writes
+        if len(runs) <= FEW_RUNS:
+            entry["runs"] = runs.tolist()
+        else:
+            entry["runs_at"] = [self.file.tell(), runs.numel()]
+            self.file.write(raw_bytes(runs.contiguous()))
+        entry["values"] = [self.file.tell(), values.numel()]
+        self.file.write(raw_bytes(values))
+        entry["crc32"] = crc.result()
+        self.index.append(entry)
+
+    def close(self, **extra: object) -> None:
+        """Write the index (with `extra` JSON entries) and make the file durable."""
+        index = json.dumps({"fragments": self.index, **extra}).encode()
+        self.file.write(index + struct.pack("<Q", len(index)) + MAGIC)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
 
 
 def _other_state(engine: Engine) -> Iterable[tuple[str, torch.Tensor]]:
@@ -95,21 +135,33 @@ def _other_state(engine: Engine) -> Iterable[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def rank_shards(engine: Engine) -> dict[str, Any]:
-    """What this rank writes (see [Note: layout-free checkpoints])."""
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy; valid while the tensor lives
+    (the view does not keep it alive). (Not through numpy: exporting a
+    tensor to numpy makes its storage non-resizable for good, and chunk payloads are resized;
+    see [Note: the payload never meets the disk tier].)"""
+    buffer = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(
+        tensor.data_ptr()
+    )
+    return memoryview(buffer).cast("B")
+
+
+def write_rank_shards(engine: Engine, fragments: Path, states: Path) -> bool:
+    """Write this rank's fragments to `fragments` and its optimizer scalars and per-rank
+    state to `states` (see [Note: layout-free checkpoints]). Returns whether this rank has
+    per-rank state (1-bit Adam's error buffers)."""
     store, positions = engine.store, Positions(engine.tp)
-    fragments: list[dict] = []
+    writer = FragmentWriter(fragments)
     if engine.dp.dp is None or comm.group_rank(engine.dp.dp) == 0:
         for name, tensor in _other_state(engine):
-            shape, runs = positions.of(tensor, 0, tensor.numel())
-            fragments.append(_fragment(MODEL, name, shape, runs, tensor))
+            writer.add(MODEL, name, *positions.of(tensor, 0, tensor.numel()), tensor)
     params: dict[str, dict] = {}
     if store.writes_owned:
         pieces: dict[int, tuple[OwnedPiece, torch.Size, torch.Tensor]] = {}
         for piece in store.owned():
             shape, runs = positions.of(piece.owner, piece.info.start, piece.info.end)
             pieces[id(piece.tensor)] = (piece, shape, runs)
-            fragments.append(_fragment(MASTER, piece.info.name, shape, runs, piece.tensor))
+            writer.add(MASTER, piece.info.name, shape, runs, piece.tensor)
         saved = engine.optimizer.state_dict()
         index = 0
         for group, saved_group in zip(
@@ -118,50 +170,96 @@ def rank_shards(engine: Engine) -> dict[str, Any]:
             settings = {k: v for k, v in saved_group.items() if k != "params"}
             for param in group["params"]:
                 piece, shape, runs = pieces[id(param)]
-                entry = params.setdefault(
-                    piece.info.name, {"group": settings, "scalars": {}, "elements": []}
-                )
+                name = piece.info.name
+                entry = params.setdefault(name, {"group": settings, "scalars": {}, "elements": []})
                 for key, value in saved["state"].get(index, {}).items():
                     if _per_element(key, value, param):
-                        name = piece.info.name
-                        fragments.append(_fragment(OPTIM + key, name, shape, runs, value))
+                        writer.add(OPTIM + key, name, shape, runs, value)
                         if key not in entry["elements"]:
                             entry["elements"].append(key)
                     else:
                         entry["scalars"][key] = value
                 index += 1
-    return {"fragments": fragments, "params": params, "rank_state": store.rank_state()}
+    writer.close()
+    rank_state = store.rank_state()
+    with open(states, "wb") as file:
+        torch.save({"params": params, "rank_state": rank_state}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    return rank_state is not None
 
 
 def _per_element(key: str, value: object, param: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and key != "step" and value.shape == param.shape
 
 
-class ShardReader:
-    """The fragments of every rank's file in a checkpoint, read lazily (memory-mapped); full
-    tensors assembled one at a time."""
+def read_torch(path: Path) -> dict:
+    """A small torch file of a checkpoint; a damaged one is a one-line error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint file {str(path)!r} is unreadable: {exc}") from None
 
-    def __init__(self, files: list[Path]) -> None:
+
+class ShardReader:
+    """The fragments of every rank's file of a checkpoint: indexes read at once, values when
+    a full tensor that needs them is assembled (one at a time)."""
+
+    def __init__(self, fragments: list[Path], states: list[Path]) -> None:
         self._fragments: dict[tuple[str, str], list[dict]] = {}
-        self.params: dict[str, dict] = {}
-        for path in files:
-            try:
-                content = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"checkpoint file {str(path)!r} is unreadable: {exc}"
-                ) from None
-            for fragment in content["fragments"]:
+        for path in fragments:
+            for fragment in _read_index(path):
                 fragment["file"] = path
                 key = (fragment["kind"], fragment["name"])
                 self._fragments.setdefault(key, []).append(fragment)
-            for name, entry in content["params"].items():
+        self.params: dict[str, dict] = {}
+        for path in states:
+            for name, entry in read_torch(path)["params"].items():
                 self.params.setdefault(name, entry)
         self._full: tuple[tuple[str, str], torch.Tensor] | None = None
+        self._files: dict[Path, io.FileIO] = {}
+        """Open fragment files: one per file, so the kernel's readahead carries on."""
+        self._unchecked: tuple[Future | None, dict, torch.Tensor] | None = None
+        """The last fragment read, whose CRC-32 may still be computed, and the tensor it was
+        read into (kept alive until then: the checksum reads its memory)."""
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+    def _read_into(self, path: Path, offset: int, into: torch.Tensor) -> Iterator[memoryview]:
+        """Fill `into` from `path` at `offset`, yielding each block once it is read."""
+        file = self._files.get(path)
+        if file is None:
+            file = self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115
+        view = raw_bytes(into)
+        file.seek(offset)
+        for start in range(0, len(view), READ_BLOCK):
+            block = view[start : start + READ_BLOCK]
+            if file.readinto(block) != len(block):
+                raise CheckpointError(f"checkpoint file {str(path)!r} is truncated")
+            yield block
+
+    def _runs(self, fragment: dict) -> torch.Tensor:
+        if "runs" in fragment:
+            return torch.tensor(fragment["runs"], dtype=torch.int64).view(-1, 2)
+        offset, count = fragment["runs_at"]
+        runs = torch.empty(count, dtype=torch.int64)
+        for _ in self._read_into(fragment["file"], offset, runs):
+            pass
+        return runs.view(-1, 2)
 
     def keys(self) -> list[tuple[str, str]]:
         """``(kind, name)`` of every tensor the checkpoint holds."""
         return list(self._fragments)
+
+    def shape_and_dtype(self, kind: str, name: str) -> tuple[torch.Size, torch.dtype]:
+        first = self._fragments[(kind, name)][0]
+        return torch.Size(first["shape"]), _dtype(first["dtype"])
 
     def full(self, kind: str, name: str) -> torch.Tensor:
         """The whole tensor, in its shape."""
@@ -169,12 +267,46 @@ class ShardReader:
         return self._assemble(kind, name, shape).view(shape)
 
     def read(self, kind: str, name: str, shape: torch.Size, runs: torch.Tensor) -> torch.Tensor:
-        """The values at `runs` of the full tensor `name` of `kind` (1-D)."""
+        """The values at `runs` of the full tensor `name` of `kind` (1-D; a view of the
+        assembled tensor where `runs` is one run)."""
         full = self._assemble(kind, name, shape)
         if len(runs) == 1:
             start, length = runs[0].tolist()
             return full[start : start + length]
         return full[runs_index(runs)]
+
+    def take(self, kind: str, name: str, shape: torch.Size, runs: torch.Tensor) -> torch.Tensor:
+        """As `read`, but a tensor of the caller's own: the assembled tensor itself when
+        `runs` cover all of it (no copy), else a copy."""
+        values = self.read(kind, name, shape, runs)
+        if len(runs) > 1:
+            return values  # gathered: a copy already
+        if values.numel() == shape.numel():
+            self._full = None
+            return values
+        return values.clone()
+
+    def verify(self) -> None:
+        """Raise if the last fragment read is damaged (the others were checked already)."""
+        if self._unchecked is not None:
+            crc, fragment, _ = self._unchecked
+            self._unchecked = None
+            if (crc.result() if crc else 0) != fragment["crc32"]:
+                _damaged(fragment)
+
+    def _read_values(self, fragment: dict, into: torch.Tensor) -> None:
+        """Read a fragment's values into the contiguous tensor `into` (of its size). Its
+        CRC-32 is computed block by block beside the reads, and checked when the next
+        fragment has been read (or by `verify`): IO and checksums overlap, and at most one
+        fragment waits for its check."""
+        offset, count = fragment["values"]
+        if count != into.numel():
+            _damaged(fragment)
+        crc = None
+        for block in self._read_into(fragment["file"], offset, into):
+            crc = _checksums().submit(zlib.crc32, block, crc.result() if crc else 0)
+        self.verify()
+        self._unchecked = (crc, fragment, into)
 
     def _assemble(self, kind: str, name: str, shape: torch.Size) -> torch.Tensor:
         key = (kind, name)
@@ -192,23 +324,77 @@ class ShardReader:
                 f"{tuple(shape)}; it is of another model"
             )
         self._full = None  # the previous one is freed before this one is built
-        full = torch.empty(shape.numel(), dtype=fragments[0]["values"].dtype)
-        filled = torch.zeros(shape.numel(), dtype=torch.bool)
-        for fragment in fragments:
-            where = runs_index(fragment["runs"])
-            if where.numel() != fragment["values"].numel():
-                raise CheckpointError(
-                    f"checkpoint file {str(fragment['file'])!r}: tensor {name!r} is damaged"
-                )
-            full[where] = fragment["values"]
-            filled[where] = True
-        if not bool(filled.all()):
+        runs = [self._runs(fragment) for fragment in fragments]
+        covered = sum(int(r[:, 1].sum()) for r in runs)
+        if covered < shape.numel():
+            raise CheckpointError(
+                f"checkpoint holds only {covered} of {shape.numel()} elements of {kind} tensor "
+                f"{name!r}: a rank's file is missing"
+            )
+        full = torch.empty(shape.numel(), dtype=_dtype(fragments[0]["dtype"]))
+        # copies held by several ranks (tensor-parallel replicas, a tied weight on two
+        # pipeline stages) overlap: then check that together they cover every element
+        filled = torch.zeros(shape.numel(), dtype=torch.bool) if covered > shape.numel() else None
+        for fragment, where in zip(fragments, runs, strict=True):
+            if len(where) == 1:  # straight into place
+                start, length = where[0].tolist()
+                self._read_values(fragment, full[start : start + length])
+                if filled is not None:
+                    filled[start : start + length] = True
+                continue
+            values = torch.empty(int(where[:, 1].sum()), dtype=full.dtype)
+            self._read_values(fragment, values)
+            if len(where) <= FEW_RUNS:  # slices: no index tensor as large as the values
+                done = 0
+                for start, length in where.tolist():
+                    full[start : start + length] = values[done : done + length]
+                    done += length
+            else:
+                full[runs_index(where)] = values
+            if filled is not None:
+                filled[runs_index(where)] = True
+        if filled is not None and not bool(filled.all()):
             raise CheckpointError(
                 f"checkpoint holds only {int(filled.sum())} of {shape.numel()} elements of "
                 f"{kind} tensor {name!r}: a rank's file is missing"
             )
         self._full = (key, full)
         return full
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _read_index(path: Path) -> list[dict]:
+    try:
+        with open(path, "rb") as file:
+            file.seek(-len(MAGIC) - 8, os.SEEK_END)
+            tail = file.read(len(MAGIC) + 8)
+            if tail[8:] != MAGIC:
+                raise ValueError("no index at its end (truncated?)")
+            (length,) = struct.unpack("<Q", tail[:8])
+            file.seek(-len(MAGIC) - 8 - length, os.SEEK_END)
+            return json.loads(file.read(length))["fragments"]
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is unreadable: {exc}") from None
+
+
+@functools.cache
+def _checksums() -> ThreadPoolExecutor:
+    """One thread for CRC-32s (zlib releases the GIL): checksums overlap the file IO."""
+    return ThreadPoolExecutor(1, thread_name_prefix="shardwise-crc")
+
+
+# a forked child has none of its parent's threads: it starts its own pool
+os.register_at_fork(after_in_child=_checksums.cache_clear)
+
+
+def _damaged(fragment: dict) -> None:
+    raise CheckpointError(
+        f"checkpoint file {str(fragment['file'])!r}: {fragment['kind']} tensor "
+        f"{fragment['name']!r} is damaged (its checksum does not match)"
+    )
 
 
 def load_rank_shards(engine: Engine, reader: ShardReader, rank_state: dict | None) -> None:
@@ -228,6 +414,7 @@ def load_rank_shards(engine: Engine, reader: ShardReader, rank_state: dict | Non
 
     store.load_owned(fill)
     engine.optimizer.load_state_dict(_optimizer_state(engine.optimizer, reader, pieces))
+    reader.verify()
     store.load_rank_state(rank_state)
 
 
@@ -252,8 +439,7 @@ def _optimizer_state(
             settings = settings or saved["group"]
             entry = {key: _clone(value) for key, value in saved["scalars"].items()}
             for key in saved["elements"]:
-                values = reader.read(OPTIM + key, name, shape, runs)
-                entry[key] = values.clone().view_as(param)  # not a view of the full tensor
+                entry[key] = reader.take(OPTIM + key, name, shape, runs).view_as(param)
             if entry:
                 state[index] = entry
             index += 1

@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
-from shardwise.checkpoint.io import find_checkpoint
-from shardwise.checkpoint.shards import ShardReader
+from shardwise.checkpoint.convert import read_full_tensors
 from shardwise.errors import CheckpointError
 from shardwise.run_plan import resolve
 from tests.parity import make_config
@@ -97,12 +96,6 @@ def run_on(world: int, request, fn, *args) -> list:
     return request.getfixturevalue(f"pool{world}").run(fn, *args)
 
 
-def full_tensors(checkpoint: Path) -> dict[tuple[str, str], torch.Tensor]:
-    ckpt = find_checkpoint(checkpoint)
-    reader = ShardReader(sorted(ckpt.glob("shards_rank*.pt")))
-    return {key: reader.full(*key).clone() for key in reader.keys()}
-
-
 @pytest.fixture(scope="module")
 def saved(request, tmp_path_factory) -> dict[str, tuple[list[float], Path]]:
     """Each layout's 4-step losses and its step-2 checkpoint (trained on first use)."""
@@ -127,8 +120,8 @@ def test_resharded_state_is_bitwise_and_training_continues(
     results = run_on(
         LAYOUTS[target][0], request, load_resave_continue, target, str(checkpoint), str(tmp_path)
     )
-    want = full_tensors(checkpoint)
-    got = full_tensors(tmp_path / "resaved")
+    want = read_full_tensors(checkpoint)
+    got = read_full_tensors(tmp_path / "resaved")
     assert set(got) == set(want)
     different = [key for key in want if not torch.equal(got[key], want[key])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -142,6 +135,6 @@ def test_a_missing_rank_file_names_it(saved, tmp_path):
     _, checkpoint = saved("dp2-zero3")
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    (broken / "shards_rank1.pt").unlink()
-    with pytest.raises(CheckpointError, match="shards_rank1.pt' is missing"):
+    (broken / "shards_rank1.bin").unlink()
+    with pytest.raises(CheckpointError, match="shards_rank1.bin' is missing"):
         load_resave_continue("single", str(broken), str(tmp_path / "out"))

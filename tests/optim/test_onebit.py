@@ -208,7 +208,7 @@ def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
     for full, resumed in pool2.run(train_then_resume, str(tmp_path), stage, "fp32", optim=optim):
         assert resumed == full[2:]
     checkpoint = tmp_path / "checkpoints" / "step_00000004"
-    assert (checkpoint / "shards_rank1.pt").is_file()
+    assert (checkpoint / "shards_rank1.bin").is_file()
     layout = json.loads((checkpoint / "manifest.json").read_text())["layout"]
     with pytest.raises(CheckpointError, match="error buffers\\) that only its own layout"):
         check_resumable(checkpoint, 4, layout)
@@ -328,4 +328,4 @@ def test_trains_on_two_ranks_through_the_launcher(tmp_path, capsys):
     losses = train_on_two_ranks(out, settings, capsys, shows)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     final = out / "checkpoints" / "step_00000004"
-    assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.pt", "shards_rank1.pt"]
+    assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]

@@ -177,8 +177,8 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
     full = train_on_two_ranks(out, settings, capsys, "pipeline gpipe over pp=2, 2 stages")
     checkpoint = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("shards*")) == [
-        "shards_rank0.pt",
-        "shards_rank1.pt",
+        "shards_rank0.bin",
+        "shards_rank1.bin",
     ]
     one_f_one_b = ["--set", "pipeline.schedule=1f1b"]  # same stages: resumes
     code, printed = run_cli(

@@ -114,7 +114,7 @@ def test_stage_outside_zero_to_three_is_a_clear_error():
 def test_sharded_state_resumes_exactly(pool2, tmp_path, stage):
     for full, resumed in pool2.run(train_then_resume, str(tmp_path), stage):
         assert resumed == full[2:]
-    assert (tmp_path / "checkpoints" / "step_00000004" / "shards_rank1.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000004" / "shards_rank1.bin").is_file()
 
 
 def _tiny_model_on_four_ranks() -> str:

@@ -160,6 +160,6 @@ def test_resumes_exactly(pool2, tmp_path):
         assert resumed == full[2:]
     checkpoint = tmp_path / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("shards*")) == [
-        "shards_rank0.pt",
-        "shards_rank1.pt",
+        "shards_rank0.bin",
+        "shards_rank1.bin",
     ]

@@ -1,0 +1,92 @@
+"""Crash safety and damaged checkpoints: a save killed at any moment leaves the previous
+checkpoint loadable and `latest` correct; a truncated, corrupted or missing file and a
+checkpoint of another model are one-line errors naming the file and tensor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardwise.checkpoint import load_checkpoint, save_checkpoint
+from shardwise.checkpoint.shards import _read_index
+from shardwise.engine import initialize
+from shardwise.errors import CheckpointError
+from tests.parity import TINY, build_model, global_batches, make_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_saves_killed_at_random_moments_leave_a_loadable_checkpoint(tmp_path):
+    kills = 20
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.checkpoint.crash_writer", str(tmp_path), str(kills), "7"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,  # a safety net against a hang, far above the ~10 s it takes
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["kills"] == report["loaded"] == report["latest_complete"] == kills, report
+    assert report["killed_mid_save"] >= 1, "the writer only saves: kills land inside saves"
+    assert not list(tmp_path.glob(".step_*.tmp"))[1:], "a save removes older partial ones"
+
+
+def _engine(**model):
+    cfg = make_config(micro_batch=1, global_batch=1).replace(model={**TINY, **model})
+    return initialize(build_model(cfg), None, cfg)
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    engine = _engine()
+    engine.train_step(global_batches(engine.plan.config, 1)[0])
+    layout = engine.plan.layout()
+    return save_checkpoint(tmp_path / "ckpt", 1, engine, {"data": {}}, keep=1, layout=layout)
+
+
+def _load(checkpoint: Path, **model) -> None:
+    engine = _engine(**model)
+    load_checkpoint(checkpoint, engine, engine.plan.layout())
+
+
+def test_truncated_shard_file_is_named(checkpoint):
+    shards = checkpoint / "shards_rank0.bin"
+    shards.write_bytes(shards.read_bytes()[: shards.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="shards_rank0.bin' is unreadable"):
+        _load(checkpoint)
+
+
+def test_a_flipped_byte_fails_the_checksum_naming_file_and_tensor(checkpoint):
+    shards = checkpoint / "shards_rank0.bin"
+    fragment = next(f for f in _read_index(shards) if f["kind"] == "optim.exp_avg")
+    data = bytearray(shards.read_bytes())
+    data[fragment["values"][0] + 1] ^= 0x40
+    shards.write_bytes(bytes(data))
+    name = fragment["name"]
+    with pytest.raises(CheckpointError, match=f"rank0.bin': optim.exp_avg tensor '{name}' is dam"):
+        _load(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["states_rank0.pt", "rank0.pt"])
+def test_damaged_torch_files_are_named(checkpoint, name):
+    path = checkpoint / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{name}' is unreadable"):
+        _load(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["engine.pt", "trainer.json", "manifest.json"])
+def test_damaged_small_files_are_named(checkpoint, name):
+    (checkpoint / name).write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=f"{name}' is unreadable"):
+        _load(checkpoint)
+
+
+def test_another_model_names_the_tensor(checkpoint):
+    with pytest.raises(CheckpointError, match="tensor '.*' has shape .* this model's"):
+        _load(checkpoint, d_model=64)
