@@ -118,9 +118,9 @@ class FragmentWriter:
         entry["crc32"] = crc.result()
         self.index.append(entry)
 
-    def close(self, **extra: object) -> None:
-        """Write the index (with `extra` JSON entries) and make the file durable."""
-        index = json.dumps({"fragments": self.index, **extra}).encode()
+    def close(self) -> None:
+        """Write the index and make the file durable."""
+        index = json.dumps({"fragments": self.index}).encode()
         self.file.write(index + struct.pack("<Q", len(index)) + MAGIC)
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -136,13 +136,14 @@ def _other_state(engine: Engine) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy; valid while the tensor lives
-    (the view does not keep it alive). (Not through numpy: exporting a
-    tensor to numpy makes its storage non-resizable for good, and chunk payloads are resized;
-    see [Note: the payload never meets the disk tier].)"""
+    """The bytes of a contiguous CPU tensor, without a copy (the view keeps the tensor
+    alive). Not through numpy: exporting a tensor to numpy makes its storage non-resizable
+    for good, and chunk payloads are resized (see [Note: the payload never meets the disk
+    tier])."""
     buffer = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(
         tensor.data_ptr()
     )
+    buffer.tensor = tensor  # the memoryview holds the buffer, the buffer the tensor
     return memoryview(buffer).cast("B")
 
 
@@ -219,9 +220,8 @@ class ShardReader:
         self._full: tuple[tuple[str, str], torch.Tensor] | None = None
         self._files: dict[Path, io.FileIO] = {}
         """Open fragment files: one per file, so the kernel's readahead carries on."""
-        self._unchecked: tuple[Future | None, dict, torch.Tensor] | None = None
-        """The last fragment read, whose CRC-32 may still be computed, and the tensor it was
-        read into (kept alive until then: the checksum reads its memory)."""
+        self._unchecked: tuple[Future | None, dict] | None = None
+        """The last fragment read, whose CRC-32 may still be computed."""
 
     def __enter__(self) -> ShardReader:
         return self
@@ -289,7 +289,7 @@ class ShardReader:
     def verify(self) -> None:
         """Raise if the last fragment read is damaged (the others were checked already)."""
         if self._unchecked is not None:
-            crc, fragment, _ = self._unchecked
+            crc, fragment = self._unchecked
             self._unchecked = None
             if (crc.result() if crc else 0) != fragment["crc32"]:
                 _damaged(fragment)
@@ -306,7 +306,7 @@ class ShardReader:
         for block in self._read_into(fragment["file"], offset, into):
             crc = _checksums().submit(zlib.crc32, block, crc.result() if crc else 0)
         self.verify()
-        self._unchecked = (crc, fragment, into)
+        self._unchecked = (crc, fragment)
 
     def _assemble(self, kind: str, name: str, shape: torch.Size) -> torch.Tensor:
         key = (kind, name)

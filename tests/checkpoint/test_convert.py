@@ -1,5 +1,5 @@
 """`shardwise convert`: a sharded checkpoint consolidated into safetensors, or into a Hugging
-Face directory that transformers' `from_pretrained` loads."""
+Face directory that transformers' `from_pretrained` loads; ``model.init_from`` back."""
 
 from __future__ import annotations
 
@@ -10,52 +10,77 @@ import torch
 import torch.distributed as dist
 
 from shardwise.checkpoint import save_checkpoint
-from shardwise.checkpoint.convert import convert, read_full_tensors
+from shardwise.checkpoint.convert import read_full_tensors
 from shardwise.config import Config
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
+from shardwise.run_plan import resolve
+from shardwise.trainer import build_engine
 from tests.cli_runs import run_cli
 from tests.parity import build_model, global_batches, make_config
 
-SEQ = 16
+HF_SETTINGS = [
+    "model.name=hf",
+    "model.hf_config=gpt2-tiny",
+    "data.seq_len=16",
+    "precision.dtype=fp32",
+]
 
 
-def train_hf_zero3(out: str) -> None:
-    """On both ranks: GPT-2 (tiny) at ZeRO-3 for 2 steps; a checkpoint of two shards."""
-    from shardwise.run_plan import resolve
-    from shardwise.trainer import train
+def save_run(engine, cfg: Config, run: Path) -> None:
+    """A run directory as `shardwise train` leaves it: config.toml and a checkpoint."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.toml").write_text(cfg.to_toml())
+    save_checkpoint(run / "checkpoints", 1, engine, {"data": {}}, 1, engine.plan.layout())
 
-    settings = [
-        "model.name=hf",
-        "model.hf_config=gpt2-tiny",
-        f"data.seq_len={SEQ}",
-        "data.max_bytes=20000",
-        "zero.stage=3",
-        "precision.dtype=fp32",
-        "train.micro_batch=1",
-        "train.steps=2",
-        "log.progress=false",
-    ]
-    cfg = Config.from_file(None, settings)
-    if dist.get_rank() == 0:
-        (Path(out) / "config.toml").parent.mkdir(parents=True, exist_ok=True)
-        (Path(out) / "config.toml").write_text(cfg.to_toml())
-    train(resolve(cfg, dist.get_world_size()), Path(out))
+
+def train_zero3(cfg: Config, run: str) -> None:
+    """On both ranks: one step at ZeRO-3; a checkpoint of two shards."""
+    engine = initialize(build_model(cfg), None, cfg)
+    rows = global_batches(cfg, 1)[0]
+    rank = dist.get_rank()
+    engine.train_step((rows[0][rank : rank + 1], rows[1][rank : rank + 1]))
+    save_run(engine, cfg, Path(run))
 
 
 @pytest.fixture(scope="module")
-def hf_run(pool2, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hf-run")
-    pool2.run(train_hf_zero3, str(out))
-    return out
+def zero3_run(pool2, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("zero3-run")
+    pool2.run(train_zero3, make_config(micro_batch=1, global_batch=2, zero_stage=3), str(run))
+    return run
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    run = tmp_path_factory.mktemp("hf-run")
+    cfg = Config.from_file(None, [*HF_SETTINGS, "train.micro_batch=1"])
+    engine, _ = build_engine(resolve(cfg, 1))
+    engine.train_step(global_batches(make_config(micro_batch=1, global_batch=1), 1)[0])
+    save_run(engine, cfg, run)
+    return run
 
 
 def _masters(run: Path) -> dict[str, torch.Tensor]:
     return {name: t for (kind, name), t in read_full_tensors(run).items() if kind == "master"}
 
 
+def test_safetensors_export_of_zero3_shards_holds_every_full_tensor(zero3_run, tmp_path, capsys):
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
+    dest = tmp_path / "model.safetensors"
+    argv = ["convert", str(zero3_run / "checkpoints"), str(dest), "--to", "safetensors"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    exported = safetensors.load_file(dest)
+    masters = _masters(zero3_run)
+    assert masters and set(masters) <= set(exported)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in masters.items())
+
+
 def test_hf_export_loads_with_from_pretrained(hf_run, tmp_path, capsys):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    import transformers
+
     dest = tmp_path / "hf"
     code, err = run_cli(["convert", str(hf_run), str(dest), "--to", "hf"], capsys)
     assert code == 0, err
@@ -67,90 +92,47 @@ def test_hf_export_loads_with_from_pretrained(hf_run, tmp_path, capsys):
         assert torch.equal(loaded[name].detach(), tensor), name
     assert model.lm_head.weight is model.transformer.wte.weight  # tied again on load
 
-
-def test_safetensors_export_holds_every_full_tensor(hf_run, tmp_path, capsys):
-    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
-    dest = tmp_path / "model.safetensors"
-    argv = ["convert", str(hf_run / "checkpoints"), str(dest), "--to", "safetensors"]
-    code, err = run_cli(argv, capsys)
-    assert code == 0, err
-    exported = safetensors.load_file(dest)
-    masters = _masters(hf_run)
-    assert set(masters) <= set(exported)
-    assert all(torch.equal(exported[name], tensor) for name, tensor in masters.items())
-
-
-def test_hf_export_of_a_native_model_is_one_line(tmp_path, capsys):
-    cfg = make_config(micro_batch=1, global_batch=1)
-    engine = initialize(build_model(cfg), None, cfg)
-    run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints", 0, engine, {"data": {}}, 1, engine.plan.layout())
-    (run / "config.toml").write_text(cfg.to_toml())
-    code, err = run_cli(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"], capsys)
-    assert code == 2 and "use --to safetensors" in err and len(err.strip().splitlines()) == 1
-
-
-HF_SETTINGS = [
-    "model.name=hf",
-    "model.hf_config=gpt2-tiny",
-    f"data.seq_len={SEQ}",
-    "precision.dtype=fp32",
-]
-
-
-def test_a_run_starts_from_an_exported_hf_directory(hf_run, tmp_path, capsys):
-    from shardwise.run_plan import resolve
-    from shardwise.trainer import build_engine
-
-    dest = tmp_path / "hf"
-    assert run_cli(["convert", str(hf_run), str(dest), "--to", "hf"], capsys)[0] == 0
-    cfg = Config.from_file(None, [*HF_SETTINGS, f"model.init_from={dest}"])
-    engine, _ = build_engine(resolve(cfg, 1))
-    state = engine.full_state_dict()
-    for name, tensor in _masters(hf_run).items():
-        assert torch.equal(state[name], tensor), name
+    imported = Config.from_file(None, [*HF_SETTINGS, f"model.init_from={dest}"])
+    state = build_engine(resolve(imported, 1))[0].full_state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in masters.items())
 
 
 def sharded_start(cfg: Config) -> dict[str, torch.Tensor]:
     """On both ranks: a ZeRO-3 engine built shard by shard from `cfg.model.init_from`."""
-    from shardwise.run_plan import resolve
-    from shardwise.trainer import build_engine
-
     engine, _ = build_engine(resolve(cfg, dist.get_world_size()))
     assert engine.plan.sharding.params
     return engine.full_state_dict()
 
 
-def test_a_zero3_run_starts_from_safetensors_shard_by_shard(pool2, tmp_path, capsys):
-    cfg = make_config(micro_batch=1, global_batch=2)
-    engine = initialize(build_model(cfg), None, cfg)
-    engine.train_step(global_batches(cfg, 1)[0])
-    run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints", 1, engine, {"data": {}}, 1, engine.plan.layout())
+def export(run: Path, dest: Path, capsys) -> None:
+    assert run_cli(["convert", str(run), str(dest), "--to", "safetensors"], capsys)[0] == 0
+
+
+def test_a_zero3_run_starts_from_exported_weights_shard_by_shard(
+    zero3_run, pool2, tmp_path, capsys
+):
     weights = tmp_path / "model.safetensors"
-    assert run_cli(["convert", str(run), str(weights), "--to", "safetensors"], capsys)[0] == 0
-    sharded = cfg.replace(zero={"stage": 3}, model={"init_from": str(weights)})
-    want = engine.full_state_dict()
-    for state in pool2.run(sharded_start, sharded):
-        assert set(state) == set(want)
-        assert all(torch.equal(state[k], want[k]) for k in want)
+    export(zero3_run, weights, capsys)
+    cfg = make_config(zero_stage=3).replace(model={"init_from": str(weights)})
+    masters = _masters(zero3_run)
+    for state in pool2.run(sharded_start, cfg):
+        assert all(torch.equal(state[name], tensor) for name, tensor in masters.items())
+
+
+def test_hf_export_of_a_native_model_is_one_line(zero3_run, tmp_path, capsys):
+    code, err = run_cli(["convert", str(zero3_run), str(tmp_path / "hf"), "--to", "hf"], capsys)
+    assert code == 2 and "use --to safetensors" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
     ("where", "message"),
     [("missing", "no safetensors file there"), ("other", "does not fit the model: missing")],
 )
-def test_bad_init_from_is_one_line(tmp_path, where, message):
-    from shardwise.run_plan import resolve
-    from shardwise.trainer import build_engine
-
+def test_bad_init_from_is_one_line(zero3_run, tmp_path, capsys, where, message):
     path = tmp_path / "nothing"
-    if where == "other":
-        engine = initialize(build_model(make_config()), None, make_config())
-        run = tmp_path / "run"
-        save_checkpoint(run / "checkpoints", 0, engine, {"data": {}}, 1, engine.plan.layout())
+    if where == "other":  # a native GPT's weights for GPT-2
         path = tmp_path / "gpt.safetensors"
-        convert(run, path, "safetensors", None)
+        export(zero3_run, path, capsys)
     cfg = Config.from_file(None, [*HF_SETTINGS, f"model.init_from={path}"])
     with pytest.raises(ConfigError, match=message):
         build_engine(resolve(cfg, 1))

@@ -39,6 +39,7 @@ LAYOUTS = {
     "tp2-1d": (2, {"parallel": {"tp": 2}}),
     "tp4-2d": (4, {"parallel": {"tp": 4, "tp_mode": "2d"}, "train": {"micro_batch": 2}}),
     "pp2": (2, {"parallel": {"pp": 2}, "pipeline": {"schedule": "1f1b"}}),
+    "sp2-ring": (2, {"parallel": {"sp": 2}, "attention": {"sequence_parallel": "ring"}}),
     "dp2-offload-disk": (2, {"offload": OFFLOAD}),
 }
 NAMES = list(LAYOUTS)
