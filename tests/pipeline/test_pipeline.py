@@ -157,8 +157,8 @@ def test_plan_table_names_the_schedule():
 
 
 def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
-    """`shardwise train` with parallel.pp=2: each stage saves its own state; a resume from
-    step 2 repeats steps 3-4 exactly; another split of the blocks is refused before launch."""
+    """`shardwise train` with parallel.pp=2: each stage saves its own parameters; a resume
+    from step 2 with another schedule and split repeats steps 3-4 (to fp32 rounding)."""
     settings = [
         "model.n_layers=2",
         "model.d_model=32",
@@ -180,16 +180,8 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
         "shards_rank0.bin",
         "shards_rank1.bin",
     ]
-    one_f_one_b = ["--set", "pipeline.schedule=1f1b"]  # same stages: resumes
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--resume", str(checkpoint), *one_f_one_b], capsys
-    )
+    # another schedule and another split of the blocks: resharded by parameter name
+    other = ["--set", "pipeline.schedule=1f1b", "--set", "pipeline.partition=params"]
+    code, printed = run_cli(["train", "--nproc", "2", "--resume", str(checkpoint), *other], capsys)
     assert code == 0, printed
-    again = logged_losses(out)
-    assert again == pytest.approx(full, rel=1e-6) and len(full) == 4
-    other_split = ["--set", "pipeline.partition=params"]
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--resume", str(checkpoint), *other_split], capsys
-    )
-    assert code == 0, printed  # other stages: resharded by parameter name
     assert logged_losses(out) == pytest.approx(full, rel=1e-5)
