@@ -23,6 +23,7 @@ from tests.parity import (
     global_batches,
     make_config,
     reference_run,
+    train_then_resume,
 )
 
 LAYERS = 8
@@ -93,6 +94,14 @@ def test_bf16_stages_keep_the_tied_weight_equal(pool2):
     want, _ = reference_run(config(2, "1f1b"))
     for losses, _ in pool2.run(pipeline_run, cfg):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=BF16_RTOL, atol=0)
+
+
+def test_two_stages_resume_exactly(pool2, tmp_path):
+    """bf16 (fp32 reduction): a resume from step 2 repeats steps 3 and 4 bitwise; the
+    tied weight's two copies must stay equal for it (see the test above)."""
+    sections = {"parallel": {"pp": 2}, "pipeline": {"schedule": "1f1b"}}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 0, "bf16", **sections):
+        assert resumed == full[2:]
 
 
 def held_names(cfg) -> list[str]:
