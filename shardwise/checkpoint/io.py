@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+FORMAT = 2
+"""The manifest's ``format``: 2 = layout-free fragments (shards.py); before it, per-rank
+engine files (no ``format`` key)."""
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -85,6 +88,7 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         manifest = {
+            "format": FORMAT,
             "step": step,
             "world_size": world,
             "layout": layout,
@@ -180,6 +184,11 @@ def check_resumable(
     any process starts, and again on load)."""
     ckpt = find_checkpoint(path)
     manifest = read_json(ckpt / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} has format {manifest.get('format', 1)}, this shardwise "
+            f"reads format {FORMAT} (layout-free fragments); it was written by an older version"
+        )
     trained = read_json(ckpt / "trainer.json")["data"].get("global_batch")
     if global_batch is not None and trained not in (None, global_batch):
         raise CheckpointError(

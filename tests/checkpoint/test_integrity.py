@@ -87,6 +87,14 @@ def test_damaged_small_files_are_named(checkpoint, name):
         _load(checkpoint)
 
 
+def test_a_checkpoint_of_the_old_format_is_one_line(checkpoint):
+    manifest = checkpoint / "manifest.json"
+    old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "format"}
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="has format 1, this shardwise reads format 2"):
+        _load(checkpoint)
+
+
 def test_another_model_names_the_tensor(checkpoint):
     with pytest.raises(CheckpointError, match="tensor '.*' has shape .* this model's"):
         _load(checkpoint, d_model=64)
