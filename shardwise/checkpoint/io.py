@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from shardwise.checkpoint.shards import (
     ShardReader,
+    durable,
     load_rank_shards,
     read_torch,
     write_rank_shards,
@@ -82,9 +83,9 @@ def save_checkpoint(
     fragments, states = shard_files(tmp, world)
     rank_state = write_rank_shards(engine, fragments[rank], states[rank])
     if rank == 0:
-        _durable(tmp / "engine.pt", lambda f: torch.save(engine.state_dict(), f))
-        _durable(tmp / "trainer.json", lambda f: f.write(json.dumps(trainer_state).encode()))
-    _durable(tmp / f"rank{rank}.pt", lambda f: torch.save(_rng_state(), f))
+        durable(tmp / "engine.pt", lambda f: torch.save(engine.state_dict(), f))
+        durable(tmp / "trainer.json", lambda f: f.write(json.dumps(trainer_state).encode()))
+    durable(tmp / f"rank{rank}.pt", lambda f: torch.save(_rng_state(), f))
     _barrier()
     if rank == 0:
         manifest = {
@@ -94,19 +95,11 @@ def save_checkpoint(
             "layout": layout,
             "rank_state": rank_state,
         }
-        _durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+        durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
         _commit(tmp, final)
         _prune(root, keep)
     _barrier()
     return final
-
-
-def _durable(path: Path, write) -> None:
-    """`write(file)` into `path`, then fsync it: on disk before the checkpoint is committed."""
-    with open(path, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,7 +123,7 @@ def _commit(tmp: Path, final: Path) -> None:
         os.replace(final, aside)
     os.replace(tmp, final)
     latest = root / f".{LATEST}.tmp"
-    _durable(latest, lambda f: f.write((final.name + "\n").encode()))
+    durable(latest, lambda f: f.write((final.name + "\n").encode()))
     os.replace(latest, root / LATEST)
     _fsync_dir(root)
     shutil.rmtree(aside, ignore_errors=True)

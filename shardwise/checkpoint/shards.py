@@ -183,11 +183,16 @@ def write_rank_shards(engine: Engine, fragments: Path, states: Path) -> bool:
                 index += 1
     writer.close()
     rank_state = store.rank_state()
-    with open(states, "wb") as file:
-        torch.save({"params": params, "rank_state": rank_state}, file)
+    durable(states, lambda f: torch.save({"params": params, "rank_state": rank_state}, f))
+    return rank_state is not None
+
+
+def durable(path: Path, write) -> None:
+    """`write(file)` into `path`, then fsync it: on disk before the checkpoint is committed."""
+    with open(path, "wb") as file:
+        write(file)
         file.flush()
         os.fsync(file.fileno())
-    return rank_state is not None
 
 
 def _per_element(key: str, value: object, param: torch.Tensor) -> bool:
