@@ -30,6 +30,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.steps=50 (repeatable)",
     )
+    p.add_argument(
+        "--deepspeed-config",
+        type=Path,
+        metavar="JSON",
+        help="a DeepSpeed config file, translated onto the config (under --set; docs/deepspeed.md)",
+    )
     p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="processes (ranks) to start")
     p.add_argument("--out", type=Path, help="output directory (default: runs/train-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its directory or checkpoint")
@@ -42,7 +48,21 @@ def _resolve_config(args: argparse.Namespace):
     config_file = args.config
     if args.resume is not None and config_file is None:
         config_file = _saved_config(args.resume)
-    return Config.from_file(config_file, args.overrides)
+    cfg = Config.from_file(config_file, args.overrides)
+    if args.deepspeed_config is None:
+        return cfg
+    from shardwise.compat.deepspeed import read_deepspeed_config
+    from shardwise.distributed.dims import ParallelDims
+
+    ds = read_deepspeed_config(args.deepspeed_config)
+    if ds.warning() is not None:
+        print(f"shardwise: warning: {ds.warning()}", file=sys.stderr)
+    dp = ParallelDims.from_config(cfg.parallel, args.nproc).dp
+    settings = ds.config_settings(dp, cfg.train.micro_batch)
+    try:
+        return Config.from_file(config_file, args.overrides, settings)
+    except ConfigError as err:  # the file and --set passed above: the translation is at fault
+        raise ConfigError(f"{err} (from deepspeed config {args.deepspeed_config})") from None
 
 
 def _saved_config(resume: Path) -> Path:

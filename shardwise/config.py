@@ -215,7 +215,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up, in optimizer steps."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """The decay ends at lr * min_lr_ratio (1: constant after the warm-up)."""
+    decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay from lr to lr * min_lr_ratio over the steps after the warm-up."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables."""
     freeze_step: int | None = Field(None, ge=1)
@@ -292,8 +294,14 @@ class Config(_Section):
             raise ConfigError(_describe(err)) from None
 
     @classmethod
-    def from_file(cls, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-        """Load TOML (or start from defaults when `path` is None), then apply overrides."""
+    def from_file(
+        cls,
+        path: str | Path | None = None,
+        overrides: list[str] = (),
+        settings: dict[str, dict[str, Any]] | None = None,
+    ) -> Config:
+        """Load TOML (or start from defaults when `path` is None), lay `settings` (sections of
+        keys, e.g. translated from a DeepSpeed config) over it, then apply overrides."""
         raw: dict[str, Any] = {}
         if path is not None:
             file = Path(path)
@@ -303,6 +311,8 @@ class Config(_Section):
                 raw = tomllib.loads(file.read_text())
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+        for section, keys in (settings or {}).items():
+            raw.setdefault(section, {}).update(keys)
         for item in overrides:
             _apply_override(raw, item)
         return cls.from_dict(raw)

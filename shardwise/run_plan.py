@@ -30,7 +30,7 @@ from shardwise.sequence_parallel import contiguous_positions, hybrid_positions
 from shardwise.tensor_parallel import Plan
 from shardwise.zero.offload.adam import check_offload
 
-OPTIM_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio")
+OPTIM_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "decay")
 
 
 @dataclass(frozen=True)

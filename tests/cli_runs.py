@@ -39,12 +39,13 @@ def logged_losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_on_two_ranks(out: Path, settings: list[str], capsys, shows: str) -> list[float]:
-    """``shardwise train --nproc 2 --out out`` with `settings`: checks that it succeeded and
-    that its plan printed `shows`; the logged losses."""
-    code, printed = run_cli(
-        ["train", "--nproc", "2", "--out", str(out), *settings_args(settings)], capsys
-    )
+def train_on_two_ranks(
+    out: Path, settings: list[str], capsys, shows: str, options: list[str] = ()
+) -> list[float]:
+    """``shardwise train --nproc 2 --out out *options`` with `settings`: checks that it
+    succeeded and that its plan printed `shows`; the logged losses."""
+    argv = ["train", "--nproc", "2", "--out", str(out), *options, *settings_args(settings)]
+    code, printed = run_cli(argv, capsys)
     assert code == 0, printed
     assert shows in printed
     return logged_losses(out)

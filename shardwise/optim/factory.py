@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups and a warm-up + cosine learning-rate schedule."""
+"""AdamW with weight-decay groups and a warm-up + decay learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -46,14 +46,18 @@ def default_optimizer_factory(cfg: OptimConfig) -> OptimizerFactory:
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Factor on the peak lr at optimizer step `step`: linear warm-up, then cosine decay."""
+    """Factor on the peak lr at optimizer step `step`: linear warm-up, then a cosine or linear
+    decay to ``min_lr_ratio``."""
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         decay_steps = max(1, total_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+        if cfg.decay == "cosine":
+            remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            remaining = 1.0 - progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * remaining
 
     return factor

@@ -314,18 +314,35 @@ def test_emulated_link_sends_bytes_one_after_another():
     assert Link().reserve(1e9, now=0.0) is None
 
 
-def test_trains_on_two_ranks_through_the_launcher(tmp_path, capsys):
-    """The launcher path (exact resume is checked in the pool above, at every stage)."""
-    settings = [
-        *TINY_RUN,
-        "train.steps=4",
-        "optim.name=onebit_adam",
-        "optim.freeze_step=1",
-        "optim.compression_chunk=32",
-    ]
+def test_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_config(tmp_path, capsys):
+    """The launcher path (exact resume is checked in the pool above, at every stage), with
+    DeepSpeed's 1-bit Adam example (docs/_pages/config-json.md; freeze_step shortened): the
+    global batch of 8 takes two micro-batches of 2 on each of the 2 ranks."""
+    example = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {
+            "type": "OneBitAdam",
+            "params": {
+                "lr": 0.001,
+                "betas": [0.8, 0.999],
+                "eps": 1e-8,
+                "weight_decay": 3e-7,
+                "freeze_step": 1,
+                "cuda_aware": False,
+                "comm_backend_name": "nccl",
+            },
+        },
+    }
+    ds_config = tmp_path / "onebit.json"
+    ds_config.write_text(json.dumps(example))
+    settings = [*TINY_RUN, "train.steps=4", "optim.compression_chunk=32"]
     out = tmp_path / "run"
     shows = "1-bit Adam: AdamW for 1 steps, then gradients at 1 bit"
-    losses = train_on_two_ranks(out, settings, capsys, shows)
+    options = ["--deepspeed-config", str(ds_config)]
+    losses = train_on_two_ranks(out, settings, capsys, shows, options)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    resolved = Config.from_file(out / "config.toml")
+    assert (resolved.train.global_batch, resolved.optim.variance_refresh) == (8, 0)
     final = out / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]
