@@ -266,6 +266,9 @@ class LogConfig(_Section):
     """Steps between progress-line refreshes (metrics.jsonl gets every step)."""
     progress: bool = True
     """Show the progress bar."""
+    tensorboard: bool = False
+    """Also write every step's metrics as TensorBoard scalars to <out>/tensorboard (needs the
+    tensorboard package: pip install 'shardwise[tensorboard]')."""
 
 
 class Config(_Section):

@@ -13,20 +13,35 @@ METRIC_KEYS = ("step", "loss", "lr", "tokens_per_s", "step_s", "peak_mem_bytes",
 
 
 class MetricsLog:
-    """Appends one JSON object per step; on resume, drops records past the resumed step."""
+    """Appends one JSON object per step; on resume, drops records past the resumed step.
 
-    def __init__(self, path: Path, resume_step: int = 0) -> None:
+    With `tensorboard` set, every metric but the step also goes to TensorBoard scalars there
+    (named as in metrics.jsonl); a resumed run purges the events past its step, as the jsonl.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard: Path | None = None) -> None:
         self.path = path
         kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step else []
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = path.open("a")
+        self._board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(tensorboard), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash loses at most the step in flight
+        if self._board is not None:
+            for key in METRIC_KEYS[1:]:
+                self._board.add_scalar(key, record[key], record["step"])
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ parameter stores read the plan's policies, never ``zero.stage`` or ``offload.pol
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,7 @@ def resolve(
     spec = spec_of(model, spec)
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
+    _check_log(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     onebit_freeze = _onebit_freeze(config, dims, optimizer_given, trainable)
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
@@ -246,6 +248,14 @@ def resolve(
         attention=attention,
         sequence_parallel=sequence_parallel,
     )
+
+
+def _check_log(config: Config) -> None:
+    if config.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "log.tensorboard=true needs the tensorboard package: "
+            "pip install 'shardwise[tensorboard]'"
+        )
 
 
 def _refuse_combinations(feature: str, limits: dict[str, bool]) -> None:

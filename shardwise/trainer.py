@@ -76,7 +76,10 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
         data.load_state_dict(trainer_state["data"])
     start, total = engine.global_step, cfg.train.steps
     ckpt_root = out_dir / "checkpoints"
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start) if is_main else None
+    metrics = None
+    if is_main:
+        board = out_dir / "tensorboard" if cfg.log.tensorboard else None
+        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, tensorboard=board)
     progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
     tokens_per_step = global_batch * cfg.data.seq_len
     losses: list[float] = []

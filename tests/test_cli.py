@@ -213,3 +213,40 @@ def test_train_then_resume_through_the_launcher(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert logged_losses(run) == pytest.approx(full, rel=1e-5)
+
+
+def test_metrics_go_to_tensorboard_too_and_a_resume_replaces_the_steps_after_it(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from shardwise.metrics import METRIC_KEYS, read_metrics
+
+    out = tmp_path / "run"
+    board = ["--set", "log.tensorboard=true", "--set", "checkpoint.every=2"]
+    argv = ["train", "--nproc", "1", "--out", str(out), *TINY, *board]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    resume = ["--resume", str(out / "checkpoints" / "step_00000002"), "--set", "train.steps=4"]
+    code, err = run_cli(["train", "--nproc", "1", *resume], capsys)
+    assert code == 0, err
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in METRIC_KEYS[1:]:
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2, 3, 4], key
+        expected = [float(r[key]) for r in records]
+        assert [s.value for s in scalars] == pytest.approx(expected, rel=1e-6), key
+
+
+def test_tensorboard_missing_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorboard" else find_spec(name, *args),
+    )
+    code, err = run_cli(["train", "--nproc", "2", *TINY, "--set", "log.tensorboard=true"], capsys)
+    assert_one_line_error(code, err, "log.tensorboard=true needs the tensorboard package")
