@@ -6,6 +6,7 @@ precision and whether pinned memory exists. Nothing else names ``cuda`` or ``glo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -26,6 +27,14 @@ class Accelerator:
         if self.device_type == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
+
+    def useful_ranks(self) -> tuple[int, str]:
+        """Most ranks one machine runs usefully, and why: one per GPU; on CPU four per core
+        (gloo ranks beyond that mostly wait for a core, and start-up alone takes minutes)."""
+        if self.device_type == "cuda":
+            return torch.cuda.device_count(), "one per GPU"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return 4 * (cores or 1), f"4 per CPU core, {cores or 1} core(s)"
 
     def set_device(self, local_rank: int) -> None:
         """Bind this process to its device (no-op on CPU)."""

@@ -39,6 +39,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="processes (ranks) to start")
     p.add_argument("--out", type=Path, help="output directory (default: runs/train-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its directory or checkpoint")
+    p.add_argument(
+        "--force", action="store_true", help="write into a --out directory that is not empty"
+    )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start more ranks than the machine runs usefully (one per GPU; 4 per CPU core)",
+    )
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
 
 
@@ -80,14 +88,46 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
+def _check_launch_options(args: argparse.Namespace) -> None:
+    from shardwise.accelerator import get_accelerator
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    useful, why = get_accelerator().useful_ranks()
+    if args.nproc > useful and not args.oversubscribe:
+        raise ConfigError(
+            f"--nproc {args.nproc} is more ranks than this machine runs usefully ({useful}: "
+            f"{why}); use fewer, or pass --oversubscribe"
+        )
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise ConfigError(f"--master-port {args.master_port} is not a port (1-65535)")
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    """The run directory, created; one that holds anything is refused unless resuming into it
+    or --force (a run's outputs are not overwritten by accident)."""
+    out = _run_dir(args)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and args.resume is None and not args.force:
+        raise ConfigError(
+            f"--out {str(out)!r} is not empty (another run's outputs?); continue that run with "
+            "--resume, or pass --force to write into it"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {str(out)!r}: cannot create it ({err.strerror})") from None
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from shardwise.checkpoint import check_resumable, find_checkpoint
     from shardwise.data import build_data
     from shardwise.run_plan import resolve
     from shardwise.trainer import save_plan
 
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    _check_launch_options(args)
     if args.resume is not None:
         find_checkpoint(args.resume)
     cfg = _resolve_config(args)
@@ -95,11 +135,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     dp = plan.dims.dp
     global_batch = cfg.train.micro_batch * dp * plan.micro_batches
     if args.resume is not None:
-        check_resumable(args.resume, args.nproc, plan.layout(), global_batch)
+        step = check_resumable(args.resume, args.nproc, plan.layout(), global_batch)["step"]
+        if step >= cfg.train.steps:
+            raise ConfigError(
+                f"--resume {str(args.resume)!r}: the checkpoint is at step {step} and "
+                f"train.steps={cfg.train.steps}, nothing is left to train; raise train.steps "
+                "(--set train.steps=N) to train on"
+            )
     # Read the data once here: a missing file or a too-small corpus fails before any launch.
     build_data(cfg.data, global_batch, 0, dp, 0)
-    out = _run_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args)
     (out / "config.toml").write_text(cfg.to_toml())
     save_plan(plan, out / "plan.pkl")
     print(f"shardwise train: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
@@ -171,7 +216,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardwise import __version__
+
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
@@ -186,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["run"]:
+        if not argv:
+            build_parser().print_help()
+            code = 0
+        elif argv[:1] == ["run"]:
             code = cmd_run(argv[1:])
         else:
             args = build_parser().parse_args(argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
 import tomllib
@@ -20,7 +20,9 @@ from shardwise.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(_Section):
@@ -206,8 +208,11 @@ class OptimConfig(_Section):
     and gradients exchanged at one bit per element; docs/onebit_adam.md)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
+    """Adam betas, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0)
     """Adam epsilon."""
     weight_decay: float = Field(0.1, ge=0)
@@ -308,10 +313,14 @@ class Config(_Section):
         raw: dict[str, Any] = {}
         if path is not None:
             file = Path(path)
+            if file.is_dir():
+                raise ConfigError(f"config file {str(file)!r} is a directory, not a TOML file")
             if not file.is_file():
                 raise ConfigError(f"config file {str(file)!r} does not exist")
             try:
                 raw = tomllib.loads(file.read_text())
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {str(file)!r} is not text (UTF-8)") from None
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from None
         for section, keys in (settings or {}).items():

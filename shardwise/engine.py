@@ -152,10 +152,10 @@ class Engine:
             comm.all_reduce_(mean_loss, self.dp.dp)
             mean_loss = mean_loss / self.dp.size
         if not torch.isfinite(mean_loss) and self.scaler is None:
-            raise TrainingError(
-                f"loss is {mean_loss.item()} at step {self.global_step + 1}: training diverged; "
-                "lower optim.lr or set optim.grad_clip"
-            )
+            why = "training diverged; lower optim.lr or set optim.grad_clip"
+            if self.global_step == 0:
+                why = "before any update: check the initial weights (model.init_std) and inputs"
+            raise TrainingError(f"loss is {mean_loss.item()} at step {self.global_step + 1}, {why}")
         self.step()
         return mean_loss.item()
 

@@ -20,6 +20,7 @@ from torch import nn
 from shardwise.accelerator import get_accelerator
 from shardwise.attention.core import SparseAttention, sparse_attention
 from shardwise.config import Config, OffloadConfig, resolve_batch
+from shardwise.data.tokenizer import ByteTokenizer
 from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 from shardwise.models import MODELS, ModelSpec, spec_of
@@ -221,11 +222,14 @@ def resolve(
     the spec's tensor-parallel plan."""
     dims = ParallelDims.from_config(config.parallel, world_size)
     micro_batches = resolve_batch(config.train, dims.dp)
-    if model is None:
+    registered = model is None  # the trainer's model, fed by the byte tokenizer
+    if registered:
         model = MODELS.get(config.model.name)(
             config.model, config.data.seq_len, device="meta", seed=config.train.seed
         )
     spec = spec_of(model, spec)
+    if registered:
+        _check_vocabulary(config, model, spec)
     precision = policy_from_config(config.precision, get_accelerator())
     _check_offload(config, precision, optimizer_given)
     _check_log(config)
@@ -248,6 +252,19 @@ def resolve(
         attention=attention,
         sequence_parallel=sequence_parallel,
     )
+
+
+def _check_vocabulary(config: Config, model: nn.Module, spec: ModelSpec) -> None:
+    """The training data's token ids (bytes) must index the model's embedding."""
+    if spec.embedding is None:
+        return
+    rows = model.get_submodule(spec.embedding).weight.shape[0]
+    if rows < ByteTokenizer.vocab_size:
+        source = "model.vocab_size" if config.model.name == "gpt" else "the model's vocab_size"
+        raise ConfigError(
+            f"{source}={rows} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} "
+            f"token ids; use at least {ByteTokenizer.vocab_size}"
+        )
 
 
 def _check_log(config: Config) -> None:

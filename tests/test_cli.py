@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from shardwise.cli import main
 from tests.cli_runs import logged_losses, run_cli, settings_args
 
 TINY = [
@@ -102,6 +103,29 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/no/dir"],
         "offload.disk_path='/no/dir' does not exist",
     ),
+    "betas-not-below-one": (
+        ["--set", "optim.betas=[1.5, 0.9]"],
+        "optim.betas.0=1.5: input should be less than 1",
+    ),
+    "lr-infinite": (["--set", "optim.lr=inf"], "optim.lr=inf: input should be a finite number"),
+    "vocab-below-bytes": (
+        ["--set", "model.vocab_size=10"],
+        "model.vocab_size=10 is smaller than the byte tokenizer's 256 token ids",
+    ),
+    "tp-sp-without-tp": (
+        ["--set", "parallel.tp_sequence_parallel=true"],
+        "splits the sequence over the tensor-parallel ranks, but parallel.tp=1",
+    ),
+    "tp-fits-only-one": (
+        ["--nproc", "2", "--set", "parallel.tp=2", "--set", "model.n_heads=3"]
+        + ["--set", "model.d_model=48"],
+        "tp degrees that fit: none above 1",
+    ),
+    "too-many-ranks": (
+        ["--nproc", "100000"],
+        "--nproc 100000 is more ranks than this machine runs usefully",
+    ),
+    "port-out-of-range": (["--master-port", "99999"], "--master-port 99999 is not a port"),
 }
 
 
@@ -110,6 +134,60 @@ def test_bad_input_is_one_line(case, capsys, tmp_path):
     argv, pattern = BAD_SETS[case]
     code, err = run_cli(["train", "--out", str(tmp_path), *argv], capsys)
     assert_one_line_error(code, err, pattern)
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b"\xff\xfe\x00garbage", "is not text (UTF-8)"),
+        (None, "is a directory, not a TOML file"),
+    ],
+    ids=["random-bytes", "directory"],
+)
+def test_unreadable_config_file(content, pattern, capsys, tmp_path):
+    path = tmp_path
+    if content is not None:
+        path = tmp_path / "random.toml"
+        path.write_bytes(content)
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert_one_line_error(code, err, pattern)
+
+
+@pytest.mark.parametrize(
+    ("out", "pattern"),
+    [
+        (lambda d: write(d, "a-file", "x"), "is a file, not a directory"),
+        (lambda d: write(d, "config.toml", "") and str(d), "is not empty (another run's outputs?)"),
+        (lambda d: "/proc/shardwise-out", "cannot create it"),
+    ],
+    ids=["a-file", "not-empty", "not-creatable"],
+)
+def test_output_directory_problems(out, pattern, capsys, tmp_path):
+    code, err = run_cli(["train", "--out", out(tmp_path), *TINY], capsys)
+    assert_one_line_error(code, err, pattern)
+
+
+def test_version_and_bare_command(capsys):
+    from shardwise import __version__
+
+    for argv in (["--version"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"shardwise {__version__}" in printed and "{train,bench,convert,run}" in printed
+
+
+def test_run_with_no_ranks_is_one_line(capsys, tmp_path):
+    script = write(tmp_path, "script.py", "print('hi')")
+    code, err = run_cli(["run", "--nproc-per-node", "0", "--", script], capsys)
+    assert_one_line_error(code, err, "--nproc-per-node 0 must be at least 1")
+
+
+def test_non_finite_loss_before_any_update_points_at_the_initial_weights(capsys, tmp_path):
+    argv = ["train", "--nproc", "1", "--out", str(tmp_path), *TINY]
+    code, err = run_cli([*argv, "--set", "model.init_std=1e30"], capsys)
+    assert_one_line_error(code, err, "at step 1, before any update: check the initial weights")
 
 
 def test_invalid_toml(capsys, tmp_path):
@@ -205,7 +283,8 @@ def test_train_then_resume_through_the_launcher(tmp_path, capsys):
         assert (run / name).is_file(), name
     full = logged_losses(run)
     step2 = str(run / "checkpoints" / "step_00000002")
-    data_parallel = ["train", "--nproc", "2", "--resume", step2, "--set", "parallel.tp=1"]
+    data_parallel = ["train", "--nproc", "2", "--resume", step2]
+    data_parallel += settings_args(["parallel.tp=1", "parallel.tp_sequence_parallel=false"])
     code, err = run_cli(data_parallel, capsys)
     assert_one_line_error(code, err, "was trained with 8 samples per step, this run takes 16")
     code, err = run_cli([*data_parallel, "--set", "train.micro_batch=4"], capsys)
@@ -228,6 +307,8 @@ def test_metrics_go_to_tensorboard_too_and_a_resume_replaces_the_steps_after_it(
     resume = ["--resume", str(out / "checkpoints" / "step_00000002"), "--set", "train.steps=4"]
     code, err = run_cli(["train", "--nproc", "1", *resume], capsys)
     assert code == 0, err
+    code, err = run_cli(["train", "--nproc", "1", "--resume", str(out)], capsys)
+    assert_one_line_error(code, err, "nothing is left to train; raise train.steps")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     records = read_metrics(out / "metrics.jsonl")

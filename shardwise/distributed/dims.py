@@ -100,6 +100,11 @@ class ParallelDims:
                     f"{cfg.sp}x{cfg.tp} = {others}; use a multiple of {others} processes"
                 )
             dp_shard = world_size // others
+        if cfg.tp_sequence_parallel and cfg.tp == 1:
+            raise ConfigError(
+                "parallel.tp_sequence_parallel=true splits the sequence over the tensor-parallel "
+                "ranks, but parallel.tp=1; set tp > 1 or leave it false"
+            )
         return cls(
             dp_replicate=cfg.dp_replicate,
             dp_shard=dp_shard,
@@ -241,10 +246,10 @@ MAX_LISTED_TP = 64
 
 def fitting_tp_degrees(dims: ParallelDims, fits: Callable[[ParallelDims], bool]) -> str:
     """The tp degrees above 1 of `dims`'s layout (up to `MAX_LISTED_TP`) for which
-    ``fits(tp-only dims)`` holds, for an error message: ``"2, 4"`` or ``"none"``."""
+    ``fits(tp-only dims)`` holds, for an error message: ``"2, 4"`` or ``"none above 1"``."""
     degrees = valid_tp_degrees(dims.tp_mode, dims.tp_depth, MAX_LISTED_TP)
     layouts = [ParallelDims.tensor_parallel(tp, dims.tp_mode, dims.tp_depth) for tp in degrees]
-    return ", ".join(str(d.tp) for d in layouts if d.tp > 1 and fits(d)) or "none"
+    return ", ".join(str(d.tp) for d in layouts if d.tp > 1 and fits(d)) or "none above 1"
 
 
 _TP_SHAPE = {"2d": "a square q^2", "2.5d": "tp_depth x q^2", "3d": "a cube q^3"}

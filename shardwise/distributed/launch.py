@@ -158,6 +158,9 @@ def run_torchrun(argv: list[str]) -> int:
     from torch.distributed import run as torchrun
 
     options = torchrun.parse_args(_with_nproc_alias(argv))
+    nproc = str(options.nproc_per_node)
+    if nproc.lstrip("-").isdigit() and int(nproc) < 1:
+        raise LaunchError(f"--nproc-per-node {nproc} must be at least 1")
     script = options.training_script
     if not (options.module or options.no_python) and not Path(script).is_file():
         raise LaunchError(f"script {script!r} does not exist")
@@ -269,7 +272,8 @@ def _summarize(failures: dict) -> str:
     The agent also reports the ranks it stopped itself (SIGTERM, then SIGKILL); those get
     one common last line, since the rank that never joined a collective is among them.
     A rank that only lost its peer (``peer_closed`` in its error file) comes after the rank
-    that went away.
+    that went away. Ranks that failed alike share one line (a config error every rank
+    raised is printed once).
     """
     failed, stopped = [], []
     for rank, failure in failures.items():
@@ -282,7 +286,7 @@ def _summarize(failures: dict) -> str:
             failed.append((key, _describe_failure(rank, failure, data)))
     if not failed:  # someone else stopped the ranks: that is the news
         return "\n".join(f"rank {r} was stopped by {failures[r].signal_name()}" for r in stopped)
-    lines = [line for _, line in sorted(failed)]
+    lines = _merge_ranks([line for _, line in sorted(failed)])
     if stopped:
         ranks = ", ".join(map(str, sorted(stopped)))
         lines.append(
@@ -291,6 +295,25 @@ def _summarize(failures: dict) -> str:
             else f"ranks {ranks} were still running; the launcher stopped them"
         )
     return "\n".join(lines)
+
+
+def _merge_ranks(lines: list[str]) -> list[str]:
+    """``rank R <what>`` lines that say the same of several ranks become one ``ranks R1, R2
+    <what>`` line, where the first of them stood."""
+    ranks: dict[str, list[str]] = {}
+    for line in lines:
+        _, rank, what = line.split(" ", 2)
+        ranks.setdefault(what, []).append(rank)
+    merged = []
+    for what, same in ranks.items():
+        if len(same) == 1:
+            merged.append(f"rank {same[0]} {what}")
+        else:
+            plural = what.replace("was killed", "were killed", 1).replace(
+                "its output", "their output"
+            )
+            merged.append(f"ranks {', '.join(same)} {plural}")
+    return merged
 
 
 def _error_data(failure: object) -> dict:
@@ -402,7 +425,8 @@ def _report_failure(err: Exception) -> int:
         line, code = f"{type(err).__name__}: {_first_line(err)} (traceback in {path})", 1
     if os.environ.get("SHARDWISE_DEBUG") == "1":
         traceback.print_exception(err, file=sys.stderr)
-    print(f"shardwise: error: rank {rank}: {line}", file=sys.stderr, flush=True)
+    if "SHARDWISE_ERROR_DIR" not in os.environ:  # else the launcher prints it, once
+        print(f"shardwise: error: rank {rank}: {line}", file=sys.stderr, flush=True)
     _write_error_file(line, exit_code=code, peer_closed=_is_peer_closed(err))
     return code
 

@@ -163,6 +163,21 @@ def test_summary_puts_the_root_cause_first_and_the_stopped_ranks_last():
     ]
 
 
+def test_summary_says_once_what_several_ranks_said():
+    summary = launch_mod._summarize(
+        {
+            0: failure(2, "loss is nan at step 2: training diverged", 100.0),
+            1: failure(2, "loss is nan at step 2: training diverged", 100.2),
+            2: failure(-signal.SIGSEGV),
+            3: failure(-signal.SIGSEGV),
+        }
+    )
+    assert summary.splitlines() == [
+        "ranks 0, 1 exited with code 2: loss is nan at step 2: training diverged",
+        "ranks 2, 3 were killed by signal SIGSEGV without an error message (see their output)",
+    ]
+
+
 def test_summary_of_ranks_without_a_message():
     summary = launch_mod._summarize(
         {
@@ -189,9 +204,11 @@ def test_summary_of_ranks_without_a_message():
 
 @pytest.fixture
 def worker_env(tmp_path, monkeypatch):
+    """A rank outside shardwise's launcher (torchrun's own): it prints its failure itself.
+    Under shardwise's launcher (``SHARDWISE_ERROR_DIR`` set) the launcher prints it."""
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
-    monkeypatch.setenv("SHARDWISE_ERROR_DIR", str(tmp_path))
+    monkeypatch.delenv("SHARDWISE_ERROR_DIR", raising=False)
     monkeypatch.delenv("SHARDWISE_DEBUG", raising=False)
     return tmp_path
 
@@ -244,6 +261,16 @@ def test_run_worker_writes_the_traceback_of_an_unexpected_error(worker_env, caps
     monkeypatch.setenv("SHARDWISE_DEBUG", "1")
     assert run_worker_here(raiser(ValueError("bad value"))) == 1
     assert capsys.readouterr().err.startswith("Traceback")
+
+
+def test_under_shardwise_launcher_the_rank_leaves_the_printing_to_it(
+    worker_env, capsys, monkeypatch
+):
+    monkeypatch.setenv("SHARDWISE_ERROR_DIR", str(worker_env))
+    assert run_worker_here(raiser(ConfigError("data.seq_len=0: must be >= 2"))) == 2
+    assert capsys.readouterr().err == ""
+    record = json.loads((worker_env / "error.json").read_text())
+    assert record["message"] == "data.seq_len=0: must be >= 2" and record["exit_code"] == 2
 
 
 def test_init_worker_outside_a_launch(monkeypatch):

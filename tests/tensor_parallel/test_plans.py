@@ -19,9 +19,9 @@ BAD = {
     ),
     "1d-vocab": (
         {"tp": 4},
-        {"vocab_size": 250},
+        {"vocab_size": 258},
         {},
-        "model.vocab_size=250 does not split over parallel.tp=4 (tp_mode='1d' needs a multiple "
+        "model.vocab_size=258 does not split over parallel.tp=4 (tp_mode='1d' needs a multiple "
         "of 4); tp degrees that fit: 2",
     ),
     "1d-mlp-hidden": (
@@ -40,9 +40,9 @@ BAD = {
     ),
     "2d-vocab": (
         {"tp": 4, "tp_mode": "2d"},
-        {"vocab_size": 255},
+        {"vocab_size": 257},
         {},
-        "model.vocab_size=255 does not split over parallel.tp=4 (tp_mode='2d' needs a multiple "
+        "model.vocab_size=257 does not split over parallel.tp=4 (tp_mode='2d' needs a multiple "
         "of 2)",
     ),
     "2.5d-impossible-depth": (
