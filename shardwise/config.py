@@ -200,6 +200,9 @@ class PrecisionConfig(_Section):
     """fp16 only: the h-th overflow (not necessarily consecutive) halves the loss scale."""
     min_scale: float = Field(1.0, gt=0)
     """fp16 only: the loss scale never goes below this."""
+    max_skipped_in_a_row: int = Field(20, ge=0)
+    """fp16 only: this many optimizer steps skipped in a row (gradients overflow at every
+    scale tried) end the run with an error; 0: never."""
 
 
 class OptimConfig(_Section):

@@ -10,12 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 METRIC_KEYS = ("step", "loss", "lr", "tokens_per_s", "step_s", "peak_mem_bytes", "grad_norm")
+"""Every step's record; fp16 runs add ``loss_scale`` and ``skipped`` (steps skipped so far)."""
 
 
 class MetricsLog:
     """Appends one JSON object per step; on resume, drops records past the resumed step.
 
-    With `tensorboard` set, every metric but the step also goes to TensorBoard scalars there
+    With `tensorboard` set, every value but the step also goes to TensorBoard scalars there
     (named as in metrics.jsonl); a resumed run purges the events past its step, as the jsonl.
     """
 
@@ -34,8 +35,9 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash loses at most the step in flight
         if self._board is not None:
-            for key in METRIC_KEYS[1:]:
-                self._board.add_scalar(key, record[key], record["step"])
+            for key, value in record.items():
+                if key != "step":
+                    self._board.add_scalar(key, value, record["step"])
             self._board.flush()
 
     def close(self) -> None:
@@ -94,6 +96,8 @@ class ProgressDisplay:
             f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
             f"mem {record['peak_mem_bytes'] / 2**20:,.0f} MiB"
         )
+        if record.get("skipped"):
+            stats += f"  fp16 skipped {record['skipped']} (scale {record['loss_scale']:g})"
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], stats=stats)
         elif record["step"] % self.every == 0 or record["step"] in (1, total):

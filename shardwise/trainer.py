@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import pickle
 import time
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.checkpoint.convert import initial_weights
 from shardwise.data import build_data
 from shardwise.engine import Engine, initialize
+from shardwise.errors import TrainingError
 from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
 from shardwise.models import MODELS
+from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 
 log = logging.getLogger("shardwise")
@@ -83,6 +86,9 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
     tokens_per_step = global_batch * cfg.data.seq_len
     losses: list[float] = []
+    overflows = None
+    if engine.scaler is not None:
+        overflows = OverflowWatch(engine.scaler, cfg.precision.max_skipped_in_a_row)
     try:
         for step in range(start + 1, total + 1):
             lr = engine.lr  # the rate this step uses; the scheduler advances inside the step
@@ -100,19 +106,54 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
                 "peak_mem_bytes": engine.accelerator.peak_memory_bytes(),
                 "grad_norm": engine.last_grad_norm,
             }
+            if overflows is not None:
+                overflows.note(record)
             if metrics is not None:
                 metrics.write(record)
             progress.update(record, total)
+            if overflows is not None:
+                overflows.check()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
                 _save(engine, data, ckpt_root, plan)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
+    if losses and not math.isfinite(losses[-1]):
+        raise TrainingError(
+            f"the last step's loss is {losses[-1]} (fp16 overflow): no checkpoint written for "
+            f"step {engine.global_step}; the earlier ones in {ckpt_root} are intact"
+        )
     final = _save(engine, data, ckpt_root, plan)
     if is_main:
         plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
     return RunSummary(losses=losses, checkpoint=final)
+
+
+class OverflowWatch:
+    """fp16: the loss scale and the steps skipped so far go into each step's record; the run
+    ends once `limit` optimizer steps in a row were skipped (0: never)."""
+
+    def __init__(self, scaler: DynamicLossScaler, limit: int) -> None:
+        self.scaler, self.limit = scaler, limit
+        self.seen = scaler.skipped_steps
+        self.in_a_row = 0
+
+    def note(self, record: dict) -> None:
+        """Add this step's loss scale and skip count to its record."""
+        skipped = self.scaler.skipped_steps
+        record |= {"loss_scale": self.scaler.scale, "skipped": skipped}
+        self.in_a_row = self.in_a_row + 1 if skipped > self.seen else 0
+        self.seen = skipped
+
+    def check(self) -> None:
+        """Raise once `limit` steps in a row were skipped (after the step is logged)."""
+        if self.limit and self.in_a_row >= self.limit:
+            raise TrainingError(
+                f"fp16: {self.in_a_row} optimizer steps in a row skipped, the gradients "
+                f"overflow even at loss scale {self.scaler.scale:g}: training diverged; lower "
+                "optim.lr or use bf16/fp32 (limit: precision.max_skipped_in_a_row)"
+            )
 
 
 def _save(engine: Engine, data, root: Path, plan: RunPlan) -> Path:

@@ -331,3 +331,16 @@ def test_tensorboard_missing_is_one_line(monkeypatch, capsys):
     )
     code, err = run_cli(["train", "--nproc", "2", *TINY, "--set", "log.tensorboard=true"], capsys)
     assert_one_line_error(code, err, "log.tensorboard=true needs the tensorboard package")
+
+
+def test_fp16_run_that_only_skips_steps_ends_with_one_line_and_no_checkpoint(capsys, tmp_path):
+    """Every step overflows (the loss scale is pinned at 1e38): each record shows the skip,
+    and the third in a row ends the run before any checkpoint is written."""
+    fp16 = ["precision.dtype=fp16", "precision.initial_scale=1e38", "precision.min_scale=1e38"]
+    settings = [*fp16, "precision.max_skipped_in_a_row=3", "train.steps=5"]
+    argv = ["train", "--nproc", "1", "--out", str(tmp_path), *TINY, *settings_args(settings)]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "fp16: 3 optimizer steps in a row skipped")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["skipped"], r["loss_scale"]) for r in records] == [(1, 1e38), (2, 1e38), (3, 1e38)]
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
