@@ -260,6 +260,8 @@ def _quiet_torch_logging() -> Iterator[None]:
             lg.setLevel(level)
 
 
+_PR_SET_PDEATHSIG = 1
+"""prctl option: the signal this process gets when its parent dies (linux/prctl.h)."""
 _NO_MESSAGE = ("", "<NONE>")
 """Messages of a rank that wrote no error file (``<NONE>`` is torch's placeholder)."""
 _STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
@@ -376,11 +378,26 @@ def init_worker(timeout_s: float) -> WorkerInfo:
             f"environment variable {err.args[0]} is not set; start this program with "
             "`shardwise run` or `shardwise train --nproc N`"
         ) from None
+    _die_with_the_launcher()
     accelerator = get_accelerator()
     accelerator.set_device(info.local_rank)
     # The timeout given here is the one a blocked collective honours (gloo reads it per op).
     dist.init_process_group(accelerator.backend, timeout=timedelta(seconds=timeout_s))
     return info
+
+
+def _die_with_the_launcher() -> None:
+    """Ask Linux to SIGTERM this rank when the process that started it (the launcher's
+    agent) dies, even by SIGKILL: no rank trains on as an orphan. Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def join_launched_group(timeout_s: float) -> None:

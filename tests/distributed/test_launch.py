@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -347,3 +349,42 @@ def test_shardwise_run_joins_the_group_for_a_script_that_never_does(monkeypatch,
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["losses"] == ranks[1]["losses"]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll `condition` (events, not a fixed sleep); `limit_s` only stops a broken run."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not after {limit_s} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    """SIGKILL of `shardwise run` (no chance to stop anyone): its ranks get SIGTERM from the
+    kernel (PR_SET_PDEATHSIG) instead of running on as orphans."""
+    script = Path(REPO) / "tests" / "distributed" / "scripts" / "wait_forever.py"
+    cmd = [sys.executable, "-c", "from shardwise.cli import main; main()", "run", "--nproc", "2"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    launcher = subprocess.Popen([*cmd, "--", str(script), str(tmp_path)], env=env)
+    try:
+        pid_files = [tmp_path / f"rank{rank}.pid" for rank in (0, 1)]
+        _wait_until(lambda: all(f.is_file() and f.read_text() for f in pid_files), "ranks up")
+        ranks = [int(f.read_text()) for f in pid_files]
+        assert all(_alive(pid) for pid in ranks)
+        launcher.kill()
+        launcher.wait()
+        started = time.monotonic()
+        _wait_until(lambda: not any(_alive(pid) for pid in ranks), "ranks gone")
+        print(f"ranks gone {time.monotonic() - started:.1f} s after the launcher's SIGKILL")
+    finally:
+        launcher.kill()
