@@ -1,4 +1,4 @@
-"""``shardwise train | run | bench``.
+"""``shardwise train | run | bench | convert``.
 
 Every user error (`ShardwiseError`) is printed as one line, ``shardwise: error: ...``, with exit
 code 2 and no traceback; ``SHARDWISE_DEBUG=1`` shows tracebacks.
@@ -170,21 +170,40 @@ def _print_summary(out: Path) -> None:
     records = read_metrics(out / "metrics.jsonl")
     if records:
         first, last = records[0], records[-1]
-        print(
+        print(  # the result on stdout; progress and plan went to stderr
             f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
-            f"metrics.jsonl, loss.png, config.toml and checkpoints/ in {out}",
-            file=sys.stderr,
+            f"metrics.jsonl, loss.png, config.toml and checkpoints/ in {out}"
         )
+
+
+RUN_USAGE = """usage: shardwise run [torchrun options] -- SCRIPT [script arguments]
+
+Runs SCRIPT on every rank through torchrun (torch.distributed.run): every torchrun option
+works, and --nproc N means --nproc-per-node N, as in `shardwise train`. `--` ends the
+launcher's options. torchrun's own options follow.
+"""
 
 
 def cmd_run(argv: list[str]) -> int:
     from shardwise.distributed.launch import run_torchrun
 
+    if argv[:1] in (["-h"], ["--help"]):
+        print(RUN_USAGE)
     return run_torchrun(argv)
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run benchmark NAME against its peers; last line is JSON")
+    from shardwise.bench import available_benchmarks
+
+    try:
+        names = ", ".join(available_benchmarks())
+    except ShardwiseError as err:  # an install without the source checkout's benchmarks/
+        names = str(err)
+    p = sub.add_parser(
+        "bench",
+        help="run benchmark NAME against its peers; last line is JSON",
+        epilog=f"benchmarks: {names}",
+    )
     p.add_argument("name", metavar="NAME", help="benchmark (a file of benchmarks/), e.g. dp")
     p.add_argument("--quick", action="store_true", help="a short run (fewer steps)")
     p.add_argument("--json", action="store_true", help="print only the JSON result line")

@@ -167,15 +167,17 @@ def test_output_directory_problems(out, pattern, capsys, tmp_path):
     assert_one_line_error(code, err, pattern)
 
 
-def test_version_and_bare_command(capsys):
+def test_version_bare_command_and_help_texts(capsys):
     from shardwise import __version__
 
-    for argv in (["--version"], []):
+    for argv in (["--version"], [], ["bench", "--help"], ["run", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert f"shardwise {__version__}" in printed and "{train,bench,convert,run}" in printed
+    assert "benchmarks: checkpoint, dp," in printed  # bench --help lists them
+    assert "usage: shardwise run [torchrun options] -- SCRIPT" in printed
 
 
 def test_run_with_no_ranks_is_one_line(capsys, tmp_path):
