@@ -257,6 +257,10 @@ class DistributedConfig(_Section):
     """Seconds a collective may wait before every rank aborts with a message."""
     bucket_mb: float = Field(25.0, gt=0)
     """Gradient bucket size in MiB (one collective per bucket)."""
+    check_collectives: bool = False
+    """Debug: before every collective the ranks of its group compare op, shape and dtype (one
+    small all-gather each); a mismatch is one error naming both call sites instead of a hang
+    or mixed data. Slow: for hunting a bug."""
     emulate_gbps: float | None = Field(None, gt=0)
     """Emulate a slow link: every collective also waits its wire bytes at this many Gbit/s
     (for measuring bandwidth-bound behaviour on one machine; None: off)."""

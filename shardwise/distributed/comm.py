@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 from torch.distributed.device_mesh import DeviceMesh
 
-from shardwise.distributed import link
+from shardwise.distributed import agreement, link
 from shardwise.distributed.cost import ring_wire_bytes
 
 Group = DeviceMesh | ProcessGroup | None
@@ -383,6 +383,8 @@ def _issue(
 ) -> TrackedWork | None:
     """Record, mark pending, launch; sync ops are complete when `launch` returns."""
     payload = tensor.nbytes
+    if op not in ("send", "recv"):  # every rank of the group issues this one
+        agreement.agree(op, g.pg, g.label, tensor)  # [Note: collective agreement]
     for recorder in recorders:
         recorder.record(g.label, op, payload, wire_bytes)
     dtype = str(tensor.dtype).removeprefix("torch.")

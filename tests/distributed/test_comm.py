@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
 from shardwise.distributed import comm
+from shardwise.distributed.agreement import CollectiveMismatchError, check_collectives
 from shardwise.distributed.comm import CommStats
 from shardwise.distributed.dims import ParallelDims
 
@@ -384,3 +385,29 @@ def test_recording_into_carries_forward_recorders_to_another_thread():
     assert seen == [(), (outer,), ()]
     with comm.recording_into(remembered):
         assert comm.open_recorders() == ()  # closed recorders are not revived
+
+
+def _mismatched_collectives() -> list:
+    """Two agreeing collectives, then rank 1 reduces one element more than rank 0."""
+    rank = dist.get_rank()
+    check_collectives(True)
+    try:
+        agreed = comm.all_reduce_(torch.ones(3), None)
+        comm.all_gather_(torch.empty(4), torch.ones(2), None)
+        try:
+            comm.all_reduce_(torch.ones(3 + rank), None)
+        except CollectiveMismatchError as err:
+            return [agreed, str(err)]
+        return [agreed, None]
+    finally:
+        check_collectives(False)
+
+
+def test_check_collectives_names_both_call_sites_of_a_mismatch(pool2):
+    first, second = pool2.run(_mismatched_collectives)
+    assert first == second  # every rank raised the same line
+    message = first[1]
+    assert message.startswith("collectives differ on axis 'world' (check #3): ")
+    assert "group rank 0: all_reduce of [3] float32 at test_comm.py:" in message
+    assert "group rank 1: all_reduce of [4] float32 at test_comm.py:" in message
+    assert message.count("in _mismatched_collectives") == 2
