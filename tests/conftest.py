@@ -28,3 +28,18 @@ def pool8():
     pool = DistributedPool(8)
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def no_ranks_started(monkeypatch):
+    """Fails the test if ``shardwise train`` gets as far as starting ranks (or training in
+    process): for inputs that must be refused before launch."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("ranks were started for input that must be refused before launch")
+
+    import shardwise.distributed.launch
+    import shardwise.trainer
+
+    monkeypatch.setattr(shardwise.distributed.launch, "launch", started)
+    monkeypatch.setattr(shardwise.trainer, "train", started)

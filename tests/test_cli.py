@@ -130,7 +130,7 @@ BAD_SETS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SETS), ids=list(BAD_SETS))
-def test_bad_input_is_one_line(case, capsys, tmp_path):
+def test_bad_input_is_one_line(case, capsys, tmp_path, no_ranks_started):
     argv, pattern = BAD_SETS[case]
     code, err = run_cli(["train", "--out", str(tmp_path), *argv], capsys)
     assert_one_line_error(code, err, pattern)
@@ -144,7 +144,7 @@ def test_bad_input_is_one_line(case, capsys, tmp_path):
     ],
     ids=["random-bytes", "directory"],
 )
-def test_unreadable_config_file(content, pattern, capsys, tmp_path):
+def test_unreadable_config_file(content, pattern, capsys, tmp_path, no_ranks_started):
     path = tmp_path
     if content is not None:
         path = tmp_path / "random.toml"
@@ -162,7 +162,7 @@ def test_unreadable_config_file(content, pattern, capsys, tmp_path):
     ],
     ids=["a-file", "not-empty", "not-creatable"],
 )
-def test_output_directory_problems(out, pattern, capsys, tmp_path):
+def test_output_directory_problems(out, pattern, capsys, tmp_path, no_ranks_started):
     code, err = run_cli(["train", "--out", out(tmp_path), *TINY], capsys)
     assert_one_line_error(code, err, pattern)
 
@@ -192,20 +192,20 @@ def test_non_finite_loss_before_any_update_points_at_the_initial_weights(capsys,
     assert_one_line_error(code, err, "at step 1, before any update: check the initial weights")
 
 
-def test_invalid_toml(capsys, tmp_path):
+def test_invalid_toml(capsys, tmp_path, no_ranks_started):
     path = write(tmp_path, "bad.toml", "[train\nsteps = 3\n")
     code, err = run_cli(["train", "--config", path], capsys)
     assert_one_line_error(code, err, "is not valid TOML")
 
 
-def test_bad_jsonl_line(capsys, tmp_path):
+def test_bad_jsonl_line(capsys, tmp_path, no_ranks_started):
     path = write(tmp_path, "data.jsonl", '{"text": "ok"}\n{not json\n')
     argv = ["train", "--set", "data.source=file", "--set", f"data.path={path}"]
     code, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, "line 2")
 
 
-def test_corpus_too_small(capsys, tmp_path):
+def test_corpus_too_small(capsys, tmp_path, no_ranks_started):
     path = write(tmp_path, "tiny.txt", "hello world")
     argv = ["train", "--set", "data.source=file", "--set", f"data.path={path}"]
     code, err = run_cli(argv, capsys)
@@ -322,7 +322,7 @@ def test_metrics_go_to_tensorboard_too_and_a_resume_replaces_the_steps_after_it(
         assert [s.value for s in scalars] == pytest.approx(expected, rel=1e-6), key
 
 
-def test_tensorboard_missing_is_one_line(monkeypatch, capsys):
+def test_tensorboard_missing_is_one_line(monkeypatch, capsys, no_ranks_started):
     import importlib.util
 
     find_spec = importlib.util.find_spec

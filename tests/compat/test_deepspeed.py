@@ -367,7 +367,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_what_cannot_run_is_one_line_before_launch(case, tmp_path, capsys):
+def test_what_cannot_run_is_one_line_before_launch(case, tmp_path, capsys, no_ranks_started):
     example, expected = REFUSED[case]
     file = tmp_path / "ds.json"
     file.write_text(json.dumps(example))
