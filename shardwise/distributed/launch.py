@@ -274,15 +274,18 @@ def _summarize(failures: dict) -> str:
     The agent also reports the ranks it stopped itself (SIGTERM, then SIGKILL); those get
     one common last line, since the rank that never joined a collective is among them.
     A rank that only lost its peer (``peer_closed`` in its error file) comes after the rank
-    that went away. Ranks that failed alike share one line (a config error every rank
-    raised is printed once).
+    that went away. When ranks timed out in a collective (``waited``), the ranks still
+    running are the ones they waited for: named first, as behind. Ranks that failed alike
+    share one line (a config error every rank raised is printed once).
     """
-    failed, stopped = [], []
+    failed, stopped, waiters = [], [], []
     for rank, failure in failures.items():
         data = _error_data(failure)
         if not data and failure.exitcode in _STOP_SIGNALS:
             stopped.append(rank)
         else:
+            if data.get("waited"):
+                waiters.append(rank)
             stamp = data.get("timestamp", failure.timestamp)
             key = (bool(data.get("peer_closed")), float(stamp), rank)
             failed.append((key, _describe_failure(rank, failure, data)))
@@ -291,11 +294,22 @@ def _summarize(failures: dict) -> str:
     lines = _merge_ranks([line for _, line in sorted(failed)])
     if stopped:
         ranks = ", ".join(map(str, sorted(stopped)))
-        lines.append(
-            f"rank {ranks} was still running; the launcher stopped it"
-            if len(stopped) == 1
-            else f"ranks {ranks} were still running; the launcher stopped them"
-        )
+        one = len(stopped) == 1
+        if waiters:  # the ranks the others waited for: the root cause, so first
+            lines.insert(
+                0,
+                f"rank {ranks} is behind: it never joined the collective rank(s) "
+                f"{', '.join(map(str, sorted(waiters)))} timed out in; the launcher stopped it"
+                if one
+                else f"ranks {ranks} are behind: they never joined the collective rank(s) "
+                f"{', '.join(map(str, sorted(waiters)))} timed out in; the launcher stopped them",
+            )
+        else:
+            lines.append(
+                f"rank {ranks} was still running; the launcher stopped it"
+                if one
+                else f"ranks {ranks} were still running; the launcher stopped them"
+            )
     return "\n".join(lines)
 
 
@@ -444,7 +458,8 @@ def _report_failure(err: Exception) -> int:
         traceback.print_exception(err, file=sys.stderr)
     if "SHARDWISE_ERROR_DIR" not in os.environ:  # else the launcher prints it, once
         print(f"shardwise: error: rank {rank}: {line}", file=sys.stderr, flush=True)
-    _write_error_file(line, exit_code=code, peer_closed=_is_peer_closed(err))
+    waited = _is_collective_failure(err) and "timed out" in _first_line(err).lower()
+    _write_error_file(line, exit_code=code, peer_closed=_is_peer_closed(err), waited=waited)
     return code
 
 
@@ -519,12 +534,13 @@ def _write_traceback(rank: str, err: BaseException) -> str:
     return path
 
 
-def _write_error_file(line: str, *, exit_code: int, peer_closed: bool) -> None:
+def _write_error_file(line: str, *, exit_code: int, peer_closed: bool, waited: bool) -> None:
     """Hand the line to the agent in torch's string-message error-file format.
 
-    Two fields are ours (torch ignores them): ``exit_code``, since the agent may stop this
-    rank with SIGTERM while it exits, and ``peer_closed``, which tells `_summarize` that the
-    failure only follows another rank's.
+    Three fields are ours (torch ignores them): ``exit_code``, since the agent may stop this
+    rank with SIGTERM while it exits; ``peer_closed`` and ``waited`` (a collective timed out
+    waiting for another rank), which tell `_summarize` that the failure only follows
+    another rank's.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
@@ -533,6 +549,7 @@ def _write_error_file(line: str, *, exit_code: int, peer_closed: bool) -> None:
             "timestamp": time.time(),
             "exit_code": exit_code,
             "peer_closed": peer_closed,
+            "waited": waited,
         }
         with open(path, "w") as file:
             json.dump(record, file)

@@ -180,6 +180,23 @@ def test_summary_says_once_what_several_ranks_said():
     ]
 
 
+def test_summary_names_the_ranks_the_others_waited_for_first():
+    waited = "collective all_reduce on axis 'dp' (4 B float32, call #7) timed out after 20 s"
+    summary = launch_mod._summarize(
+        {
+            0: failure(1, waited, 100.0, waited=True),
+            1: failure(-signal.SIGKILL),
+            2: failure(1, waited, 100.1, waited=True),
+            3: failure(-signal.SIGTERM),
+        }
+    )
+    assert summary.splitlines() == [
+        "ranks 1, 3 are behind: they never joined the collective rank(s) 0, 2 timed out in; "
+        "the launcher stopped them",
+        f"ranks 0, 2 exited with code 1: {waited}",
+    ]
+
+
 def test_summary_of_ranks_without_a_message():
     summary = launch_mod._summarize(
         {
@@ -310,10 +327,13 @@ def test_collective_timeout_names_the_rank_and_the_collective():
     seconds, error = run_job("rank1_fails", "sleep", "3")
     assert error is not None and seconds > 3, seconds  # the 3 s timeout elapsed first
     lines = str(error).splitlines()
-    assert lines[0].startswith("rank 0 exited with code 1: ")
-    assert "timed out after 3 s: another rank never joined it" in lines[0]
-    assert "collective all_reduce on " in lines[0]  # comm's name of the pending collective
-    assert lines[-1] == "rank 1 was still running; the launcher stopped it"  # slept 30 s
+    assert lines[0] == (  # rank 1 slept 30 s: the one rank 0 waited for, named first
+        "rank 1 is behind: it never joined the collective rank(s) 0 timed out in; the "
+        "launcher stopped it"
+    )
+    assert lines[1].startswith("rank 0 exited with code 1: ")
+    assert "timed out after 3 s: another rank never joined it" in lines[1]
+    assert "collective all_reduce on " in lines[1]  # comm's name of the pending collective
     assert not child_pids()
 
 
