@@ -12,6 +12,9 @@ One process trains a GPT one step in fp32 (Adam states exist), then:
 * **DCP**: ``dcp.save`` / ``dcp.load`` of the model's and optimizer's state dicts, cold as
   above; ratios ``save_vs_dcp`` and ``load_vs_dcp`` = DCP seconds / ours (above 1: we are
   faster). Reported, no target.
+* **asynchronous save** (``checkpoint.async_save``): how long ``save_checkpoint`` holds the
+  training thread when a background thread writes (the copy into host memory), over a
+  synchronous save: ``async_blocking_vs_save`` (lower is better; reported, no target).
 * **consolidation memory**: ``shardwise convert --to safetensors`` in a subprocess; its peak
   resident memory above what it held before the conversion (VmHWM reset through
   ``/proc/self/clear_refs``), over the largest tensor's bytes: ``convert_mem_vs_largest``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 
 from shardwise.bench import BenchResult, repo_root
-from shardwise.checkpoint import load_checkpoint, save_checkpoint
+from shardwise.checkpoint import AsyncSaver, load_checkpoint, save_checkpoint
 from shardwise.checkpoint.shards import raw_bytes
 from shardwise.config import Config
 from shardwise.engine import initialize
@@ -125,6 +129,12 @@ def measure(settings: Settings, root: Path) -> dict[str, Any]:
     progress(f"state: {nbytes / 2**20:.0f} MiB in {len(tensors)} tensors")
     ours = root / "ours"
     seconds = {"save": timed(lambda: save_checkpoint(ours, 1, engine, {"data": {}}, 1, layout))}
+    saver = AsyncSaver()
+    background = root / "async"
+    args = (background, 1, engine, {"data": {}}, 1, layout, saver)
+    seconds["async_blocking"] = timed(lambda: save_checkpoint(*args))
+    seconds["async_written"] = seconds["async_blocking"] + timed(saver.wait)
+    shutil.rmtree(background)
     raw = root / "raw.bin"
     seconds["raw_save"] = timed(lambda: raw_save(tensors, raw))
     dcp_dir = root / "dcp"
@@ -189,6 +199,7 @@ def summarise(settings: Settings, record: dict[str, Any]) -> BenchResult:
         "convert_mem_vs_largest": record["convert_peak_bytes"] / record["largest_tensor_bytes"],
         "save_vs_dcp": s["dcp_save"] / s["save"],
         "load_vs_dcp": s["dcp_load"] / s["load"],
+        "async_blocking_vs_save": s["async_blocking"] / s["save"],
     }
     peers = {
         "save_vs_raw": s["raw_save"],
@@ -196,6 +207,7 @@ def summarise(settings: Settings, record: dict[str, Any]) -> BenchResult:
         "convert_mem_vs_largest": record["largest_tensor_bytes"],
         "save_vs_dcp": s["dcp_save"],
         "load_vs_dcp": s["dcp_load"],
+        "async_blocking_vs_save": s["save"],
     }
     return BenchResult(
         metric="checkpoint throughput vs raw IO and DCP (seconds), consolidation memory",

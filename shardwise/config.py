@@ -271,6 +271,10 @@ class CheckpointConfig(_Section):
     """Save every this many steps; 0 = only at the end."""
     keep: int = Field(2, ge=1)
     """Most recent checkpoints kept."""
+    async_save: bool = False
+    """Write checkpoints in the background: a save copies the state into host memory (one
+    more copy of each rank's state until written) and training goes on while a thread
+    writes and commits it; the next save and the end of the run wait for it."""
 
 
 class LogConfig(_Section):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
-from shardwise.checkpoint import load_checkpoint, save_checkpoint
+from shardwise.checkpoint import AsyncSaver, load_checkpoint, save_checkpoint
 from shardwise.checkpoint.convert import initial_weights
 from shardwise.data import build_data
 from shardwise.engine import Engine, initialize
@@ -86,6 +86,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
     tokens_per_step = global_batch * cfg.data.seq_len
     losses: list[float] = []
+    saver = AsyncSaver() if cfg.checkpoint.async_save else None
     overflows = None
     if engine.scaler is not None:
         overflows = OverflowWatch(engine.scaler, cfg.precision.max_skipped_in_a_row)
@@ -114,7 +115,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
             if overflows is not None:
                 overflows.check()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
-                _save(engine, data, ckpt_root, plan)
+                _save(engine, data, ckpt_root, plan, saver)
     finally:
         progress.close()
         if metrics is not None:
@@ -124,7 +125,9 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
             f"the last step's loss is {losses[-1]} (fp16 overflow): no checkpoint written for "
             f"step {engine.global_step}; the earlier ones in {ckpt_root} are intact"
         )
-    final = _save(engine, data, ckpt_root, plan)
+    final = _save(engine, data, ckpt_root, plan, saver)
+    if saver is not None:
+        saver.wait()
     if is_main:
         plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
     return RunSummary(losses=losses, checkpoint=final)
@@ -156,16 +159,10 @@ class OverflowWatch:
             )
 
 
-def _save(engine: Engine, data, root: Path, plan: RunPlan) -> Path:
+def _save(engine: Engine, data, root: Path, plan: RunPlan, saver: AsyncSaver | None) -> Path:
     trainer_state = {"step": engine.global_step, "data": data.state_dict()}
-    return save_checkpoint(
-        root,
-        engine.global_step,
-        engine,
-        trainer_state,
-        keep=plan.config.checkpoint.keep,
-        layout=plan.layout(),
-    )
+    keep, layout = plan.config.checkpoint.keep, plan.layout()
+    return save_checkpoint(root, engine.global_step, engine, trainer_state, keep, layout, saver)
 
 
 def save_plan(plan: RunPlan, path: Path) -> None:

@@ -118,11 +118,11 @@ def train_then_resume(
     from shardwise.run_plan import resolve
     from shardwise.trainer import train
 
+    fixed = {"train": {"steps": 4}, "checkpoint": {"every": 2}}
     cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype=dtype).replace(
         data={"max_bytes": 20_000},
-        checkpoint={"every": 2},
         log={"progress": False},
-        **{**sections, "train": {"steps": 4, **sections.get("train", {})}},
+        **{**sections, **{k: {**v, **sections.get(k, {})} for k, v in fixed.items()}},
     )
     out = Path(out_dir)
     plan = resolve(cfg, dist.get_world_size())

@@ -1,10 +1,11 @@
 """Checkpoints: atomic save of engine, data and RNG state; exact resume."""
 
 from shardwise.checkpoint.io import (
+    AsyncSaver,
     check_resumable,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["check_resumable", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["AsyncSaver", "check_resumable", "find_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -11,9 +11,14 @@ intact and never a half one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +30,10 @@ from shardwise.checkpoint.shards import (
     durable,
     load_rank_shards,
     read_torch,
+    snapshot_rank_shards,
     write_rank_shards,
 )
-from shardwise.errors import CheckpointError
+from shardwise.errors import CheckpointError, ShardwiseError
 
 if TYPE_CHECKING:
     from shardwise.engine import Engine
@@ -45,9 +51,9 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -66,9 +72,16 @@ def shard_files(checkpoint: Path, world: int) -> tuple[list[Path], list[Path]]:
 
 
 def save_checkpoint(
-    root: Path, step: int, engine: Engine, trainer_state: dict, keep: int, layout: dict
+    root: Path,
+    step: int,
+    engine: Engine,
+    trainer_state: dict,
+    keep: int,
+    layout: dict,
+    saver: AsyncSaver | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the finished checkpoint directory.
+    """Collective: every rank calls it. Returns the checkpoint directory: finished, or with
+    a `saver`, being written in the background ([Note: asynchronous saves]; `saver.wait()`).
 
     `layout`: the run's parallel layout (`RunPlan.layout`); any layout can load the
     checkpoint, except where per-rank state (1-bit Adam's error buffers) ties it to this one
@@ -76,30 +89,101 @@ def save_checkpoint(
     rank, world = _rank_and_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
+    if saver is not None:
+        saver.wait()  # one save in flight at a time
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    snapshot = saver is not None
+    saved = _SavedState(
+        shards=snapshot_rank_shards(engine).write
+        if snapshot
+        else partial(write_rank_shards, engine),
+        engine=copy.deepcopy(engine.state_dict()) if snapshot else engine.state_dict(),
+        trainer=copy.deepcopy(trainer_state),
+        rng=_rng_state(),
+        manifest={"format": FORMAT, "step": step, "world_size": world, "layout": layout},
+    )
+    if saver is None:
+        _write_and_commit(saved, tmp, final, keep, group=None)
+    else:
+        saver.start(partial(_write_and_commit, saved, tmp, final, keep))
+    return final
+
+
+@dataclass
+class _SavedState:
+    """Everything one rank writes into a checkpoint, taken at the step of the save."""
+
+    shards: Callable[[Path, Path], bool]
+    """Writes this rank's fragments and scalars (from the training state, or a snapshot)."""
+    engine: dict
+    trainer: dict
+    rng: dict
+    manifest: dict
+
+
+def _write_and_commit(saved: _SavedState, tmp: Path, final: Path, keep: int, group) -> None:
+    """Write this rank's files; once every rank has, rank 0 writes the manifest and commits.
+    `group`: the process group of the barriers (None: the default one)."""
+    rank, world = _rank_and_world()
     fragments, states = shard_files(tmp, world)
-    rank_state = write_rank_shards(engine, fragments[rank], states[rank])
+    rank_state = saved.shards(fragments[rank], states[rank])
     if rank == 0:
-        durable(tmp / "engine.pt", lambda f: torch.save(engine.state_dict(), f))
-        durable(tmp / "trainer.json", lambda f: f.write(json.dumps(trainer_state).encode()))
-    durable(tmp / f"rank{rank}.pt", lambda f: torch.save(_rng_state(), f))
-    _barrier()
+        durable(tmp / "engine.pt", lambda f: torch.save(saved.engine, f))
+        durable(tmp / "trainer.json", lambda f: f.write(json.dumps(saved.trainer).encode()))
+    durable(tmp / f"rank{rank}.pt", lambda f: torch.save(saved.rng, f))
+    _barrier(group)
     if rank == 0:
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "world_size": world,
-            "layout": layout,
-            "rank_state": rank_state,
-        }
+        manifest = {**saved.manifest, "rank_state": rank_state}
         durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
         _commit(tmp, final)
-        _prune(root, keep)
-    _barrier()
-    return final
+        _prune(root=final.parent, keep=keep)
+    _barrier(group)
+
+
+class AsyncSaver:
+    """Writes checkpoints on a background thread ([Note: asynchronous saves]).
+
+    [Note: asynchronous saves] With ``checkpoint.async_save`` a save copies this rank's state
+    into host memory (one more copy of it, held until written) and returns; a thread writes
+    the files while training goes on, and the barriers before the manifest and after the
+    commit run over a process group of their own (gloo, made at the first save), so they
+    never interleave with the training collectives. The next save, and the end of the run,
+    wait for the one in flight; a failure in the thread is raised there. A crash while the
+    thread writes leaves the temporary directory, never a half checkpoint (`_commit`).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._group = None
+
+    def start(self, job) -> None:
+        """Run ``job(group)`` on a new thread (after `wait`)."""
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # collective: every rank saves
+        self._thread = threading.Thread(target=self._run, args=(job,), name="async-save")
+        self._thread.daemon = True  # a crashed run leaves a .tmp directory, nothing more
+        self._thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job(self._group)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raise what it failed with."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if isinstance(error, ShardwiseError):
+            raise error
+        if error is not None:
+            raise CheckpointError(f"background checkpoint save failed: {error!r}") from error
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,6 +22,7 @@ since the loading layout may group pieces differently (chunks split groups per c
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import io
@@ -29,10 +30,11 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -148,21 +150,60 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_rank_shards(engine: Engine, fragments: Path, states: Path) -> bool:
-    """Write this rank's fragments to `fragments` and its optimizer scalars and per-rank
-    state to `states` (see [Note: layout-free checkpoints]). Returns whether this rank has
-    per-rank state (1-bit Adam's error buffers)."""
-    store, positions = engine.store, Positions(engine.tp)
+    """Write this rank's fragments to `fragments` as the store yields them (a piece may be
+    valid only while its chunk is in: no copies) and its optimizer scalars and per-rank state
+    to `states` (see [Note: layout-free checkpoints]). Returns whether this rank has per-rank
+    state (1-bit Adam's error buffers)."""
     writer = FragmentWriter(fragments)
+    params, rank_state = _walk_rank_state(engine, writer.add)
+    writer.close()
+    return _write_states(states, params, rank_state)
+
+
+@dataclass
+class RankShards:
+    """A copy of one rank's part of a checkpoint in host memory (`snapshot_rank_shards`),
+    which training may go on changing the originals of."""
+
+    fragments: list[tuple]
+    """(kind, name, full shape, runs, values) of every fragment, values copied."""
+    params: dict[str, dict]
+    rank_state: Any
+
+    def write(self, fragments: Path, states: Path) -> bool:
+        """As `write_rank_shards`, from the copy."""
+        writer = FragmentWriter(fragments)
+        for fragment in self.fragments:
+            writer.add(*fragment)
+        writer.close()
+        return _write_states(states, self.params, self.rank_state)
+
+
+def snapshot_rank_shards(engine: Engine) -> RankShards:
+    """This rank's fragments and scalars, copied into host memory (an asynchronous save)."""
+    fragments: list[tuple] = []
+
+    def keep(kind: str, name: str, shape: torch.Size, runs, values: torch.Tensor) -> None:
+        fragments.append((kind, name, shape, runs, values.detach().to("cpu", copy=True)))
+
+    params, rank_state = _walk_rank_state(engine, keep)
+    return RankShards(fragments, *copy.deepcopy((params, rank_state)))
+
+
+def _walk_rank_state(engine: Engine, add: Callable) -> tuple[dict[str, dict], Any]:
+    """Hand every fragment this rank writes to ``add(kind, name, shape, runs, values)``;
+    return the per-parameter settings and scalars, and the store's per-rank state."""
+    store, positions = engine.store, Positions(engine.tp)
     if engine.dp.dp is None or comm.group_rank(engine.dp.dp) == 0:
         for name, tensor in _other_state(engine):
-            writer.add(MODEL, name, *positions.of(tensor, 0, tensor.numel()), tensor)
+            add(MODEL, name, *positions.of(tensor, 0, tensor.numel()), tensor)
     params: dict[str, dict] = {}
     if store.writes_owned:
         pieces: dict[int, tuple[OwnedPiece, torch.Size, torch.Tensor]] = {}
         for piece in store.owned():
             shape, runs = positions.of(piece.owner, piece.info.start, piece.info.end)
             pieces[id(piece.tensor)] = (piece, shape, runs)
-            writer.add(MASTER, piece.info.name, shape, runs, piece.tensor)
+            add(MASTER, piece.info.name, shape, runs, piece.tensor)
         saved = engine.optimizer.state_dict()
         index = 0
         for group, saved_group in zip(
@@ -175,15 +216,17 @@ def write_rank_shards(engine: Engine, fragments: Path, states: Path) -> bool:
                 entry = params.setdefault(name, {"group": settings, "scalars": {}, "elements": []})
                 for key, value in saved["state"].get(index, {}).items():
                     if _per_element(key, value, param):
-                        writer.add(OPTIM + key, name, shape, runs, value)
+                        add(OPTIM + key, name, shape, runs, value)
                         if key not in entry["elements"]:
                             entry["elements"].append(key)
                     else:
                         entry["scalars"][key] = value
                 index += 1
-    writer.close()
-    rank_state = store.rank_state()
-    durable(states, lambda f: torch.save({"params": params, "rank_state": rank_state}, f))
+    return params, store.rank_state()
+
+
+def _write_states(path: Path, params: dict, rank_state: Any) -> bool:
+    durable(path, lambda f: torch.save({"params": params, "rank_state": rank_state}, f))
     return rank_state is not None
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
-from shardwise.checkpoint import load_checkpoint, save_checkpoint
-from shardwise.checkpoint.shards import _read_index
+from shardwise.checkpoint import AsyncSaver, load_checkpoint, save_checkpoint
+from shardwise.checkpoint.convert import read_full_tensors
+from shardwise.checkpoint.shards import FragmentWriter, _read_index
 from shardwise.engine import initialize
 from shardwise.errors import CheckpointError
 from tests.parity import TINY, build_model, global_batches, make_config
@@ -98,3 +101,45 @@ def test_a_checkpoint_of_the_old_format_is_one_line(checkpoint):
 def test_another_model_names_the_tensor(checkpoint):
     with pytest.raises(CheckpointError, match="tensor '.*' has shape .* this model's"):
         _load(checkpoint, d_model=64)
+
+
+def test_asynchronous_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
+    """The background writer is held until the next step has changed every master: what it
+    writes is still the saved step's state, bitwise as a synchronous save of that step."""
+    engine = _engine()
+    batches = global_batches(engine.plan.config, 2)
+    engine.train_step(batches[0])
+    layout = engine.plan.layout()
+    sync = save_checkpoint(tmp_path / "sync", 1, engine, {"data": {}}, keep=1, layout=layout)
+    stepped = threading.Event()
+    add = FragmentWriter.add
+    monkeypatch.setattr(
+        FragmentWriter, "add", lambda *args: (stepped.wait(), add(*args))[1]
+    )  # fmt: skip
+    saver = AsyncSaver()
+    background = save_checkpoint(tmp_path / "async", 1, engine, {"data": {}}, 1, layout, saver)
+    engine.train_step(batches[1])  # changes every master while the writer waits
+    stepped.set()
+    saver.wait()
+    saved, written = read_full_tensors(sync), read_full_tensors(background)
+    assert saved.keys() == written.keys()
+    assert all(torch.equal(saved[key], written[key]) for key in saved)
+    masters = {key: t for key, t in written.items() if key[0] == "master"}
+    live = dict(engine.model.named_parameters())
+    assert all(not torch.equal(live[name].detach(), t) for (_, name), t in masters.items())
+
+
+def test_a_failed_background_save_is_raised_by_the_next_wait(tmp_path, monkeypatch):
+    engine = _engine()
+    engine.train_step(global_batches(engine.plan.config, 1)[0])
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FragmentWriter, "add", full_disk)
+    saver = AsyncSaver()
+    save_checkpoint(tmp_path / "ckpt", 1, engine, {"data": {}}, 1, engine.plan.layout(), saver)
+    with pytest.raises(CheckpointError, match="background checkpoint save failed: OSError"):
+        saver.wait()
+    assert not (tmp_path / "ckpt" / "latest").exists()
+    saver.wait()  # reported once

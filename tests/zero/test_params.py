@@ -122,8 +122,11 @@ def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(pool2):
     assert padding == pytest.approx(1.0, abs=1e-3)
 
 
-def test_stage3_resumes_exactly(pool2, tmp_path):
-    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 3):
+@pytest.mark.parametrize("async_save", [False, True], ids=["save", "async-save"])
+def test_stage3_resumes_exactly(pool2, tmp_path, async_save):
+    """checkpoint.async_save: written by a background thread, barriers on its own group."""
+    checkpoint = {"async_save": async_save}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 3, checkpoint=checkpoint):
         assert resumed == full[2:]
 
 
