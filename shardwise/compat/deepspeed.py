@@ -194,7 +194,10 @@ def _translate(ds: DeepSpeedConfig, raw: dict[str, Any]) -> None:
         "scheduler": lambda v: _scheduler(ds, v),
         "communication_data_type": lambda v: _communication_dtype(ds, v, param_dtype),
     }
-    _walk(ds, "", raw, top, TOP_TUNING)
+    # the scheduler's warmup_max_lr overrides the optimizer's lr (DeepSpeed sets the rate
+    # from it), whichever comes first in the file
+    ordered = sorted(raw.items(), key=lambda item: item[0] == "scheduler")
+    _walk(ds, "", dict(ordered), top, TOP_TUNING)
 
 
 def _walk(

@@ -237,10 +237,20 @@ def test_schedulers_map_onto_warm_up_and_decay(tmp_path):
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {"total_num_steps": 50, "warmup_num_steps": 5, "warmup_type": "linear"},
-        }
+        },
+        "optimizer": {"type": "Adam", "params": {"lr": 0.01}},  # warmup_max_lr wins
     }
     assert translate(tmp_path, decay) == {
-        "optim": {"decay": "linear", "min_lr_ratio": 0.0, "lr": 0.001, "warmup_steps": 5},
+        "optim": {
+            "name": "adamw",
+            "lr": 0.001,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "decay": "linear",
+            "min_lr_ratio": 0.0,
+            "warmup_steps": 5,
+        },
         "train": {"steps": 50},
     }
     cosine = {
