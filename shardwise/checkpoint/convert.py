@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +24,9 @@ from torch import nn
 
 from shardwise.checkpoint.io import find_checkpoint, read_json, shard_files
 from shardwise.checkpoint.shards import MASTER, MODEL, OPTIM, ShardReader, raw_bytes
+from shardwise.config import ModelConfig
 from shardwise.errors import CheckpointError, ConfigError
+from shardwise.models.gpt import gpt_config_from
 from shardwise.zero.optimizer import ParamInit
 
 TARGETS = ("safetensors", "hf")
@@ -54,15 +58,26 @@ def model_tensors(reader: ShardReader) -> dict[str, tuple[str, str]]:
     return chosen
 
 
-def write_safetensors(path: Path, reader: ShardReader, tensors: dict[str, tuple[str, str]]) -> int:
-    """Write `tensors` (exported name -> checkpoint key) into one safetensors file at
-    `path`, one tensor in memory at a time. Returns the largest tensor's bytes."""
+Export = tuple[torch.Size, torch.dtype, Callable[[], torch.Tensor]]
+"""One exported tensor: its shape, dtype, and how to make it (assembled when written)."""
+
+
+def as_saved(reader: ShardReader, tensors: dict[str, tuple[str, str]]) -> dict[str, Export]:
+    """`tensors` (exported name -> checkpoint key) exported as the checkpoint holds them."""
+    return {
+        name: (*reader.shape_and_dtype(*key), partial(reader.full, *key))
+        for name, key in tensors.items()
+    }
+
+
+def write_safetensors(path: Path, reader: ShardReader, exports: dict[str, Export]) -> int:
+    """Write `exports` into one safetensors file at `path`, one tensor in memory at a time.
+    Returns the largest tensor's bytes."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = largest = 0
-    for exported, key in sorted(tensors.items()):
-        shape, dtype = reader.shape_and_dtype(*key)
+    for name, (shape, dtype, _) in sorted(exports.items()):
         nbytes = shape.numel() * dtype.itemsize
-        header[exported] = {
+        header[name] = {
             "dtype": _DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
@@ -75,8 +90,8 @@ def write_safetensors(path: Path, reader: ShardReader, tensors: dict[str, tuple[
     with open(tmp, "wb") as file:
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
-        for _, key in sorted(tensors.items()):
-            file.write(raw_bytes(reader.full(*key).contiguous()))
+        for _, (_, _, make) in sorted(exports.items()):
+            file.write(raw_bytes(make().contiguous()))
     reader.verify()
     tmp.replace(path)
     return largest
@@ -93,13 +108,89 @@ def convert(source: Path, dest: Path, to: str, config_file: Path | None) -> Path
         tensors = model_tensors(reader)
         if to == "safetensors":
             dest.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(dest, reader, tensors)
+            write_safetensors(dest, reader, as_saved(reader, tensors))
             return dest
-        hf_config = _hf_config(ckpt, config_file)
+        model = _run_model_config(ckpt, config_file)
+        if model.name == "hf":
+            from shardwise.models.hf import hf_config_dict
+
+            exports = as_saved(reader, tensors)
+            hf_config = {**hf_config_dict(model.hf_config), "torch_dtype": "float32"}
+        else:
+            exports, hf_config = gpt2_exports(reader, tensors, model)
         dest.mkdir(parents=True, exist_ok=True)
-        write_safetensors(dest / "model.safetensors", reader, tensors)
+        write_safetensors(dest / "model.safetensors", reader, exports)
     (dest / "config.json").write_text(json.dumps(hf_config, indent=2))
     return dest
+
+
+def gpt2_exports(
+    reader: ShardReader, tensors: dict[str, tuple[str, str]], model: ModelConfig
+) -> tuple[dict[str, Export], dict]:
+    """The native GPT as a Hugging Face GPT-2: the same computation when positions are
+    learned and the MLP is GELU (pre-norm blocks, LayerNorm eps 1e-5, q|k|v order, scale
+    1/sqrt(head_dim)). Linear weights become Conv1D's (transposed); GPT-2's biases, which the
+    GPT has none of, are zeros."""
+    if model.name != "gpt" or model.positions != "learned" or model.mlp != "gelu":
+        raise CheckpointError(
+            "--to hf exports Hugging Face models (model.name='hf') and the native GPT as "
+            "GPT-2, which needs model.positions='learned' and model.mlp='gelu' (this run: "
+            f"name={model.name!r}, positions={model.positions!r}, mlp={model.mlp!r}); use "
+            "--to safetensors"
+        )
+    exports: dict[str, Export] = {}
+
+    def shape(ours: str) -> torch.Size:
+        return reader.shape_and_dtype(*tensors[ours])[0]
+
+    def same(ours: str, theirs: str) -> None:
+        exports[theirs] = as_saved(reader, {theirs: tensors[ours]})[theirs]
+
+    def conv1d(ours: str, theirs: str) -> None:
+        key = tensors[ours]
+        (rows, cols), dtype = reader.shape_and_dtype(*key)
+        transposed = torch.Size([cols, rows])
+        exports[theirs + ".weight"] = (transposed, dtype, lambda: reader.full(*key).t())
+        zeros = partial(torch.zeros, rows, dtype=dtype)
+        exports[theirs + ".bias"] = (torch.Size([rows]), dtype, zeros)
+
+    same("embed.weight", "transformer.wte.weight")
+    same("pos_embed.weight", "transformer.wpe.weight")
+    layers = 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("blocks."))
+    for i in range(layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for norm, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            same(ours + f"{norm}.weight", theirs + f"{ln}.weight")
+            same(ours + f"{norm}.bias", theirs + f"{ln}.bias")
+        conv1d(ours + "attn.qkv.weight", theirs + "attn.c_attn")
+        conv1d(ours + "attn.proj.weight", theirs + "attn.c_proj")
+        conv1d(ours + "mlp.up.weight", theirs + "mlp.c_fc")
+        conv1d(ours + "mlp.down.weight", theirs + "mlp.c_proj")
+    same("norm_f.weight", "transformer.ln_f.weight")
+    same("norm_f.bias", "transformer.ln_f.bias")
+    tied = "head.weight" not in tensors  # a tied head is exported once, as the embedding
+    if not tied:
+        same("head.weight", "lm_head.weight")
+    vocab, d_model = shape("embed.weight")
+    positions = shape("pos_embed.weight")[0]
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_positions": positions,
+        "n_embd": d_model,
+        "n_layer": layers,
+        "n_head": gpt_config_from(model, positions).n_heads,
+        "n_inner": shape("blocks.0.mlp.up.weight")[0],
+        "activation_function": "gelu",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": model.dropout,
+        "embd_pdrop": model.dropout,
+        "attn_pdrop": model.dropout,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+    }
+    return exports, config
 
 
 def read_full_tensors(source: Path) -> dict[tuple[str, str], torch.Tensor]:
@@ -113,10 +204,9 @@ def read_full_tensors(source: Path) -> dict[tuple[str, str], torch.Tensor]:
     return tensors
 
 
-def _hf_config(ckpt: Path, config_file: Path | None) -> dict:
-    """The run's Hugging Face config.json contents (``model.name='hf'`` runs only)."""
+def _run_model_config(ckpt: Path, config_file: Path | None) -> ModelConfig:
+    """The model section of the run's config.toml (found above the checkpoint, or given)."""
     from shardwise.config import Config
-    from shardwise.models.hf import hf_config_dict
 
     if config_file is None:
         config_file = next(
@@ -124,13 +214,7 @@ def _hf_config(ckpt: Path, config_file: Path | None) -> dict:
         )
     if config_file is None:
         raise CheckpointError(f"no config.toml of the run found above {str(ckpt)!r}; pass --config")
-    model = Config.from_file(config_file, []).model
-    if model.name != "hf":
-        raise CheckpointError(
-            f"--to hf exports Hugging Face models (model.name='hf'); this run trained "
-            f"model.name={model.name!r}: use --to safetensors"
-        )
-    return {**hf_config_dict(model.hf_config), "torch_dtype": "float32"}
+    return Config.from_file(config_file, []).model
 
 
 def read_safetensors_index(path: Path) -> tuple[dict[str, dict], int]:

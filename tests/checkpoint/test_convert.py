@@ -119,9 +119,34 @@ def test_a_zero3_run_starts_from_exported_weights_shard_by_shard(
         assert all(torch.equal(state[name], tensor) for name, tensor in masters.items())
 
 
-def test_hf_export_of_a_native_model_is_one_line(zero3_run, tmp_path, capsys):
+def test_hf_export_of_a_rope_gpt_is_one_line(zero3_run, tmp_path, capsys):
     code, err = run_cli(["convert", str(zero3_run), str(tmp_path / "hf"), "--to", "hf"], capsys)
-    assert code == 2 and "use --to safetensors" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "needs model.positions='learned' and model.mlp='gelu'" in err
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_native_gpt_exports_as_gpt2_with_the_same_logits(tie, tmp_path, capsys):
+    """A GPT with learned positions and a GELU MLP is a GPT-2 without biases: after a step,
+    transformers' GPT2LMHeadModel from the export computes our logits (fp32)."""
+    import transformers
+
+    cfg = make_config(micro_batch=1, global_batch=1).replace(
+        model={"positions": "learned", "tie_embeddings": tie}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    engine.train_step(global_batches(cfg, 1)[0])
+    run, dest = tmp_path / "run", tmp_path / "gpt2"
+    save_run(engine, cfg, run)
+    code, err = run_cli(["convert", str(run), str(dest), "--to", "hf"], capsys)
+    assert code == 0, err
+    gpt2 = transformers.GPT2LMHeadModel.from_pretrained(dest).eval()
+    assert (gpt2.lm_head.weight is gpt2.transformer.wte.weight) == tie
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len))
+    with torch.no_grad():
+        ours = engine.model.eval()(tokens)
+        theirs = gpt2(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
