@@ -126,7 +126,8 @@ class RunPlan:
     def model_state_bytes(self) -> dict[str, float]:
         """Predicted model-state bytes per rank: parameters, gradients, fp32 master weights and
         Adam's two moments (ZeRO paper, sec. 5: with Ψ elements and N shards, each category
-        divided by N where it is sharded; tensor and pipeline parallelism divide Ψ by tp x pp)."""
+        divided by N where it is sharded; tensor and pipeline parallelism divide Ψ by tp x pp);
+        1-bit Adam's error buffers count as optimizer states."""
         psi = self.trainable_params / self.dims.tp / self.dims.pp  # balanced stages
         shards = self.dims.dp_shard
         param_bytes = torch.finfo(self.precision.param_dtype).bits // 8
@@ -135,11 +136,15 @@ class RunPlan:
             return numel / shards if sharded else numel
 
         master = 4 * psi if self.precision.needs_master_weights else 0
+        states = per_rank(8 * psi, self.sharding.optimizer)
+        if self.optimizer.onebit_freeze:  # error feedback, fp32: the worker's of every
+            # gradient element, the server's of its slice (stage 0 only; docs/onebit_adam.md)
+            states += 4 * psi + (0 if self.sharding.optimizer else 4 * psi / shards)
         return {
             "params": per_rank(param_bytes * psi, self.sharding.params),
             "grads": per_rank(param_bytes * psi, self.sharding.grads),
             "master_params": per_rank(master, self.sharding.optimizer),
-            "optimizer_states": per_rank(8 * psi, self.sharding.optimizer),
+            "optimizer_states": states,
         }
 
     def _schedule_row(self) -> str:

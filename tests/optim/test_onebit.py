@@ -186,12 +186,17 @@ def _compressed_step_bytes(stage: int) -> tuple[dict, dict, list[float]]:
     expected = {"all_to_all": sum((world - 1) / world * world * m for m in message)}
     if stage == 0:
         expected["all_gather"] = sum((world - 1) * m for m in message)
-    return recorded, expected, losses
+    memory = (sum(engine.memory_report().values()), sum(engine.plan.model_state_bytes().values()))
+    return recorded, expected, losses, memory
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_compressed_step_sends_the_closed_form_bytes(pool2, stage):
-    for recorded, expected, losses in pool2.run(_compressed_step_bytes, stage):
+    """... and the planner counts the error buffers (within the buckets' padding)."""
+    for recorded, expected, losses, (measured, predicted) in pool2.run(
+        _compressed_step_bytes, stage
+    ):
+        assert measured == pytest.approx(predicted, rel=0.03)
         assert recorded["all_to_all"] == expected["all_to_all"]
         if stage == 0:
             assert recorded["all_gather"] == expected["all_gather"]
