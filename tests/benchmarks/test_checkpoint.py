@@ -18,6 +18,7 @@ def test_ratios_are_throughput_and_memory_over_the_reference():
             "raw_load": 0.8,
             "dcp_save": 3.0,
             "dcp_load": 2.0,
+            "async_blocking": 0.5,
         },
         "largest_tensor_bytes": 100,
         "convert_peak_bytes": 250,
@@ -30,6 +31,7 @@ def test_ratios_are_throughput_and_memory_over_the_reference():
             "convert_mem_vs_largest": 2.5,
             "save_vs_dcp": 1.5,
             "load_vs_dcp": 2.0,
+            "async_blocking_vs_save": 0.25,
         }
     )
     assert result.ours == 0.75 and result.config["precision"] == "fp32"
