@@ -6,6 +6,7 @@ one-line errors before launch."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -15,7 +16,7 @@ from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.run_plan import resolve
-from tests.cli_runs import TINY_RUN, logged_losses, run_cli, train_on_two_ranks
+from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
 
 SP_PARAM_RTOL = 2e-4
@@ -117,17 +118,9 @@ def test_bad_settings_are_one_line_errors(sections, message):
     assert "\n" not in str(info.value)
 
 
-def test_train_and_resume_through_the_launcher(tmp_path, capsys):
-    settings = [
-        *TINY_RUN,
-        "train.steps=4",
-        "checkpoint.every=2",
-        "parallel.sp=2",
-        "attention.sequence_parallel=ring",
-    ]
-    out = tmp_path / "run"
-    full = train_on_two_ranks(out, settings, capsys, "ring attention over sp=2")
-    step2 = str(out / "checkpoints" / "step_00000002")
-    code, printed = run_cli(["train", "--nproc", "2", "--resume", step2], capsys)
-    assert code == 0, printed
-    assert logged_losses(out) == full and len(full) == 4
+def test_trains_through_the_launcher(tmp_path, capsys):
+    """The launcher path; resuming an sp=2 checkpoint (into sp=2 and other layouts, bitwise)
+    is in the resharding matrix (tests/checkpoint/test_reshard.py)."""
+    settings = [*TINY_RUN, "train.steps=3", "parallel.sp=2", "attention.sequence_parallel=ring"]
+    losses = train_on_two_ranks(tmp_path / "run", settings, capsys, "ring attention over sp=2")
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
