@@ -311,6 +311,9 @@ def test_metrics_go_to_tensorboard_too_and_a_resume_replaces_the_steps_after_it(
     assert code == 0, err
     code, err = run_cli(["train", "--nproc", "1", "--resume", str(out)], capsys)
     assert_one_line_error(code, err, "nothing is left to train; raise train.steps")
+    other_model = ["--set", "model.d_model=48", "--set", "train.steps=5"]
+    code, err = run_cli(["train", "--nproc", "1", "--resume", str(out), *other_model], capsys)
+    assert_one_line_error(code, err, "does not fit this model: it holds 'embed.weight' of shape")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     records = read_metrics(out / "metrics.jsonl")

@@ -2,10 +2,18 @@
 
 from shardwise.checkpoint.io import (
     AsyncSaver,
+    check_model_fits,
     check_resumable,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["AsyncSaver", "check_resumable", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "AsyncSaver",
+    "check_model_fits",
+    "check_resumable",
+    "find_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from shardwise.checkpoint.io import find_checkpoint, read_json, shard_files
-from shardwise.checkpoint.shards import MASTER, MODEL, OPTIM, ShardReader, raw_bytes
+from shardwise.checkpoint.shards import (
+    MASTER,
+    MODEL,
+    OPTIM,
+    ShardReader,
+    fit_problems,
+    model_tensor_names,
+    raw_bytes,
+)
 from shardwise.config import ModelConfig
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models.gpt import gpt_config_from
@@ -242,15 +250,11 @@ def initial_weights(model: nn.Module, source: Path) -> ParamInit | None:
         raise ConfigError(f"model.init_from={str(source)!r}: no safetensors file there")
     header, data_start = read_safetensors_index(path)
     dtypes = {code: dtype for dtype, code in _DTYPES.items()}
-    by_name = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *_buffers(model)]:
-        by_name.setdefault(id(tensor), []).append(name)
-    missing = [names[0] for names in by_name.values() if not set(names) & set(header)]
-    extra = sorted(set(header) - {n for names in by_name.values() for n in names})
-    if missing or extra:
+    problems = fit_problems({name: entry["shape"] for name, entry in header.items()}, model)
+    if problems:
         raise ConfigError(
-            f"model.init_from={str(source)!r} does not fit the model: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}"
+            f"model.init_from={str(source)!r} does not fit the model: it holds "
+            f"{'; '.join(problems[:3])}"
         )
 
     def fill(name: str, tensor: torch.Tensor) -> None:
@@ -260,27 +264,15 @@ def initial_weights(model: nn.Module, source: Path) -> ParamInit | None:
         with open(path, "rb") as file:
             file.seek(data_start + begin)
             file.readinto(data)
-        if list(tensor.shape) != entry["shape"]:
-            raise ConfigError(
-                f"model.init_from: {name!r} has shape {entry['shape']}, the model's "
-                f"{list(tensor.shape)}"
-            )
         if data:  # frombuffer refuses an empty buffer
             tensor.copy_(torch.frombuffer(data, dtype=dtypes[entry["dtype"]]).view(tensor.shape))
 
-    aliases = {
-        name: next(n for n in names if n in header) for names in by_name.values() for name in names
-    }
+    groups = model_tensor_names(model)
+    aliases = {name: next(n for n in names if n in header) for names, _ in groups for name in names}
     with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *_buffers(model)]:
+        for names, tensor in groups:
             if not tensor.is_meta:
-                fill(aliases[name], tensor)
+                fill(aliases[names[0]], tensor)
     if not any(p.is_meta for p in model.parameters()):
         return None
     return lambda name, tensor: fill(aliases[name], tensor)
-
-
-def _buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The persistent buffers (those a state dict holds)."""
-    persistent = set(model.state_dict())
-    return [(name, b) for name, b in model.named_buffers() if name in persistent]

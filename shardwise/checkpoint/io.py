@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from shardwise.checkpoint.shards import (
     ShardReader,
     durable,
+    fit_problems,
     load_rank_shards,
     read_torch,
+    saved_shapes,
     snapshot_rank_shards,
     write_rank_shards,
 )
@@ -288,6 +291,20 @@ def check_resumable(
             f"only its own layout can load: {', '.join(changed)}; resume with the saved layout"
         )
     return manifest
+
+
+def check_model_fits(path: Path, model: nn.Module) -> None:
+    """Before launch: the checkpoint at `path` holds every parameter and buffer of `model`
+    (a meta-device build is enough) in its full shape, and nothing else."""
+    ckpt = find_checkpoint(path)
+    fragments, _ = shard_files(ckpt, read_json(ckpt / MANIFEST)["world_size"])
+    problems = fit_problems(saved_shapes(fragments), model)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} does not fit this model: it holds {problems[0]}{more}; "
+            "resume with the model settings it was saved with"
+        )
 
 
 def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:

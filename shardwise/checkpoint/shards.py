@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.errors import CheckpointError
@@ -412,6 +413,40 @@ class ShardReader:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
+
+
+def model_tensor_names(model: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    """Every parameter and persistent buffer of `model` once, with all its names (a tied
+    weight has several)."""
+    persistent = set(model.state_dict())
+    buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
+    by_id: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *buffers]:
+        by_id.setdefault(id(tensor), ([], tensor))[0].append(name)
+    return list(by_id.values())
+
+
+def fit_problems(saved: dict[str, list[int]], model: nn.Module) -> list[str]:
+    """How tensors saved under these names and full shapes fail to fit `model`, each as
+    what the saved ones hold ("no 'x'", "'x' of shape [..], ..."); empty when they fit."""
+    groups = model_tensor_names(model)
+    problems = []
+    for names, tensor in groups:
+        found = [name for name in names if name in saved]
+        if not found:
+            problems.append(f"no {names[0]!r}")
+        elif list(saved[found[0]]) != list(tensor.shape):
+            problems.append(
+                f"{found[0]!r} of shape {list(saved[found[0]])}, the model's {list(tensor.shape)}"
+            )
+    known = {name for names, _ in groups for name in names}
+    problems += [f"{name!r}, which the model has not" for name in sorted(set(saved) - known)]
+    return problems
+
+
+def saved_shapes(fragments: list[Path]) -> dict[str, list[int]]:
+    """Name -> full shape of every tensor in these fragment files (their indexes only)."""
+    return {f["name"]: f["shape"] for path in fragments for f in _read_index(path)}
 
 
 def _read_index(path: Path) -> list[dict]:

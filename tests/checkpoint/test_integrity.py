@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardwise.checkpoint import AsyncSaver, load_checkpoint, save_checkpoint
+from shardwise.checkpoint import AsyncSaver, check_model_fits, load_checkpoint, save_checkpoint
 from shardwise.checkpoint.convert import read_full_tensors
 from shardwise.checkpoint.shards import FragmentWriter, _read_index
 from shardwise.engine import initialize
@@ -101,6 +101,20 @@ def test_a_checkpoint_of_the_old_format_is_one_line(checkpoint):
 def test_another_model_names_the_tensor(checkpoint):
     with pytest.raises(CheckpointError, match="tensor '.*' has shape .* this model's"):
         _load(checkpoint, d_model=64)
+
+
+def test_another_model_is_found_before_launch_from_the_indexes(checkpoint):
+    check_model_fits(checkpoint, _engine().model)  # the same model fits
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this model: it holds 'embed.weight' "
+        r"of shape \[256, 32\], the model's \[256, 64\] \(and \d+ more\)",
+    ):
+        check_model_fits(checkpoint, _engine(d_model=64).model)
+    with pytest.raises(
+        CheckpointError, match="it holds 'blocks.1.attn.proj.weight', which the model has not"
+    ):
+        check_model_fits(checkpoint, _engine(n_layers=1).model)
 
 
 def test_asynchronous_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
