@@ -36,6 +36,7 @@ LAYOUTS = {
     "dp2-zero0": (2, {}),
     "dp2-zero3": (2, {"zero": {"stage": 3}}),
     "dp4-zero2": (4, {"zero": {"stage": 2}}),
+    "hsdp-2x2-zero3": (4, {"parallel": {"dp_replicate": 2}, "zero": {"stage": 3}}),
     "tp2-1d": (2, {"parallel": {"tp": 2}}),
     "tp4-2d": (4, {"parallel": {"tp": 4, "tp_mode": "2d"}, "train": {"micro_batch": 2}}),
     "pp2": (2, {"parallel": {"pp": 2}, "pipeline": {"schedule": "1f1b"}}),
