@@ -86,7 +86,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
     tokens_per_step = global_batch * cfg.data.seq_len
     losses: list[float] = []
-    saver = AsyncSaver() if cfg.checkpoint.async_save else None
+    saver = AsyncSaver(cfg.distributed.timeout_s) if cfg.checkpoint.async_save else None
     overflows = None
     if engine.scaler is not None:
         overflows = OverflowWatch(engine.scaler, cfg.precision.max_skipped_in_a_row)
@@ -120,6 +120,8 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
         progress.close()
         if metrics is not None:
             metrics.close()
+    if saver is not None:
+        saver.wait()  # the periodic save in flight lands first, whatever follows
     if losses and not math.isfinite(losses[-1]):
         raise TrainingError(
             f"the last step's loss is {losses[-1]} (fp16 overflow): no checkpoint written for "

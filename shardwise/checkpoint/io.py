@@ -18,6 +18,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,7 +159,9 @@ class AsyncSaver:
     thread writes leaves the temporary directory, never a half checkpoint (`_commit`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 300.0) -> None:
+        """`timeout_s`: how long the thread's barriers wait for the other ranks."""
+        self.timeout_s = timeout_s
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._group = None
@@ -166,7 +169,8 @@ class AsyncSaver:
     def start(self, job) -> None:
         """Run ``job(group)`` on a new thread (after `wait`)."""
         if self._group is None and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")  # collective: every rank saves
+            timeout = timedelta(seconds=self.timeout_s)  # collective: every rank saves
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
         self._thread = threading.Thread(target=self._run, args=(job,), name="async-save")
         self._thread.daemon = True  # a crashed run leaves a .tmp directory, nothing more
         self._thread.start()
