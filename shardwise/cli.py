@@ -56,21 +56,16 @@ def _resolve_config(args: argparse.Namespace):
     config_file = args.config
     if args.resume is not None and config_file is None:
         config_file = _saved_config(args.resume)
-    cfg = Config.from_file(config_file, args.overrides)
     if args.deepspeed_config is None:
-        return cfg
-    from shardwise.compat.deepspeed import read_deepspeed_config
-    from shardwise.distributed.dims import ParallelDims
+        return Config.from_file(config_file, args.overrides)
+    from shardwise.compat.deepspeed import config_from_deepspeed
 
-    ds = read_deepspeed_config(args.deepspeed_config)
-    if ds.warning() is not None:
-        print(f"shardwise: warning: {ds.warning()}", file=sys.stderr)
-    dp = ParallelDims.from_config(cfg.parallel, args.nproc).dp
-    settings = ds.config_settings(dp, cfg.train.micro_batch)
-    try:
-        return Config.from_file(config_file, args.overrides, settings)
-    except ConfigError as err:  # the file and --set passed above: the translation is at fault
-        raise ConfigError(f"{err} (from deepspeed config {args.deepspeed_config})") from None
+    cfg, warning = config_from_deepspeed(
+        args.deepspeed_config, args.nproc, config_file, args.overrides
+    )
+    if warning is not None:
+        print(f"shardwise: warning: {warning}", file=sys.stderr)
+    return cfg
 
 
 def _saved_config(resume: Path) -> Path:

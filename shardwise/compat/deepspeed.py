@@ -23,11 +23,13 @@ for the keys the section leaves out (as they would under DeepSpeed).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardwise.config import Config
+from shardwise.distributed.dims import ParallelDims
 from shardwise.errors import ConfigError
 
 AUTO = "auto"
@@ -145,6 +147,27 @@ class DeepSpeedConfig:
                 "dp = ranks / (tp x pp x sp))"
             )
         return {"micro_batch": micro, "global_batch": total}
+
+
+def config_from_deepspeed(
+    path: str | Path,
+    world_size: int,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[Config, str | None]:
+    """The run's `Config`: the TOML `config_file` (or the defaults), the DeepSpeed file at
+    `path` over it, `overrides` (``"section.key=value"``) over both; and the warning line
+    naming the ignored keys, if any. `world_size` fixes the batch keys' data-parallel degree.
+    ``shardwise train --deepspeed-config`` calls this; so can a script before
+    ``shardwise.initialize(model, None, config)``."""
+    base = Config.from_file(config_file, list(overrides))
+    ds = read_deepspeed_config(path)
+    dp = ParallelDims.from_config(base.parallel, world_size).dp
+    settings = ds.config_settings(dp, base.train.micro_batch)
+    try:
+        return Config.from_file(config_file, list(overrides), settings), ds.warning()
+    except ConfigError as err:  # the file and overrides passed above: the translation is at fault
+        raise ConfigError(f"{err} (from deepspeed config {path})") from None
 
 
 def read_deepspeed_config(path: str | Path) -> DeepSpeedConfig:

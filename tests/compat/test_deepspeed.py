@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from shardwise.compat.deepspeed import read_deepspeed_config
+from shardwise.compat.deepspeed import config_from_deepspeed, read_deepspeed_config
 from shardwise.config import Config
 from shardwise.errors import ConfigError
 from shardwise.optim import lr_multiplier
@@ -294,7 +294,7 @@ def test_one_bit_adam_keeps_its_variance_frozen(tmp_path):
 
 
 def test_log_warm_up_and_ignored_keys_are_one_warning_line(tmp_path, capsys):
-    """Printed first, before the plan (here refused: a tp degree the world cannot hold)."""
+    """Printed first, before the plan (here refused: heads that do not divide d_model)."""
     file = tmp_path / "ds.json"
     example = {
         "wall_clock_breakdown": False,
@@ -303,7 +303,7 @@ def test_log_warm_up_and_ignored_keys_are_one_warning_line(tmp_path, capsys):
         "amp": {"enabled": False},
     }
     file.write_text(json.dumps(example))
-    argv = ["train", "--nproc", "2", "--deepspeed-config", str(file), "--set", "parallel.tp=3"]
+    argv = ["train", "--nproc", "2", "--deepspeed-config", str(file), "--set", "model.n_heads=3"]
     code, printed = run_cli(argv, capsys)
     assert code == 2
     warning, error = printed.splitlines()
@@ -312,7 +312,7 @@ def test_log_warm_up_and_ignored_keys_are_one_warning_line(tmp_path, capsys):
         "(DeepSpeed's default) warms up linearly here; ignored (speed, memory layout or "
         "logging only): wall_clock_breakdown, zero_optimization.overlap_comm"
     )
-    assert error.startswith("shardwise: error: ") and "world size 2 is not divisible" in error
+    assert error.startswith("shardwise: error: ") and "n_heads=3 does not divide" in error
 
 
 REFUSED = {
@@ -403,3 +403,12 @@ def test_unreadable_files_are_one_line(text, expected, tmp_path):
         read_deepspeed_config(file)
     with pytest.raises(ConfigError, match="does not exist"):
         read_deepspeed_config(tmp_path / "missing.json")
+
+
+def test_a_script_gets_the_same_config_for_initialize(tmp_path):
+    """`config_from_deepspeed` is what the CLI uses; a script hands its result to
+    `shardwise.initialize` (here: the ZeRO-1 example on 2 ranks, an override on top)."""
+    file, _ = write_example("zero1", tmp_path)
+    cfg, warning = config_from_deepspeed(file, world_size=2, overrides=["zero.stage=2"])
+    assert (cfg.zero.stage, cfg.train.micro_batch, cfg.train.global_batch) == (2, 2, 8)
+    assert cfg.optim.betas == (0.8, 0.999) and "warmup_type='log'" in warning
