@@ -99,11 +99,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    snapshot = saver is not None
+    snapshot = saver is not None  # training goes on: copy what it may change
+    write_shards = (
+        snapshot_rank_shards(engine).write if snapshot else partial(write_rank_shards, engine)
+    )
     saved = _SavedState(
-        shards=snapshot_rank_shards(engine).write
-        if snapshot
-        else partial(write_rank_shards, engine),
+        shards=write_shards,
         engine=copy.deepcopy(engine.state_dict()) if snapshot else engine.state_dict(),
         trainer=copy.deepcopy(trainer_state),
         rng=_rng_state(),
