@@ -27,9 +27,7 @@ from shardwise.activation_checkpointing import apply_activation_checkpointing
 from shardwise.attention import apply_attention
 from shardwise.config import Config
 from shardwise.distributed import comm
-from shardwise.distributed.agreement import check_collectives
 from shardwise.distributed.launch import join_launched_group
-from shardwise.distributed.link import emulate_link
 from shardwise.errors import TrainingError
 from shardwise.loss import LossFn, choose_loss, own_loss
 from shardwise.models import ModelSpec, spec_of
@@ -57,8 +55,8 @@ class Engine:
         spec: ModelSpec | None = None,
     ) -> None:
         self.plan = plan
-        emulate_link(plan.config.distributed.emulate_gbps)
-        check_collectives(plan.config.distributed.check_collectives)
+        distributed = plan.config.distributed
+        comm.configure_process(distributed.emulate_gbps, distributed.check_collectives)
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)

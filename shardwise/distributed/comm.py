@@ -118,6 +118,13 @@ _call_numbers = itertools.count(1)
 _pending: tuple[int, str] | None = None
 
 
+def configure_process(emulate_gbps: float | None, check_collectives: bool) -> None:
+    """This process's collective behaviour from ``distributed.*``: the emulated link
+    ([Note: emulated link]) and the agreement check ([Note: collective agreement])."""
+    link.emulate_link(emulate_gbps)
+    agreement.check_collectives(check_collectives)
+
+
 def last_collective() -> str | None:
     """The most recent collective of this process whose completion was not yet observed.
 
