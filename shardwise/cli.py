@@ -119,8 +119,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from shardwise.checkpoint import check_model_fits, check_resumable, find_checkpoint
     from shardwise.data import build_data
-    from shardwise.models import MODELS
-    from shardwise.run_plan import resolve
+    from shardwise.run_plan import meta_model, resolve
     from shardwise.trainer import save_plan
 
     _check_launch_options(args)
@@ -132,9 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     global_batch = cfg.train.micro_batch * dp * plan.micro_batches
     if args.resume is not None:
         step = check_resumable(args.resume, args.nproc, plan.layout(), global_batch)["step"]
-        model = MODELS.get(cfg.model.name)
-        meta = model(cfg.model, cfg.data.seq_len, device="meta", seed=cfg.train.seed)
-        check_model_fits(args.resume, meta)
+        check_model_fits(args.resume, meta_model(cfg))
         if step >= cfg.train.steps:
             raise ConfigError(
                 f"--resume {str(args.resume)!r}: the checkpoint is at step {step} and "

@@ -210,6 +210,13 @@ def _dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def meta_model(config: Config) -> nn.Module:
+    """The registered ``model.name`` built on the meta device: shapes, no memory."""
+    return MODELS.get(config.model.name)(
+        config.model, config.data.seq_len, device="meta", seed=config.train.seed
+    )
+
+
 def resolve(
     config: Config,
     world_size: int,
@@ -229,9 +236,7 @@ def resolve(
     micro_batches = resolve_batch(config.train, dims.dp)
     registered = model is None  # the trainer's model, fed by the byte tokenizer
     if registered:
-        model = MODELS.get(config.model.name)(
-            config.model, config.data.seq_len, device="meta", seed=config.train.seed
-        )
+        model = meta_model(config)
     spec = spec_of(model, spec)
     if registered:
         _check_vocabulary(config, model, spec)
