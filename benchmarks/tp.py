@@ -67,10 +67,7 @@ measured / formula), mode in 1d, 2d, 2p5d, 3d. ``config.layouts`` has the parts.
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -83,14 +80,16 @@ from shardwise.accelerator import get_accelerator
 from shardwise.bench import BenchResult, StepFn, launch_workers, worker_main
 from shardwise.config import Config
 from shardwise.distributed.comm import CommStats
-from shardwise.distributed.cost import WireBytes, wire_sum, wire_table
+from shardwise.distributed.cost import WireBytes
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
 from shardwise.loss import cross_entropy_loss
-from shardwise.models.gpt import GPTConfig, build_gpt, gpt_config_from
+from shardwise.models.gpt import build_gpt, gpt_config_from
 from shardwise.optim import default_optimizer_factory, lr_multiplier, param_groups
+from shardwise.planner.activations import activation_fraction, by_region, grid, saved_tensors
+from shardwise.planner.comm import tp_wire_bytes
 from shardwise.run_plan import resolve
-from shardwise.tensor_parallel import apply_tensor_parallel, one_d, summa, three_d
+from shardwise.tensor_parallel import apply_tensor_parallel
 from shardwise.tensor_parallel.plan import split_fused
 
 TIMING_NPROC = 2
@@ -103,11 +102,6 @@ MODE_KEYS = {"1d": "1d", "2d": "2d", "2.5d": "2p5d", "3d": "3d"}
 """Layout -> its suffix in the JSON ratio keys."""
 ELEM_BYTES = 4
 """fp32 parameters and activations everywhere in this benchmark."""
-LOSS_BYTES = 4
-"""The loss scalar is fp32 in every precision."""
-SPLIT_1D = ("attn", "attn.proj", "mlp", "mlp.down", "loss")
-"""Regions whose saved activations 1D splits over tp: between a column- and a row-parallel
-linear (heads, MLP hidden), and the loss over vocabulary-split logits."""
 TOLERANCE = 0.05
 """A ratio within 1 ± this agrees with its formula."""
 
@@ -231,7 +225,7 @@ def summarise_layout(
     wire = max(total_bytes(r["comm"]) for r in ranks)
     param_expected = param_formula(dense["params"], dims)
     saved_expected = activation_formula(dense["saved"], dims)
-    wire_expected = comm_formula(gpt, layout.micro_batch, dims)
+    wire_expected = tp_wire_bytes(gpt, layout.micro_batch, dims, ELEM_BYTES)
     mem_expected = param_expected + sum(saved_expected.values())
     q, d = grid(dims)
     summary = {
@@ -275,11 +269,6 @@ def layout_dims(mode: str, world_size: int) -> ParallelDims:
     return ParallelDims.tensor_parallel(world_size, mode, DEPTH_2P5D if mode == "2.5d" else 1)
 
 
-def grid(dims: ParallelDims) -> tuple[int, int]:
-    """(q, d): the grid side and depth of a 2D/2.5D/3D layout; (tp, 1) for 1D."""
-    return dims.tp_shape[-1], dims.tp_depth
-
-
 def param_replicas(dims: ParallelDims, kind: str) -> int:
     """Ranks holding one shard of a "matrix" (Linear/Embedding weight) or "vector" (norm
     weight or bias) in the layout's paper."""
@@ -305,20 +294,6 @@ def param_formula(dense_params: dict[str, int], dims: ParallelDims) -> float:
     )
 
 
-def activation_fraction(dims: ParallelDims, region: str, kind: str) -> float:
-    """The share of a dense saved tensor of `kind` (`saved_kind`) saved in `region` that one
-    rank keeps in the layout."""
-    if kind == "fixed":
-        return 1.0
-    q, d = grid(dims)
-    tokens = {"1d": 1, "2d": q, "2.5d": d * q, "3d": q * q}[dims.tp_mode]
-    if kind == "per_token":
-        return 1 / tokens
-    if dims.tp_mode == "1d":
-        return 1 / dims.tp if region in SPLIT_1D else 1.0
-    return 1 / (tokens * q)  # tokens split, and features (hidden, heads, vocabulary) q ways
-
-
 def activation_formula(dense_saved: dict[str, int], dims: ParallelDims) -> dict[str, float]:
     """Bytes per rank and region: the dense saved bytes (``"region/kind"`` -> bytes), each
     scaled by `activation_fraction`."""
@@ -327,61 +302,6 @@ def activation_formula(dense_saved: dict[str, int], dims: ParallelDims) -> dict[
             key: nbytes * activation_fraction(dims, *key.rsplit("/", 1))
             for key, nbytes in dense_saved.items()
         }
-    )
-
-
-def by_region(by_key: dict[str, float]) -> dict[str, float]:
-    """``"region/kind"`` -> bytes summed to region -> bytes."""
-    regions: dict[str, float] = {}
-    for key, nbytes in by_key.items():
-        region = key.rsplit("/", 1)[0]
-        regions[region] = regions.get(region, 0) + nbytes
-    return regions
-
-
-def _loss_costs(rows: float, vocab: tuple[str, int], row_axes: list[tuple[str, int]]):
-    """`vocab_parallel_cross_entropy` on `rows` local tokens: one_d's closed form over the
-    vocabulary axis, then the mean's fp32 scalar all-reduced over each axis splitting the
-    tokens."""
-    axis, size = vocab
-    scalars = [("forward", a, "all_reduce", n, LOSS_BYTES) for a, n in row_axes]
-    return wire_sum(one_d.cross_entropy_wire_bytes(rows, size, axis), wire_table(*scalars))
-
-
-def comm_formula(gpt: GPTConfig, batch: int, dims: ParallelDims) -> WireBytes:
-    """Wire bytes per rank of forward + loss + backward of one micro-batch of `batch`
-    sequences: the layout module's closed forms summed over the model's modules."""
-    tokens, h, vocab, e = batch * gpt.seq_len, gpt.d_model, gpt.vocab_size, ELEM_BYTES
-    # (d_in, d_out, input layout in 3D) of every linear, in model order; the head last.
-    mlp_in = [(h, gpt.d_ff, "P")] * (2 if gpt.mlp == "swiglu" else 1)  # up (and gate)
-    block = [(h, 3 * h, "P"), (h, h, "S"), *mlp_in, (gpt.d_ff, h, "S")]
-    linears = block * gpt.n_layers + [(h, vocab, "P")]
-    norms = 2 * gpt.n_layers + 1
-    if dims.tp_mode == "1d":
-        tp = dims.tp
-        # column-parallel where 3D reads P (input side h), row-parallel for S (output h)
-        return wire_sum(
-            one_d.embedding_wire_bytes(tokens, h, tp, e),
-            *(one_d.linear_wire_bytes(tokens, h, tp, e, row=lay == "S") for *_, lay in linears),
-            one_d.cross_entropy_wire_bytes(tokens, tp),
-        )
-    q, d = grid(dims)
-    if dims.tp_mode in summa.SUMMA_MODES:
-        row_axes = [("tp_row", q)] + ([("tp_dep", d)] if d > 1 else [])
-        return wire_sum(
-            summa.embedding_wire_bytes(tokens, vocab, h, q, d, e),
-            *(summa.linear_wire_bytes(tokens, d_in, d_out, q, d, e) for d_in, d_out, _ in linears),
-            *[summa.layer_norm_wire_bytes(tokens, h, q, d, e)] * norms,
-            _loss_costs(tokens / (d * q), ("tp_col", q), row_axes),
-        )
-    return wire_sum(
-        three_d.embedding_wire_bytes(vocab, h, q, e),
-        *(
-            three_d.linear_wire_bytes(tokens, d_in, d_out, q, e, input_layout=layout)
-            for d_in, d_out, layout in linears
-        ),
-        *[three_d.layer_norm_wire_bytes(tokens, h, q, e)] * norms,
-        _loss_costs(tokens / q**2, ("tp_row", q), [("tp_dep", q), ("tp_col", q)]),
     )
 
 
@@ -395,62 +315,6 @@ def total_bytes(costs: WireBytes) -> float:
 
 
 # --------------------------------------------------------------------------- measuring a layout
-
-
-def region_of(module_name: str) -> str:
-    """``"blocks.3.attn.qkv"`` -> ``"attn.qkv"``; the root module is ``"model"``. The
-    attention core (``attn.core``, what sequence parallelism swaps) is part of ``"attn"``."""
-    name = re.sub(r"^blocks\.\d+\.?", "", module_name).removesuffix(".core")
-    return name or ("block" if module_name else "model")
-
-
-def saved_kind(tensor: torch.Tensor, batch: int, tokens: int) -> str:
-    """How a dense saved tensor scales: ``"fixed"`` (no batch dimension, e.g. rope tables),
-    ``"per_token"`` (one value per token) or ``"activation"`` (tokens x features). The batch
-    dimension is the first, [B, ...] or flattened [B T, ...]; the layout model keeps
-    seq_len != micro_batch so that a [T, ...] table is not taken for one."""
-    if tensor.ndim == 0 or tensor.shape[0] not in (batch, tokens):
-        return "fixed"
-    return "per_token" if tensor.numel() == tokens else "activation"
-
-
-@contextmanager
-def saved_tensors(model: nn.Module, batch: int, tokens: int) -> Iterator[dict[str, int]]:
-    """Bytes autograd saves inside the block (forward and loss), each storage once, as
-    ``"region/kind"`` -> bytes: the region of the innermost module running (``"loss"``
-    outside the model), the kind of `saved_kind`. Parameters are not activations."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    names = {module: name for name, module in model.named_modules()}
-    stack: list[str] = []
-    seen: set[int] = set()
-    saved: dict[str, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if storage.nbytes() and ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            region = region_of(stack[-1]) if stack else "loss"
-            key = f"{region}/{saved_kind(tensor, batch, tokens)}"
-            saved[key] = saved.get(key, 0) + storage.nbytes()
-        return tensor
-
-    def enter(module: nn.Module, _inputs: Any) -> None:
-        stack.append(names[module])
-
-    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
-        stack.pop()  # returning None keeps the module's output
-
-    handles = []
-    for module in names:
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            yield saved
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def layout_config(layout: LayoutModel, dims: ParallelDims) -> Config:

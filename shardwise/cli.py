@@ -1,4 +1,4 @@
-"""``shardwise train | run | bench | convert``.
+"""``shardwise train | plan | run | bench | convert``.
 
 Every user error (`ShardwiseError`) is printed as one line, ``shardwise: error: ...``, with exit
 code 2 and no traceback; ``SHARDWISE_DEBUG=1`` shows tracebacks.
@@ -188,6 +188,113 @@ def cmd_run(argv: list[str]) -> int:
     return run_torchrun(argv)
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="predict per-rank memory, communication and step time before launching"
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), as for train",
+    )
+    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="ranks the run would use")
+    p.add_argument("--json", action="store_true", help="print the prediction as one JSON line")
+    p.add_argument(
+        "--no-time", action="store_true", help="skip the step-time prediction (no speed probes)"
+    )
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="rank every layout of --nproc ranks that fits --memory-cap by predicted step time",
+    )
+    p.add_argument("--memory-cap", metavar="SIZE", help="per-rank memory for --auto, e.g. 8GiB")
+    p.add_argument("--top", type=int, default=5, help="--auto: layouts to print")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from shardwise.config import Config
+    from shardwise.planner import machine_speeds, predict
+    from shardwise.run_plan import resolve
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    cfg = Config.from_file(args.config, args.overrides)
+    cache = _speeds_cache()
+    if args.auto:
+        from shardwise.planner.auto import choose_layouts
+
+        if args.memory_cap is None:
+            raise ConfigError("--auto needs --memory-cap SIZE (per-rank memory, e.g. 8GiB)")
+        speeds = machine_speeds(cache)
+        cap = parse_size(args.memory_cap, "--memory-cap")
+        chosen = choose_layouts(cfg, args.nproc, cap, speeds)
+        speeds.save(cache)
+        if args.json:
+            print(json.dumps([{"set": c.settings, **c.prediction.as_json()} for c in chosen]))
+            return 0
+        print(
+            f"{len(chosen)} layout(s) of {args.nproc} ranks fit {args.memory_cap}; fastest first:"
+        )
+        for place, candidate in enumerate(chosen[: args.top], 1):
+            step, peak = candidate.prediction.time.step, candidate.peak / 2**20
+            print(f"{place}. {step:.4f} s/step, peak {peak:,.1f} MiB per rank")
+            print("   " + " ".join(f"--set {line}" for line in candidate.settings))
+        return 0
+    speeds = None if args.no_time else machine_speeds(cache)
+    prediction = predict(resolve(cfg, args.nproc), speeds)
+    if speeds is not None:
+        speeds.save(cache)
+    if args.json:
+        print(json.dumps(prediction.as_json()))
+        return 0
+    print(prediction.plan.table())
+    rows = prediction.rows()
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows))
+    return 0
+
+
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_size(text: str, what: str) -> float:
+    """``"8GiB"`` -> bytes; one-line error for anything else."""
+    number = text.rstrip("BbKkMmGgIi ")
+    unit = text[len(number) :].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in SIZE_UNITS or value <= 0:
+        raise ConfigError(
+            f"{what} {text!r} is not a size: give a positive number and a unit, e.g. 8GiB, "
+            "512MiB, 2GB"
+        )
+    return value * SIZE_UNITS[unit]
+
+
+def _speeds_cache() -> Path:
+    """Where the machine's measured speeds are kept (one file per host)."""
+    import socket
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "shardwise" / f"speeds-{socket.gethostname()}.json"
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     from shardwise.bench import available_benchmarks
 
@@ -237,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _plan_parser(sub)
     _bench_parser(sub)
     _convert_parser(sub)
     sub.add_parser(
@@ -256,7 +364,12 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_run(argv[1:])
         else:
             args = build_parser().parse_args(argv)
-            commands = {"bench": cmd_bench, "convert": cmd_convert, "train": cmd_train}
+            commands = {
+                "bench": cmd_bench,
+                "convert": cmd_convert,
+                "plan": cmd_plan,
+                "train": cmd_train,
+            }
             code = commands[args.command](args)
     except ShardwiseError as err:
         if os.environ.get("SHARDWISE_DEBUG"):

@@ -126,11 +126,21 @@ class RunPlan:
     def model_state_bytes(self) -> dict[str, float]:
         """Predicted model-state bytes per rank: parameters, gradients, fp32 master weights and
         Adam's two moments (ZeRO paper, sec. 5: with Ψ elements and N shards, each category
-        divided by N where it is sharded; tensor and pipeline parallelism divide Ψ by tp x pp);
-        1-bit Adam's error buffers count as optimizer states."""
-        psi = self.trainable_params / self.dims.tp / self.dims.pp  # balanced stages
+        divided by N where it is sharded; tensor and pipeline parallelism divide Ψ by tp x pp,
+        2.5D by tp / depth);
+        1-bit Adam's error buffers count as optimizer states. Gradients reduced in another
+        dtype than the parameters' (``precision.reduce_dtype = "fp32"`` under bf16) keep a
+        buffer of each where they are whole; sharded, only the reduced slice stays."""
+        # balanced stages; 2.5D keeps one copy of its q x q blocks per depth layer
+        psi = self.trainable_params * self.dims.tp_depth / self.dims.tp / self.dims.pp
         shards = self.dims.dp_shard
         param_bytes = torch.finfo(self.precision.param_dtype).bits // 8
+        reduce_bytes = torch.finfo(self.precision.reduce_dtype).bits // 8
+        if self.sharding.grads:
+            grads = reduce_bytes * psi / shards
+        else:
+            separate = self.precision.reduce_dtype != self.precision.param_dtype
+            grads = (param_bytes + (reduce_bytes if separate else 0)) * psi
 
         def per_rank(numel: float, sharded: bool) -> float:
             return numel / shards if sharded else numel
@@ -142,7 +152,7 @@ class RunPlan:
             states += 4 * psi + (0 if self.sharding.optimizer else 4 * psi / shards)
         return {
             "params": per_rank(param_bytes * psi, self.sharding.params),
-            "grads": per_rank(param_bytes * psi, self.sharding.grads),
+            "grads": grads,
             "master_params": per_rank(master, self.sharding.optimizer),
             "optimizer_states": states,
         }

@@ -61,10 +61,16 @@ def test_table_names_axes_sharding_tiers_and_predicted_bytes():
 
 
 def test_stage_one_keeps_params_and_grads_whole():
-    states = resolve(config("zero.stage=1", "precision.dtype=bf16"), 4).model_state_bytes()
+    mixed = config("zero.stage=1", "precision.dtype=bf16", "precision.reduce_dtype=param")
+    states = resolve(mixed, 4).model_state_bytes()
     psi = resolve(config(), 1).trainable_params
     # ZeRO-1 with mixed precision: 2Ψ + 2Ψ + 12Ψ/N
     assert sum(states.values()) == pytest.approx(4 * psi + 12 * psi / 4)
+    # reduced in fp32: an fp32 gradient buffer beside the bf16 one where gradients are whole
+    fp32_reduce = resolve(config("zero.stage=1", "precision.dtype=bf16"), 4).model_state_bytes()
+    assert fp32_reduce["grads"] == pytest.approx(6 * psi)
+    stage2 = resolve(config("zero.stage=2", "precision.dtype=bf16"), 4).model_state_bytes()
+    assert stage2["grads"] == pytest.approx(4 * psi / 4)
 
 
 def test_chunks_take_any_stage_and_stage_zero_means_three():

@@ -112,7 +112,7 @@ def build_stages(
     shared = {spec.embedding} if tied and holds_last else set()
     for names, held in ((calls.first, holds_first), (calls.last, holds_last)):
         for name in names:
-            if not held and name not in shared and _has(model, name):
+            if not held and name not in shared and has_module(model, name):
                 _drop(model, name)
     parts = {
         s: StagePart(s, split[s], s == 0, s == last_stage, model, block_list, calls) for s in mine
@@ -153,7 +153,7 @@ def _tied_group(mesh: object, schedule: Schedule) -> object | None:
     return mine
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def has_module(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
     except AttributeError:

@@ -17,6 +17,8 @@ from benchmarks import tp as bench_tp
 from shardwise.bench import result_record
 from shardwise.distributed.dims import TP_AXES
 from shardwise.models.gpt import gpt_config_from
+from shardwise.planner.activations import activation_fraction
+from shardwise.planner.comm import tp_wire_bytes
 from shardwise.run_plan import resolve
 from shardwise.tensor_parallel.plan import split_fused
 
@@ -80,7 +82,7 @@ def test_parameter_fractions_are_the_papers():
 
 def test_activation_fractions():
     dims = {mode: dims_of(mode) for mode in MODES}
-    frac = bench_tp.activation_fraction
+    frac = activation_fraction
     assert frac(dims["1d"], "attn", "activation") == 1 / 2
     assert frac(dims["1d"], "mlp.up", "activation") == 1  # its replicated input
     assert frac(dims["1d"], "loss", "per_token") == 1  # targets
@@ -102,7 +104,7 @@ def test_1d_comm_is_megatrons_all_reduces():
     gpt = gpt_config_from(bench_tp.layout_config(SMALL, dims_of("1d")).model, SMALL.seq_len)
     tokens = SMALL.micro_batch * SMALL.seq_len
     s = tokens * gpt.d_model * 4
-    costs = bench_tp.comm_formula(gpt, SMALL.micro_batch, dims_of("1d"))
+    costs = tp_wire_bytes(gpt, SMALL.micro_batch, dims_of("1d"))
     ring = 2 * (2 - 1) / 2
     forward = ring * (s * (2 * gpt.n_layers + 1) + 12 * tokens)
     assert costs["forward"] == {("tp", "all_reduce"): pytest.approx(forward)}
@@ -113,7 +115,7 @@ def test_1d_comm_is_megatrons_all_reduces():
 def test_comm_formula_uses_the_layouts_axes_only(mode):
     dims = dims_of(mode)
     gpt = gpt_config_from(bench_tp.layout_config(SMALL, dims).model, SMALL.seq_len)
-    costs = bench_tp.comm_formula(gpt, SMALL.micro_batch, dims)
+    costs = tp_wire_bytes(gpt, SMALL.micro_batch, dims)
     axes = {axis for ops in costs.values() for axis, _ in ops}
     assert axes == set(TP_AXES[mode])
     assert bench_tp.total_bytes(costs) > 0
@@ -123,8 +125,8 @@ def test_2p5d_at_depth_one_costs_what_2d_costs():
     dims_2d = dims_of("2d")
     depth_one = bench_tp.ParallelDims.tensor_parallel(4, "2.5d", 1)
     gpt = gpt_config_from(bench_tp.layout_config(SMALL, dims_2d).model, SMALL.seq_len)
-    costs_2d = bench_tp.comm_formula(gpt, SMALL.micro_batch, dims_2d)
-    assert bench_tp.comm_formula(gpt, SMALL.micro_batch, depth_one) == costs_2d
+    costs_2d = tp_wire_bytes(gpt, SMALL.micro_batch, dims_2d)
+    assert tp_wire_bytes(gpt, SMALL.micro_batch, depth_one) == costs_2d
     activations = {"attn/activation": 800, "norm1/per_token": 40}
     assert bench_tp.activation_formula(activations, depth_one) == bench_tp.activation_formula(
         activations, dims_2d
@@ -225,7 +227,7 @@ def fake_layout_records(excess: float) -> dict[int, dict]:
             rank = {
                 "param_bytes": bench_tp.param_formula(dense["params"], dims),
                 "saved": saved,
-                "comm": bench_tp.readable(bench_tp.comm_formula(gpt, SMALL.micro_batch, dims)),
+                "comm": bench_tp.readable(tp_wire_bytes(gpt, SMALL.micro_batch, dims)),
                 "loss": 2.0,
                 "replicas_agree": True,
             }

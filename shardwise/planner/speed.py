@@ -1,0 +1,229 @@
+"""Step time predicted from the plan's work and this machine's measured speeds.
+
+[Note: the time model] Three probes, run once per machine and cached (`MachineSpeeds`):
+
+* **matmul**: seconds of a [tokens, d] x [d, 4d] product in the plan's dtype, the model's
+  most common shape, on one compute thread per rank (as the launcher runs ranks) - the
+  speed at which the traced FLOPs (`Trace.flops`, recomputation included) run;
+* **optimizer**: seconds per element of a fused AdamW step (memory-bound: parameters,
+  gradients and two moments read and written);
+* **collective**: an all-reduce between two ranks of the accelerator's backend at two sizes,
+  fitted to ``latency + wire bytes / bandwidth``.
+
+A step is then compute (micro-batches x the rank's traced FLOPs / matmul speed; pipeline
+schedules simulated with `pipeline.schedules.simulate`, which adds their bubble) + the update
+(the rank's optimizer elements x seconds per element) + communication (`step_wire_bytes`
+over the bandwidth, ``distributed.emulate_gbps`` when set, plus a latency per collective).
+Communication is not assumed to overlap compute: the prediction is an upper bound where
+gradient buckets overlap backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shardwise.accelerator import get_accelerator
+from shardwise.errors import LaunchError
+from shardwise.pipeline.schedules import simulate
+from shardwise.run_plan import RunPlan
+
+PROBE_SIZES = (2**14, 2**22)
+"""Bytes all-reduced by the collective probe (a latency-bound and a bandwidth-bound size)."""
+
+
+@dataclass(frozen=True)
+class MachineSpeeds:
+    """What one rank of this machine does per second."""
+
+    matmul_flops: dict[str, float]
+    """FLOP/s of the probe product, per ``"<dtype>/<tokens>x<d>"`` probed."""
+    adam_s_per_element: float
+    """Seconds of a fused AdamW step per fp32 element."""
+    link_bytes_per_s: float
+    """Collective bandwidth in wire bytes per second per rank."""
+    link_latency_s: float
+    """Fixed cost of one collective."""
+
+    @classmethod
+    def load(cls, path: Path) -> MachineSpeeds | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    def flops_for(self, dtype: torch.dtype, tokens: int, width: int) -> float:
+        """The matmul probe's FLOP/s at this shape (probed now, then kept)."""
+        key = f"{str(dtype).removeprefix('torch.')}/{tokens}x{width}"
+        if key not in self.matmul_flops:
+            self.matmul_flops[key] = probe_matmul(dtype, tokens, width)
+        return self.matmul_flops[key]
+
+
+def machine_speeds(cache: Path) -> MachineSpeeds:
+    """The speeds cached at `cache`, or probed (~10 s: two processes join a group) and
+    saved there."""
+    speeds = MachineSpeeds.load(cache)
+    if speeds is None:
+        latency, bandwidth = probe_collective()
+        speeds = MachineSpeeds({}, probe_adam(), bandwidth, latency)
+        speeds.save(cache)
+    return speeds
+
+
+def probe_matmul(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
+    """FLOP/s of [tokens, width] @ [width, 4 width] on one thread (the best of `repeats`)."""
+    device = get_accelerator().device(0)
+    a = torch.randn(tokens, width, device=device).to(dtype)
+    b = torch.randn(width, 4 * width, device=device).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = _best_seconds(lambda: a @ b, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * tokens * width * 4 * width / best
+
+
+def probe_adam(elements: int = 2**20, repeats: int = 5) -> float:
+    """Seconds per element of a fused AdamW step over fp32 parameters, one thread."""
+    device = get_accelerator().device(0)
+    param = torch.nn.Parameter(torch.randn(elements, device=device))
+    param.grad = torch.randn_like(param)
+    optimizer = torch.optim.AdamW([param], fused=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _best_seconds(optimizer.step, repeats) / elements
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probe_collective() -> tuple[float, float]:
+    """(latency s, wire bytes/s) of an all-reduce between two ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.get_context("spawn").Queue()
+        store = os.path.join(tmp, "store")
+        procs = [
+            mp.get_context("spawn").Process(target=_collective_rank, args=(r, store, results))
+            for r in range(2)
+        ]
+        for proc in procs:
+            proc.start()
+        timings = None
+        while timings is None:
+            try:
+                timings = results.get(timeout=0.5)
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or all(p.exitcode is not None for p in procs):
+                    raise LaunchError(
+                        f"the collective probe's ranks exited (codes {failed}) before "
+                        "measuring; run `shardwise plan` without the time prediction "
+                        "(--no-time) or check that two processes can join a group here"
+                    ) from None
+        for proc in procs:
+            proc.join()
+    (small_bytes, small_s), (large_bytes, large_s) = timings
+    bandwidth = (large_bytes - small_bytes) / max(large_s - small_s, 1e-9)
+    return max(small_s - small_bytes / bandwidth, 0.0), bandwidth
+
+
+def _collective_rank(rank: int, store: str, results: object) -> None:
+    accelerator = get_accelerator()
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        accelerator.backend,
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    device = accelerator.device(rank)
+    timings = []
+    for nbytes in PROBE_SIZES:
+        tensor = torch.zeros(nbytes // 4, device=device)
+
+        def reduce(tensor: torch.Tensor = tensor) -> None:
+            dist.all_reduce(tensor)
+            accelerator.synchronize()
+
+        seconds = _best_seconds(reduce, 5)
+        timings.append((nbytes, seconds))  # ring all-reduce on 2 ranks sends nbytes
+    if rank == 0:
+        results.put(timings)
+    dist.destroy_process_group()
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        get_accelerator().synchronize()
+        start = time.perf_counter()
+        fn()
+        get_accelerator().synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@dataclass(frozen=True)
+class TimePrediction:
+    """Seconds of one step on one rank, by part."""
+
+    compute: float
+    update: float
+    comm: float
+
+    @property
+    def step(self) -> float:
+        return self.compute + self.update + self.comm
+
+
+def predict_time(
+    plan: RunPlan,
+    flops_per_micro_batch: float,
+    wire: dict[str, dict[str, float]],
+    speeds: MachineSpeeds,
+    width: int,
+) -> TimePrediction:
+    """`plan`'s step time from a rank's traced FLOPs per micro-batch, its step's wire bytes
+    (`step_wire_bytes`) and `speeds`; `width` is the model's hidden size (the matmul probe's
+    shape)."""
+    config = plan.config
+    tokens = config.train.micro_batch * config.data.seq_len // plan.dims.sp
+    flops_s = speeds.flops_for(plan.precision.param_dtype, tokens, width)
+    micro = flops_per_micro_batch / flops_s
+    if plan.pipeline is not None:  # forward 1/3 of a micro-batch's work, backward 2/3
+        per_stage = micro / len(plan.pipeline.stages_of(0))
+        compute = simulate(plan.pipeline, per_stage / 3, 2 * per_stage / 3).makespan
+    else:
+        compute = plan.micro_batches * micro
+    elements = plan.trainable_params / plan.dims.tp / plan.dims.pp
+    if plan.sharding.optimizer:
+        elements /= plan.dims.dp_shard
+    bandwidth = speeds.link_bytes_per_s
+    if config.distributed.emulate_gbps:
+        bandwidth = min(bandwidth, config.distributed.emulate_gbps * 1e9 / 8)
+    wire_bytes = sum(nbytes for ops in wire.values() for nbytes in ops.values())
+    calls = sum(len(ops) for ops in wire.values()) * plan.micro_batches
+    return TimePrediction(
+        compute=compute,
+        update=elements * speeds.adam_s_per_element,
+        comm=wire_bytes / bandwidth + calls * speeds.link_latency_s,
+    )
