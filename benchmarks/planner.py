@@ -47,7 +47,7 @@ from shardwise.engine import initialize
 from shardwise.models.gpt import build_gpt
 from shardwise.planner import PeakTensorBytes, live_storages, predict
 from shardwise.planner.auto import choose_layouts, peak_bytes
-from shardwise.planner.speed import MachineSpeeds, probe_adam, probe_collective
+from shardwise.planner.speed import MachineSpeeds, probe_machine
 from shardwise.run_plan import resolve
 
 CASES: dict[str, tuple[int, dict[str, dict]]] = {
@@ -71,6 +71,7 @@ CASES: dict[str, tuple[int, dict[str, dict]]] = {
     "tp2-dp2-zero1": (4, {"parallel": {"tp": 2, "dp_shard": 2}, "zero": {"stage": 1}}),
     "tp8-2p5d": (8, {"parallel": {"tp": 8, "tp_mode": "2.5d", "tp_depth": 2}}),
     "tp8-3d": (8, {"parallel": {"tp": 8, "tp_mode": "3d"}}),
+    "tp4-2d-dp2-zero2": (8, {"parallel": {"tp": 4, "tp_mode": "2d"}, "zero": {"stage": 2}}),
     "dp4-zero3-checkpointing": (
         4,
         {"zero": {"stage": 3}, "train": {"activation_checkpointing": "full"}},
@@ -120,8 +121,7 @@ def case_config(settings: Settings, sections: dict[str, dict]) -> Config:
 def run(quick: bool) -> BenchResult:
     settings = QUICK if quick else FULL
     print("[planner] probing this machine's speeds", file=sys.stderr, flush=True)
-    latency, bandwidth = probe_collective()
-    speeds = MachineSpeeds({}, probe_adam(), bandwidth, latency)
+    speeds = probe_machine()
     cases: dict[str, Any] = {}
     for nproc in sorted({n for n, _ in CASES.values()}):
         names = [name for name, (n, _) in CASES.items() if n == nproc]
@@ -240,14 +240,16 @@ def measure_case(config: Config, iters: int, device: torch.device) -> dict[str, 
 
 def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> dict[str, Any]:
     """Rank 0's record: every case of the job (part 1 and 2), or every layout's time (3)."""
+    device = get_accelerator().device(local_rank)
     if settings.layouts:
         base = case_config(settings, {})
         times = [
-            measure_case(base.replace(**s), settings.iters)["step_s"] for s in settings.layouts
+            measure_case(base.replace(**sections), settings.iters, device)["step_s"]
+            for sections in settings.layouts
         ]
         return {"layouts": times}
     return {
-        name: measure_case(case_config(settings, CASES[name][1]), settings.iters)
+        name: measure_case(case_config(settings, CASES[name][1]), settings.iters, device)
         for name in settings.cases
     }
 

@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 METRIC_KEYS = ("step", "loss", "lr", "tokens_per_s", "step_s", "peak_mem_bytes", "grad_norm")
-"""Every step's record; fp16 runs add ``loss_scale`` and ``skipped`` (steps skipped so far)."""
+"""Every step's record; fp16 runs add ``loss_scale`` and ``skipped`` (steps skipped so far),
+offload runs `TIER_KEYS`."""
+TIER_KEYS = ("mem_device_bytes", "mem_host_bytes", "mem_disk_bytes")
+"""Offload runs: rank 0's model-state bytes per tier after the step (`memory_tiers`)."""
 
 
 class MetricsLog:
@@ -63,6 +66,28 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("shardwise train")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_memory(records: list[dict[str, Any]], path: Path) -> None:
+    """Model-state MiB per tier (device, host, disk) over the steps of an offload run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in records]
+    for key in TIER_KEYS:
+        tier = key.split("_")[1]
+        ax.plot(steps, [r[key] / 2**20 for r in records], linewidth=1.2, label=tier)
+    ax.set_xlabel("step")
+    ax.set_ylabel("model states (MiB, rank 0)")
+    ax.set_title("shardwise train: memory by tier")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -25,10 +25,11 @@ from shardwise.checkpoint.convert import initial_weights
 from shardwise.data import build_data
 from shardwise.engine import Engine, initialize
 from shardwise.errors import TrainingError
-from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, read_metrics
+from shardwise.metrics import MetricsLog, ProgressDisplay, plot_loss, plot_memory, read_metrics
 from shardwise.models import MODELS
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
+from shardwise.zero.store import memory_tiers
 
 log = logging.getLogger("shardwise")
 
@@ -87,6 +88,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     tokens_per_step = global_batch * cfg.data.seq_len
     losses: list[float] = []
     saver = AsyncSaver(cfg.distributed.timeout_s) if cfg.checkpoint.async_save else None
+    tiered = plan.chunks or plan.offload.optimizer != "device"  # memory by tier: memory.png
     overflows = None
     if engine.scaler is not None:
         overflows = OverflowWatch(engine.scaler, cfg.precision.max_skipped_in_a_row)
@@ -107,6 +109,9 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
                 "peak_mem_bytes": engine.accelerator.peak_memory_bytes(),
                 "grad_norm": engine.last_grad_norm,
             }
+            if tiered:
+                tiers = memory_tiers(engine.memory_report(), plan.offload.optimizer)
+                record.update({f"mem_{tier}_bytes": n for tier, n in tiers.items()})
             if overflows is not None:
                 overflows.note(record)
             if metrics is not None:
@@ -131,7 +136,10 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     if saver is not None:
         saver.wait()
     if is_main:
-        plot_loss(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
+        records = read_metrics(out_dir / "metrics.jsonl")
+        plot_loss(records, out_dir / "loss.png")
+        if tiered:
+            plot_memory(records, out_dir / "memory.png")
     return RunSummary(losses=losses, checkpoint=final)
 
 

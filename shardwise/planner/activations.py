@@ -153,6 +153,8 @@ class Trace:
     flops: int = 0
     """Floating-point operations of the pass (torch's `FlopCounterMode`: matmuls and
     attention, recomputation under activation checkpointing included)."""
+    ops: int = 0
+    """Operators the pass dispatches (each costs the framework's per-operator time)."""
 
     def scaled(self, dims: ParallelDims, sequence_parallel: bool = False) -> Trace:
         """What one tensor-parallel rank of `dims` holds: each saved tensor by
@@ -171,6 +173,7 @@ class Trace:
             forward_end=local_saved + int((self.forward_end - dense_saved) * rest),
             peak=local_saved + int((self.peak - dense_saved) * rest),
             flops=self.flops // dims.tp,
+            ops=self.ops,
         )
 
 
@@ -221,7 +224,7 @@ def trace_micro_batch(
         # A second pass counts the FLOPs: the counter's module hooks hold tensors longer.
         with FlopCounterMode(display=False) as flops:
             _backward(step())
-    return Trace(saved, forward_end, tracker.peak - start, flops.get_total_flops())
+    return Trace(saved, forward_end, tracker.peak - start, flops.get_total_flops(), tracker.ops)
 
 
 def _backward(output: torch.Tensor) -> None:

@@ -16,7 +16,9 @@
   as many micro-batches as its schedule has in flight (`Schedule.in_flight_peak`).
 * **Gathered tensors of 2D/2.5D/3D tensor parallelism**: the backward of a grid linear
   gathers blocks of its input, weight and output gradient; the largest linear's count
-  (`_gathered_backward_bytes`).
+  (`_gathered_backward_bytes`). They move the step's peak into backward, where at stages 2
+  and 3 a full-size gradient bucket is filling too (`_filling_bucket_bytes`); elsewhere the
+  peak is where backward starts, before any parameter gradient exists.
 * **Gathered parameters**: ZeRO-3 gathers a unit (a block, or the root: embedding, head,
   final norm) for its compute and releases it after. The step's peak is where backward
   starts, with one unit gathered; under activation checkpointing it moves into a block's
@@ -135,7 +137,7 @@ def _prediction(
     activations = peak + (in_flight - 1) * max(trace.forward_end for trace in traces)
     unit = _largest_unit(model, spec) if plan.sharding.params else 0
     if plan.dims.tp > 1 and plan.dims.tp_mode != "1d":
-        activations += _gathered_backward_bytes(plan, model)
+        activations += _gathered_backward_bytes(plan, model) + _filling_bucket_bytes(plan)
     units = 3 if config.train.activation_checkpointing != "none" else 1
     param_bytes = torch.finfo(plan.precision.param_dtype).bits // 8
     return MemoryPrediction(
@@ -176,6 +178,21 @@ def _trace(plan: RunPlan, model: nn.Module, spec: ModelSpec, blocks: range | Non
         vocab_size=config.model.vocab_size,
         stage=stage,
     )
+
+
+def _filling_bucket_bytes(plan: RunPlan) -> float:
+    """Stages 2-3: the full-size gradient bucket being filled before its reduce-scatter
+    (the reducer's first bucket of backward; in the parameter dtype, plus its copy in the
+    reduce dtype when that differs)."""
+    if not plan.sharding.grads:
+        return 0.0  # the whole gradient buffers are model states
+    precision = plan.precision
+    param_bytes = torch.finfo(precision.param_dtype).bits // 8
+    reduce_bytes = torch.finfo(precision.reduce_dtype).bits // 8
+    psi = plan.trainable_params * plan.dims.tp_depth / plan.dims.tp / plan.dims.pp
+    elements = min(psi, plan.config.distributed.bucket_mb * 2**20 / param_bytes)
+    copy = reduce_bytes if precision.reduce_dtype != precision.param_dtype else 0
+    return elements * (param_bytes + copy)
 
 
 def _gathered_backward_bytes(plan: RunPlan, model: nn.Module) -> float:

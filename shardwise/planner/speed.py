@@ -1,7 +1,9 @@
 """Step time predicted from the plan's work and this machine's measured speeds.
 
-[Note: the time model] Three probes, run once per machine and cached (`MachineSpeeds`):
+[Note: the time model] Four probes, run once per machine and cached (`MachineSpeeds`):
 
+* **operator**: seconds of one tiny operator through dispatch and autograd, times the
+  operators the trace dispatches (`Trace.ops`): what small models spend most on;
 * **matmul**: seconds of a [tokens, d] x [d, 4d] product in the plan's dtype, the model's
   most common shape, on one compute thread per rank (as the launcher runs ranks) - the
   speed at which the traced FLOPs (`Trace.flops`, recomputation included) run;
@@ -10,12 +12,15 @@
 * **collective**: an all-reduce between two ranks of the accelerator's backend at two sizes,
   fitted to ``latency + wire bytes / bandwidth``.
 
-A step is then compute (micro-batches x the rank's traced FLOPs / matmul speed; pipeline
+A step is then compute (micro-batches x (the rank's traced FLOPs / matmul speed + its
+traced operators x the operator's time); pipeline
 schedules simulated with `pipeline.schedules.simulate`, which adds their bubble) + the update
 (the rank's optimizer elements x seconds per element) + communication (`step_wire_bytes`
 over the bandwidth, ``distributed.emulate_gbps`` when set, plus a latency per collective).
-Communication is not assumed to overlap compute: the prediction is an upper bound where
-gradient buckets overlap backward.
+Ranks beyond the CPU's cores share them: compute, the update and collective latencies
+stretch by ranks / cores. Communication is not assumed to overlap compute. What the engine
+itself runs per step (hooks, bucket copies, the optimizer's per-tensor work) is not traced:
+on small models, where it weighs most, the prediction falls short (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import torch.multiprocessing as mp
 from shardwise.accelerator import get_accelerator
 from shardwise.errors import LaunchError
 from shardwise.pipeline.schedules import simulate
+from shardwise.planner.activations import Trace
+from shardwise.planner.tracker import PeakTensorBytes
 from shardwise.run_plan import RunPlan
 
 PROBE_SIZES = (2**14, 2**22)
@@ -55,6 +62,10 @@ class MachineSpeeds:
     """Collective bandwidth in wire bytes per second per rank."""
     link_latency_s: float
     """Fixed cost of one collective."""
+    op_s: float
+    """Seconds of one small operator through the framework (dispatch, autograd)."""
+    cores: int
+    """CPU cores this process may run on (ranks beyond them share cores); 0 on a GPU."""
 
     @classmethod
     def load(cls, path: Path) -> MachineSpeeds | None:
@@ -80,10 +91,16 @@ def machine_speeds(cache: Path) -> MachineSpeeds:
     saved there."""
     speeds = MachineSpeeds.load(cache)
     if speeds is None:
-        latency, bandwidth = probe_collective()
-        speeds = MachineSpeeds({}, probe_adam(), bandwidth, latency)
+        speeds = probe_machine()
         speeds.save(cache)
     return speeds
+
+
+def probe_machine() -> MachineSpeeds:
+    """Every probe but the matmul (that one runs per shape, `MachineSpeeds.flops_for`)."""
+    latency, bandwidth = probe_collective()
+    cores = len(os.sched_getaffinity(0)) if get_accelerator().device_type == "cpu" else 0
+    return MachineSpeeds({}, probe_adam(), bandwidth, latency, probe_operator(), cores)
 
 
 def probe_matmul(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
@@ -110,6 +127,28 @@ def probe_adam(elements: int = 2**20, repeats: int = 5) -> float:
     torch.set_num_threads(1)
     try:
         return _best_seconds(optimizer.step, repeats) / elements
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probe_operator(chain: int = 200, repeats: int = 5) -> float:
+    """Seconds per operator of a chain of tiny multiplications, forward and backward, on one
+    thread: the framework's fixed cost, which small models pay more than their FLOPs."""
+    device = get_accelerator().device(0)
+    x = torch.ones(8, device=device, requires_grad=True)
+
+    def run() -> None:
+        y = x
+        for _ in range(chain):
+            y = y * 1.0001
+        y.sum().backward()
+
+    with PeakTensorBytes(device.type) as counter:
+        run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _best_seconds(run, repeats) / counter.ops
     finally:
         torch.set_num_threads(threads)
 
@@ -197,18 +236,21 @@ class TimePrediction:
 
 def predict_time(
     plan: RunPlan,
-    flops_per_micro_batch: float,
+    trace: Trace,
     wire: dict[str, dict[str, float]],
     speeds: MachineSpeeds,
     width: int,
+    layers: int,
 ) -> TimePrediction:
-    """`plan`'s step time from a rank's traced FLOPs per micro-batch, its step's wire bytes
-    (`step_wire_bytes`) and `speeds`; `width` is the model's hidden size (the matmul probe's
-    shape)."""
+    """`plan`'s step time from a rank's trace of one micro-batch (FLOPs, operators), its
+    step's wire bytes (`step_wire_bytes`) and `speeds`; `width` is the model's hidden size
+    (the matmul probe's shape), `layers` its blocks (collectives per layer)."""
     config = plan.config
     tokens = config.train.micro_batch * config.data.seq_len // plan.dims.sp
     flops_s = speeds.flops_for(plan.precision.param_dtype, tokens, width)
-    micro = flops_per_micro_batch / flops_s
+    # ranks sharing a CPU core share its time (one rank per GPU shares nothing)
+    crowding = max(1.0, plan.world_size / speeds.cores) if speeds.cores else 1.0
+    micro = (trace.flops / flops_s + trace.ops * speeds.op_s) * crowding
     if plan.pipeline is not None:  # forward 1/3 of a micro-batch's work, backward 2/3
         per_stage = micro / len(plan.pipeline.stages_of(0))
         compute = simulate(plan.pipeline, per_stage / 3, 2 * per_stage / 3).makespan
@@ -221,9 +263,34 @@ def predict_time(
     if config.distributed.emulate_gbps:
         bandwidth = min(bandwidth, config.distributed.emulate_gbps * 1e9 / 8)
     wire_bytes = sum(nbytes for ops in wire.values() for nbytes in ops.values())
-    calls = sum(len(ops) for ops in wire.values()) * plan.micro_batches
+    calls = _collective_calls(plan, wire, layers)
     return TimePrediction(
         compute=compute,
-        update=elements * speeds.adam_s_per_element,
-        comm=wire_bytes / bandwidth + calls * speeds.link_latency_s,
+        update=elements * speeds.adam_s_per_element * crowding,
+        comm=wire_bytes / bandwidth + calls * speeds.link_latency_s * crowding,
     )
+
+
+def _collective_calls(plan: RunPlan, wire: dict[str, dict[str, float]], layers: int) -> float:
+    """Collectives one rank issues per step (each pays the probed latency): gradient buckets,
+    ZeRO-3 units (gathered per pass, reduce-scattered once), and per layer and micro-batch
+    those of tensor parallelism (1D: the f/g pairs; grid layouts: gathers and reduce-scatters
+    per linear and layer norm), of ring or Ulysses attention and of pipeline sends."""
+    micro, dims = plan.micro_batches, plan.dims
+    calls = 0.0
+    bucket = plan.config.distributed.bucket_mb * 2**20
+    for axis in ("dp", "dp_replicate"):
+        for nbytes in wire.get(axis, {}).values():
+            calls += max(1, math.ceil(nbytes / bucket))
+    if plan.sharding.params:
+        passes = 2 if plan.sharding.reshard_after_forward else 1
+        calls += (layers + 1) * (passes * micro + 1)
+    linears, norms = 4 * layers + 1, 2 * layers + 1
+    if dims.tp > 1:
+        calls += micro * (linears + 2 if dims.tp_mode == "1d" else 6 * linears + 2 * norms)
+    if dims.sp > 1:
+        per_layer = 8 if plan.sequence_parallel == "ulysses" else 3 * (dims.sp - 1)
+        calls += micro * layers * per_layer
+    if plan.pipeline is not None:
+        calls += 2 * micro * len(plan.pipeline.stages_of(0))
+    return calls

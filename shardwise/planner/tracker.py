@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 class PeakTensorBytes(TorchDispatchMode):
     """``with PeakTensorBytes("cpu") as tracker:`` around a step; then ``tracker.peak`` (the
-    most bytes alive at once since entry) and ``tracker.live`` (alive now)."""
+    most bytes alive at once since entry), ``tracker.live`` (alive now) and ``tracker.ops``."""
 
     def __init__(self, device_type: str, ignore: frozenset[int] = frozenset()) -> None:
         super().__init__()
@@ -39,6 +39,8 @@ class PeakTensorBytes(TorchDispatchMode):
         self._storages: dict[int, weakref.ref] = {}
         self.live = 0
         self.peak = 0
+        self.ops = 0
+        """Operators run since entry."""
 
     def __enter__(self) -> PeakTensorBytes:
         for tensor in _tensors():
@@ -53,6 +55,7 @@ class PeakTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         out = func(*args, **(kwargs or {}))
+        self.ops += 1
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self._track(value)

@@ -9,6 +9,8 @@ without offload (whose norm is summed over flat buckets, in another order) param
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -16,11 +18,13 @@ from torch import nn
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
+from shardwise.metrics import TIER_KEYS
 from shardwise.zero.chunks.chunk import ChunkState, Tier
 from shardwise.zero.chunks.hooks import ChunkHooks, held_chunks
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import build_chunks
 from shardwise.zero.chunks.tracer import MemoryTracer
+from shardwise.zero.store import memory_tiers
 from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
 
@@ -271,6 +275,9 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
     )
     assert code == 0, printed
     full = logged_losses(out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(key in record for record in records for key in TIER_KEYS)
+    assert (out / "memory.png").is_file()
     step2 = str(out / "checkpoints" / "step_00000002")
     code, printed = run_cli(["train", "--nproc", "1", "--resume", step2], capsys)
     assert code == 0, printed
@@ -278,6 +285,21 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
     assert again == full and len(full) == 4
     summaries = [r.message for r in caplog.records if r.message.startswith("placement auto")]
     assert len(summaries) == 2, "the run and the resumed run each placed after a warm-up"
+
+
+def test_memory_tiers_place_each_category():
+    flat = {"params": 1, "grads": 2, "master_params": 4, "optimizer_states": 8, "buffers": 16}
+    flat |= {"offloaded_host": 32, "offloaded_disk": 64}
+    assert memory_tiers(flat, "device") == {"device": 31, "host": 32, "disk": 64}
+    # offloaded: the optimizer's own state (step counters, host masters) is in host memory
+    assert memory_tiers(flat, "disk") == {"device": 23, "host": 40, "disk": 64}
+    chunked = {**flat, "chunks_device": 100, "chunks_host": 200, "chunks_disk": 400}
+    chunked |= {"grad_chunks_device": 1000, "grad_chunks_host": 2000, "grad_chunks_disk": 4000}
+    assert memory_tiers(chunked, "device") == {
+        "device": 16 + 8 + 100 + 1000 + 2,  # buffers, Adam states, chunks, param.grad
+        "host": 32 + 200 + 2000 + 4,  # offloaded states, chunks, the host optimizer's masters
+        "disk": 64 + 400 + 4000,
+    }
 
 
 class _HalfUsed(nn.Module):
