@@ -17,10 +17,8 @@ from shardwise.errors import ConfigError, ShardwiseError
 DEFAULT_NPROC = 2
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a model (no arguments: tiny GPT on the embedded corpus)"
-    )
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--set``, as train and plan take them."""
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     p.add_argument(
         "--set",
@@ -30,6 +28,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.steps=50 (repeatable)",
     )
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (no arguments: tiny GPT on the embedded corpus)"
+    )
+    _config_arguments(p)
     p.add_argument(
         "--deepspeed-config",
         type=Path,
@@ -192,15 +197,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", help="predict per-rank memory, communication and step time before launching"
     )
-    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), as for train",
-    )
+    _config_arguments(p)
     p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="ranks the run would use")
     p.add_argument("--json", action="store_true", help="print the prediction as one JSON line")
     p.add_argument(

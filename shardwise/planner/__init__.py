@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
-from shardwise.models import spec_of
 from shardwise.models.gpt import GPTConfig, gpt_config_from
 from shardwise.planner.comm import step_wire_bytes
 from shardwise.planner.memory import TIERS, MemoryPrediction, predict_memory
@@ -112,10 +109,7 @@ def predict(
     wire = step_wire_bytes(plan, gpt)
     time = None
     if speeds is not None:
-        model = meta_model(plan.config)
-        blocks = len(spec_of(model).named_blocks(model, "the planner"))
-        width = gpt.d_model if gpt is not None else _hidden_size(model)
-        time = predict_time(plan, memory.trace, wire, speeds, width, blocks)
+        time = predict_time(plan, memory.trace, wire, speeds, meta_model(plan.config))
     return Prediction(plan, memory, wire, time)
 
 
@@ -124,8 +118,3 @@ def _gpt_shape(plan: RunPlan) -> GPTConfig | None:
     return (
         gpt_config_from(config.model, config.data.seq_len) if config.model.name == "gpt" else None
     )
-
-
-def _hidden_size(model: nn.Module) -> int:
-    embedding = max((p for p in model.parameters() if p.ndim == 2), key=lambda p: p.numel())
-    return embedding.shape[1]

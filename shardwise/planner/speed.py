@@ -1,9 +1,14 @@
 """Step time predicted from the plan's work and this machine's measured speeds.
 
-[Note: the time model] Four probes, run once per machine and cached (`MachineSpeeds`):
+[Note: the time model] Probes, run once per machine and cached (`MachineSpeeds`), the
+calibrating ones in two ranks at once as training runs them:
 
-* **operator**: seconds of one tiny operator through dispatch and autograd, times the
-  operators the trace dispatches (`Trace.ops`): what small models spend most on;
+* **operator**: a small reference GPT's forward + backward, its time beyond its traced FLOPs
+  per traced operator (dispatch, autograd, module calls), times the operators a plan's trace
+  dispatches (`Trace.ops`): what small models spend most on;
+* **engine**: the same GPT's data-parallel engine step, its time beyond forward, backward,
+  Adam's arithmetic and the all-reduce, per parameter tensor (hooks, bucket copies,
+  clipping, per-tensor optimizer work);
 * **matmul**: seconds of a [tokens, d] x [d, 4d] product in the plan's dtype, the model's
   most common shape, on one compute thread per rank (as the launcher runs ranks) - the
   speed at which the traced FLOPs (`Trace.flops`, recomputation included) run;
@@ -13,14 +18,13 @@
   fitted to ``latency + wire bytes / bandwidth``.
 
 A step is then compute (micro-batches x (the rank's traced FLOPs / matmul speed + its
-traced operators x the operator's time); pipeline
-schedules simulated with `pipeline.schedules.simulate`, which adds their bubble) + the update
-(the rank's optimizer elements x seconds per element) + communication (`step_wire_bytes`
-over the bandwidth, ``distributed.emulate_gbps`` when set, plus a latency per collective).
+traced operators x the operator's time); pipeline schedules simulated with
+`pipeline.schedules.simulate`, which adds their bubble) + the update (the rank's optimizer
+elements x seconds per element + its parameter tensors x the engine's time) + communication
+(`step_wire_bytes` over the bandwidth, ``distributed.emulate_gbps`` when set, plus a latency
+per collective).
 Ranks beyond the CPU's cores share them: compute, the update and collective latencies
-stretch by ranks / cores. Communication is not assumed to overlap compute. What the engine
-itself runs per step (hooks, bucket copies, the optimizer's per-tensor work) is not traced:
-on small models, where it weighs most, the prediction falls short (docs/planner.md).
+stretch by ranks / cores. Communication is not assumed to overlap compute.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from shardwise.accelerator import get_accelerator
 from shardwise.errors import LaunchError
+from shardwise.models import spec_of
 from shardwise.pipeline.schedules import simulate
 from shardwise.planner.activations import Trace
-from shardwise.planner.tracker import PeakTensorBytes
 from shardwise.run_plan import RunPlan
 
 PROBE_SIZES = (2**14, 2**22)
@@ -63,7 +68,12 @@ class MachineSpeeds:
     link_latency_s: float
     """Fixed cost of one collective."""
     op_s: float
-    """Seconds of one small operator through the framework (dispatch, autograd)."""
+    """Seconds of one operator of a small model's step beyond its FLOPs (dispatch, autograd,
+    module calls), with two ranks running."""
+    tensor_s: float
+    """Seconds per parameter tensor per step the engine spends beyond forward, backward, the
+    update's arithmetic and the all-reduce (hooks, bucket copies, clipping, the optimizer's
+    per-tensor work)."""
     cores: int
     """CPU cores this process may run on (ranks beyond them share cores); 0 on a GPU."""
 
@@ -97,10 +107,21 @@ def machine_speeds(cache: Path) -> MachineSpeeds:
 
 
 def probe_machine() -> MachineSpeeds:
-    """Every probe but the matmul (that one runs per shape, `MachineSpeeds.flops_for`)."""
-    latency, bandwidth = probe_collective()
+    """Every probe but the matmul's per-shape ones (`MachineSpeeds.flops_for`), measured in
+    two ranks running at once, as training runs them."""
+    timings = _run_probe_ranks()
+    (small_bytes, small_s), (large_bytes, large_s) = timings["all_reduce"]
+    bandwidth = (large_bytes - small_bytes) / max(large_s - small_s, 1e-9)
     cores = len(os.sched_getaffinity(0)) if get_accelerator().device_type == "cpu" else 0
-    return MachineSpeeds({}, probe_adam(), bandwidth, latency, probe_operator(), cores)
+    return MachineSpeeds(
+        matmul_flops={},
+        adam_s_per_element=timings["adam_s_per_element"],
+        link_bytes_per_s=bandwidth,
+        link_latency_s=max(small_s - small_bytes / bandwidth, 0.0),
+        op_s=timings["op_s"],
+        tensor_s=timings["tensor_s"],
+        cores=cores,
+    )
 
 
 def probe_matmul(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
@@ -131,37 +152,13 @@ def probe_adam(elements: int = 2**20, repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def probe_operator(chain: int = 200, repeats: int = 5) -> float:
-    """Seconds per operator of a chain of tiny multiplications, forward and backward, on one
-    thread: the framework's fixed cost, which small models pay more than their FLOPs."""
-    device = get_accelerator().device(0)
-    x = torch.ones(8, device=device, requires_grad=True)
-
-    def run() -> None:
-        y = x
-        for _ in range(chain):
-            y = y * 1.0001
-        y.sum().backward()
-
-    with PeakTensorBytes(device.type) as counter:
-        run()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _best_seconds(run, repeats) / counter.ops
-    finally:
-        torch.set_num_threads(threads)
-
-
-def probe_collective() -> tuple[float, float]:
-    """(latency s, wire bytes/s) of an all-reduce between two ranks."""
+def _run_probe_ranks() -> dict:
+    """Start the two probe ranks (`_probe_rank`) and return rank 0's timings."""
     with tempfile.TemporaryDirectory() as tmp:
-        results = mp.get_context("spawn").Queue()
+        context = mp.get_context("spawn")
+        results = context.Queue()
         store = os.path.join(tmp, "store")
-        procs = [
-            mp.get_context("spawn").Process(target=_collective_rank, args=(r, store, results))
-            for r in range(2)
-        ]
+        procs = [context.Process(target=_probe_rank, args=(r, store, results)) for r in range(2)]
         for proc in procs:
             proc.start()
         timings = None
@@ -172,18 +169,33 @@ def probe_collective() -> tuple[float, float]:
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if failed or all(p.exitcode is not None for p in procs):
                     raise LaunchError(
-                        f"the collective probe's ranks exited (codes {failed}) before "
-                        "measuring; run `shardwise plan` without the time prediction "
-                        "(--no-time) or check that two processes can join a group here"
+                        f"the speed probe's ranks exited (codes {failed}) before measuring; "
+                        "run `shardwise plan --no-time`, or check that two processes can join "
+                        "a group here"
                     ) from None
         for proc in procs:
             proc.join()
-    (small_bytes, small_s), (large_bytes, large_s) = timings
-    bandwidth = (large_bytes - small_bytes) / max(large_s - small_s, 1e-9)
-    return max(small_s - small_bytes / bandwidth, 0.0), bandwidth
+    return timings
 
 
-def _collective_rank(rank: int, store: str, results: object) -> None:
+PROBE_MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 4}
+"""The small reference GPT whose real steps calibrate the operator and per-tensor costs."""
+PROBE_SEQ, PROBE_BATCH = 64, 4
+
+
+def _probe_rank(rank: int, store: str, results: object) -> None:
+    """One of two probe ranks, one thread each: all-reduce at two sizes, then, both ranks
+    at once, a small GPT's forward + backward (its time beyond the traced FLOPs, per traced
+    operator), its data-parallel engine step (the time beyond forward, backward, the update
+    and the all-reduce, per parameter tensor) and a fused AdamW step per element."""
+    from shardwise.config import Config
+    from shardwise.engine import initialize
+    from shardwise.loss import cross_entropy_loss
+    from shardwise.models import spec_of
+    from shardwise.models.gpt import build_gpt
+    from shardwise.planner.activations import trace_micro_batch
+    from shardwise.run_plan import meta_model
+
     accelerator = get_accelerator()
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -194,7 +206,7 @@ def _collective_rank(rank: int, store: str, results: object) -> None:
         timeout=timedelta(seconds=60),
     )
     device = accelerator.device(rank)
-    timings = []
+    timings: dict = {"all_reduce": []}
     for nbytes in PROBE_SIZES:
         tensor = torch.zeros(nbytes // 4, device=device)
 
@@ -202,8 +214,38 @@ def _collective_rank(rank: int, store: str, results: object) -> None:
             dist.all_reduce(tensor)
             accelerator.synchronize()
 
-        seconds = _best_seconds(reduce, 5)
-        timings.append((nbytes, seconds))  # ring all-reduce on 2 ranks sends nbytes
+        # a ring all-reduce on 2 ranks sends nbytes
+        timings["all_reduce"].append((nbytes, _best_seconds(reduce, 5)))
+    config = Config().replace(
+        model=PROBE_MODEL,
+        data={"seq_len": PROBE_SEQ},
+        precision={"dtype": "fp32"},
+        train={"micro_batch": PROBE_BATCH, "global_batch": 2 * PROBE_BATCH},
+    )
+    shape = meta_model(config)
+    trace = trace_micro_batch(shape, spec_of(shape), PROBE_BATCH, PROBE_SEQ)
+    model = build_gpt(config.model, PROBE_SEQ, device=device, seed=rank)
+    ids = torch.randint(0, 256, (PROBE_BATCH, PROBE_SEQ + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def forward_backward() -> None:
+        cross_entropy_loss(model(inputs), targets).backward()
+
+    dist.barrier()
+    passes = _best_seconds(forward_backward, 5)
+    flops_s = probe_matmul(torch.float32, PROBE_BATCH * PROBE_SEQ, PROBE_MODEL["d_model"])
+    timings["op_s"] = max(passes - trace.flops / flops_s, 0.0) / trace.ops
+    engine = initialize(model, None, config)
+    dist.barrier()
+    step = _best_seconds(lambda: engine.train_step((inputs, targets)), 5)
+    adam = probe_adam()
+    elements = sum(p.numel() for p in model.parameters())
+    reduce_s = timings["all_reduce"][0][1] + 4 * elements / (
+        PROBE_SIZES[1] / timings["all_reduce"][1][1]
+    )
+    rest = step - passes - adam * elements - reduce_s
+    timings["tensor_s"] = max(rest, 0.0) / len(list(model.parameters()))
+    timings["adam_s_per_element"] = adam
     if rank == 0:
         results.put(timings)
     dist.destroy_process_group()
@@ -239,14 +281,17 @@ def predict_time(
     trace: Trace,
     wire: dict[str, dict[str, float]],
     speeds: MachineSpeeds,
-    width: int,
-    layers: int,
+    model: nn.Module,
 ) -> TimePrediction:
     """`plan`'s step time from a rank's trace of one micro-batch (FLOPs, operators), its
-    step's wire bytes (`step_wire_bytes`) and `speeds`; `width` is the model's hidden size
-    (the matmul probe's shape), `layers` its blocks (collectives per layer)."""
+    step's wire bytes (`step_wire_bytes`), `speeds` and the `model`'s shape (on the meta
+    device: its hidden size for the matmul probe, its blocks, its parameter tensors)."""
     config = plan.config
     tokens = config.train.micro_batch * config.data.seq_len // plan.dims.sp
+    params = [p for p in model.parameters() if p.requires_grad]
+    width = max((p for p in params if p.ndim == 2), key=lambda p: p.numel()).shape[1]
+    spec = spec_of(model)
+    layers = len(spec.named_blocks(model, "the planner")) if spec.blocks else 1
     flops_s = speeds.flops_for(plan.precision.param_dtype, tokens, width)
     # ranks sharing a CPU core share its time (one rank per GPU shares nothing)
     crowding = max(1.0, plan.world_size / speeds.cores) if speeds.cores else 1.0
@@ -257,6 +302,7 @@ def predict_time(
     else:
         compute = plan.micro_batches * micro
     elements = plan.trainable_params / plan.dims.tp / plan.dims.pp
+    tensors = len(params) / plan.dims.pp
     if plan.sharding.optimizer:
         elements /= plan.dims.dp_shard
     bandwidth = speeds.link_bytes_per_s
@@ -266,7 +312,7 @@ def predict_time(
     calls = _collective_calls(plan, wire, layers)
     return TimePrediction(
         compute=compute,
-        update=elements * speeds.adam_s_per_element * crowding,
+        update=(elements * speeds.adam_s_per_element + tensors * speeds.tensor_s) * crowding,
         comm=wire_bytes / bandwidth + calls * speeds.link_latency_s * crowding,
     )
 

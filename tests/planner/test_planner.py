@@ -127,7 +127,7 @@ def test_step_communication_is_the_closed_form(pool2, stage):
         assert predicted.get(op, 0.0) == pytest.approx(nbytes, rel=0.01, abs=64), op
 
 
-SPEEDS = MachineSpeeds({}, 1e-9, 1e9, 1e-4, 1e-5, 2)
+SPEEDS = MachineSpeeds({}, 1e-9, 1e9, 1e-4, 1e-5, 1e-4, 2)
 
 
 @pytest.fixture
