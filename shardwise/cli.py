@@ -122,14 +122,16 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint import check_model_fits, check_resumable, find_checkpoint
+    from shardwise.checkpoint import check_model_fits, check_resumable, intact_checkpoint
     from shardwise.data import build_data
     from shardwise.run_plan import meta_model, resolve
     from shardwise.trainer import save_plan
 
     _check_launch_options(args)
-    if args.resume is not None:
-        find_checkpoint(args.resume)
+    if args.resume is not None:  # read whole; a damaged newest one gives way to an older one
+        args.resume, skipped = intact_checkpoint(args.resume)
+        for reason in skipped:
+            print(f"shardwise: warning: {reason}; resuming from {args.resume}", file=sys.stderr)
     cfg = _resolve_config(args)
     plan = resolve(cfg, args.nproc)
     dp = plan.dims.dp

@@ -5,6 +5,7 @@ from shardwise.checkpoint.io import (
     check_model_fits,
     check_resumable,
     find_checkpoint,
+    intact_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "check_model_fits",
     "check_resumable",
     "find_checkpoint",
+    "intact_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
 ]

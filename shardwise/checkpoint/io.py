@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -135,10 +136,14 @@ def _write_and_commit(saved: _SavedState, tmp: Path, final: Path, keep: int, gro
     rank, world = _rank_and_world()
     fragments, states = shard_files(tmp, world)
     rank_state = saved.shards(fragments[rank], states[rank])
+    mine = [states[rank], tmp / f"rank{rank}.pt"]
     if rank == 0:
         durable(tmp / "engine.pt", lambda f: torch.save(saved.engine, f))
         durable(tmp / "trainer.json", lambda f: f.write(json.dumps(saved.trainer).encode()))
+        mine += [tmp / "engine.pt", tmp / "trainer.json"]
     durable(tmp / f"rank{rank}.pt", lambda f: torch.save(saved.rng, f))
+    sums = json.dumps({path.name: _crc32(path) for path in mine}).encode()
+    durable(tmp / f"checksums_rank{rank}.json", lambda f: f.write(sums))
     _barrier(group)
     if rank == 0:
         manifest = {**saved.manifest, "rank_state": rank_state}
@@ -254,6 +259,70 @@ def find_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no finished checkpoint under {str(path)!r} (looked for {MANIFEST})")
 
 
+def intact_checkpoint(path: Path) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, read whole and verified (`verify_checkpoint`): the one
+    `path` names if it is a step directory (damage raises), else the newest intact one under
+    the run, `latest` first; with why each newer one was passed over."""
+    if (path / MANIFEST).is_file():
+        verify_checkpoint(path)
+        return path, []
+    newest = find_checkpoint(path)
+    older = sorted(
+        (p for p in newest.parent.glob("step_*") if (p / MANIFEST).is_file()), reverse=True
+    )
+    skipped = []
+    for candidate in [newest, *(p for p in older if p != newest)]:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as err:
+            skipped.append(f"{candidate.name} is damaged ({err})")
+            continue
+        return candidate, skipped
+    raise CheckpointError(f"no intact checkpoint under {str(path)!r}: {'; '.join(skipped)}")
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Read every file of the checkpoint at `ckpt` and check every CRC-32 (the small files'
+    and every fragment's): a missing, truncated or damaged file raises one `CheckpointError`
+    naming it."""
+    world = read_json(ckpt / MANIFEST)["world_size"]
+    fragments, states = shard_files(ckpt, world)
+    rngs = [ckpt / f"rank{rank}.pt" for rank in range(world)]
+    missing = [str(f) for f in fragments + states + rngs if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
+    check_small_files(ckpt, world)
+    for path in [*states, *rngs, ckpt / "engine.pt"]:
+        read_torch(path)
+    read_json(ckpt / "trainer.json")
+    with ShardReader(fragments, states) as reader:
+        for kind, name in reader.keys():
+            reader.full(kind, name)
+        reader.verify()
+
+
+def check_small_files(ckpt: Path, world: int) -> None:
+    """The small files (engine, trainer, each rank's scalars and RNG state) against the
+    CRC-32s their ranks recorded (``checksums_rank<r>.json``; checkpoints written before
+    those existed have none to check)."""
+    for rank in range(world):
+        sums = ckpt / f"checksums_rank{rank}.json"
+        if not sums.is_file():
+            continue
+        for name, crc in read_json(sums).items():
+            path = ckpt / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+            if _crc32(path) != crc:
+                raise CheckpointError(
+                    f"checkpoint file {str(path)!r} is damaged (its checksum does not match)"
+                )
+
+
+def _crc32(path: Path) -> int:
+    return zlib.crc32(path.read_bytes())
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -322,6 +391,7 @@ def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:
     missing = [str(f) for f in fragments + states if not f.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
+    check_small_files(ckpt, manifest["world_size"])
     own = read_torch(states[rank])["rank_state"] if manifest["rank_state"] else None
     shared = read_torch(ckpt / "engine.pt")
     if shared["scheduler"] is not None:

@@ -272,20 +272,24 @@ def _summarize(failures: dict) -> str:
     """One line per failed rank (``{global rank: ProcessFailure}``), root causes first.
 
     The agent also reports the ranks it stopped itself (SIGTERM, then SIGKILL); those get
-    one common last line, since the rank that never joined a collective is among them.
+    one common last line, since the rank that never joined a collective is among them. A
+    rank killed by SIGKILL while no collective timed out was killed from outside (the
+    kernel's OOM killer, a user): a root cause, named as such.
     A rank that only lost its peer (``peer_closed`` in its error file) comes after the rank
     that went away. When ranks timed out in a collective (``waited``), the ranks still
     running are the ones they waited for: named first, as behind. Ranks that failed alike
     share one line (a config error every rank raised is printed once).
     """
-    failed, stopped, waiters = [], [], []
+    waiters = [rank for rank, f in failures.items() if _error_data(f).get("waited")]
+    failed, stopped = [], []
     for rank, failure in failures.items():
         data = _error_data(failure)
-        if not data and failure.exitcode in _STOP_SIGNALS:
+        # SIGKILL is also what the agent sends a rank that outlives its SIGTERM (a frozen
+        # one, behind the others' timeout); without a timeout, someone else killed it.
+        stops = _STOP_SIGNALS if waiters else (-signal.SIGTERM,)
+        if not data and failure.exitcode in stops:
             stopped.append(rank)
         else:
-            if data.get("waited"):
-                waiters.append(rank)
             stamp = data.get("timestamp", failure.timestamp)
             key = (bool(data.get("peer_closed")), float(stamp), rank)
             failed.append((key, _describe_failure(rank, failure, data)))

@@ -213,7 +213,9 @@ def trace_micro_batch(
                 output = cross_entropy_loss(logits_of(output), targets)
             return output
 
-        with PeakTensorBytes("cpu") as tracker:
+        held = [*model.parameters(), *model.buffers(), inputs, targets]
+        ignore = frozenset(t.untyped_storage()._cdata for t in held)
+        with PeakTensorBytes("cpu", ignore, existing=False) as tracker:
             start = tracker.live
             with saved_tensors(model, batch, batch * seq_len) as saved:
                 output = step()

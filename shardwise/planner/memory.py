@@ -7,8 +7,7 @@
 * **Model states** are `RunPlan.model_state_bytes` (ZeRO's 2/2/4/8 bytes per element, each
   category divided by dp_shard where the plan shards it, Ψ divided by tp and pp), placed on
   a tier by the offload policy: Adam states and master weights on the host or disk with
-  ``offload.optimizer``; parameter chunks with ``offload.policy``, the fraction
-  ``param_device_fraction`` kept on the device.
+  ``offload.optimizer``; parameter chunks with ``offload.policy`` (`_placed_states`).
 * **Activations** come from a trace of one micro-batch (`trace_micro_batch`, fake tensors):
   the peak of forward, loss and backward beyond the parameters, scaled to the rank's tensor-
   parallel share (`Trace.scaled`) and traced at the rank's sequence slice under sequence
@@ -141,7 +140,7 @@ def _prediction(
     units = 3 if config.train.activation_checkpointing != "none" else 1
     param_bytes = torch.finfo(plan.precision.param_dtype).bits // 8
     return MemoryPrediction(
-        states=_placed_states(plan, share),
+        states=_placed_states(plan, share, activations),
         buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
         activations=float(activations),
         gathered=float(units * unit * param_bytes / plan.dims.tp),
@@ -235,8 +234,11 @@ def _stage_params(
     return sum(p.numel() for p in params.values())
 
 
-def _placed_states(plan: RunPlan, share: float) -> dict[str, dict[str, float]]:
-    """`RunPlan.model_state_bytes` times `share`, on tiers."""
+def _placed_states(plan: RunPlan, share: float, activations: float) -> dict[str, dict[str, float]]:
+    """`RunPlan.model_state_bytes` times `share`, on tiers. Parameter chunks: ``static``
+    keeps `param_device_fraction` of them on the device (within ``device_budget_mb`` if
+    set), ``auto`` what its budget leaves beside the step's `activations`; the others fill
+    ``host_budget_mb`` and go to disk beyond it."""
     offload = plan.offload
     placed = {}
     for name, nbytes in plan.model_state_bytes().items():
@@ -245,10 +247,16 @@ def _placed_states(plan: RunPlan, share: float) -> dict[str, dict[str, float]]:
         if name in ("master_params", "optimizer_states") and offload.optimizer != "device":
             tier = offload.optimizer
         placed[name] = {tier: nbytes}
-    if plan.chunks and offload.policy == "static":
+    if plan.chunks:
         params = placed["params"]["device"]
-        kept = params * offload.param_device_fraction
-        placed["params"] = {"device": kept, "host": params - kept}
+        budget = offload.device_budget_mb * 2**20 if offload.device_budget_mb else float("inf")
+        if offload.policy == "static":
+            kept = min(params * offload.param_device_fraction, budget)
+        else:
+            kept = min(params, max(budget - activations, 0.0))
+        host_budget = offload.host_budget_mb * 2**20 if offload.host_budget_mb else float("inf")
+        host = min(params - kept, host_budget)
+        placed["params"] = {"device": kept, "host": host, "disk": params - kept - host}
     return placed
 
 

@@ -31,11 +31,16 @@ class PeakTensorBytes(TorchDispatchMode):
     """``with PeakTensorBytes("cpu") as tracker:`` around a step; then ``tracker.peak`` (the
     most bytes alive at once since entry), ``tracker.live`` (alive now) and ``tracker.ops``."""
 
-    def __init__(self, device_type: str, ignore: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, device_type: str, ignore: frozenset[int] = frozenset(), existing: bool = True
+    ) -> None:
         super().__init__()
         self.device_type = device_type
         self.ignore = ignore
         """Storages not to count (`live_storages` taken before what is measured was built)."""
+        self.existing = existing
+        """Count the storages alive on entry (a scan of every Python object); without, only
+        what operators create inside."""
         self._storages: dict[int, weakref.ref] = {}
         self.live = 0
         self.peak = 0
@@ -43,7 +48,7 @@ class PeakTensorBytes(TorchDispatchMode):
         """Operators run since entry."""
 
     def __enter__(self) -> PeakTensorBytes:
-        for tensor in _tensors():
+        for tensor in _tensors() if self.existing else ():
             self._track(tensor)
         self._measure()
         return super().__enter__()

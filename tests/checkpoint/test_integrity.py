@@ -18,6 +18,7 @@ from shardwise.checkpoint.convert import read_full_tensors
 from shardwise.checkpoint.shards import FragmentWriter, _read_index
 from shardwise.engine import initialize
 from shardwise.errors import CheckpointError
+from tests.cli_runs import logged_losses
 from tests.parity import TINY, build_model, global_batches, make_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,14 +80,14 @@ def test_a_flipped_byte_fails_the_checksum_naming_file_and_tensor(checkpoint):
 def test_damaged_torch_files_are_named(checkpoint, name):
     path = checkpoint / name
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=f"{name}' is unreadable"):
+    with pytest.raises(CheckpointError, match=f"{name}' is (unreadable|damaged)"):
         _load(checkpoint)
 
 
 @pytest.mark.parametrize("name", ["engine.pt", "trainer.json", "manifest.json"])
 def test_damaged_small_files_are_named(checkpoint, name):
     (checkpoint / name).write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match=f"{name}' is unreadable"):
+    with pytest.raises(CheckpointError, match=f"{name}' is (unreadable|damaged)"):
         _load(checkpoint)
 
 
@@ -157,3 +158,75 @@ def test_a_failed_background_save_is_raised_by_the_next_wait(tmp_path, monkeypat
         saver.wait()
     assert not (tmp_path / "ckpt" / "latest").exists()
     saver.wait()  # reported once
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """A one-rank run with checkpoints at steps 2 and 4 (step 4 `latest`)."""
+    from shardwise.cli import main
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    settings = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=16"]
+    settings += ["data.max_bytes=20000", "train.steps=4", "checkpoint.every=2"]
+    settings += ["log.progress=false", "precision.dtype=fp32"]
+    argv = ["train", "--nproc", "1", "--out", str(run)]
+    with pytest.raises(SystemExit) as code:
+        main([*argv, *(arg for item in settings for arg in ("--set", item))])
+    assert code.value.code == 0
+    return run
+
+
+DAMAGES = {
+    "flipped-bytes": lambda path: _flip(path),
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "deleted": lambda path: path.unlink(),
+}
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for index in range(len(data) // 2, len(data) // 2 + 64):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["shards_rank0.bin", "states_rank0.pt", "engine.pt", "rank0.pt"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_gives_way_to_the_older_one(
+    two_checkpoints, tmp_path, name, damage
+):
+    """Each file kind flipped, truncated or deleted in the newest checkpoint: the older one
+    is chosen, and why is said; naming the damaged step directly is the error."""
+    import shutil
+
+    from shardwise.checkpoint import intact_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    newest = run / "checkpoints" / "step_00000004"
+    DAMAGES[damage](newest / name)
+    chosen, skipped = intact_checkpoint(run)
+    assert chosen == run / "checkpoints" / "step_00000002"
+    assert len(skipped) == 1 and skipped[0].startswith("step_00000004 is damaged")
+    assert name in skipped[0]
+    with pytest.raises(CheckpointError, match="step_00000004"):
+        intact_checkpoint(newest)
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(two_checkpoints, tmp_path, capsys):
+    """Through the CLI: one warning line, and steps 3-4 trained again from step 2."""
+    import shutil
+
+    from tests.cli_runs import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    _flip(run / "checkpoints" / "step_00000004" / "shards_rank0.bin")
+    code, err = run_cli(["train", "--nproc", "1", "--resume", str(run)], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("shardwise: warning")]
+    assert len(warnings) == 1 and "step_00000004 is damaged" in warnings[0], err
+    assert "resuming from" in warnings[0] and "step_00000002" in warnings[0]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert logged_losses(run) == logged_losses(two_checkpoints)

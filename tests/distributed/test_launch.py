@@ -155,13 +155,30 @@ def test_summary_puts_the_root_cause_first_and_the_stopped_ranks_last():
             ),
             1: failure(2, "parallel.tp=3 does not divide n_heads=8", 100.5),
             2: failure(-signal.SIGTERM),
-            3: failure(-signal.SIGKILL),
+            3: failure(-signal.SIGTERM),
         }
     )
     assert summary.splitlines() == [
         "rank 1 exited with code 2: parallel.tp=3 does not divide n_heads=8",
         "rank 0 exited with code 1: collective x failed: another rank closed its connection",
         "ranks 2, 3 were still running; the launcher stopped them",
+    ]
+
+
+def test_summary_names_a_rank_killed_from_outside_before_those_that_lost_it():
+    summary = launch_mod._summarize(
+        {
+            0: failure(
+                1, "collective x failed: another rank closed its connection", 99.0, peer_closed=True
+            ),
+            1: failure(-signal.SIGKILL, timestamp=100.0),
+            2: failure(-signal.SIGTERM),
+        }
+    )
+    assert summary.splitlines() == [
+        "rank 1 was killed by signal SIGKILL without an error message (see its output)",
+        "rank 0 exited with code 1: collective x failed: another rank closed its connection",
+        "rank 2 was still running; the launcher stopped it",
     ]
 
 
@@ -319,6 +336,23 @@ def test_rank_exiting_abruptly_stops_the_job():
     # stopped it first (a race between two processes; either ends the job with no orphan).
     assert "another rank closed its connection" in lines[-1] or lines[-1] == (
         "rank 0 was still running; the launcher stopped it"
+    )
+    assert not child_pids()
+
+
+@pytest.mark.parametrize(
+    "nproc, phase",
+    [(2, "forward"), (2, "backward"), (2, "optimizer"), (2, "save"), (4, "backward")],
+)
+def test_a_rank_killed_in_any_phase_ends_the_job_naming_it(tmp_path, nproc, phase):
+    """SIGKILL of rank 1 inside a training step's forward, backward or optimizer step, or
+    inside a checkpoint save: the job ends (the deadline would fail it otherwise), the
+    summary names rank 1 first, and no rank is left."""
+    seconds, error = run_job("killed_in_phase", phase, "1", str(tmp_path), nproc=nproc)
+    assert error is not None, seconds
+    lines = str(error).splitlines()
+    assert (
+        lines[0] == "rank 1 was killed by signal SIGKILL without an error message (see its output)"
     )
     assert not child_pids()
 
