@@ -104,7 +104,7 @@ def predict(
 ) -> Prediction:
     """Memory, communication and (with `speeds`) time of `plan`'s registered model; `traces`
     as `predict_memory` takes it."""
-    memory = predict_memory(plan, traces=traces)
+    memory = predict_memory(plan, traces)
     gpt = _gpt_shape(plan)
     wire = step_wire_bytes(plan, gpt)
     time = None

@@ -77,22 +77,13 @@ class MemoryPrediction:
         memory (the CPU)."""
         return self.device_peak + self.tier("host")
 
-    def rows(self) -> list[tuple[str, float]]:
-        """(what, bytes) for a table, largest parts first."""
-        rows = [(name, sum(tiers.values())) for name, tiers in self.states.items()]
-        rows += [("buffers", self.buffers), ("activations", self.activations)]
-        rows += [("gathered units", self.gathered)] if self.gathered else []
-        return rows
 
-
-def predict_memory(
-    plan: RunPlan, model: nn.Module | None = None, traces: dict | None = None
-) -> MemoryPrediction:
-    """The per-rank memory of `plan` for the registered model, or `model` on the meta
-    device; under pipeline parallelism, that of the rank with the highest peak. `traces`
-    keeps the dense traces for the next call (plans of one model differing in layout)."""
-    key = plan.config.model.model_dump_json() if model is None else id(model)
-    model = model if model is not None else meta_model(plan.config)
+def predict_memory(plan: RunPlan, traces: dict | None = None) -> MemoryPrediction:
+    """The per-rank memory of `plan` for its registered model (built on the meta device);
+    under pipeline parallelism, that of the rank with the highest peak. `traces` keeps the
+    dense traces for the next call (plans of one model differing in layout)."""
+    key = plan.config.model.model_dump_json()
+    model = meta_model(plan.config)
     spec = spec_of(model)
     traces = {} if traces is None else traces
 

@@ -342,12 +342,14 @@ def test_rank_exiting_abruptly_stops_the_job():
 
 @pytest.mark.parametrize(
     "nproc, phase",
-    [(2, "forward"), (2, "backward"), (2, "optimizer"), (2, "save"), (4, "backward")],
+    [(2, "backward"), (2, "save"), (4, "optimizer")],
 )
 def test_a_rank_killed_in_any_phase_ends_the_job_naming_it(tmp_path, nproc, phase):
-    """SIGKILL of rank 1 inside a training step's forward, backward or optimizer step, or
-    inside a checkpoint save: the job ends (the deadline would fail it otherwise), the
-    summary names rank 1 first, and no rank is left."""
+    """SIGKILL of rank 1 inside a training step's backward or optimizer step, or inside a
+    checkpoint save: the job ends (the deadline would fail it otherwise), the summary names
+    rank 1 first, and no rank is left. (The script also kills in forward, which from the
+    launcher's side is test_rank_exiting_abruptly_stops_the_job's case: a rank gone before
+    a collective; CI time goes to these three.)"""
     seconds, error = run_job("killed_in_phase", phase, "1", str(tmp_path), nproc=nproc)
     assert error is not None, seconds
     lines = str(error).splitlines()
