@@ -4,6 +4,7 @@ within 10%, communication bytes equal to CommStats recordings, and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from benchmarks.planner import CASES, IN_CI, QUICK, case_config, measure_case
 from shardwise.accelerator import get_accelerator
-from shardwise.config import Config
 from shardwise.distributed.comm import CommStats
 from shardwise.engine import initialize
 from shardwise.models import spec_of
@@ -185,7 +185,7 @@ def test_auto_ranks_the_fitting_layouts_by_predicted_time(speeds_cache, capsys):
     [
         (
             ["--auto", "--memory-cap", "1KiB"],
-            "no layout of 2 ranks fits --memory-cap 0.0 MiB: the smallest predicted peak is",
+            "no layout of 2 ranks fits --memory-cap 0.0 MiB: the smallest predicted peak is ",
         ),
         (["--auto"], "--auto needs --memory-cap SIZE"),
         (["--auto", "--memory-cap", "12"], "--memory-cap '12' is not a size"),
@@ -195,13 +195,5 @@ def test_auto_ranks_the_fitting_layouts_by_predicted_time(speeds_cache, capsys):
 def test_bad_plan_input_is_one_line(speeds_cache, capsys, args, message):
     code, err = run_cli(["plan", "--no-time", *TINY, *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
-
-
-def test_a_cap_no_layout_fits_names_the_smallest_peak_and_its_layout():
-    from shardwise.planner.auto import choose_layouts
-
-    config = Config.from_file(None, ["model.n_layers=2", "model.d_model=64", "data.seq_len=64"])
-    with pytest.raises(
-        Exception, match=r"smallest predicted peak is [\d.]+ MiB per rank, with parallel"
-    ):
-        choose_layouts(config, 2, 2**10, SPEEDS)
+    if "smallest predicted peak" in message:  # and the layout that gets there
+        assert re.search(r"peak is [\d.]+ MiB per rank, with parallel\.tp=\d", err), err
