@@ -2,12 +2,13 @@
 
 [Note: step communication] In the units `CommStats` records (`distributed/cost.py`: wire bytes
 one rank sends under the ring algorithms), with Ψ the trainable elements a rank's model part
-holds (Ψ / (tp · pp)), P and R the bytes of a parameter and of a reduced gradient, N the
-ZeRO shard group (``dp_shard``, times sp: sequence-parallel ranks average gradients too):
+holds (Ψ / (tp · pp); 2.5D keeps a copy per depth layer), P and R the bytes of a parameter
+and of a reduced gradient, N the ZeRO shard group (``dp_shard``):
 
-* gradients, once per step (accumulation micro-batches stay local): an all-reduce over the
-  gradient group (stage 0 and 1: 2 (N-1)/N Ψ R) or a reduce-scatter over the shard group
-  (stages 2, 3: (N-1)/N Ψ R), then the replicas of a shard (``dp_replicate``) all-reduce it;
+* gradients, once per step (accumulation micro-batches stay local): stages 0 and 1
+  all-reduce them over every rank holding the same model part (dp x sp: 2 (G-1)/G Ψ R),
+  stages 2 and 3 reduce-scatter them over the shard group ((N-1)/N Ψ R), then the ranks
+  holding the same shard (``dp_replicate`` x sp) all-reduce the slice;
 * parameters: stages 1 and 2 all-gather the updated shards once per step ((N-1)/N Ψ P);
   stage 3 gathers every unit for each micro-batch's forward and again for its backward
   (once, with ``zero.reshard_after_forward = false``);
@@ -42,7 +43,7 @@ def step_wire_bytes(plan: RunPlan, gpt: GPTConfig | None) -> dict[str, dict[str,
     """``{axis: {op: wire bytes}}`` of one step on one rank (`gpt`: the model's shape when it
     is the reference GPT, for the tensor- and sequence-parallel terms; None leaves them out)."""
     dims, config = plan.dims, plan.config
-    psi = plan.trainable_params / dims.tp / dims.pp
+    psi = plan.trainable_params * dims.tp_depth / dims.tp / dims.pp  # 2.5D: depth copies
     param = torch.finfo(plan.precision.param_dtype).bits // 8
     reduce = torch.finfo(plan.precision.reduce_dtype).bits // 8
     micro = plan.micro_batches
