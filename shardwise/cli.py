@@ -230,6 +230,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         if args.memory_cap is None:
             raise ConfigError("--auto needs --memory-cap SIZE (per-rank memory, e.g. 8GiB)")
+        if args.top < 1:
+            raise ConfigError(f"--top {args.top} must be at least 1")
         speeds = machine_speeds(cache)
         cap = parse_size(args.memory_cap, "--memory-cap")
         chosen = choose_layouts(cfg, args.nproc, cap, speeds)

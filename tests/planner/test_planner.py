@@ -188,6 +188,7 @@ def test_auto_ranks_the_fitting_layouts_by_predicted_time(speeds_cache, capsys):
             "no layout of 2 ranks fits --memory-cap 0.0 MiB: the smallest predicted peak is ",
         ),
         (["--auto"], "--auto needs --memory-cap SIZE"),
+        (["--auto", "--memory-cap", "8GiB", "--top", "0"], "--top 0 must be at least 1"),
         (["--auto", "--memory-cap", "12"], "--memory-cap '12' is not a size"),
         (["--nproc", "0"], "--nproc 0 must be at least 1"),
     ],
