@@ -56,24 +56,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("shardwise train")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    losses = {"loss": [r["loss"] for r in records]}
+    _plot(records, losses, "training loss (nats/token)", "shardwise train", path)
 
 
 def plot_memory(records: list[dict[str, Any]], path: Path) -> None:
     """Model-state MiB per tier (device, host, disk) over the steps of an offload run."""
+    tiers = {key.split("_")[1]: [r[key] / 2**20 for r in records] for key in TIER_KEYS}
+    _plot(records, tiers, "model states (MiB, rank 0)", "shardwise train: memory by tier", path)
+
+
+def _plot(
+    records: list[dict[str, Any]], lines: dict[str, list], ylabel: str, title: str, path: Path
+) -> None:
+    """`lines` (label -> a value per record) over the records' steps, saved to `path`; a
+    legend when there is more than one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,13 +78,13 @@ def plot_memory(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = [r["step"] for r in records]
-    for key in TIER_KEYS:
-        tier = key.split("_")[1]
-        ax.plot(steps, [r[key] / 2**20 for r in records], linewidth=1.2, label=tier)
+    for label, values in lines.items():
+        ax.plot(steps, values, linewidth=1.2, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("model states (MiB, rank 0)")
-    ax.set_title("shardwise train: memory by tier")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(lines) > 1:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

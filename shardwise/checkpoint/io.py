@@ -285,14 +285,8 @@ def verify_checkpoint(ckpt: Path) -> None:
     """Read every file of the checkpoint at `ckpt` and check every CRC-32 (the small files'
     and every fragment's): a missing, truncated or damaged file raises one `CheckpointError`
     naming it."""
-    world = read_json(ckpt / MANIFEST)["world_size"]
-    fragments, states = shard_files(ckpt, world)
-    rngs = [ckpt / f"rank{rank}.pt" for rank in range(world)]
-    missing = [str(f) for f in fragments + states + rngs if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
-    check_small_files(ckpt, world)
-    for path in [*states, *rngs, ckpt / "engine.pt"]:
+    fragments, states = _checked_files(ckpt, read_json(ckpt / MANIFEST)["world_size"])
+    for path in [*states, *ckpt.glob("rank*.pt"), ckpt / "engine.pt"]:
         read_torch(path)
     read_json(ckpt / "trainer.json")
     with ShardReader(fragments, states) as reader:
@@ -301,22 +295,26 @@ def verify_checkpoint(ckpt: Path) -> None:
         reader.verify()
 
 
-def check_small_files(ckpt: Path, world: int) -> None:
-    """The small files (engine, trainer, each rank's scalars and RNG state) against the
-    CRC-32s their ranks recorded (``checksums_rank<r>.json``; checkpoints written before
-    those existed have none to check)."""
+def _checked_files(ckpt: Path, world: int) -> tuple[list[Path], list[Path]]:
+    """Every rank's fragment and scalar files (`shard_files`), present, and the small files
+    (engine, trainer, each rank's scalars and RNG state) matching the CRC-32s their ranks
+    recorded (``checksums_rank<r>.json``; checkpoints written before those existed have
+    none to check)."""
+    fragments, states = shard_files(ckpt, world)
+    recorded = {}
     for rank in range(world):
         sums = ckpt / f"checksums_rank{rank}.json"
-        if not sums.is_file():
-            continue
-        for name, crc in read_json(sums).items():
-            path = ckpt / name
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
-            if _crc32(path) != crc:
-                raise CheckpointError(
-                    f"checkpoint file {str(path)!r} is damaged (its checksum does not match)"
-                )
+        if sums.is_file():
+            recorded.update(read_json(sums))
+    missing = [f for f in [*fragments, *states, *map(ckpt.joinpath, recorded)] if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint file {str(missing[0])!r} is missing")
+    for name, crc in recorded.items():
+        if _crc32(ckpt / name) != crc:
+            raise CheckpointError(
+                f"checkpoint file {str(ckpt / name)!r} is damaged (its checksum does not match)"
+            )
+    return fragments, states
 
 
 def _crc32(path: Path) -> int:
@@ -387,11 +385,7 @@ def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:
     ckpt = find_checkpoint(path)
     rank, world = _rank_and_world()
     manifest = check_resumable(ckpt, world, layout)
-    fragments, states = shard_files(ckpt, manifest["world_size"])
-    missing = [str(f) for f in fragments + states if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint file {missing[0]!r} is missing")
-    check_small_files(ckpt, manifest["world_size"])
+    fragments, states = _checked_files(ckpt, manifest["world_size"])
     own = read_torch(states[rank])["rank_state"] if manifest["rank_state"] else None
     shared = read_torch(ckpt / "engine.pt")
     if shared["scheduler"] is not None:

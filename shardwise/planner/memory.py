@@ -40,6 +40,7 @@ from shardwise.models import ModelSpec, spec_of
 from shardwise.pipeline.stage import StagePart, has_module, stage_blocks
 from shardwise.planner.activations import Trace, grid, trace_micro_batch
 from shardwise.run_plan import RunPlan, meta_model
+from shardwise.zero.params import zero3_units
 
 TIERS = ("device", "host", "disk")
 
@@ -125,16 +126,17 @@ def _prediction(
     config = plan.config
     peak = max(trace.peak for trace in traces)
     activations = peak + (in_flight - 1) * max(trace.forward_end for trace in traces)
-    unit = _largest_unit(model, spec) if plan.sharding.params else 0
+    units = zero3_units(model, spec) if plan.sharding.params else []
+    unit = max((sum(p.numel() for p in params) for *_, params in units), default=0)
     if plan.dims.tp > 1 and plan.dims.tp_mode != "1d":
         activations += _gathered_backward_bytes(plan, model) + _filling_bucket_bytes(plan)
-    units = 3 if config.train.activation_checkpointing != "none" else 1
+    held = 3 if config.train.activation_checkpointing != "none" else 1
     param_bytes = torch.finfo(plan.precision.param_dtype).bits // 8
     return MemoryPrediction(
         states=_placed_states(plan, share, activations),
         buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
         activations=float(activations),
-        gathered=float(units * unit * param_bytes / plan.dims.tp),
+        gathered=float(held * unit * param_bytes / plan.dims.tp),
         in_flight=in_flight,
         trace=traces[0],
     )
@@ -249,11 +251,3 @@ def _placed_states(plan: RunPlan, share: float, activations: float) -> dict[str,
         host = min(params - kept, host_budget)
         placed["params"] = {"device": kept, "host": host, "disk": params - kept - host}
     return placed
-
-
-def _largest_unit(model: nn.Module, spec: ModelSpec) -> int:
-    """Elements of the largest ZeRO-3 unit: a block, or the root (what no block holds)."""
-    blocks = [block for _, block in spec.named_blocks(model, "ZeRO-3")]
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
-    return max([root, *(sum(p.numel() for p in block.parameters()) for block in blocks)])

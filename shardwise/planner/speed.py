@@ -109,19 +109,8 @@ def machine_speeds(cache: Path) -> MachineSpeeds:
 def probe_machine() -> MachineSpeeds:
     """Every probe but the matmul's per-shape ones (`MachineSpeeds.flops_for`), measured in
     two ranks running at once, as training runs them."""
-    timings = _run_probe_ranks()
-    (small_bytes, small_s), (large_bytes, large_s) = timings["all_reduce"]
-    bandwidth = (large_bytes - small_bytes) / max(large_s - small_s, 1e-9)
     cores = len(os.sched_getaffinity(0)) if get_accelerator().device_type == "cpu" else 0
-    return MachineSpeeds(
-        matmul_flops={},
-        adam_s_per_element=timings["adam_s_per_element"],
-        link_bytes_per_s=bandwidth,
-        link_latency_s=max(small_s - small_bytes / bandwidth, 0.0),
-        op_s=timings["op_s"],
-        tensor_s=timings["tensor_s"],
-        cores=cores,
-    )
+    return MachineSpeeds(matmul_flops={}, cores=cores, **_run_probe_ranks())
 
 
 def probe_matmul(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
@@ -153,7 +142,8 @@ def probe_adam(elements: int = 2**20, repeats: int = 5) -> float:
 
 
 def _run_probe_ranks() -> dict:
-    """Start the two probe ranks (`_probe_rank`) and return rank 0's timings."""
+    """Start the two probe ranks (`_probe_rank`) and return rank 0's measurements (the
+    `MachineSpeeds` fields but the matmuls and the cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.get_context("spawn")
         results = context.Queue()
@@ -206,7 +196,7 @@ def _probe_rank(rank: int, store: str, results: object) -> None:
         timeout=timedelta(seconds=60),
     )
     device = accelerator.device(rank)
-    timings: dict = {"all_reduce": []}
+    seconds = []
     for nbytes in PROBE_SIZES:
         tensor = torch.zeros(nbytes // 4, device=device)
 
@@ -214,8 +204,11 @@ def _probe_rank(rank: int, store: str, results: object) -> None:
             dist.all_reduce(tensor)
             accelerator.synchronize()
 
-        # a ring all-reduce on 2 ranks sends nbytes
-        timings["all_reduce"].append((nbytes, _best_seconds(reduce, 5)))
+        seconds.append(_best_seconds(reduce, 5))
+    # a ring all-reduce on 2 ranks sends nbytes: fit latency + nbytes / bandwidth
+    (small, large), (small_s, large_s) = PROBE_SIZES, seconds
+    bandwidth = (large - small) / max(large_s - small_s, 1e-9)
+    timings = {"link_bytes_per_s": bandwidth, "link_latency_s": max(small_s - small / bandwidth, 0)}
     config = Config().replace(
         model=PROBE_MODEL,
         data={"seq_len": PROBE_SEQ},
@@ -240,9 +233,7 @@ def _probe_rank(rank: int, store: str, results: object) -> None:
     step = _best_seconds(lambda: engine.train_step((inputs, targets)), 5)
     adam = probe_adam()
     elements = sum(p.numel() for p in model.parameters())
-    reduce_s = timings["all_reduce"][0][1] + 4 * elements / (
-        PROBE_SIZES[1] / timings["all_reduce"][1][1]
-    )
+    reduce_s = timings["link_latency_s"] + 4 * elements / bandwidth
     rest = step - passes - adam * elements - reduce_s
     timings["tensor_s"] = max(rest, 0.0) / len(list(model.parameters()))
     timings["adam_s_per_element"] = adam
