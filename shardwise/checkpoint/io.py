@@ -341,13 +341,15 @@ def check_resumable(
             f"checkpoint {str(ckpt)!r} has format {manifest.get('format', 1)}, this shardwise "
             f"reads format {FORMAT} (layout-free fragments); it was written by an older version"
         )
-    trained = read_json(ckpt / "trainer.json")["data"].get("global_batch")
-    if global_batch is not None and trained not in (None, global_batch):
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} was trained with {trained} samples per step, this run "
-            f"takes {global_batch}; set train.global_batch={trained} (and a train.micro_batch "
-            "that divides it over the data-parallel ranks) to continue its data order"
-        )
+    if global_batch is not None:  # the trainer's state; a script's may hold no data state
+        trained = read_json(ckpt / "trainer.json").get("data", {}).get("global_batch")
+        if trained not in (None, global_batch):
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} was trained with {trained} samples per step, this "
+                f"run takes {global_batch}; set train.global_batch={trained} (and a "
+                "train.micro_batch that divides it over the data-parallel ranks) to continue "
+                "its data order"
+            )
     saved = manifest["layout"]
     if saved["optimizer"] != layout["optimizer"]:
         raise CheckpointError(

@@ -145,7 +145,7 @@ def launch(
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
         )
-        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir, **rank_env}):
+        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir, **rank_env}, _SHUTDOWN_TIMEOUT_S):
             elastic_launch(config, sys.executable)("-u", "-m", entry_module, *args)
 
 
@@ -166,7 +166,7 @@ def run_torchrun(argv: list[str]) -> int:
         raise LaunchError(f"script {script!r} does not exist")
     with _error_dir(options.log_dir) as log_dir:
         options.log_dir = log_dir
-        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir}):
+        with _agent_scope({"SHARDWISE_ERROR_DIR": log_dir}, options.shutdown_timeout):
             torchrun.run(options)
     return 0
 
@@ -199,8 +199,9 @@ def _error_dir(chosen: str | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _agent_scope(rank_env: dict[str, str]) -> Iterator[None]:
-    """Run the elastic agent quietly and leave this process as it found it.
+def _agent_scope(rank_env: dict[str, str], grace_s: int | None) -> Iterator[None]:
+    """Run the elastic agent quietly, with ``grace_s`` between SIGTERM and SIGKILL of the
+    ranks (`_grace_before_kill`), and leave this process as it found it.
 
     The agent reads the ranks' environment from ``os.environ``, writes to it
     (``TORCHELASTIC_SIGNALS_TO_HANDLE``, ``OMP_NUM_THREADS``) and installs signal handlers;
@@ -214,7 +215,7 @@ def _agent_scope(rank_env: dict[str, str]) -> Iterator[None]:
     saved_signals = _save_signal_handlers()
     os.environ.update(rank_env)
     try:
-        with _quiet_torch_logging():
+        with _quiet_torch_logging(), _grace_before_kill(grace_s):
             yield
     except ChildFailedError as err:
         raise LaunchError(_summarize(err.failures)) from None
@@ -229,6 +230,32 @@ def _agent_scope(rank_env: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved_env)
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _grace_before_kill(grace_s: int | None) -> Iterator[None]:
+    """Cap the agent's wait between SIGTERM and SIGKILL at ``grace_s`` (None: torch's own).
+
+    When a rank fails, torch's agent closes the others with a fixed 30 s grace, whatever its
+    ``shutdown_timeout`` (pytorch/pytorch#119856; pull 192815, open). A frozen rank (SIGSTOP,
+    a call wedged in a driver) does not act on SIGTERM, so such a job ran 30 s past the
+    failure.
+    """
+    if grace_s is None:
+        yield
+        return
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    torch_close = PContext.close
+
+    def close(pcontext: PContext, death_sig: object = None, timeout: float = grace_s) -> None:
+        torch_close(pcontext, death_sig, min(timeout, grace_s))
+
+    PContext.close = close
+    try:
+        yield
+    finally:
+        PContext.close = torch_close
 
 
 def _save_signal_handlers() -> dict[int, object]:
@@ -319,7 +346,7 @@ def _summarize(failures: dict) -> str:
 
 def _merge_ranks(lines: list[str]) -> list[str]:
     """``rank R <what>`` lines that say the same of several ranks become one ``ranks R1, R2
-    <what>`` line, where the first of them stood."""
+    <what>`` line (ranks in order), where the first of them stood."""
     ranks: dict[str, list[str]] = {}
     for line in lines:
         _, rank, what = line.split(" ", 2)
@@ -332,7 +359,7 @@ def _merge_ranks(lines: list[str]) -> list[str]:
             plural = what.replace("was killed", "were killed", 1).replace(
                 "its output", "their output"
             )
-            merged.append(f"ranks {', '.join(same)} {plural}")
+            merged.append(f"ranks {', '.join(sorted(same, key=int))} {plural}")
     return merged
 
 
