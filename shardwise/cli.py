@@ -58,16 +58,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def _resolve_config(args: argparse.Namespace):
     from shardwise.config import Config
 
-    config_file = args.config
+    config_file, overrides = args.config, args.overrides
     if args.resume is not None and config_file is None:
         config_file = _saved_config(args.resume)
+        # its dp_shard filled the saved run's world: derived again for this one's (unless set)
+        overrides = ["parallel.dp_shard=-1", *overrides]
     if args.deepspeed_config is None:
-        return Config.from_file(config_file, args.overrides)
+        return Config.from_file(config_file, overrides)
     from shardwise.compat.deepspeed import config_from_deepspeed
 
-    cfg, warning = config_from_deepspeed(
-        args.deepspeed_config, args.nproc, config_file, args.overrides
-    )
+    cfg, warning = config_from_deepspeed(args.deepspeed_config, args.nproc, config_file, overrides)
     if warning is not None:
         print(f"shardwise: warning: {warning}", file=sys.stderr)
     return cfg
@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Read the data once here: a missing file or a too-small corpus fails before any launch.
     build_data(cfg.data, global_batch, 0, dp, 0)
     out = _output_dir(args)
-    (out / "config.toml").write_text(cfg.to_toml())
+    (out / "config.toml").write_text(plan.resolved_config().to_toml())
     save_plan(plan, out / "plan.pkl")
     print(f"shardwise train: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
     print(plan.table(), file=sys.stderr)

@@ -359,7 +359,8 @@ def resolve_batch(train: TrainingConfig, dp_degree: int) -> int:
     if global_batch % per_step:
         raise ConfigError(
             f"train.global_batch={global_batch} is not divisible by micro_batch x dp = "
-            f"{train.micro_batch} x {dp_degree} = {per_step}; use a multiple of {per_step}"
+            f"{train.micro_batch} x {dp_degree} = {per_step}; use a multiple of {per_step}, "
+            "or a smaller train.micro_batch"
         )
     return global_batch // per_step
 

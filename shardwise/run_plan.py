@@ -123,6 +123,20 @@ class RunPlan:
             "pipeline": stages,
         }
 
+    def resolved_config(self) -> Config:
+        """The config with what resolving it chose written in (the run's config.toml): the
+        dtype ``auto`` picked, dp_shard's degree, the global batch, 1-bit Adam's freeze step.
+        It resolves the same anywhere: a resume on a machine of another kind keeps the dtype."""
+        train = self.config.train
+        chosen: dict[str, dict] = {
+            "parallel": {"dp_shard": self.dims.dp_shard},
+            "precision": {"dtype": _dtype(self.precision.param_dtype)},
+            "train": {"global_batch": train.micro_batch * self.dims.dp * self.micro_batches},
+        }
+        if self.optimizer.onebit_freeze is not None:
+            chosen["optim"] = {"freeze_step": self.optimizer.onebit_freeze}
+        return self.config.replace(**chosen)
+
     def model_state_bytes(self) -> dict[str, float]:
         """Predicted model-state bytes per rank: parameters, gradients, fp32 master weights and
         Adam's two moments (ZeRO paper, sec. 5: with Ψ elements and N shards, each category

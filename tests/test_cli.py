@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from shardwise.cli import main
+from shardwise.config import Config
 from tests.cli_runs import logged_losses, run_cli, settings_args
 
 TINY = [
@@ -272,8 +273,9 @@ def test_non_finite_loss_on_two_ranks_through_the_launcher(tmp_path):
 
 def test_train_then_resume_through_the_launcher(tmp_path, capsys):
     """The launcher path end to end on two ranks (tp=2 with sequence parallelism): a resume
-    from step 2 as tp=1 and dp=2 repeats steps 3-4 (to fp32 rounding) once the global batch
-    is kept; before that, the other batch is refused before launch. Exact resume is checked
+    from step 2 as tp=1 and dp=2 (dp_shard, concrete in config.toml, derived again) repeats
+    steps 3-4 (to fp32 rounding) once the micro-batch splits config.toml's global batch;
+    before that, the micro-batch that does not is refused before launch. Exact resume is checked
     per layout in its pool (train_then_resume), resharding in tests/checkpoint/."""
     run = tmp_path / "run"
     layout = ["parallel.tp=2", "parallel.tp_sequence_parallel=true"]
@@ -288,7 +290,9 @@ def test_train_then_resume_through_the_launcher(tmp_path, capsys):
     data_parallel = ["train", "--nproc", "2", "--resume", step2]
     data_parallel += settings_args(["parallel.tp=1", "parallel.tp_sequence_parallel=false"])
     code, err = run_cli(data_parallel, capsys)
-    assert_one_line_error(code, err, "was trained with 8 samples per step, this run takes 16")
+    resolved = Config.from_file(run / "config.toml")  # written out: the same batch resumes
+    assert (resolved.parallel.dp_shard, resolved.train.global_batch) == (1, 8)
+    assert_one_line_error(code, err, "global_batch=8 is not divisible by micro_batch x dp = 8 x 2")
     code, err = run_cli([*data_parallel, "--set", "train.micro_batch=4"], capsys)
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import tomllib
 
 from shardwise.config import Config
 from shardwise.errors import ConfigError
@@ -37,6 +38,27 @@ def test_plan_holds_degrees_accumulation_and_a_tp_plan():
     assert plan.tp_plan is not None and plan.tp_plan.mode == "1d"
     assert "blocks.*.attn.qkv" in plan.tp_plan.layers
     assert resolve(config(), 2).tp_plan is None
+
+
+def test_the_resolved_config_writes_in_what_resolving_chose():
+    """config.toml holds concrete values: the dtype "auto" picked on this machine, dp_shard,
+    the global batch, 1-bit Adam's freeze step; resolving it again gives the same plan."""
+    from shardwise.accelerator import get_accelerator
+    from shardwise.run_plan import _dtype
+
+    cfg = config("parallel.tp=2", "train.micro_batch=2", "optim.name=onebit_adam")
+    plan = resolve(cfg, 4)
+    resolved = Config.from_dict(tomllib.loads(plan.resolved_config().to_toml()))
+    assert (cfg.parallel.dp_shard, cfg.precision.dtype, cfg.train.global_batch) == (
+        -1,
+        "auto",
+        None,
+    )
+    assert resolved.parallel.dp_shard == 2 and resolved.train.global_batch == 4
+    assert resolved.precision.dtype == _dtype(get_accelerator().default_dtype())
+    assert resolved.optim.freeze_step == plan.optimizer.onebit_freeze == cfg.train.steps // 5
+    again = resolve(resolved, 4)
+    assert again.layout() == plan.layout() and again.micro_batches == plan.micro_batches
 
 
 def test_plan_pickles_for_the_workers():
