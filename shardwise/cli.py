@@ -123,6 +123,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shardwise.checkpoint import check_model_fits, check_resumable, intact_checkpoint
+    from shardwise.checkpoint.convert import init_from_index
     from shardwise.data import build_data
     from shardwise.run_plan import meta_model, resolve
     from shardwise.trainer import save_plan
@@ -136,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = resolve(cfg, args.nproc)
     dp = plan.dims.dp
     global_batch = cfg.train.micro_batch * dp * plan.micro_batches
+    if cfg.model.init_from is not None:
+        init_from_index(Path(cfg.model.init_from), meta_model(cfg))
     if args.resume is not None:
         step = check_resumable(args.resume, args.nproc, plan.layout(), global_batch)["step"]
         check_model_fits(args.resume, meta_model(cfg))

@@ -127,6 +127,53 @@ BAD_SETS = {
         "--nproc 100000 is more ranks than this machine runs usefully",
     ),
     "port-out-of-range": (["--master-port", "99999"], "--master-port 99999 is not a port"),
+    "sp-length-not-splitting": (
+        ["--nproc", "2", "--set", "parallel.sp=2", "--set", "data.seq_len=15"],
+        "a sequence of 15 tokens does not split into 2 x sp = 4 equal chunks",
+    ),
+    "ulysses-heads": (
+        ["--nproc", "2", "--set", "parallel.sp=2", "--set", "attention.sequence_parallel=ulysses"]
+        + ["--set", "model.n_heads=3", "--set", "model.d_model=48"],
+        "model.n_heads=3 does not split over 2 Ulysses ranks",
+    ),
+    "sparse-block-vs-length": (
+        ["--set", "attention.kind=sparse", "--set", "data.seq_len=96"],
+        "data.seq_len=96 is not a multiple of attention.block=64",
+    ),
+    "sparse-unknown-layout": (
+        ["--set", "attention.kind=sparse", "--set", "attention.layout=starry"],
+        "unknown attention layout 'starry'; known: bigbird",
+    ),
+    "onebit-freeze-at-the-end": (
+        ["--set", "optim.name=onebit_adam", "--set", "optim.freeze_step=3", *TINY],
+        "optim.freeze_step=3 leaves no compressed step in train.steps=3",
+    ),
+    "onebit-with-zero-3": (
+        ["--set", "optim.name=onebit_adam", "--set", "zero.stage=3"],
+        "optim.name='onebit_adam' does not combine with this setting yet; set zero.stage=0",
+    ),
+    "interleaved-micro-batches": (
+        ["--set", "parallel.pp=2", "--set", "pipeline.schedule=interleaved_1f1b"]
+        + ["--set", "pipeline.chunks=2", "--set", "train.global_batch=6"]
+        + ["--set", "train.micro_batch=2"],
+        "interleaved_1f1b needs micro_batches divisible by ranks (got m=3, p=2)",
+    ),
+    "pp-with-fp16": (
+        ["--set", "parallel.pp=2", "--set", "precision.dtype=fp16"],
+        "parallel.pp=2 does not combine with this setting yet; set precision.dtype='fp32'",
+    ),
+    "init-from-missing": (
+        ["--set", "model.init_from=/no/such.safetensors"],
+        "model.init_from='/no/such.safetensors': no safetensors file there",
+    ),
+    "checkpoint-every-negative": (
+        ["--set", "checkpoint.every=-1"],
+        "checkpoint.every=-1: input should be greater than or equal to 0",
+    ),
+    "micro-batch-zero": (
+        ["--set", "train.micro_batch=0"],
+        "train.micro_batch=0: input should be greater than or equal to 1",
+    ),
 }
 
 

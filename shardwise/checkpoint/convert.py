@@ -240,22 +240,30 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + length
 
 
-def initial_weights(model: nn.Module, source: Path) -> ParamInit | None:
-    """Load `source`'s weights into `model`'s materialised tensors now; for parameters still
-    on the meta device return the `param_init` that reads each when the store builds it (so
-    a sharded model never holds the whole). Every tensor of the model must be in the file,
-    and nothing else."""
+def init_from_index(source: Path, model: nn.Module) -> tuple[Path, dict[str, dict], int]:
+    """The safetensors file ``model.init_from`` names, its header and where its data starts,
+    after checking that it holds every tensor of `model` (built on the meta device will do)
+    and nothing else: before launch, and again on each rank."""
     path = source / "model.safetensors" if source.is_dir() else source
     if not path.is_file():
         raise ConfigError(f"model.init_from={str(source)!r}: no safetensors file there")
     header, data_start = read_safetensors_index(path)
-    dtypes = {code: dtype for dtype, code in _DTYPES.items()}
     problems = fit_problems({name: entry["shape"] for name, entry in header.items()}, model)
     if problems:
         raise ConfigError(
             f"model.init_from={str(source)!r} does not fit the model: it holds "
             f"{'; '.join(problems[:3])}"
         )
+    return path, header, data_start
+
+
+def initial_weights(model: nn.Module, source: Path) -> ParamInit | None:
+    """Load `source`'s weights into `model`'s materialised tensors now; for parameters still
+    on the meta device return the `param_init` that reads each when the store builds it (so
+    a sharded model never holds the whole). Every tensor of the model must be in the file,
+    and nothing else."""
+    path, header, data_start = init_from_index(source, model)
+    dtypes = {code: dtype for dtype, code in _DTYPES.items()}
 
     def fill(name: str, tensor: torch.Tensor) -> None:
         entry = header[name]
