@@ -16,7 +16,7 @@ unscale path, whatever the store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -105,18 +105,19 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch; the last micro-batch of a step reduces gradients."""
-        self.backward_from(self.scaled(loss), None, self._micro_step == len(self.schedule) - 1)
+        sync = self._micro_step == len(self.schedule) - 1
+        self.run_backward(lambda: torch.autograd.backward(self.scaled(loss)), sync)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` averaged over the step's micro-batches and loss-scaled (fp16)."""
         scaled = loss / len(self.schedule)
         return self.scaler.scale_loss(scaled) if self.scaler is not None else scaled
 
-    def backward_from(self, tensor: torch.Tensor, grad: torch.Tensor | None, sync: bool) -> None:
-        """Backward from `tensor` (a pipeline stage's output with its gradient); `sync`: the
-        rank's last backward of the step, which reduces gradients."""
+    def run_backward(self, backward: Callable[[], None], sync: bool) -> None:
+        """Run `backward` (a micro-batch's, a pipeline stage's or its weights' half) inside
+        the store's bracket; `sync`: the rank's last backward of the step, which reduces."""
         self.store.before_backward(sync)
-        torch.autograd.backward(tensor, grad)
+        backward()
         self.store.after_backward(sync)
         self._micro_step += 1
 

@@ -390,6 +390,12 @@ def _pipeline(
             f"parallel.pp={dims.pp} needs to know how {type(model).__name__}'s forward splits "
             "into stages: declare ModelSpec(pipeline=PipelineCalls(...)) for it"
         )
+    if pipe.schedule in ("zb_h1", "zbv") and config.train.activation_checkpointing != "none":
+        raise ConfigError(
+            f"pipeline.schedule={pipe.schedule!r} splits each backward into an input pass and "
+            "a weight pass, and activation checkpointing would recompute every block for each; "
+            "set train.activation_checkpointing='none' or pipeline.schedule='1f1b'"
+        )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
     stage_blocks(spec, model, schedule.stages, pipe.partition)
     return schedule

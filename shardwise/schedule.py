@@ -10,7 +10,7 @@ schedule the plan names without a branch of its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -38,9 +38,9 @@ class StepOps(Protocol):
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` as its backward starts: averaged over micro-batches, loss-scaled."""
 
-    def backward_from(self, tensor: torch.Tensor, grad: torch.Tensor | None, sync: bool) -> None:
-        """Backward from `tensor` (with `grad`, unless a scalar); `sync`: the rank's last
-        backward of the step, which reduces gradients."""
+    def run_backward(self, backward: Callable[[], None], sync: bool) -> None:
+        """Run `backward` (autograd calls) as one micro-batch's backward of the store; `sync`:
+        the rank's last backward of the step, which reduces gradients."""
 
     def reduced_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
         """`param`'s gradient as the update will read it, after the step's reduction (zero

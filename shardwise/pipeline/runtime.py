@@ -11,7 +11,7 @@
                            last stage: of its scaled loss); the input's gradient is what
                            SEND_GRAD sends
     I / W                  zero-bubble's halves of B: the input's gradient first, the weights'
-                           later ([Note: I and W])
+                           later, one backward's work in all ([Note: I and W], backward.py)
 
 `check` (schedules.py) proved the order deadlock-free with exactly these semantics (sends
 buffered, receives blocking) and matched every channel's sends and receives in FIFO order,
@@ -37,6 +37,7 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.models import ModelSpec
+from shardwise.pipeline.backward import WeightGradients, backward_input
 from shardwise.pipeline.schedules import Action, Kind, Schedule
 from shardwise.pipeline.stage import PipelineStages, build_stages
 from shardwise.schedule import GradientAccumulation, StepOps
@@ -148,6 +149,8 @@ class _Step:
         """(micro, stage) -> the gradient of the stage's output."""
         self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
         """(micro, stage) -> the gradient of the stage's input, to send."""
+        self.weight_grads: dict[tuple[int, int], WeightGradients] = {}
+        """(micro, stage) -> what the stage's I left for its W."""
         self.losses: list[torch.Tensor] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
         """(work, tensor) of every isend: the tensor stays alive until the work is done."""
@@ -201,34 +204,34 @@ class _Step:
 
     def _backward(self, action: Action, sync: bool) -> None:
         """B: the whole backward, then the input's gradient handed on; W (after I): the
-        whole backward again for the weights' gradients (see [Note: I and W])."""
-        micro, stage = action.micro, action.stage
-        part = self.runner.stages.parts[stage]
-        out = self.outputs.pop((micro, stage))
-        grad = None if part.last else self.grads.pop((micro, stage))
-        self.ops.backward_from(out, grad, sync)
-        x = self.stage_inputs.pop((micro, stage), None)
+        weights' half that I left, or the whole backward where I could not split it."""
+        key = (action.micro, action.stage)
+        x = self.stage_inputs.pop(key, None)
+        if key in self.weight_grads:
+            self.ops.run_backward(self.weight_grads.pop(key).run, sync)
+            return
+        out = self.outputs.pop(key)
+        grad = None if self.runner.stages.parts[action.stage].last else self.grads.pop(key)
+        self.ops.run_backward(lambda: torch.autograd.backward(out, grad), sync)
         if action.kind is Kind.BACKWARD and x is not None:
-            self._hand_on(micro, stage, x.grad)
+            self._hand_on(action.micro, action.stage, x.grad)
 
     def _backward_input(self, action: Action) -> None:
-        """I: only the gradient of the stage's input, the graph kept for W.
-
-        [Note: I and W] Zero-bubble schedules run a stage's backward in two halves so that
-        the input gradient, which the previous stage waits for, leaves early. Here I takes
-        it with `torch.autograd.grad` (retaining the graph) and W runs the whole backward,
-        which also yields the weights' gradients: the order and the results are the
-        schedule's, the cost is about 1.5 backwards per micro-batch instead of one, so the
-        schedule's bubble saving does not show in the step time yet."""
-        micro, stage = action.micro, action.stage
-        part = self.runner.stages.parts[stage]
+        """I: only the gradient of the stage's input, handed on; the weights' half waits for
+        W ([Note: I and W]). The first stage has no input gradient: its W is the backward."""
+        key = (action.micro, action.stage)
+        part = self.runner.stages.parts[action.stage]
         if part.first:
             return  # token ids have no gradient
-        out = self.outputs[(micro, stage)]
-        grad = None if part.last else self.grads[(micro, stage)]
-        x = self.stage_inputs[(micro, stage)]
-        (input_grad,) = torch.autograd.grad(out, x, grad, retain_graph=True)
-        self._hand_on(micro, stage, input_grad)
+        out = self.outputs[key]
+        grad = None if part.last else self.grads[key]
+        input_grad, weights = backward_input(out, grad, self.stage_inputs[key])
+        if weights is not None:
+            self.weight_grads[key] = weights
+            del self.outputs[key]
+            if not part.last:
+                del self.grads[key]
+        self._hand_on(action.micro, action.stage, input_grad)
 
     def _hand_on(self, micro: int, stage: int, input_grad: torch.Tensor) -> None:
         """The gradient of stage `stage`'s input, to the previous stage's backward: on this

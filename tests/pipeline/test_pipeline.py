@@ -140,6 +140,11 @@ def test_each_rank_holds_only_its_stages(pool2):
         ({"parallel": {"pp": 2}, "offload": {"policy": "static"}}, "set offload.policy='none'"),
         ({"parallel": {"pp": 3}}, "divisible|does not divide|world"),
         (
+            {"parallel": {"pp": 2}, "pipeline": {"schedule": "zb_h1"}}
+            | {"train": {"activation_checkpointing": "full"}},
+            "splits each backward into an input pass and a weight pass",
+        ),
+        (
             {"model": {"name": "hf", "hf_config": "gpt2-tiny"}, "parallel": {"pp": 2}},
             "declare ModelSpec\\(pipeline=PipelineCalls",
         ),
