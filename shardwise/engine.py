@@ -60,8 +60,8 @@ class Engine:
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)
-        self.schedule = build_schedule(plan, model, spec, mesh, self.device)
         self.tp = apply_tensor_parallel(model, mesh, plan.tp_plan) if plan.tp_plan else None
+        self.schedule = build_schedule(plan, model, spec, mesh, self.device)
         loss_fn = choose_loss(loss_fn, self.tp.loss_fn if self.tp else None)
         self.loss_fn = apply_attention(model, spec, plan, mesh, loss_fn)
         train = plan.config.train
@@ -129,7 +129,7 @@ class Engine:
         if self.scaler is not None:
             should_step = self.scaler.update(self.store.unscale_and_check(self.scaler))
         if should_step:
-            norm = self.schedule.global_norm(self.store.grad_norm())
+            norm = self.schedule.global_norm(self.store.grad_norm(self.schedule.uncounted))
             self.last_grad_norm = norm.item()
             max_norm = self.plan.optimizer.grad_clip
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None

@@ -333,7 +333,6 @@ def _sequence_parallel(
         return None
     kind = config.attention.sequence_parallel
     limits = {
-        "parallel.tp=1": dims.tp > 1,
         "parallel.pp=1": dims.pp > 1,
         "offload.policy='none'": config.offload.policy != "none",
         "attention.kind='dense'": config.attention.kind != "dense",
@@ -379,8 +378,7 @@ def _pipeline(
         return None
     pipe = config.pipeline
     limits = {
-        "parallel.tp=1": dims.tp > 1,
-        "zero.stage=0": config.zero.stage > 0,
+        "zero.stage=0 or 1": config.zero.stage > 1,
         "offload.policy='none'": config.offload.policy != "none",
         "precision.dtype='fp32' or 'bf16'": precision.param_dtype == torch.float16,
     }

@@ -53,6 +53,10 @@ class Schedule(Protocol):
     def run(self, batch: Batch, ops: StepOps) -> torch.Tensor:
         """One step's micro-batches; the step's mean loss (detached, fp32) on every rank."""
 
+    uncounted: torch.nn.Parameter | None
+    """A parameter of this rank the store's norm must not count: a pipeline stage's second
+    copy of a weight tied across stages (the first stage's copy counts)."""
+
     def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """The whole model's gradient norm from the store's (which covers this rank's
         parameters, over data- and tensor-parallel ranks)."""
@@ -108,6 +112,8 @@ class GradientAccumulation:
             loss = ops.forward_backward(micro).detach().float()
             total = loss if total is None else total + loss
         return total / self.micro_batches
+
+    uncounted = None
 
     def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm

@@ -121,13 +121,17 @@ class PipelineSchedule:
         comm.broadcast_(total, self._last_rank, self.stages.group)
         return total
 
+    @property
+    def uncounted(self) -> nn.Parameter | None:
+        """The last stage's copy of a tied weight: the first stage's copy counts in the norm."""
+        return None if self.stages.counts_tied else self.stages.tied
+
     def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
-        """The norm over every stage from this rank's `norm` (the tied weight counted once)."""
+        """The norm over every stage from this rank's `norm` (the tied weight counted once:
+        `uncounted`)."""
         squares = norm.float().square()
-        if self._tied_grad is not None and not self.stages.counts_tied:
-            squares = squares - self._tied_grad.float().square().sum()
         comm.all_reduce_(squares, self.stages.group)
-        return squares.clamp_min(0).sqrt()
+        return squares.sqrt()
 
 
 class _Step:

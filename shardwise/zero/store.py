@@ -59,7 +59,7 @@ class ParamStore(Protocol):
     def before_backward(self, sync: bool) -> None: ...
     def after_backward(self, sync: bool) -> None: ...
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool: ...
-    def grad_norm(self) -> torch.Tensor: ...
+    def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor: ...
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None: ...
     def end_step(self) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -253,25 +253,30 @@ class FlatStore:
         """`param`'s gradient as the update will read it (zero.stage 0: held whole)."""
         return self.reducer.reduced_grad(param)
 
-    def grad_norm(self) -> torch.Tensor:
+    def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor:
         """The global 2-norm: this rank's squares (each tensor-parallel shard counted once
-        over its replicas) summed over the groups holding disjoint slices."""
-        squares = self._grad_squares(self.shards.owned_grads())
+        over its replicas; `uncounted`, a second copy of a tied weight, not at all) summed
+        over the groups holding disjoint slices."""
+        squares = self._grad_squares(self.shards.owned_grads(), uncounted)
         for group in self.norm_groups:
             comm.all_reduce_(squares, group)
         return squares.sqrt()
 
-    def _grad_squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def _grad_squares(
+        self, grads: list[torch.Tensor], uncounted: nn.Parameter | None
+    ) -> torch.Tensor:
         """Sum of squared gradient elements this rank owns, counting each element of the
-        model once: a tensor-parallel shard held by k tp ranks contributes 1/k per holder."""
-        if self.tp is None:
+        model once: a tensor-parallel shard held by k tp ranks contributes 1/k per holder,
+        `uncounted` nothing."""
+        if self.tp is None and uncounted is None:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             return torch.stack(norms).square().sum()
         pieces, weights = [], []
         for owned, grad in zip(self.shards.slices, grads, strict=True):
             for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
                 pieces.append(grad[lo - owned.start : hi - owned.start])
-                weights.append(1.0 / self.tp.replicas[id(owner)])
+                share = 1.0 / self.tp.replicas[id(owner)] if self.tp is not None else 1.0
+                weights.append(0.0 if owner is uncounted else share)
         norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
         return (norms.square() * torch.tensor(weights, device=norms.device)).sum()
 

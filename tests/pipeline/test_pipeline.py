@@ -25,6 +25,7 @@ from tests.parity import (
     reference_run,
     train_then_resume,
 )
+from tests.tensor_parallel.test_gpt_parity import tp_engine_run
 
 LAYERS = 8
 """Enough blocks for 8 virtual stages (pp=4 x 2 chunks)."""
@@ -80,11 +81,31 @@ def test_every_schedule_matches_single_process(request, pp, case):
         assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
 
 
-def test_two_stages_times_two_replicas_match_single_process(pool4):
-    cfg = config(2, "1f1b", global_batch=8, dp_shard=2)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_two_stages_times_two_replicas_match_single_process(pool4, stage):
+    """pp=2 x dp=2, replicated or with Adam's states sharded over dp (ZeRO-1); the tied
+    weight's gradient is summed whole over its two stages either way."""
+    cfg = config(2, "1f1b", global_batch=8, dp_shard=2).replace(zero={"stage": stage})
     want = reference_run(cfg)
     for got in pool4.run(pipeline_run, cfg):
         assert_parity(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+def test_two_stages_times_two_tensor_parallel_ranks_match_single_process(pool4, schedule):
+    """pp=2 x tp=2 (1D, the tied embedding vocabulary-parallel on both stages): each rank's
+    shards against the reference's split by the same plan; together the ranks hold every
+    parameter."""
+    cfg = config(2, schedule, tp=2)
+    held = pool4.run(tp_engine_run, cfg, 4)
+    assert set().union(*held) == set(reference_run(cfg)[1])
+
+
+def test_three_d_hybrid_of_pipeline_tensor_and_zero_one_data_parallel(pool8):
+    """pp=2 x tp=2 x dp=2 at zero.stage 1 (8 ranks, the tiny model): parity per shard."""
+    cfg = config(2, "1f1b", global_batch=8, tp=2, dp_shard=2).replace(zero={"stage": 1})
+    held = pool8.run(tp_engine_run, cfg, 8)
+    assert set().union(*held) == set(reference_run(cfg)[1])
 
 
 def test_bf16_stages_keep_the_tied_weight_equal(pool2):
@@ -136,7 +157,7 @@ def test_each_rank_holds_only_its_stages(pool2):
     ("overrides", "message"),
     [
         ({"model": {"n_layers": 2}, "parallel": {"pp": 4}}, "4 pipeline stages need at least 4"),
-        ({"parallel": {"pp": 2}, "zero": {"stage": 2}}, "set zero.stage=0"),
+        ({"parallel": {"pp": 2}, "zero": {"stage": 2}}, "set zero.stage=0 or 1"),
         ({"parallel": {"pp": 2}, "offload": {"policy": "static"}}, "set offload.policy='none'"),
         ({"parallel": {"pp": 3}}, "divisible|does not divide|world"),
         (

@@ -385,13 +385,17 @@ class ChunkStore:
             comm.all_reduce_(flag, group, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def grad_norm(self) -> torch.Tensor:
+    def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor:
         """The global norm: in one process exactly as a plain torch run computes it (per
         parameter norms taken in the gradient hook); over ranks the root of every rank's
-        squares (tensor-parallel shards counted once over their replicas)."""
+        squares (tensor-parallel shards counted once over their replicas; `uncounted`, a
+        second copy of a tied weight, not at all)."""
         if not self.norm_groups:
-            return self.grads.total_norm(self.params)
-        squares = self.grads.squares(self._norm_weights)
+            return self.grads.total_norm([p for p in self.params if p is not uncounted])
+        weights = self._norm_weights
+        if uncounted is not None:
+            weights = {**weights, id(uncounted): 0.0}
+        squares = self.grads.squares(weights)
         for group in self.norm_groups:
             comm.all_reduce_(squares, group)
         return squares.sqrt()
