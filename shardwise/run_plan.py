@@ -378,7 +378,7 @@ def _pipeline(
         return None
     pipe = config.pipeline
     limits = {
-        "zero.stage=0 or 1": config.zero.stage > 1,
+        "zero.stage=0, 1 or 2": config.zero.stage > 2,
         "offload.policy='none'": config.offload.policy != "none",
         "precision.dtype='fp32' or 'bf16'": precision.param_dtype == torch.float16,
     }

@@ -89,6 +89,7 @@ class GradReducer:
         replicate_group: object | None = None,
         device: torch.device | None = None,
         align: int = 1,
+        alone: nn.Parameter | None = None,
     ) -> None:
         """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
 
@@ -105,7 +106,8 @@ class GradReducer:
         scales whole chunks).
 
         `compression`, when set (1-bit Adam's `OneBitExchange`), replaces the collective of
-        every bucket while it is active."""
+        every bucket while it is active. `alone` gets a bucket of its own, so that its reduced
+        slices are the same on every rank holding a copy of it (a pipeline's tied weight)."""
         self.group = group
         self.group_size = comm.group_size(group)
         self.replicate_group = replicate_group
@@ -116,7 +118,7 @@ class GradReducer:
         device = device or params[0].device
         self.buckets = [
             _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter, device, align)
-            for group_params in bucket_groups or _bucket_params(params, bucket_bytes)
+            for group_params in bucket_groups or _bucket_params(params, bucket_bytes, alone)
         ]
         self.on_bucket_complete = None
         self.compression = None
@@ -216,9 +218,14 @@ class GradReducer:
                 param.grad = None
 
     def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """`param`'s reduced gradient, where every rank holds all of it (no reduce-scatter)."""
+        """`param`'s reduced gradient as this rank keeps it: all of it, or when
+        reduce-scattering its slice of a bucket `param` has alone (flat, padding included)."""
         bucket, index = self._slot[id(param)]
-        return bucket.view_of(bucket.reduced, index)
+        if not self.scatter:
+            return bucket.view_of(bucket.reduced, index)
+        if len(bucket.params) > 1:
+            raise ValueError("a reduce-scattered parameter's gradient needs a bucket of its own")
+        return bucket.reduced
 
     def reduced_range(self, bucket: Bucket, start: int, end: int) -> torch.Tensor:
         """The reduced gradient of flat range [start, end) of `bucket` (inside its shard when
@@ -240,13 +247,19 @@ FIRST_BUCKET_BYTES = 2**20
 layers' gradients exist, instead of after `bucket_bytes` of them."""
 
 
-def _bucket_params(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+def _bucket_params(
+    params: list[nn.Parameter], bucket_bytes: int, alone: nn.Parameter | None = None
+) -> list[list[nn.Parameter]]:
     """Group parameters in reverse model order (≈ the order backward produces gradients),
-    one dtype per bucket, closing a bucket once it holds its byte budget."""
+    one dtype per bucket, closing a bucket once it holds its byte budget; `alone` in a
+    bucket of its own."""
     groups: list[list[nn.Parameter]] = []
     open_by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     size_by_dtype: dict[torch.dtype, int] = {}
     for param in reversed(params):
+        if param is alone:
+            groups.append([param])
+            continue
         current = open_by_dtype.get(param.dtype)
         budget = min(FIRST_BUCKET_BYTES, bucket_bytes) if len(groups) <= 1 else bucket_bytes
         if current is None or size_by_dtype[param.dtype] >= budget:

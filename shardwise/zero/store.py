@@ -182,6 +182,7 @@ class FlatStore:
             replicate_group=groups.replicate if sharding.grads else None,
             device=device,
             align=math.lcm(8, chunk) if onebit else 1,
+            alone=_stage_embedding(model, plan, spec),
         )
         if onebit:
             self.reducer.compression = OneBitExchange(
@@ -250,7 +251,9 @@ class FlatStore:
         return found_inf
 
     def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """`param`'s gradient as the update will read it (zero.stage 0: held whole)."""
+        """`param`'s gradient as the update will read it: whole (zero.stage 0-1), or this
+        rank's slice (stage 2) of a parameter with a bucket of its own (the reducer's
+        `alone`: a pipeline stage's embedding weight)."""
         return self.reducer.reduced_grad(param)
 
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor:
@@ -456,3 +459,15 @@ def _check_shardable(params: list[nn.Parameter], stage: int, shard_size: int) ->
             f"zero.stage={stage} shards over {shard_size} data-parallel ranks, but the model has "
             f"only {numel} trainable elements; use at most {numel} ranks or zero.stage=0"
         )
+
+
+def _stage_embedding(model: nn.Module, plan: RunPlan, spec: ModelSpec) -> nn.Parameter | None:
+    """A pipeline stage's embedding weight, where this rank holds it: the first and the last
+    stage share it when the head is tied, and sum its reduced gradient; a bucket of its own
+    makes their slices of it line up at zero.stage 2."""
+    if plan.pipeline is None or spec.embedding is None:
+        return None
+    try:
+        return model.get_submodule(spec.embedding).weight
+    except AttributeError:  # a middle stage: the embedding was cut away
+        return None

@@ -81,7 +81,7 @@ def test_every_schedule_matches_single_process(request, pp, case):
         assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_stages_times_two_replicas_match_single_process(pool4, stage):
     """pp=2 x dp=2, replicated or with Adam's states sharded over dp (ZeRO-1); the tied
     weight's gradient is summed whole over its two stages either way."""
@@ -157,7 +157,7 @@ def test_each_rank_holds_only_its_stages(pool2):
     ("overrides", "message"),
     [
         ({"model": {"n_layers": 2}, "parallel": {"pp": 4}}, "4 pipeline stages need at least 4"),
-        ({"parallel": {"pp": 2}, "zero": {"stage": 2}}, "set zero.stage=0 or 1"),
+        ({"parallel": {"pp": 2}, "zero": {"stage": 3}}, "set zero.stage=0, 1 or 2"),
         ({"parallel": {"pp": 2}, "offload": {"policy": "static"}}, "set offload.policy='none'"),
         ({"parallel": {"pp": 3}}, "divisible|does not divide|world"),
         (
