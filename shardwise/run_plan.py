@@ -333,6 +333,7 @@ def _sequence_parallel(
         return None
     kind = config.attention.sequence_parallel
     limits = {
+        "parallel.tp=1": dims.tp > 1,
         "parallel.pp=1": dims.pp > 1,
         "offload.policy='none'": config.offload.policy != "none",
         "attention.kind='dense'": config.attention.kind != "dense",
