@@ -12,6 +12,7 @@ parameter stores read the plan's policies, never ``zero.stage`` or ``offload.pol
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -272,7 +273,7 @@ def resolve(
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
-    return RunPlan(
+    plan = RunPlan(
         config=config,
         dims=dims,
         micro_batches=micro_batches,
@@ -286,6 +287,8 @@ def resolve(
         attention=attention,
         sequence_parallel=sequence_parallel,
     )
+    _check_disk_cap(plan)
+    return plan
 
 
 def _check_vocabulary(config: Config, model: nn.Module, spec: ModelSpec) -> None:
@@ -454,6 +457,20 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
             f"offload.policy={policy!r} with {_dtype(precision.param_dtype)} parameters keeps "
             "the fp32 master weights in the host optimizer: set offload.optimizer='host' or "
             "'disk', or precision.dtype='fp32'"
+        )
+
+
+def _check_disk_cap(plan: RunPlan) -> None:
+    """Adam's states on disk (``offload.optimizer='disk'``) must fit under the per-rank cap:
+    their predicted bytes are a lower bound (a rewrite also keeps the old version a while)."""
+    cap = plan.offload.disk_max_bytes
+    if plan.offload.optimizer != "disk" or cap is None:
+        return
+    need = math.ceil(plan.model_state_bytes()["optimizer_states"])
+    if need > cap:
+        raise ConfigError(
+            f"offload.disk_max_bytes={cap} is below the {need} bytes Adam's states take on "
+            f"disk per rank; raise it (to {2 * need} for room to rewrite) or leave it unset"
         )
 
 

@@ -170,6 +170,11 @@ BAD_SETS = {
         ["--set", "checkpoint.every=-1"],
         "checkpoint.every=-1: input should be greater than or equal to 0",
     ),
+    "disk-cap-below-adam-states": (
+        ["--nproc", "2", "--set", "offload.optimizer=disk", "--set", "offload.disk_path=/tmp"]
+        + ["--set", "offload.disk_max_bytes=1000"],
+        "offload.disk_max_bytes=1000 is below the 6",
+    ),
     "micro-batch-zero": (
         ["--set", "train.micro_batch=0"],
         "train.micro_batch=0: input should be greater than or equal to 1",
