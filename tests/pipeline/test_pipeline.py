@@ -125,6 +125,19 @@ def test_two_stages_resume_exactly(pool2, tmp_path):
         assert resumed == full[2:]
 
 
+@pytest.mark.parametrize(
+    ("stage", "parallel"),
+    [(2, {"pp": 2, "dp_shard": 2}), (0, {"pp": 2, "tp": 2})],
+    ids=["pp2-dp2-zero2", "pp2-tp2"],
+)
+def test_hybrid_stages_resume_exactly(pool4, tmp_path, stage, parallel):
+    """bf16, 4 ranks: the hybrids' per-stage checkpoints (ZeRO-2 slices of the tied weight's
+    own bucket; tp shards of both stages) resume steps 3 and 4 bitwise."""
+    sections = {"parallel": parallel, "pipeline": {"schedule": "1f1b"}}
+    for full, resumed in pool4.run(train_then_resume, str(tmp_path), stage, "bf16", **sections):
+        assert resumed == full[2:]
+
+
 def held_names(cfg) -> list[str]:
     engine = initialize(build_model(cfg), None, cfg)
     return sorted(name for name, _ in engine.model.named_parameters())
