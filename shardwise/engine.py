@@ -129,7 +129,7 @@ class Engine:
         if self.scaler is not None:
             should_step = self.scaler.update(self.store.unscale_and_check(self.scaler))
         if should_step:
-            norm = self.schedule.global_norm(self.store.grad_norm(self.schedule.uncounted))
+            norm = self.store.grad_norm(self.schedule.uncounted)
             self.last_grad_norm = norm.item()
             max_norm = self.plan.optimizer.grad_clip
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None

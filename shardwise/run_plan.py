@@ -384,7 +384,6 @@ def _pipeline(
     limits = {
         "zero.stage=0, 1 or 2": config.zero.stage > 2,
         "offload.policy='none'": config.offload.policy != "none",
-        "precision.dtype='fp32' or 'bf16'": precision.param_dtype == torch.float16,
     }
     _refuse_combinations(f"parallel.pp={dims.pp}", limits)
     if spec.pipeline is None:

@@ -57,10 +57,6 @@ class Schedule(Protocol):
     """A parameter of this rank the store's norm must not count: a pipeline stage's second
     copy of a weight tied across stages (the first stage's copy counts)."""
 
-    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
-        """The whole model's gradient norm from the store's (which covers this rank's
-        parameters, over data- and tensor-parallel ranks)."""
-
 
 def build_schedule(
     plan: RunPlan, model: nn.Module, spec: ModelSpec, mesh: object, device: torch.device
@@ -114,6 +110,3 @@ class GradientAccumulation:
         return total / self.micro_batches
 
     uncounted = None
-
-    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
-        return norm

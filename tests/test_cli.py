@@ -158,9 +158,9 @@ BAD_SETS = {
         + ["--set", "train.micro_batch=2"],
         "interleaved_1f1b needs micro_batches divisible by ranks (got m=3, p=2)",
     ),
-    "pp-with-fp16": (
-        ["--set", "parallel.pp=2", "--set", "precision.dtype=fp16"],
-        "parallel.pp=2 does not combine with this setting yet; set precision.dtype='fp32'",
+    "pp-with-chunks": (
+        ["--set", "parallel.pp=2", "--set", "offload.policy=static"],
+        "parallel.pp=2 does not combine with this setting yet; set offload.policy='none'",
     ),
     "init-from-missing": (
         ["--set", "model.init_from=/no/such.safetensors"],

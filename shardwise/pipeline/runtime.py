@@ -23,7 +23,9 @@ input and the gradient crosses to the previous stage explicitly (between ranks, 
 rank when it holds both stages). The store sees each backward as a micro-batch: the rank's
 last backward of the step is the one that reduces gradients over the data-parallel ranks.
 The step's loss (the mean over micro-batches) lives on the last stage and is broadcast over
-the pipeline; the global gradient norm sums the stages' squares (`global_norm`).
+the pipeline. The store sums gradient norms and fp16 overflow flags over the pipeline axis
+too (stages hold disjoint parameters), leaving out the last stage's copy of a tied weight
+(`uncounted`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,6 @@ class PipelineSchedule:
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
-        self._tied_grad: torch.Tensor | None = None
-        """This rank's copy of the tied weight's reduced gradient, summed over its stages."""
         self.busy_s = 0.0
         """Seconds the last step spent in compute actions (F, B, I, W) on this rank; its
         schedule's idle time is the rest of `step_s` (host time: on an accelerator it counts
@@ -112,9 +112,8 @@ class PipelineSchedule:
         tied = self.stages.tied
         # the reduced gradient: where it is another buffer than `.grad` (bf16 parameters
         # reduced in fp32), a sum of `.grad` after the reduction would be lost
-        self._tied_grad = ops.reduced_grad(tied) if tied is not None else None
-        if self._tied_grad is not None:
-            self.stages.sync_tied_grad(self._tied_grad)
+        if tied is not None:
+            self.stages.sync_tied_grad(ops.reduced_grad(tied))
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if step.losses:
             total = torch.stack(step.losses).sum() / m
@@ -126,12 +125,6 @@ class PipelineSchedule:
         """The last stage's copy of a tied weight: the first stage's copy counts in the norm."""
         return None if self.stages.counts_tied else self.stages.tied
 
-    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
-        """The norm over every stage from this rank's `norm` (the tied weight counted once:
-        `uncounted`)."""
-        squares = norm.float().square()
-        comm.all_reduce_(squares, self.stages.group)
-        return squares.sqrt()
 
 
 class _Step:

@@ -98,16 +98,21 @@ class DataParallelGroups:
     shard: object | None
     replicate: object | None
     """None when there is one replica."""
+    stages: object | None = None
+    """The pipeline axis, when there are stages: they hold disjoint parameters, so gradient
+    norms and overflow flags are summed over it (as over dp shards and tp ranks)."""
 
     @classmethod
     def of(cls, mesh: object | None) -> DataParallelGroups:
         if mesh is None:
             return cls(None, None, None)
         replicate = replica_mesh(mesh)
+        stages = mesh["pp"]
         return cls(
             grad_mesh(mesh),
             mesh["dp_shard"],
             replicate if comm.group_size(replicate) > 1 else None,
+            stages if comm.group_size(stages) > 1 else None,
         )
 
     @property
@@ -206,7 +211,7 @@ class FlatStore:
         tp_group = tp.ctx.group("tp") if tp is not None else None
         self.norm_groups = [
             g
-            for g in (self.shards.norm_group, tp_group)
+            for g in (self.shards.norm_group, tp_group, groups.stages)
             if g is not None and comm.group_size(g) > 1
         ]
         """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are

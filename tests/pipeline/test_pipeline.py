@@ -27,6 +27,8 @@ from tests.parity import (
 )
 from tests.tensor_parallel.test_gpt_parity import tp_engine_run
 
+FP16_RTOL = 5e-3
+"""Losses of the tiny GPT in fp16 (10 mantissa bits) against fp32, over 5 steps."""
 LAYERS = 8
 """Enough blocks for 8 virtual stages (pp=4 x 2 chunks)."""
 
@@ -42,7 +44,10 @@ def config(pp: int, schedule: str, chunks: int = 1, global_batch: int = 4, **par
 def pipeline_run(cfg) -> tuple[list[float], dict]:
     """On every rank: train this data-parallel rank's rows; losses and the whole model's
     weights (the union of every stage's)."""
-    engine = initialize(build_model(cfg), None, cfg)
+    return _trained_and_merged(initialize(build_model(cfg), None, cfg), cfg)
+
+
+def _trained_and_merged(engine, cfg) -> tuple[list[float], dict]:
     dp = engine.dp.size
     rank = comm.group_rank(engine.dp.dp) if dp > 1 else 0
     losses = []
@@ -106,6 +111,40 @@ def test_three_d_hybrid_of_pipeline_tensor_and_zero_one_data_parallel(pool8):
     cfg = config(2, "1f1b", global_batch=8, tp=2, dp_shard=2).replace(zero={"stage": 1})
     held = pool8.run(tp_engine_run, cfg, 8)
     assert set().union(*held) == set(reference_run(cfg)[1])
+
+
+def fp16_pipeline_run(cfg, poisoned: int | None) -> tuple[list[float], dict, float, int]:
+    """`pipeline_run` in fp16; on rank `poisoned` the first gradient of one of its blocks'
+    weights is made inf (an overflow only that stage sees). Also the loss scale and the
+    skipped steps."""
+    engine = initialize(build_model(cfg), None, cfg)
+    if dist.get_rank() == poisoned:
+        weight = next(p for name, p in engine.model.named_parameters() if name.startswith("blocks"))
+        hits = []
+
+        def overflow(grad: torch.Tensor) -> torch.Tensor:
+            hits.append(1)
+            return torch.full_like(grad, float("inf")) if len(hits) == 1 else grad
+
+        weight.register_hook(overflow)
+    losses, merged = _trained_and_merged(engine, cfg)
+    return losses, merged, engine.scaler.scale, engine.scaler.skipped_steps
+
+
+def test_fp16_stages_skip_together_on_an_overflow_one_stage_sees(pool2):
+    """fp16 over two stages: the overflow flag is summed over the pipeline axis, so a step
+    whose gradients overflow on the first stage only is skipped on both (the tied weight's
+    copies stay equal, `_trained_and_merged` checks); without overflow the losses follow the
+    fp32 reference within fp16's rounding."""
+    cfg = config(2, "1f1b").replace(precision={"dtype": "fp16"})
+    want, _ = reference_run(config(2, "1f1b"))
+    for losses, _, _, skipped in pool2.run(fp16_pipeline_run, cfg, None):
+        assert skipped == 0
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=FP16_RTOL, atol=0)
+    runs = pool2.run(fp16_pipeline_run, cfg, 0)
+    assert [run[3] for run in runs] == [1, 1]  # step 1 skipped by both stages
+    assert runs[0][2] == runs[1][2]  # one loss scale
+    assert runs[0][0] == runs[1][0]
 
 
 def test_bf16_stages_keep_the_tied_weight_equal(pool2):

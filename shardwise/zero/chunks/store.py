@@ -160,7 +160,8 @@ class ChunkStore:
             for piece, owner in zip(home.slots, home.owners, strict=True)
         }
         """Id of a piece the optimizer updates (sharded) -> id of the parameter it is of."""
-        self.norm_groups = [g for g in (self.group, tp and tp.ctx.group("tp")) if g is not None]
+        tp_group = tp and tp.ctx.group("tp")
+        self.norm_groups = [g for g in (self.group, tp_group, groups.stages) if g is not None]
         """Groups whose ranks hold disjoint gradients: norms and overflow flags sum over them."""
         self._norm_weights = (
             {
