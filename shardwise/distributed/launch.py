@@ -582,8 +582,12 @@ def _write_error_file(line: str, *, exit_code: int, peer_closed: bool, waited: b
             "peer_closed": peer_closed,
             "waited": waited,
         }
-        with open(path, "w") as file:
+        # whole or not at all: the agent stops this rank (SIGTERM) as soon as another fails,
+        # and reads the file then; a half-written one crashed torch's agent (JSONDecodeError)
+        partial = f"{path}.partial"
+        with open(partial, "w") as file:
             json.dump(record, file)
+        os.replace(partial, path)
 
 
 def _destroy_process_group() -> None:
