@@ -3,9 +3,10 @@ step. At step 2 the rank argv[2] kills itself (SIGKILL: no exception, no message
 phase argv[1]: ``forward`` (before the first block runs), ``backward`` (as the first gradient
 arrives), ``optimizer`` (before the optimizer step) or ``save`` (while writing its files of
 the step's checkpoint); or freezes (SIGSTOP) as the first gradient arrives, in phase
-``stop``, under a 5 s collective timeout. Phase ``resume`` (argv[2] ignored) resumes from
-the newest checkpoint under argv[3] and trains the remaining steps. Rank 0 writes the losses
-it saw to ``<argv[3]>/losses_<phase>.json`` after every step."""
+``stop``, under a 5 s collective timeout (set after the rendezvous). Phase ``resume``
+(argv[2] ignored) resumes from the newest checkpoint under argv[3] and trains the remaining
+steps. Rank 0 writes the losses it saw to ``<argv[3]>/losses_<phase>.json`` after every
+step."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import json
 import os
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import shardwise.checkpoint.io as checkpoint_io
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
@@ -69,7 +72,10 @@ def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     phase, victim, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    info = init_worker(timeout_s=5.0 if phase == "stop" else 30.0)
+    info = init_worker(timeout_s=30.0)
+    if phase == "stop":  # the others wait 5 s for the frozen rank; set after the rendezvous,
+        # which a loaded machine may slow down by more
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=5))
     cfg = run_config(info.world_size)
     engine = initialize(build_gpt(cfg.model, 16, seed=1), None, cfg)
     layout = engine.plan.layout()
