@@ -336,7 +336,7 @@ def _sequence_parallel(
         return None
     kind = config.attention.sequence_parallel
     limits = {
-        "parallel.tp=1": dims.tp > 1,
+        "parallel.tp_sequence_parallel=false": config.parallel.tp_sequence_parallel,
         "parallel.pp=1": dims.pp > 1,
         "offload.policy='none'": config.offload.policy != "none",
         "attention.kind='dense'": config.attention.kind != "dense",
@@ -359,9 +359,12 @@ def _sequence_parallel(
         contiguous_positions(config.data.seq_len, 0, dims.sp)
     else:
         hybrid_positions(config.data.seq_len, 0, dims.sp // ulysses, 0, ulysses)
-    if ulysses > 1 and spec.heads is not None and spec.heads % ulysses:
+    if ulysses > 1 and spec.heads is not None and (spec.heads // dims.tp) % ulysses:
+        heads = f"model.n_heads={spec.heads}" + (
+            f" over parallel.tp={dims.tp}" if dims.tp > 1 else ""
+        )
         raise ConfigError(
-            f"model.n_heads={spec.heads} does not split over {ulysses} Ulysses ranks: use "
+            f"{heads} does not split over {ulysses} Ulysses ranks: use "
             "Ulysses degrees that divide the heads, attention.sequence_parallel='hybrid' with "
             "a smaller attention.ulysses_degree, or 'ring'"
         )

@@ -126,7 +126,6 @@ class PipelineSchedule:
         return None if self.stages.counts_tied else self.stages.tied
 
 
-
 class _Step:
     """The tensors one step's actions pass to each other."""
 

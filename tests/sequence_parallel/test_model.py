@@ -1,8 +1,8 @@
 """Sequence parallelism through the engine: each sp rank trains on its part of every
 sequence (ring: zig-zag chunks; Ulysses: a contiguous slice) and the whole model's losses and
 weights equal the single-process run (fp32, losses 1e-5 for 5 steps): sp=2 for each kind,
-sp=2 x dp=2 with ZeRO-3; `shardwise train --set parallel.sp=2` with resume; bad settings are
-one-line errors before launch."""
+sp=2 x dp=2 with ZeRO-3, sp=2 x tp=2; `shardwise train --set parallel.sp=2` with resume;
+bad settings are one-line errors before launch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from shardwise.errors import ConfigError
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+from tests.tensor_parallel.test_gpt_parity import tp_engine_run
 
 SP_PARAM_RTOL = 2e-4
 """Parameters after 5 Adam steps, tensor-wise. Attention of a part of the sequence sums its
@@ -62,6 +63,14 @@ def test_sp2_times_dp2_with_zero3_matches_single_process(pool4, kind):
         assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
 
 
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_sp2_times_tp2_matches_single_process(pool4, kind):
+    """The heads split over tp first; each tp rank's heads attend over its sp group (the
+    ranks of its tp index). Shards against the reference's split by the same plan."""
+    cfg = sp_config(kind, micro_batch=2, global_batch=2, sp=2, tp=2)
+    pool4.run(tp_engine_run, cfg, 4)
+
+
 def test_hybrid_two_by_two_matches_single_process(pool4):
     """sp = 4 as ring 2 x Ulysses 2 (the sp axis split into sub-axes inside the engine)."""
     cfg = sp_config("hybrid", micro_batch=2, global_batch=2, sp=4)
@@ -87,7 +96,15 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
             {"attention": {"sequence_parallel": "hybrid", "ulysses_degree": 3}},
             "attention.ulysses_degree=3 does not divide parallel.sp=2",
         ),
-        ({"parallel": {"sp": 2, "tp": 2}}, "set parallel.tp=1"),
+        (
+            {"parallel": {"sp": 2, "tp": 2, "tp_sequence_parallel": True}},
+            "set parallel.tp_sequence_parallel=false",
+        ),
+        (
+            {"parallel": {"sp": 2, "tp": 2}, "attention": {"sequence_parallel": "ulysses"}}
+            | {"model": {"n_heads": 2, "d_model": 32}},
+            "model.n_heads=2 over parallel.tp=2 does not split over 2 Ulysses ranks",
+        ),
         ({"attention": {"kind": "sparse", "block": 2}}, "set attention.kind='dense'"),
         ({"model": {"dropout": 0.1}}, "no dropout on attention weights"),
         (
@@ -101,7 +118,8 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
         "ulysses-heads",
         "kind",
         "hybrid-degree",
-        "tp",
+        "tp-megatron-sp",
+        "ulysses-heads-after-tp",
         "sparse",
         "dropout",
         "hf",
