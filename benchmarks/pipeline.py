@@ -19,7 +19,14 @@ work for all; clipping would add a global norm to ours only).
 The JSON ``ratio`` keys: ``bubble_<schedule>`` = measured idle fraction / the schedule's
 theoretical bubble (`theoretical_bubble`: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(vm+p-1)
 interleaved, the zero-bubble paper's for ZB-H1 and ZB-V at F = I = W); ``zb_vs_1f1b`` = ZB-H1
-step time / 1F1B's; ``torch_pipelining`` = our 1F1B step time / the peer's. Step times are
+step time / 1F1B's; ``torch_pipelining`` = our 1F1B step time / the peer's;
+``activation_<schedule>`` = the most tensor bytes a step's micro-batches (forwards and
+backwards, not the update) create and hold at once on a rank (`PeakTensorBytes`, after the
+timed steps: activations, and a backward's working tensors and fresh gradients) / the
+schedule's bound there: its in-flight activations on that rank
+(`Schedule.in_flight_peak`, the bound `check` enforces) x one micro-batch's activations of a
+stage part, measured as GPipe's peak / m (GPipe holds all m; a part of a 2-chunk schedule
+holds half a stage); the largest over the ranks. Step times are
 the slowest rank's medians, contenders interleaved one step each per round (rotating order):
 our five schedules in one rotation, then our 1F1B and the peer in a pair of their own.
 """
@@ -42,7 +49,8 @@ from shardwise.engine import initialize
 from shardwise.loss import cross_entropy_loss
 from shardwise.models.gpt import build_gpt
 from shardwise.optim import default_optimizer_factory
-from shardwise.pipeline.schedules import theoretical_bubble
+from shardwise.pipeline.schedules import build_schedule, theoretical_bubble
+from shardwise.planner.tracker import PeakTensorBytes
 
 NPROC = 2
 SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "zbv": 2}
@@ -83,13 +91,23 @@ def run(quick: bool) -> BenchResult:
     ratio["zb_vs_1f1b"] = medians["zb_h1"] / medians["1f1b"]
     peers["torch_pipelining"] = medians["torch_pipelining"]
     ratio["torch_pipelining"] = medians["1f1b_pair"] / medians["torch_pipelining"]
+    peaks, m = record["peak_bytes"], settings.micro_batches
+    per_micro = [bytes_ / m for bytes_ in peaks["gpipe"]]  # one micro-batch, a whole stage
+    for name, chunks in SCHEDULES.items():
+        held = build_schedule(name, NPROC, m, chunks).in_flight_peak()
+        bound = [held[r] * per_micro[r] / chunks for r in range(NPROC)]
+        worst = max(range(NPROC), key=lambda r: peaks[name][r] / bound[r])
+        peers[f"activation_{name}"] = bound[worst]
+        ratio[f"activation_{name}"] = peaks[name][worst] / bound[worst]
     config = {
         **record["config"],
         "measured_bubble": bubbles,
+        "peak_bytes_per_rank": record["peak_bytes"],
         "theoretical_bubble": theory,
         "peers": "bubble_<schedule>: the theoretical bubble (ratio measured / theory); "
         "zb_vs_1f1b: 1F1B's median step seconds (ratio ZB-H1 / 1F1B); torch_pipelining: "
-        "Schedule1F1B's median step seconds (ratio our 1F1B / it)",
+        "Schedule1F1B's median step seconds (ratio our 1F1B / it); activation_<schedule>: the "
+        "in-flight bound in bytes on the rank furthest from it (ratio measured peak / bound)",
     }
     return BenchResult(
         metric="median_step_s", ours=medians["1f1b"], peers=peers, config=config, ratio=ratio
@@ -209,6 +227,15 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         slowest[name] = statistics.median(t.tolist())
+    peak_bytes = {}
+    for name, engine in engines.items():  # one more step each, its micro-batches counted
+        with PeakTensorBytes("cpu", existing=False) as tracker:
+            engine.schedule.run(batches[0], engine)
+        engine.step()
+        mine = torch.zeros(NPROC, dtype=torch.float64)
+        mine[rank] = tracker.peak
+        dist.all_reduce(mine)
+        peak_bytes[name] = mine.tolist()
     bubble = {}
     for name, values in idle.items():
         t = torch.tensor([statistics.mean(values)], dtype=torch.float64)
@@ -217,6 +244,7 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
     return {
         "median_s": slowest,
         "bubble": bubble,
+        "peak_bytes": peak_bytes,
         "config": {
             **asdict(settings),
             "pp": NPROC,
