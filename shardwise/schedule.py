@@ -43,8 +43,8 @@ class StepOps(Protocol):
         the rank's last backward of the step, which reduces gradients."""
 
     def reduced_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
-        """`param`'s gradient as the update will read it, after the step's reduction (zero
-        stage 0, which pipeline parallelism runs with)."""
+        """`param`'s gradient as the update will read it, after the step's reduction: whole
+        (zero.stage 0-1), or this rank's slice (stage 2) where `param` has a bucket alone."""
 
 
 class Schedule(Protocol):
