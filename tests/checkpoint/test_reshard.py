@@ -46,6 +46,11 @@ LAYOUTS = {
         4,
         {"parallel": {"sp": 4}, "attention": {"sequence_parallel": "hybrid", "ulysses_degree": 2}},
     ),
+    "tp8-2.5d": (
+        8,
+        {"parallel": {"tp": 8, "tp_mode": "2.5d", "tp_depth": 2}, "train": {"micro_batch": 4}},
+    ),
+    "tp8-3d": (8, {"parallel": {"tp": 8, "tp_mode": "3d"}, "train": {"micro_batch": 4}}),
     "pp2-tp2": (4, {"parallel": {"pp": 2, "tp": 2}, "pipeline": {"schedule": "1f1b"}}),
     "pp2-dp2-zero2": (
         4,
