@@ -20,13 +20,12 @@ DEFAULT_NPROC = 2
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set``, as train and plan take them."""
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    _set_argument(p, "override a config value, e.g. --set train.steps=50 (repeatable)")
+
+
+def _set_argument(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.steps=50 (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -103,45 +102,89 @@ def _check_launch_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--master-port {args.master_port} is not a port (1-65535)")
 
 
-def _output_dir(args: argparse.Namespace) -> Path:
-    """The run directory, created; one that holds anything is refused unless resuming into it
-    or --force (a run's outputs are not overwritten by accident)."""
-    out = _run_dir(args)
+def _output_dir(out: Path, reuse: bool, what: str = "--out") -> Path:
+    """`out` (the argument `what`), created; one that holds anything is refused unless `reuse`
+    (resuming into it, or --force): a run's outputs are not overwritten by accident."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and args.resume is None and not args.force:
+        raise ConfigError(f"{what} {str(out)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not reuse:
+        resume = "continue that run with --resume, or " if what == "--out" else ""
         raise ConfigError(
-            f"--out {str(out)!r} is not empty (another run's outputs?); continue that run with "
-            "--resume, or pass --force to write into it"
+            f"{what} {str(out)!r} is not empty (another run's outputs?); {resume}pass --force "
+            "to write into it"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"--out {str(out)!r}: cannot create it ({err.strerror})") from None
+        raise ConfigError(f"{what} {str(out)!r}: cannot create it ({err.strerror})") from None
     return out
 
 
+def _intact(checkpoint: Path) -> Path:
+    """The checkpoint to start from, read whole: a damaged newest one gives way to an older
+    one, with a warning."""
+    from shardwise.checkpoint import intact_checkpoint
+
+    found, skipped = intact_checkpoint(checkpoint)
+    for reason in skipped:
+        print(f"shardwise: warning: {reason}; resuming from {found}", file=sys.stderr)
+    return found
+
+
+def _checkpoint_step(checkpoint: Path, nproc: int, plan) -> int:
+    """The step of the checkpoint at `checkpoint`, after checking that `plan`'s model and
+    layout on `nproc` ranks can load it."""
+    from shardwise.checkpoint import check_model_fits, check_resumable
+    from shardwise.run_plan import meta_model
+
+    step = check_resumable(checkpoint, nproc, plan.layout(), plan.global_batch)["step"]
+    check_model_fits(checkpoint, meta_model(plan.config))
+    return step
+
+
+def _start_ranks(plan, out: Path, args: argparse.Namespace, reshard: bool = False) -> None:
+    """Write the run's config.toml and plan into `out`, and run the trainer on --nproc ranks
+    (in this process for one): training, or with `reshard` only loading --resume's checkpoint
+    and saving it in the plan's layout."""
+    from shardwise.trainer import save_plan
+
+    (out / "config.toml").write_text(plan.resolved_config().to_toml())
+    save_plan(plan, out / "plan.pkl")
+    print(f"shardwise {args.command}: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
+    print(plan.table(), file=sys.stderr)
+    if args.nproc == 1:
+        from shardwise.trainer import reshard as reshard_run
+        from shardwise.trainer import train
+
+        if reshard:
+            reshard_run(plan, out, args.resume)
+        else:
+            train(plan, out, args.resume)
+        return
+    from shardwise.distributed.launch import launch
+
+    worker_args = ["--plan", str(out / "plan.pkl"), "--out", str(out)]
+    if args.resume is not None:
+        worker_args += ["--resume", str(args.resume)]
+    if reshard:
+        worker_args.append("--reshard")
+    launch("shardwise.trainer", worker_args, args.nproc, master_port=args.master_port)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint import check_model_fits, check_resumable, intact_checkpoint
     from shardwise.checkpoint.convert import init_from_index
     from shardwise.data import build_data
     from shardwise.run_plan import meta_model, resolve
-    from shardwise.trainer import save_plan
 
     _check_launch_options(args)
-    if args.resume is not None:  # read whole; a damaged newest one gives way to an older one
-        args.resume, skipped = intact_checkpoint(args.resume)
-        for reason in skipped:
-            print(f"shardwise: warning: {reason}; resuming from {args.resume}", file=sys.stderr)
+    if args.resume is not None:
+        args.resume = _intact(args.resume)
     cfg = _resolve_config(args)
     plan = resolve(cfg, args.nproc)
-    dp = plan.dims.dp
-    global_batch = cfg.train.micro_batch * dp * plan.micro_batches
     if cfg.model.init_from is not None:
         init_from_index(Path(cfg.model.init_from), meta_model(cfg))
     if args.resume is not None:
-        step = check_resumable(args.resume, args.nproc, plan.layout(), global_batch)["step"]
-        check_model_fits(args.resume, meta_model(cfg))
+        step = _checkpoint_step(args.resume, args.nproc, plan)
         if step >= cfg.train.steps:
             raise ConfigError(
                 f"--resume {str(args.resume)!r}: the checkpoint is at step {step} and "
@@ -149,23 +192,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "(--set train.steps=N) to train on"
             )
     # Read the data once here: a missing file or a too-small corpus fails before any launch.
-    build_data(cfg.data, global_batch, 0, dp, 0)
-    out = _output_dir(args)
-    (out / "config.toml").write_text(plan.resolved_config().to_toml())
-    save_plan(plan, out / "plan.pkl")
-    print(f"shardwise train: {args.nproc} rank(s), outputs in {out}", file=sys.stderr)
-    print(plan.table(), file=sys.stderr)
-    if args.nproc == 1:
-        from shardwise.trainer import train
-
-        train(plan, out, args.resume)
-    else:
-        from shardwise.distributed.launch import launch
-
-        worker_args = ["--plan", str(out / "plan.pkl"), "--out", str(out)]
-        if args.resume is not None:
-            worker_args += ["--resume", str(args.resume)]
-        launch("shardwise.trainer", worker_args, args.nproc, master_port=args.master_port)
+    build_data(cfg.data, plan.global_batch, 0, plan.dims.dp, 0)
+    out = _output_dir(_run_dir(args), reuse=args.resume is not None or args.force)
+    _start_ranks(plan, out, args)
     _print_summary(out)
     return 0
 
@@ -325,19 +354,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="export a checkpoint (any layout) to safetensors or a Hugging Face dir"
+        "convert",
+        help="a checkpoint (any layout) to one file, safetensors, a Hugging Face dir or a layout",
     )
     p.add_argument("source", type=Path, metavar="SRC", help="run, checkpoints or step directory")
     p.add_argument("dest", type=Path, metavar="DST", help="a .safetensors file, or a directory")
-    p.add_argument("--to", required=True, choices=["safetensors", "hf"])
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="single|safetensors|hf|layout:CONFIG",
+        help="single: one resumable file; layout:CONFIG: saved by CONFIG's layout on --nproc ranks",
+    )
     p.add_argument("--config", type=Path, default=None, help="the run's config.toml (hf)")
+    _set_argument(p, "layout: override a value of CONFIG, e.g. --set parallel.tp=2 (repeatable)")
+    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="layout: ranks of the layout")
+    p.add_argument("--force", action="store_true", help="write into a DST that is not empty")
+    p.add_argument("--oversubscribe", action="store_true", help="as for `shardwise train`")
+    p.add_argument("--master-port", type=int, help="layout: rendezvous port (default: a free one)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from shardwise.checkpoint.convert import convert
 
+    if args.to.startswith("layout:"):
+        return _convert_to_layout(args, Path(args.to.removeprefix("layout:")))
+    if args.overrides:
+        raise ConfigError(f"--set applies to --to layout:CONFIG, not --to {args.to}")
     written = convert(args.source, args.dest, args.to, args.config)
     print(f"shardwise convert: wrote {written}", file=sys.stderr)
+    return 0
+
+
+def _convert_to_layout(args: argparse.Namespace, config_file: Path) -> int:
+    """Load SRC on the ranks of CONFIG's layout and save it at once into DST, a run directory
+    that ``shardwise train --resume DST`` continues."""
+    from shardwise.config import Config
+    from shardwise.run_plan import resolve
+
+    _check_launch_options(args)
+    if not config_file.is_file():
+        raise ConfigError(f"--to layout:{config_file}: no such config file")
+    args.resume = _intact(args.source)
+    plan = resolve(Config.from_file(config_file, args.overrides), args.nproc)
+    step = _checkpoint_step(args.resume, args.nproc, plan)
+    out = _output_dir(args.dest, reuse=args.force, what="DST")
+    _start_ranks(plan, out, args, reshard=True)
+    print(f"shardwise convert: wrote {out / 'checkpoints' / f'step_{step:08d}'}", file=sys.stderr)
     return 0
 
 

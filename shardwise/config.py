@@ -274,7 +274,8 @@ class CheckpointConfig(_Section):
     async_save: bool = False
     """Write checkpoints in the background: a save copies the state into host memory (one
     more copy of each rank's state until written) and training goes on while a thread
-    writes and commits it; the next save and the end of the run wait for it."""
+    writes and commits it; the next save and the end of the run wait for it. Refused where
+    states live on disk (offload.optimizer = "disk", parameter chunks under disk_path)."""
 
 
 class LogConfig(_Section):

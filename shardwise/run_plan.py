@@ -102,6 +102,11 @@ class RunPlan:
         return self.dims.world_size
 
     @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+        return self.config.train.micro_batch * self.dims.dp * self.micro_batches
+
+    @property
     def chunks(self) -> bool:
         """Parameters live in chunks placed on device, host and disk (Gemini)."""
         return self.offload.policy != "none"
@@ -128,11 +133,10 @@ class RunPlan:
         """The config with what resolving it chose written in (the run's config.toml): the
         dtype ``auto`` picked, dp_shard's degree, the global batch, 1-bit Adam's freeze step.
         It resolves the same anywhere: a resume on a machine of another kind keeps the dtype."""
-        train = self.config.train
         chosen: dict[str, dict] = {
             "parallel": {"dp_shard": self.dims.dp_shard},
             "precision": {"dtype": _dtype(self.precision.param_dtype)},
-            "train": {"global_batch": train.micro_batch * self.dims.dp * self.micro_batches},
+            "train": {"global_batch": self.global_batch},
         }
         if self.optimizer.onebit_freeze is not None:
             chosen["optim"] = {"freeze_step": self.optimizer.onebit_freeze}
@@ -287,7 +291,7 @@ def resolve(
         attention=attention,
         sequence_parallel=sequence_parallel,
     )
-    _check_disk_cap(plan)
+    _check_disk_tier(plan)
     return plan
 
 
@@ -462,11 +466,21 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
         )
 
 
-def _check_disk_cap(plan: RunPlan) -> None:
+def _check_disk_tier(plan: RunPlan) -> None:
     """Adam's states on disk (``offload.optimizer='disk'``) must fit under the per-rank cap:
-    their predicted bytes are a lower bound (a rewrite also keeps the old version a while)."""
-    cap = plan.offload.disk_max_bytes
-    if plan.offload.optimizer != "disk" or cap is None:
+    their predicted bytes are a lower bound (a rewrite also keeps the old version a while).
+    An asynchronous save would copy what is on disk into host memory."""
+    offload = plan.offload
+    on_disk = offload.optimizer == "disk" or (plan.chunks and offload.disk_path is not None)
+    if on_disk and plan.config.checkpoint.async_save:
+        raise ConfigError(
+            "checkpoint.async_save copies each rank's state into host memory, and this run "
+            "keeps states on disk (offload.optimizer='disk' or parameter chunks under "
+            "offload.disk_path) to spare that memory; save synchronously "
+            "(checkpoint.async_save=false)"
+        )
+    cap = offload.disk_max_bytes
+    if offload.optimizer != "disk" or cap is None:
         return
     need = math.ceil(plan.model_state_bytes()["optimizer_states"])
     if need > cap:

@@ -1,8 +1,8 @@
 """The training loop behind ``shardwise train``; runs inside every rank.
 
-``python -m shardwise.trainer --plan DIR/plan.pkl --out DIR [--resume CKPT]`` is what the
-launcher starts on each rank, with the plan the CLI resolved (`save_plan`); `train` is also
-callable in-process (tests, ``--nproc 1``).
+``python -m shardwise.trainer --plan DIR/plan.pkl --out DIR [--resume CKPT [--reshard]]`` is
+what the launcher starts on each rank, with the plan the CLI resolved (`save_plan`); `train`
+and `reshard` are also callable in-process (tests, ``--nproc 1``).
 """
 
 from __future__ import annotations
@@ -70,14 +70,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     """Train as `plan` says (resolved for this world size), writing to `out_dir`."""
     cfg = plan.config
     is_main = not dist.is_initialized() or dist.get_rank() == 0
-    torch.manual_seed(cfg.train.seed)
-    engine, dp_rank = build_engine(plan)
-    dp_size = plan.dims.dp
-    global_batch = cfg.train.micro_batch * dp_size * plan.micro_batches
-    data = build_data(cfg.data, global_batch, dp_rank, dp_size, cfg.train.seed)
-    if resume is not None:
-        trainer_state = load_checkpoint(resume, engine, plan.layout())
-        data.load_state_dict(trainer_state["data"])
+    engine, data = _start(plan, resume)
     start, total = engine.global_step, cfg.train.steps
     ckpt_root = out_dir / "checkpoints"
     metrics = None
@@ -85,7 +78,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
         board = out_dir / "tensorboard" if cfg.log.tensorboard else None
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, tensorboard=board)
     progress = ProgressDisplay(total, start, cfg.log.every, enabled=is_main and cfg.log.progress)
-    tokens_per_step = global_batch * cfg.data.seq_len
+    tokens_per_step = plan.global_batch * cfg.data.seq_len
     losses: list[float] = []
     saver = AsyncSaver(cfg.distributed.timeout_s) if cfg.checkpoint.async_save else None
     tiered = plan.chunks or plan.offload.optimizer != "device"  # memory by tier: memory.png
@@ -169,6 +162,25 @@ class OverflowWatch:
             )
 
 
+def _start(plan: RunPlan, resume: Path | None):
+    """This rank's engine and data loader, from the checkpoint at `resume` when given."""
+    cfg = plan.config
+    torch.manual_seed(cfg.train.seed)
+    engine, dp_rank = build_engine(plan)
+    data = build_data(cfg.data, plan.global_batch, dp_rank, plan.dims.dp, cfg.train.seed)
+    if resume is not None:
+        trainer_state = load_checkpoint(resume, engine, plan.layout())
+        data.load_state_dict(trainer_state["data"])
+    return engine, data
+
+
+def reshard(plan: RunPlan, out_dir: Path, source: Path) -> Path:
+    """Load the checkpoint at `source` into `plan`'s layout and save it at once, at its step,
+    under `out_dir` (``shardwise convert --to layout:CONFIG``). Returns the new checkpoint."""
+    engine, data = _start(plan, source)
+    return _save(engine, data, out_dir / "checkpoints", plan, saver=None)
+
+
 def _save(engine: Engine, data, root: Path, plan: RunPlan, saver: AsyncSaver | None) -> Path:
     trainer_state = {"step": engine.global_step, "data": data.state_dict()}
     keep, layout = plan.config.checkpoint.keep, plan.layout()
@@ -192,12 +204,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan", type=Path, required=True, help="the resolved plan (pickle)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument(
+        "--reshard", action="store_true", help="save --resume's checkpoint in the plan's layout"
+    )
     args = parser.parse_args(argv)
 
     def body() -> None:
         plan = load_plan(args.plan)
         init_worker(plan.config.distributed.timeout_s)
-        train(plan, args.out, args.resume)
+        if args.reshard:
+            reshard(plan, args.out, args.resume)
+        else:
+            train(plan, args.out, args.resume)
 
     run_worker(body)
 

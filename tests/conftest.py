@@ -43,3 +43,4 @@ def no_ranks_started(monkeypatch):
 
     monkeypatch.setattr(shardwise.distributed.launch, "launch", started)
     monkeypatch.setattr(shardwise.trainer, "train", started)
+    monkeypatch.setattr(shardwise.trainer, "reshard", started)

@@ -175,6 +175,11 @@ BAD_SETS = {
         + ["--set", "offload.disk_max_bytes=1000"],
         "offload.disk_max_bytes=1000 is below the 6",
     ),
+    "async-save-with-disk-tier": (
+        ["--set", "offload.optimizer=disk", "--set", "offload.disk_path=/tmp"]
+        + ["--set", "checkpoint.async_save=true"],
+        "checkpoint.async_save copies each rank's state into host memory, and this run",
+    ),
     "micro-batch-zero": (
         ["--set", "train.micro_batch=0"],
         "train.micro_batch=0: input should be greater than or equal to 1",

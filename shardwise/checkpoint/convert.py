@@ -1,6 +1,7 @@
-"""`shardwise convert`: a checkpoint of any layout to one safetensors file, or to a Hugging
-Face model directory, streamed one full tensor at a time; and ``model.init_from``: a run
-started from such weights (`initial_weights`).
+"""`shardwise convert`: a checkpoint of any layout to a one-process checkpoint (``single``,
+`consolidate`), to one safetensors file, or to a Hugging Face model directory, streamed one
+full tensor at a time; and ``model.init_from``: a run started from such weights
+(`initial_weights`). (``--to layout:CONFIG`` loads and saves on CONFIG's ranks: cli.py.)
 
 The model's parameters are exported from the master weights (fp32 where training kept fp32
 masters of bf16/fp16 parameters), under their names in the unsplit model; buffers and frozen
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shardwise.checkpoint.io import find_checkpoint, read_json, shard_files
+from shardwise.checkpoint.io import consolidate, find_checkpoint, read_json, shard_files
 from shardwise.checkpoint.shards import (
     MASTER,
     MODEL,
@@ -37,7 +38,7 @@ from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models.gpt import gpt_config_from
 from shardwise.zero.optimizer import ParamInit
 
-TARGETS = ("safetensors", "hf")
+TARGETS = ("single", "safetensors", "hf", "layout:CONFIG")
 
 _DTYPES = {
     torch.float32: "F32",
@@ -107,10 +108,16 @@ def write_safetensors(path: Path, reader: ShardReader, exports: dict[str, Export
 
 def convert(source: Path, dest: Path, to: str, config_file: Path | None) -> Path:
     """Export the checkpoint at `source` as `to` into `dest` (a file for safetensors, a
-    directory for hf); returns what was written."""
-    if to not in TARGETS:
+    directory for hf, a run directory for single); returns what was written."""
+    if to not in TARGETS[:-1]:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     ckpt = find_checkpoint(source)
+    if to == "single":
+        written = consolidate(ckpt, dest / "checkpoints")
+        config = _run_config_file(ckpt, config_file, required=False)
+        if config is not None:  # ``shardwise train --resume DST`` finds it
+            (dest / "config.toml").write_text(config.read_text())
+        return written
     world = read_json(ckpt / "manifest.json")["world_size"]
     with ShardReader(*shard_files(ckpt, world)) as reader:
         tensors = model_tensors(reader)
@@ -212,17 +219,22 @@ def read_full_tensors(source: Path) -> dict[tuple[str, str], torch.Tensor]:
     return tensors
 
 
-def _run_model_config(ckpt: Path, config_file: Path | None) -> ModelConfig:
-    """The model section of the run's config.toml (found above the checkpoint, or given)."""
-    from shardwise.config import Config
-
+def _run_config_file(ckpt: Path, config_file: Path | None, required: bool) -> Path | None:
+    """The run's config.toml: `config_file` if given, else found above the checkpoint."""
     if config_file is None:
         config_file = next(
             (d / "config.toml" for d in ckpt.parents[:2] if (d / "config.toml").is_file()), None
         )
-    if config_file is None:
+    if config_file is None and required:
         raise CheckpointError(f"no config.toml of the run found above {str(ckpt)!r}; pass --config")
-    return Config.from_file(config_file, []).model
+    return config_file
+
+
+def _run_model_config(ckpt: Path, config_file: Path | None) -> ModelConfig:
+    """The model section of the run's config.toml (found above the checkpoint, or given)."""
+    from shardwise.config import Config
+
+    return Config.from_file(_run_config_file(ckpt, config_file, required=True), []).model
 
 
 def read_safetensors_index(path: Path) -> tuple[dict[str, dict], int]:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise.checkpoint.shards import (
+    FragmentWriter,
     ShardReader,
     durable,
     fit_problems,
@@ -37,6 +38,7 @@ from shardwise.checkpoint.shards import (
     saved_shapes,
     snapshot_rank_shards,
     write_rank_shards,
+    write_states,
 )
 from shardwise.errors import CheckpointError, ShardwiseError
 
@@ -115,6 +117,53 @@ def save_checkpoint(
         _write_and_commit(saved, tmp, final, keep, group=None)
     else:
         saver.start(partial(_write_and_commit, saved, tmp, final, keep))
+    return final
+
+
+def consolidate(source: Path, root: Path) -> Path:
+    """The checkpoint at `source`, as one process would have saved it, into the checkpoints
+    directory `root`: every tensor whole in one fragment file, assembled and written one at a
+    time (so never more than the largest tensor in memory), with the step, schedules, data
+    position and rank 0's RNG state; committed as a save is. Returns the new checkpoint."""
+    from shardwise.config import ParallelConfig
+    from shardwise.distributed.dims import ParallelDims
+
+    ckpt = find_checkpoint(source)
+    manifest = read_json(ckpt / MANIFEST)
+    if manifest["rank_state"]:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} holds per-rank state (1-bit Adam's error buffers) that "
+            "only its own layout can load; it cannot be consolidated"
+        )
+    fragments, states = _checked_files(ckpt, manifest["world_size"])
+
+    def write_whole(into: Path, scalars: Path) -> bool:
+        writer = FragmentWriter(into)
+        with ShardReader(fragments, states) as reader:
+            for kind, name in reader.keys():  # no reference kept: one whole tensor at a time
+                shape, _ = reader.shape_and_dtype(kind, name)
+                whole = torch.tensor([[0, shape.numel()]])
+                writer.add(kind, name, shape, whole, reader.full(kind, name))
+            reader.verify()
+            params = reader.params
+        writer.close()
+        return write_states(scalars, params, rank_state=None)
+
+    single = vars(ParallelDims.from_config(ParallelConfig(), 1))
+    layout = {"optimizer": manifest["layout"]["optimizer"]}
+    layout.update(single, zero_stage=0, chunks=None, pipeline=None)
+    step = manifest["step"]
+    saved = _SavedState(
+        shards=write_whole,
+        engine=read_torch(ckpt / "engine.pt"),
+        trainer=read_json(ckpt / "trainer.json"),
+        rng=read_torch(ckpt / "rank0.pt"),
+        manifest={"format": FORMAT, "step": step, "world_size": 1, "layout": layout},
+    )
+    tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_and_commit(saved, tmp, final, keep=1, group=None)
     return final
 
 

@@ -158,7 +158,7 @@ def write_rank_shards(engine: Engine, fragments: Path, states: Path) -> bool:
     writer = FragmentWriter(fragments)
     params, rank_state = _walk_rank_state(engine, writer.add)
     writer.close()
-    return _write_states(states, params, rank_state)
+    return write_states(states, params, rank_state)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class RankShards:
         for fragment in self.fragments:
             writer.add(*fragment)
         writer.close()
-        return _write_states(states, self.params, self.rank_state)
+        return write_states(states, self.params, self.rank_state)
 
 
 def snapshot_rank_shards(engine: Engine) -> RankShards:
@@ -226,7 +226,9 @@ def _walk_rank_state(engine: Engine, add: Callable) -> tuple[dict[str, dict], An
     return params, store.rank_state()
 
 
-def _write_states(path: Path, params: dict, rank_state: Any) -> bool:
+def write_states(path: Path, params: dict, rank_state: Any) -> bool:
+    """A rank's optimizer scalars and settings by parameter name, and its per-rank state;
+    returns whether it has any."""
     durable(path, lambda f: torch.save({"params": params, "rank_state": rank_state}, f))
     return rank_state is not None
 

@@ -22,6 +22,7 @@ def test_ratios_are_throughput_and_memory_over_the_reference():
         },
         "largest_tensor_bytes": 100,
         "convert_peak_bytes": 250,
+        "single_peak_bytes": 300,
     }
     result = bench.summarise(bench.QUICK, record)
     assert result.ratio == pytest.approx(
@@ -29,6 +30,7 @@ def test_ratios_are_throughput_and_memory_over_the_reference():
             "save_vs_raw": 0.75,
             "load_vs_raw": 0.8,
             "convert_mem_vs_largest": 2.5,
+            "single_mem_vs_largest": 3.0,
             "save_vs_dcp": 1.5,
             "load_vs_dcp": 2.0,
             "async_blocking_vs_save": 0.25,

@@ -11,6 +11,7 @@ global batch of 4 sequences).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.checkpoint.convert import read_full_tensors
 from shardwise.errors import CheckpointError
 from shardwise.run_plan import resolve
+from tests.cli_runs import run_cli
 from tests.parity import make_config
 
 OFFLOAD = {
@@ -155,3 +157,91 @@ def test_a_missing_rank_file_names_it(saved, tmp_path):
     (broken / "shards_rank1.bin").unlink()
     with pytest.raises(CheckpointError, match="shards_rank1.bin' is missing"):
         load_resave_continue("single", str(broken), str(tmp_path / "out"))
+
+
+def assert_same_and_trains_on(checkpoint: Path, converted: Path, losses, out: Path) -> None:
+    """`converted` holds bitwise `checkpoint`'s full tensors, and one process loading it
+    trains on with the saving layout's `losses` of steps 3 and 4."""
+    want, got = read_full_tensors(checkpoint), read_full_tensors(converted)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    continued = load_resave_continue("single", str(converted), str(out))
+    assert continued == pytest.approx(losses[2:], rel=1e-5)
+
+
+@pytest.mark.parametrize("source", ["dp4-zero2", "pp2-tp2", "dp2-offload-disk"])
+def test_consolidated_checkpoint_is_one_rank_and_training_continues(
+    saved, tmp_path, capsys, source
+):
+    """``convert --to single``: one fragment file of whole tensors, bitwise the saved state,
+    which one process resumes with the source's next losses."""
+    losses, checkpoint = saved(source)
+    argv = ["convert", str(checkpoint), str(tmp_path / "single"), "--to", "single"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    single = tmp_path / "single" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in single.glob("shards_rank*")) == ["shards_rank0.bin"]
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["layout"]["tp"] == 1
+    assert_same_and_trains_on(checkpoint, single, losses, tmp_path / "out")
+
+
+def test_converted_to_a_layout_through_the_launcher(saved, tmp_path, capsys):
+    """``convert --to layout:CONFIG --nproc 2``: the ranks of a tp2 layout load the checkpoint
+    and save it in their own layout, bitwise, and it trains on with the source's losses."""
+    losses, checkpoint = saved("dp2-zero3")
+    config = tmp_path / "tp2.toml"
+    config.write_text(layout_config("tp2-1d", tmp_path).to_toml())
+    dest = tmp_path / "tp2"
+    argv = ["convert", str(checkpoint), str(dest), "--to", f"layout:{config}", "--nproc", "2"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    converted = dest / "checkpoints" / "step_00000002"
+    manifest = json.loads((converted / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["layout"]["tp"] == 2
+    assert_same_and_trains_on(checkpoint, converted, losses, tmp_path / "out")
+
+
+@pytest.fixture
+def single_checkpoint(saved) -> Path:
+    """The step-2 checkpoint of the one-process layout (trained before `no_ranks_started`)."""
+    return saved("single")[1]
+
+
+def _edited_manifest(checkpoint: Path, into: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(checkpoint, into)
+    manifest = json.loads((into / "manifest.json").read_text())
+    (into / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+    return into
+
+
+@pytest.mark.parametrize(
+    ("to", "extra", "pattern"),
+    [
+        ("layout:{tmp}/none.toml", [], "no such config file"),
+        ("layout:{config}", ["--set", "model.n_layers=3"], "does not fit this model: it holds"),
+        ("layout:{config}", ["--set", "train.global_batch=8"], "trained with 4 samples per step"),
+        ("layout:{config}", ["--nproc", "3"], "world size 3 is not divisible by"),
+        ("single", ["--set", "parallel.tp=2"], "--set applies to --to layout:CONFIG"),
+        ("zip", [], "--to 'zip': expected one of single, safetensors, hf, layout:CONFIG"),
+        ("single", ["rank-state"], "per-rank state (1-bit Adam's error buffers)"),
+        ("layout:{config}", ["not-empty"], "DST '{dest}' is not empty"),
+    ],
+)
+def test_bad_conversions_are_one_line(
+    single_checkpoint, tmp_path, capsys, no_ranks_started, to, extra, pattern
+):
+    checkpoint = single_checkpoint
+    config, dest = tmp_path / "tp2.toml", tmp_path / "dest"
+    config.write_text(layout_config("tp2-1d", tmp_path).to_toml())
+    if "rank-state" in extra:
+        checkpoint = _edited_manifest(checkpoint, tmp_path / "onebit", rank_state=True)
+    if "not-empty" in extra:
+        dest.mkdir()
+        (dest / "config.toml").write_text("")
+    extra = [arg for arg in extra if arg not in ("rank-state", "not-empty")]
+    to = to.format(tmp=tmp_path, config=config)
+    code, err = run_cli(["convert", str(checkpoint), str(dest), "--to", to, *extra], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert pattern.format(dest=dest) in err
