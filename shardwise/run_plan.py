@@ -342,7 +342,6 @@ def _sequence_parallel(
     limits = {
         "parallel.tp_sequence_parallel=false": config.parallel.tp_sequence_parallel,
         "parallel.pp=1": dims.pp > 1,
-        "offload.policy='none'": config.offload.policy != "none",
         "attention.kind='dense'": config.attention.kind != "dense",
     }
     _refuse_combinations(f"parallel.sp={dims.sp}", limits)

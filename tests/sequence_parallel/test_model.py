@@ -1,8 +1,9 @@
 """Sequence parallelism through the engine: each sp rank trains on its part of every
 sequence (ring: zig-zag chunks; Ulysses: a contiguous slice) and the whole model's losses and
 weights equal the single-process run (fp32, losses 1e-5 for 5 steps): sp=2 for each kind,
-sp=2 x dp=2 with ZeRO-3, sp=2 x tp=2; `shardwise train --set parallel.sp=2` with resume;
-bad settings are one-line errors before launch."""
+sp=2 x dp=2 with ZeRO-3, sp=2 x tp=2, sp with parameter chunks (offload.policy=auto);
+`shardwise train --set parallel.sp=2` with resume; bad settings are one-line errors before
+launch."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def sp_config(kind: str, micro_batch: int, global_batch: int, **parallel):
 
 def sp_engine_run(cfg) -> tuple[list[float], dict]:
     """On every rank: the rows of this rank's dp index, whole sequences (the engine cuts
-    this rank's part)."""
+    this rank's part). With parameter chunks, checks that some left the device."""
     dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
     mesh = dims.build_mesh("cpu")
     engine = initialize(build_model(cfg), None, cfg, mesh=mesh)
@@ -44,6 +45,8 @@ def sp_engine_run(cfg) -> tuple[list[float], dict]:
         rows = inputs.shape[0] // dims.dp
         part = slice(dp_rank * rows, (dp_rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
+    if engine.plan.chunks:
+        assert engine.memory_report()["chunks_host"] > 0, "no chunk left the device"
     return losses, {k: v.float() for k, v in engine.full_state_dict().items()}
 
 
@@ -69,6 +72,29 @@ def test_sp2_times_tp2_matches_single_process(pool4, kind):
     ranks of its tp index). Shards against the reference's split by the same plan."""
     cfg = sp_config(kind, micro_batch=2, global_batch=2, sp=2, tp=2)
     pool4.run(tp_engine_run, cfg, 4)
+
+
+AUTO = {"policy": "auto", "device_budget_mb": 0.25, "chunk_search_range_mb": 0}
+"""Parameter chunks placed from a traced step, under a budget that moves some of them."""
+STATIC = {"policy": "static", "param_device_fraction": 0.0, "chunk_search_range_mb": 0}
+"""Every parameter chunk streamed from host memory."""
+
+
+@pytest.mark.parametrize(
+    ("kind", "world", "stage", "offload"),
+    [("ulysses", 2, 0, STATIC), ("ring", 4, 2, AUTO), ("ring", 4, 1, STATIC)],
+    ids=["ulysses-static", "ring-dp2-zero2-auto", "ring-dp2-zero1-static"],
+)
+def test_parameter_chunks_match_single_process(request, kind, world, stage, offload):
+    """sp with parameter chunks (``offload.policy``) moving between the device and host
+    memory, at dp=1 and at dp=2 (full chunks on every rank, updated shard by shard);
+    gradients reduced over dp x sp as without."""
+    batch = {"micro_batch": 2} if world == 2 else {"micro_batch": 1}
+    cfg = sp_config(kind, **batch, global_batch=4, sp=2)
+    cfg = cfg.replace(offload=offload, zero={"stage": stage})
+    want = reference_run(cfg.replace(offload={"policy": "none"}))
+    for got in request.getfixturevalue(f"pool{world}").run(sp_engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
 
 
 def test_hybrid_two_by_two_matches_single_process(pool4):
