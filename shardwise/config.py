@@ -73,6 +73,11 @@ class DataConfig(_Section):
     """Tokens per training sequence."""
     max_bytes: int = Field(8_000_000, ge=1)
     """Upper bound on corpus bytes read into memory."""
+    pack_documents: bool = False
+    """Sequences pack several documents (a file of the corpus, a JSON line), each started by
+    token 0 (the NUL byte), and attention stays inside documents: a token sees the earlier
+    tokens of its own document only (Megatron's reset_attention_mask); positions run on.
+    Dense, ring, Ulysses and hybrid attention."""
 
 
 class ParallelConfig(_Section):

@@ -216,6 +216,11 @@ class RunPlan:
                 if self.sequence_parallel
                 else []
             ),
+            *(
+                [("documents", "packed; attention within each document")]
+                if self.config.data.pack_documents
+                else []
+            ),
             *([("optimizer", self._onebit_row())] if self.optimizer.onebit_freeze else []),
             ("model states", f"{total / 2**20:.1f} MiB per rank predicted ({detail})"),
         ]
@@ -277,6 +282,7 @@ def resolve(
     pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
+    _check_documents(config, dims, model, spec)
     plan = RunPlan(
         config=config,
         dims=dims,
@@ -293,6 +299,23 @@ def resolve(
     )
     _check_disk_tier(plan)
     return plan
+
+
+def _check_documents(config: Config, dims: ParallelDims, model: nn.Module, spec: ModelSpec) -> None:
+    """Packed documents need a model whose forward takes them, and attention that masks by
+    them."""
+    if not config.data.pack_documents:
+        return
+    limits = {
+        "attention.kind='dense'": config.attention.kind != "dense",
+        "parallel.pp=1": dims.pp > 1,
+    }
+    _refuse_combinations("data.pack_documents=true", limits)
+    if spec.documents is None:
+        raise ConfigError(
+            f"data.pack_documents=true masks attention by document: {type(model).__name__}'s "
+            "forward must take each token's document; declare ModelSpec(documents=<its keyword>)"
+        )
 
 
 def _check_vocabulary(config: Config, model: nn.Module, spec: ModelSpec) -> None:

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardwise.attention import apply_sparse_attention, sparse_attention
+from shardwise.attention import apply_document_masks, apply_sparse_attention, sparse_attention
 from shardwise.config import Config
+from shardwise.data.tokenizer import DOCUMENT_TOKEN
 from shardwise.engine import initialize
 from shardwise.models import spec_of
 from shardwise.models.gpt import build_gpt
@@ -45,10 +46,20 @@ def make_config(**train) -> Config:
     )
 
 
+DOCUMENT_STARTS = [0, 3, 4, 9, 14]
+"""Where each row of `global_batches` starts a document under ``data.pack_documents``."""
+
+
 def global_batches(cfg: Config, steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` global batches of random tokens; packed documents start at `DOCUMENT_STARTS`
+    under ``data.pack_documents`` (other tokens are never 0 then)."""
     gen = torch.Generator().manual_seed(7)
     batch = cfg.train.global_batch
     rows = [torch.randint(0, 256, (batch, SEQ + 1), generator=gen) for _ in range(steps)]
+    if cfg.data.pack_documents:
+        for row in rows:
+            row[row == DOCUMENT_TOKEN] = 1
+            row[:, DOCUMENT_STARTS] = DOCUMENT_TOKEN
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
@@ -61,11 +72,14 @@ def build_model(cfg: Config, freeze: bool = False) -> torch.nn.Module:
 
 def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
     """Single process, plain torch: micro-batches accumulate, then clip and step. With
-    ``attention.kind = 'sparse'`` the model's attention cores are the block-sparse op's."""
+    ``attention.kind = 'sparse'`` the model's attention cores are the block-sparse op's; with
+    ``data.pack_documents`` the model takes each token's document (dense masks)."""
     model = build_model(cfg, freeze)
     if cfg.attention.kind == "sparse":
         attention = sparse_attention(cfg.attention, SEQ)
         apply_sparse_attention(model, spec_of(model), attention)
+    if cfg.data.pack_documents:
+        apply_document_masks(model, spec_of(model))
     opt_cfg = cfg.optim
     opt = torch.optim.AdamW(
         param_groups(model, opt_cfg.weight_decay),

@@ -180,6 +180,16 @@ BAD_SETS = {
         + ["--set", "checkpoint.async_save=true"],
         "checkpoint.async_save copies each rank's state into host memory, and this run",
     ),
+    "pack-documents-sparse": (
+        ["--set", "data.pack_documents=true", "--set", "attention.kind=sparse"],
+        "data.pack_documents=true does not combine with this setting yet; set "
+        "attention.kind='dense'",
+    ),
+    "pack-documents-hf": (
+        ["--set", "data.pack_documents=true", "--set", "model.name=hf"]
+        + ["--set", "model.hf_config=gpt2-tiny", "--set", "data.seq_len=64"],
+        "forward must take each token's document; declare ModelSpec(documents=",
+    ),
     "micro-batch-zero": (
         ["--set", "train.micro_batch=0"],
         "train.micro_batch=0: input should be greater than or equal to 1",

@@ -1,11 +1,13 @@
 """Attention cores that replace the model's dense one: block-sparse attention (layouts as
-data, an op computing only the kept blocks). See docs/attention.md."""
+data, an op computing only the kept blocks); document masks of packed sequences. See
+docs/attention.md."""
 
 from shardwise.attention.block_sparse import BlockSparsePlan, block_sparse_attention
 from shardwise.attention.core import (
     SparseAttention,
     SparseAttentionCore,
     apply_attention,
+    apply_document_masks,
     apply_sparse_attention,
     sparse_attention,
 )
@@ -18,6 +20,7 @@ __all__ = [
     "SparseAttention",
     "SparseAttentionCore",
     "apply_attention",
+    "apply_document_masks",
     "apply_sparse_attention",
     "block_sparse_attention",
     "build_layout",

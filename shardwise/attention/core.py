@@ -13,6 +13,7 @@ from torch import nn
 from shardwise.attention.block_sparse import BlockSparsePlan, block_sparse_attention
 from shardwise.attention.layouts import LayoutSpec, build_layout
 from shardwise.config import AttentionConfig
+from shardwise.data.tokenizer import document_ids
 from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec
 from shardwise.sequence_parallel.model import apply_sequence_parallel, split_of
@@ -82,12 +83,32 @@ class SparseAttentionCore(nn.Module):
         super().__init__()
         self.attention = attention
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if documents is not None:  # the plan refuses data.pack_documents with sparse attention
+            raise ValueError("block-sparse attention has no document masks")
         plan = self.attention.plan(q.shape[1], q.shape[2]).on(q.device)
         return block_sparse_attention(q, k, v, plan)
 
     def extra_repr(self) -> str:
         return self.attention.describe()
+
+
+def apply_document_masks(model: nn.Module, spec: ModelSpec) -> None:
+    """Packed sequences (``data.pack_documents``): the model's forward gets each token's
+    document (`document_ids` of its token ids, by position) as its `spec.documents` keyword,
+    which its attention cores keep to. Registered before sequence parallelism cuts the
+    inputs, so the documents are those of the whole sequence."""
+
+    def with_documents(module, args, kwargs):
+        return args, {**kwargs, spec.documents: document_ids(args[0])}
+
+    model.register_forward_pre_hook(with_documents, with_kwargs=True)
 
 
 def apply_sparse_attention(model: nn.Module, spec: ModelSpec, attention: SparseAttention) -> int:
@@ -100,10 +121,12 @@ def apply_attention(
     model: nn.Module, spec: ModelSpec, plan: RunPlan, mesh: object | None, loss_fn: Callable
 ) -> Callable:
     """The plan's attention cores in `model`: block-sparse, or ring / Ulysses attention over
-    the sp ranks (which also cuts each rank's part of the inputs and of the targets). Returns
-    the loss function to train with."""
+    the sp ranks (which also cuts each rank's part of the inputs and of the targets), and
+    document masks for packed sequences. Returns the loss function to train with."""
     if plan.attention is not None:
         apply_sparse_attention(model, spec, plan.attention)
+    if plan.config.data.pack_documents:  # first: the documents of the whole sequence
+        apply_document_masks(model, spec)
     if plan.sequence_parallel is None:
         return loss_fn
     ulysses = plan.config.attention.ulysses_degree

@@ -10,7 +10,7 @@ from shardwise.config import DataConfig
 from shardwise.data.corpus import embedded_corpus
 from shardwise.data.loaders import load_text
 from shardwise.data.sampler import BatchIterator, DistributedBatchSampler, TokenDataset
-from shardwise.data.tokenizer import ByteTokenizer
+from shardwise.data.tokenizer import DOCUMENT_TOKEN, ByteTokenizer, document_ids
 
 __all__ = [
     "BatchIterator",
@@ -18,6 +18,7 @@ __all__ = [
     "DistributedBatchSampler",
     "TokenDataset",
     "build_data",
+    "document_ids",
     "embedded_corpus",
     "load_text",
 ]
@@ -31,10 +32,13 @@ def build_data(
     Every rank reads and tokenizes the whole corpus (at most `data_cfg.max_bytes`, a few
     MB) and keeps only its own slice of each batch, so no rank waits on another.
     """
+    start = bytes([DOCUMENT_TOKEN]) if data_cfg.pack_documents else b""
     if data_cfg.source == "embedded":
-        text = embedded_corpus(data_cfg.max_bytes)
+        text = embedded_corpus(data_cfg.max_bytes, start)
     else:
-        text = load_text(data_cfg.path, data_cfg.format, data_cfg.jsonl_field, data_cfg.max_bytes)
+        text = load_text(
+            data_cfg.path, data_cfg.format, data_cfg.jsonl_field, data_cfg.max_bytes, start
+        )
     dataset = TokenDataset(ByteTokenizer().encode(text), data_cfg.seq_len)
     sampler = DistributedBatchSampler(len(dataset), global_batch, dp_rank, dp_size, seed)
     return BatchIterator(dataset, sampler)

@@ -18,11 +18,12 @@ _EXCLUDED_DIRS = frozenset(
 """Directory names never entered: installed packages, test suites, tools rather than library."""
 
 
-def embedded_corpus(max_bytes: int) -> bytes:
+def embedded_corpus(max_bytes: int, start: bytes = b"") -> bytes:
     """The first `max_bytes` bytes of the concatenated standard-library sources.
 
-    Each file is preceded by a ``# file: relative/path.py`` line. Files are read in order
-    of their relative POSIX path, and reading stops as soon as `max_bytes` are in hand.
+    Each file (a document) is preceded by `start` and a ``# file: relative/path.py`` line.
+    Files are read in order of their relative POSIX path, and reading stops as soon as
+    `max_bytes` are in hand.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     parts: list[bytes] = []
@@ -30,7 +31,7 @@ def embedded_corpus(max_bytes: int) -> bytes:
     for rel_path in stdlib_source_paths(root):
         if remaining <= 0:
             break
-        header = f"# file: {rel_path}\n".encode()
+        header = start + f"# file: {rel_path}\n".encode()
         with open(root / rel_path, "rb") as file:
             body = file.read(max(remaining - len(header), 0))
         # A file without a final newline would run into the next header line.

@@ -23,8 +23,10 @@ def load_text(
     format: DataFormat = "auto",
     jsonl_field: str = "text",
     max_bytes: int = 8_000_000,
+    start: bytes = b"",
 ) -> bytes:
-    """The text at `path` (a file or a directory of .txt/.jsonl files), at most `max_bytes`.
+    """The text at `path` (a file or a directory of .txt/.jsonl files), at most `max_bytes`,
+    each document (a text file, a JSON line) preceded by `start`, which no document may hold.
 
     `format` "auto" reads files ending in .jsonl as JSON lines and everything else as text.
     A directory's files are read in order of their relative POSIX path; reading stops as
@@ -50,7 +52,12 @@ def load_text(
             else _read_text(file, remaining)
         )
         for doc in documents:
-            chunk = doc if doc.endswith(b"\n") else doc + b"\n"
+            if start and start in doc:
+                raise DataError(
+                    f"data file {str(file)!r} holds byte {start[0]}, which starts every "
+                    "document under data.pack_documents=true; remove it or leave packing off"
+                )
+            chunk = start + (doc if doc.endswith(b"\n") else doc + b"\n")
             parts.append(chunk)
             remaining -= len(chunk)
     text = b"".join(parts)[:max_bytes]

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import torch
+
+DOCUMENT_TOKEN = 0
+"""Token that starts every document of a packed corpus (``data.pack_documents``): the NUL
+byte, which text does not hold."""
+
+
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's document in packed sequences [B, T]: how many documents have started up
+    to and including it (a document's `DOCUMENT_TOKEN` belongs to it)."""
+    return torch.cumsum(tokens == DOCUMENT_TOKEN, dim=1)
 
 
 class ByteTokenizer:

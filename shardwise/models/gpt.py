@@ -164,15 +164,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class AttentionCore(nn.Module):
     """Causal scaled-dot-product attention of q, k, v [B, H, T, head_dim]: the parameter-free
-    core that sequence parallelism (ring, Ulysses) or block-sparse attention replace."""
+    core that sequence parallelism (ring, Ulysses) or block-sparse attention replace. With
+    `documents` ([B, T], each token's document: packed sequences) a token sees the earlier
+    tokens of its own document only."""
 
     def __init__(self, dropout: float) -> None:
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if documents is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        seq = q.shape[2]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        mask = (documents[:, :, None] == documents[:, None, :]) & causal
+        return F.scaled_dot_product_attention(q, k, v, mask[:, None], dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):
@@ -187,9 +200,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]; `positions` [T] of the tokens in the whole
-        sequence (default 0..T-1; a sequence-parallel rank holds other parts)."""
+        sequence (default 0..T-1; a sequence-parallel rank holds other parts); `documents`
+        [B, whole sequence]: each token's document, by position (see `AttentionCore`)."""
         qkv = self.qkv(x)
         # The qkv output is [q | k | v]; the head count comes from its width and the shape
         # from the output, not x, so that a tensor-parallel shard holding [q_local | k_local |
@@ -205,7 +224,7 @@ class CausalSelfAttention(nn.Module):
                 positions = torch.arange(seq, device=q.device)
             cos, sin = rope_tables(positions, self.head_dim, dtype=q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
+        out = self.core(q, k, v, documents).transpose(1, 2).reshape(batch, seq, -1)
         return F.dropout(self.proj(out), self.dropout, self.training)
 
 
@@ -240,9 +259,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model] (`positions`: see CausalSelfAttention)."""
-        x = x + self.attn(self.norm1(x), positions)
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model] (`positions`, `documents`: see
+        CausalSelfAttention)."""
+        x = x + self.attn(self.norm1(x), positions, documents)
         return x + self.mlp(self.norm2(x))
 
 
@@ -299,13 +324,20 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx [B, T] (int64 token ids, T <= seq_len) -> logits [B, T, vocab_size].
         `positions` [T]: each token's place in the whole sequence (default 0..T-1; under
-        sequence parallelism a rank holds a part of the sequence)."""
+        sequence parallelism a rank holds a part of the sequence). `documents` [B, whole
+        sequence]: each token's document by position, for packed sequences (attention stays
+        inside documents; ``data.pack_documents``)."""
         x = self.embed_tokens(idx, positions)
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, documents)
         return self.finish(x)
 
     def embed_tokens(

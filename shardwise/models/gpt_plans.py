@@ -191,6 +191,7 @@ def gpt_spec(model: GPT) -> ModelSpec:
         attention="blocks.*.attn.core",
         heads=model.cfg.n_heads,
         positions="positions",
+        documents="documents",
         max_seq_len=model.cfg.seq_len,
         tp_plan=partial(gpt_tp_plan, model.cfg),
         pipeline=PipelineCalls(

@@ -70,6 +70,10 @@ class ModelSpec:
     positions: str | None = None
     """Keyword of the model's forward that takes each token's position in the whole sequence
     ([T]): sequence parallelism gives each rank a part of the sequence. None: it has none."""
+    documents: str | None = None
+    """Keyword of the model's forward that takes each token's document ([B, T] by position,
+    packed sequences: ``data.pack_documents``), its attention cores passing them on as their
+    fourth argument. None: it has none."""
     max_seq_len: int | None = None
     """Longest input in tokens (a learned position table's size), None if unbounded."""
     tp_plan: TpPlanBuilder | None = None

@@ -33,7 +33,8 @@ KINDS = {
 class SequenceSplit:
     """How this rank takes part: its attention over the others, and its positions."""
 
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    attend: Callable[..., torch.Tensor]
+    """(q, k, v, doc_ids=None) -> this rank's attention output."""
     positions: Callable[[int, torch.device], torch.Tensor]
     """(sequence length, device) -> the positions this rank holds."""
     label: str
@@ -84,8 +85,14 @@ class SequenceParallelCore(nn.Module):
         super().__init__()
         self.split = split
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.split.attend(q, k, v)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.split.attend(q, k, v, doc_ids=documents)
 
     def extra_repr(self) -> str:
         return self.split.label

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardwise.config import DataConfig
-from shardwise.data import build_data
+from shardwise.data import build_data, document_ids
 from shardwise.errors import DataError
 
 
@@ -39,3 +39,24 @@ def test_too_small_file_names_the_sizes(tmp_path):
     cfg = DataConfig(source="file", path=str(path), seq_len=128)
     with pytest.raises(DataError, match="corpus has 12 sequences of 128 tokens; .* needs 64"):
         build_data(cfg, global_batch=64, dp_rank=0, dp_size=1, seed=0)
+
+
+def test_packed_documents_start_with_the_document_token(tmp_path):
+    """``pack_documents``: each JSON line starts with token 0; `document_ids` counts them."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("abc", "de", "fghij")))
+    cfg = DataConfig(source="file", path=str(path), seq_len=14, pack_documents=True)
+    inputs, targets = build_data(cfg, global_batch=1, dp_rank=0, dp_size=1, seed=0).next_batch()
+    assert bytes(inputs[0].tolist()) == b"\0abc\n\0de\n\0fghi"
+    assert document_ids(inputs).tolist() == [[1] * 5 + [2] * 4 + [3] * 5]
+    embedded = DataConfig(seq_len=16, max_bytes=20_000, pack_documents=True)
+    text = bytes(build_data(embedded, 1, 0, 1, 0).dataset.tokens.tolist())
+    assert text.startswith(b"\0# file: ") and text.count(b"\0# file: ") == text.count(b"\0")
+
+
+def test_a_document_holding_the_document_token_is_refused(tmp_path):
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"a\0b" * 100)
+    cfg = DataConfig(source="file", path=str(path), seq_len=8, pack_documents=True)
+    with pytest.raises(DataError, match="holds byte 0, which starts every document"):
+        build_data(cfg, global_batch=1, dp_rank=0, dp_size=1, seed=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shardwise.config import ModelConfig
+from shardwise.data.tokenizer import DOCUMENT_TOKEN, document_ids
 from shardwise.errors import ConfigError
 from shardwise.models import (
     GPT,
@@ -46,6 +47,23 @@ def test_future_tokens_do_not_change_earlier_logits(positions: str) -> None:
         before, after = model(idx), model(changed)
     torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=1e-6)
     assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_packed_documents_attend_within_themselves() -> None:
+    """Documents packed in one sequence (``data.pack_documents``): with RoPE, whose scores
+    depend on relative positions only, each document's logits equal those of the document
+    run alone; without the documents the later ones see the earlier."""
+    model = build_gpt(tiny_model_cfg(), SEQ_LEN).eval()
+    first, second = tokens(batch=2, seq=7).clamp(min=1), tokens(batch=2, seq=9, seed=1)
+    second[:, 0] = DOCUMENT_TOKEN
+    packed = torch.cat([first, second], dim=1)
+    with torch.no_grad():
+        masked = model(packed, documents=document_ids(packed))
+        alone = model(first), model(second)
+        unmasked = model(packed)
+    torch.testing.assert_close(masked[:, :7], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked[:, 7:], alone[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked[:, 7:], alone[1], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])

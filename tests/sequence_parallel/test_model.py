@@ -97,6 +97,17 @@ def test_parameter_chunks_match_single_process(request, kind, world, stage, offl
         assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
 
 
+@pytest.mark.parametrize(("kind", "world"), [("ring", 2), ("ulysses", 2), ("hybrid", 4)])
+def test_packed_documents_match_single_process(request, kind, world):
+    """``data.pack_documents``: the documents of the whole sequence reach every rank's
+    attention (ring, Ulysses, hybrid), which masks as the reference's dense attention."""
+    cfg = sp_config(kind, micro_batch=2, global_batch=2 * (4 // world), sp=world)
+    cfg = cfg.replace(data={"pack_documents": True})
+    want = reference_run(cfg)
+    for got in request.getfixturevalue(f"pool{world}").run(sp_engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
+
+
 def test_hybrid_two_by_two_matches_single_process(pool4):
     """sp = 4 as ring 2 x Ulysses 2 (the sp axis split into sub-axes inside the engine)."""
     cfg = sp_config("hybrid", micro_batch=2, global_batch=2, sp=4)
@@ -163,8 +174,10 @@ def test_bad_settings_are_one_line_errors(sections, message):
 
 
 def test_trains_through_the_launcher(tmp_path, capsys):
-    """The launcher path; resuming an sp=2 checkpoint (into sp=2 and other layouts, bitwise)
-    is in the resharding matrix (tests/checkpoint/test_reshard.py)."""
+    """The launcher path, with packed documents; resuming an sp=2 checkpoint (into sp=2 and
+    other layouts, bitwise) is in the resharding matrix (tests/checkpoint/test_reshard.py)."""
     settings = [*TINY_RUN, "train.steps=3", "parallel.sp=2", "attention.sequence_parallel=ring"]
-    losses = train_on_two_ranks(tmp_path / "run", settings, capsys, "ring attention over sp=2")
+    settings.append("data.pack_documents=true")
+    shows = "packed; attention within each document"
+    losses = train_on_two_ranks(tmp_path / "run", settings, capsys, shows)
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)

@@ -84,6 +84,14 @@ def test_two_ranks(pool2, parallel, checkpointing):
     pool2.run(tp_engine_run, cfg.replace(train={"activation_checkpointing": checkpointing}), 2)
 
 
+def test_packed_documents_with_megatron_sp_and_checkpointing(pool2):
+    """``data.pack_documents`` under tp=2 with Megatron-SP and recomputed blocks: each
+    rank's heads attend within documents of the gathered sequence, as the reference's."""
+    cfg = _tp_config(micro_batch=2, tp=2, tp_sequence_parallel=True)
+    cfg = cfg.replace(data={"pack_documents": True}, train={"activation_checkpointing": "full"})
+    pool2.run(tp_engine_run, cfg, 2)
+
+
 FOUR = {
     "1d-tp4": ({"tp": 4}, 0),
     "1d-tp2-dp2": ({"tp": 2, "dp_shard": 2}, 0),
