@@ -42,6 +42,7 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.errors import CheckpointError
 from shardwise.tensor_parallel import TensorParallel
+from shardwise.zero.offload.adam import OffloadedAdamW
 
 if TYPE_CHECKING:
     from shardwise.engine import Engine
@@ -205,7 +206,8 @@ def _walk_rank_state(engine: Engine, add: Callable) -> tuple[dict[str, dict], An
             shape, runs = positions.of(piece.owner, piece.info.start, piece.info.end)
             pieces[id(piece.tensor)] = (piece, shape, runs)
             add(MASTER, piece.info.name, shape, runs, piece.tensor)
-        saved = engine.optimizer.state_dict()
+        saved, states = _saved_states(engine.optimizer)
+        next_state = next(states, None)
         index = 0
         for group, saved_group in zip(
             engine.optimizer.param_groups, saved["param_groups"], strict=True
@@ -215,15 +217,28 @@ def _walk_rank_state(engine: Engine, add: Callable) -> tuple[dict[str, dict], An
                 piece, shape, runs = pieces[id(param)]
                 name = piece.info.name
                 entry = params.setdefault(name, {"group": settings, "scalars": {}, "elements": []})
-                for key, value in saved["state"].get(index, {}).items():
+                mine = next_state is not None and next_state[0] == index
+                for key, value in (next_state[1] if mine else {}).items():
                     if _per_element(key, value, param):
                         add(OPTIM + key, name, shape, runs, value)
                         if key not in entry["elements"]:
                             entry["elements"].append(key)
                     else:
                         entry["scalars"][key] = value
+                if mine:  # drawn once this one is written: it may reuse its memory
+                    next_state = next(states, None)
                 index += 1
     return params, store.rank_state()
+
+
+def _saved_states(optimizer: torch.optim.Optimizer) -> tuple[dict, Iterator[tuple[int, dict]]]:
+    """The optimizer's state dict without its states, and each parameter's state (its index
+    first) in parameter order: streamed by an optimizer whose states live off the device (a
+    state is valid until the next is drawn), from `state_dict` otherwise."""
+    if isinstance(optimizer, OffloadedAdamW):
+        return optimizer.saved_states()
+    saved = optimizer.state_dict()
+    return {**saved, "state": {}}, iter(sorted(saved["state"].items()))
 
 
 def write_states(path: Path, params: dict, rank_state: Any) -> bool:
@@ -498,7 +513,13 @@ def load_rank_shards(engine: Engine, reader: ShardReader, rank_state: dict | Non
         piece.tensor.copy_(values.view_as(piece.tensor))
 
     store.load_owned(fill)
-    engine.optimizer.load_state_dict(_optimizer_state(engine.optimizer, reader, pieces))
+    saved, elements = _optimizer_state(engine.optimizer, reader, pieces)
+    if isinstance(engine.optimizer, OffloadedAdamW):  # one chunk of states at a time
+        engine.optimizer.load_states(saved, elements)
+    else:
+        for index, state in saved["state"].items():
+            state.update(elements(index))
+        engine.optimizer.load_state_dict(saved)
     reader.verify()
     store.load_rank_state(rank_state)
 
@@ -507,10 +528,13 @@ def _optimizer_state(
     optimizer: torch.optim.Optimizer,
     reader: ShardReader,
     pieces: dict[int, tuple[OwnedPiece, torch.Size, torch.Tensor]],
-) -> dict:
-    """torch's optimizer state dict for this rank's pieces, read from the checkpoint."""
+) -> tuple[dict, Callable[[int], dict]]:
+    """torch's optimizer state dict for this rank's pieces with each state's scalars only
+    (Adam's ``step``), and the function that reads parameter i's per-element states (Adam's
+    moments) from the checkpoint when called."""
     state: dict[int, dict] = {}
     groups: list[dict] = []
+    reads: dict[int, tuple[str, OwnedPiece, torch.Size, torch.Tensor, list[str]]] = {}
     index = 0
     for group in optimizer.param_groups:
         settings: dict | None = None
@@ -522,14 +546,17 @@ def _optimizer_state(
             if saved is None:
                 raise CheckpointError(f"checkpoint has no optimizer state for {name!r}")
             settings = settings or saved["group"]
-            entry = {key: _clone(value) for key, value in saved["scalars"].items()}
-            for key in saved["elements"]:
-                entry[key] = reader.take(OPTIM + key, name, shape, runs).view_as(param)
-            if entry:
-                state[index] = entry
+            if saved["scalars"] or saved["elements"]:
+                state[index] = {key: _clone(value) for key, value in saved["scalars"].items()}
+                reads[index] = (name, piece, shape, runs, saved["elements"])
             index += 1
         groups.append({**(settings or {}), "params": list(range(first, index))})
-    return {"state": state, "param_groups": groups}
+
+    def elements(i: int) -> dict:
+        name, piece, shape, runs, keys = reads[i]
+        return {k: reader.take(OPTIM + k, name, shape, runs).view_as(piece.tensor) for k in keys}
+
+    return {"state": state, "param_groups": groups}, elements
 
 
 def _clone(value: object) -> object:

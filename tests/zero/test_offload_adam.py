@@ -95,6 +95,34 @@ def test_checkpoint_moves_between_tiers_and_into_torch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_checkpoints_stream_the_states_a_chunk_at_a_time(tmp_path):
+    """`saved_states` and `load_states` (what a checkpoint uses) hold at most the chunk in use
+    and the one read ahead, never every chunk as `state_dict` does."""
+    model = _model()
+    with DiskTier(tmp_path) as disk:
+        optimizer = OffloadedAdamW(
+            _groups(model), **HYPER, tier="disk", disk=disk, chunk_bytes=8 * 40
+        )
+        _train(model, optimizer, range(3))
+        resident = []
+        saved, states = optimizer.saved_states()
+        copies = {}
+        for index, state in states:
+            resident.append(optimizer.tier_bytes()["host"])
+            copies[index] = {k: v.clone() for k, v in state.items()}
+        assert copies.keys() == optimizer.state_dict()["state"].keys()
+
+        def elements(index: int) -> dict:
+            resident.append(optimizer.tier_bytes()["host"])
+            return copies[index]
+
+        scalars = {i: {"step": state["step"]} for i, state in copies.items()}
+        optimizer.load_states({**saved, "state": scalars}, elements)
+        two_largest = 8 * (512 + 256)
+        total = 8 * sum(p.numel() for p in model.parameters())
+        assert len(resident) == 2 * len(copies) and max(resident) <= two_largest < total
+
+
 def test_bf16_parameters_resume_exactly_with_their_fp32_masters():
     """The master copies are part of the checkpoint: rebuilt from bf16 parameters, a resumed
     run would lose the bits bf16 rounds away and drift from the uninterrupted one."""

@@ -22,7 +22,7 @@ Only the per-parameter ``step`` counters (and those master copies) stay in `stat
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -226,38 +226,57 @@ class OffloadedAdamW(torch.optim.Optimizer):
         )
         return {"host": resident, "disk": on_disk}
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's AdamW layout (``exp_avg``, ``exp_avg_sq`` per parameter), states read back
-        from their tier chunk by chunk, so a checkpoint does not depend on the tier; plus the
-        fp32 ``master`` copy of a parameter that has one (bf16/fp16 parameters): rebuilt from
-        the parameter, a resume would lose the bits the parameter's dtype rounds away."""
+    def saved_states(self) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str, Any]]]]:
+        """torch's AdamW state dict with its ``state`` left empty, and each parameter's state
+        in parameter order: its index and ``step``, ``exp_avg``, ``exp_avg_sq`` (views of the
+        resident chunk, valid until the next state is drawn), and the fp32 ``master`` of a
+        parameter that has one (bf16/fp16 parameters: rebuilt from the parameter, a resume
+        would lose the bits the parameter's dtype rounds away). Streamed chunk by chunk from
+        their tier, so a checkpoint holds one chunk of states at a time."""
         saved = super().state_dict()
+        steps = saved.pop("state")
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for chunk in self._streamed():
-            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
-                if "step" not in self.state[p]:
-                    continue
-                m, v = chunk.buffer[:, offset : offset + p.numel()].clone()
-                i = index[id(p)]
-                step = saved["state"][i]["step"]  # a new entry: never write into self.state
-                saved["state"][i] = {
-                    "step": step,
-                    "exp_avg": m.view_as(p),
-                    "exp_avg_sq": v.view_as(p),
-                }
-                if "master" in self.state[p]:
-                    saved["state"][i]["master"] = self.state[p]["master"].clone()
+
+        def states() -> Iterator[tuple[int, dict[str, Any]]]:
+            for chunk in self._streamed():
+                for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+                    if "step" not in self.state[p]:
+                        continue
+                    m, v = chunk.buffer[:, offset : offset + p.numel()]
+                    i = index[id(p)]
+                    entry = {"step": steps[i]["step"], "exp_avg": m.view_as(p)}
+                    entry["exp_avg_sq"] = v.view_as(p)
+                    if "master" in self.state[p]:
+                        entry["master"] = self.state[p]["master"]
+                    yield i, entry
+
+        return {**saved, "state": {}}, states()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's AdamW layout (``exp_avg``, ``exp_avg_sq`` per parameter; see
+        `saved_states`), copied: the checkpoint does not depend on the tier."""
+        saved, states = self.saved_states()
+        saved["state"] = {i: {k: v.clone() for k, v in entry.items()} for i, entry in states}
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch's AdamW layout; the states go to their chunks (and tier)."""
         states = state_dict["state"]
-        steps = {k: {"step": s["step"].clone()} for k, s in states.items()}
+        scalars = {i: {"step": s["step"]} for i, s in states.items()}
+        self.load_states({**state_dict, "state": scalars}, states.get)
+
+    def load_states(
+        self, state_dict: dict[str, Any], elements: Callable[[int], dict | None]
+    ) -> None:
+        """As `load_state_dict` from torch's layout with only the ``step`` of each state;
+        ``elements(i)`` gives parameter i's ``exp_avg``, ``exp_avg_sq`` (and ``master``),
+        asked for while its chunk is in, so a resume holds one chunk of states at a time."""
+        steps = {i: {"step": s["step"].clone()} for i, s in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": steps})
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for chunk in self._streamed():
             for p, offset in zip(chunk.params, chunk.offsets, strict=True):
-                saved = states.get(index[id(p)])
+                saved = elements(index[id(p)]) if index[id(p)] in steps else None
                 if saved is not None:
                     chunk.buffer[0, offset : offset + p.numel()] = saved["exp_avg"].flatten()
                     chunk.buffer[1, offset : offset + p.numel()] = saved["exp_avg_sq"].flatten()
