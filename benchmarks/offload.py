@@ -1,6 +1,7 @@
 """Benchmark ``offload``: the disk tier, the offloaded optimizer's step time, and capacity.
 
-Three ratios, each measured against its own reference in the same run (issue 6, "must show"):
+Four ratios with targets, each measured against its own reference in the same run (issue 6,
+"must show"; the last from issue 19):
 
 - ``disk_vs_raw`` (target >= 0.7): `DiskTier` throughput over plain file IO on the same
   directory. The tier writes N chunks of 64 MiB (random bytes), several operations in flight,
@@ -41,6 +42,11 @@ Three ratios, each measured against its own reference in the same run (issue 6, 
   buffers (without gradient chunks, ``param.grad`` would keep 4Ψ and cap the ratio below 4).
   With the optimizer-state offload alone (``offload.optimizer = "disk"``) parameters and
   gradients stay in memory and the ratio is below 16Ψ / 8Ψ = 2 whatever the model size.
+
+- ``all_disk_vs_inmemory`` (target <= 1.5, issue 19): the capacity run's median step time
+  (after the first step) over that of the same model trained in a fresh process with no
+  offload at all (everything in host memory). The capacity record also gives the bytes the
+  disk tiers read and wrote in each step (``disk_bytes_per_step``).
 
 Each ratio key is a "peer" whose value is its reference (raw bytes per second, resident
 seconds per step, peak RSS bytes, one process's model-state bytes, DeepSpeed's seconds per
@@ -83,8 +89,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "disk_vs_raw": (">=", 0.7),
     "step_vs_inmemory": ("<=", 1.3),
     "state_over_rss": (">=", 3.0),
+    "all_disk_vs_inmemory": ("<=", 1.5),
 }
-"""Ratio key -> (comparison, target) from issue 6."""
+"""Ratio key -> (comparison, target) from issues 6 and 19."""
 STEP_NPROC = 2
 """Ranks of the step-time job (as benchmarks/dp.py)."""
 OPTIMIZER_TIERS = ("device", "host", "disk")
@@ -166,6 +173,9 @@ class CapacitySettings:
     """Directory of the disk tier."""
     param_offload: bool = True
     """Offload parameter chunks too (``offload.policy``) when this version's config has it."""
+    in_memory: bool = False
+    """No offload at all: everything in host memory (the reference of
+    ``all_disk_vs_inmemory``)."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,8 @@ def run(quick: bool) -> BenchResult:
             Job("single", asdict(replace(plan.steps, warmup=warmup, iters=iters))), 1
         )
         capacity = run_capacity(replace(plan.capacity, disk_path=root))
-    return summarise(plan, disk, steps, capacity, single)
+        resident = run_capacity(replace(plan.capacity, in_memory=True))
+    return summarise(plan, disk, steps, capacity, single, resident)
 
 
 def launch_job(job: Job, nproc: int) -> dict[str, Any]:
@@ -223,6 +234,7 @@ def launch_job(job: Job, nproc: int) -> dict[str, Any]:
 def run_capacity(settings: CapacitySettings) -> dict[str, Any]:
     """The capacity job in a fresh process (its peak RSS is that run's own)."""
     kind = "parameter + optimizer" if settings.param_offload else "optimizer-state"
+    kind = "no" if settings.in_memory else kind
     progress(f"capacity: launching 1 rank, gpt-{settings.preset}, {kind} offload")
     return launch_job(Job("capacity", asdict(settings)), 1)
 
@@ -509,6 +521,8 @@ def capacity_config(settings: CapacitySettings) -> Config:
     }
     if settings.param_offload:
         offload.update(policy="static", param_device_fraction=0.0, host_budget_mb=HOST_BUDGET_MB)
+    if settings.in_memory:
+        offload = {}
     return Config().replace(
         model={"preset": settings.preset},
         data={"seq_len": settings.seq_len},
@@ -532,15 +546,23 @@ def measure_capacity(settings: CapacitySettings, rank: int) -> dict[str, Any]:
     engine = initialize(model, None, cfg, param_init=param_init)
     psi = sum(p.numel() for p in engine.params)
     rss_after_init = current_rss_bytes()
+    disks = {
+        id(d): d
+        for d in (getattr(engine.store, "disk", None), engine.optimizer.__dict__.get("disk"))
+        if d is not None
+    }
+    moved = []
     generator = torch.Generator().manual_seed(settings.seed)
     shape = (settings.micro_batch, settings.seq_len + 1)
     step_s, losses = [], []
     for index in range(settings.steps):
         tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
+        before = disk_bytes(disks.values())
         started = time.perf_counter()
         losses.append(engine.train_step((tokens[:, :-1], tokens[:, 1:])))
         get_accelerator().synchronize()
         step_s.append(time.perf_counter() - started)
+        moved.append({k: v - before[k] for k, v in disk_bytes(disks.values()).items()})
         if rank == 0:
             progress(
                 f"capacity step {index + 1}/{settings.steps}: {step_s[-1]:.2f} s, loss "
@@ -554,6 +576,7 @@ def measure_capacity(settings: CapacitySettings, rank: int) -> dict[str, Any]:
         "rss_at_start_bytes": rss_at_start,
         "rss_after_init_bytes": rss_after_init,
         "step_s": step_s,
+        "disk_bytes_per_step": moved,
         "losses": losses,
         "memory_report": engine.memory_report(),
         "offload": cfg.offload.model_dump(),
@@ -561,6 +584,12 @@ def measure_capacity(settings: CapacitySettings, rank: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": get_accelerator().device_type,
     }
+
+
+def disk_bytes(disks) -> dict[str, int]:
+    """Bytes the disk tiers have read and written so far."""
+    stats = [d.stats for d in disks]
+    return {key: int(sum(s[key] for s in stats)) for key in ("bytes_read", "bytes_written")}
 
 
 # --------------------------------------------------------------------------- the result
@@ -572,9 +601,11 @@ def summarise(
     steps: dict[str, Any],
     capacity: dict[str, Any],
     single: dict[str, Any],
+    resident: dict[str, Any],
 ) -> BenchResult:
     """The ratios, each against its reference (the "peer" values), and the config; `single`
-    is the one-process reference of the sharded contender (`measure_single`)."""
+    is the one-process reference of the sharded contender (`measure_single`), `resident` the
+    capacity model trained without offload."""
     medians = steps["median_s"]
     sharded = sharded_summary(steps, single)
     peers = {
@@ -582,12 +613,15 @@ def summarise(
         "step_vs_inmemory": medians["device"],
         "state_over_rss": float(capacity["peak_rss_bytes"]),
         "sharded_state_fraction": float(sharded["single_process_state_bytes"]),
+        "all_disk_vs_inmemory": statistics.median(resident["step_s"][1:]),
     }
     ratio = {
         "disk_vs_raw": disk["ratio"],
         "step_vs_inmemory": medians["host"] / medians["device"],
         "state_over_rss": capacity["state_bytes"] / peers["state_over_rss"],
         "sharded_state_fraction": sharded["state_fraction"],
+        "all_disk_vs_inmemory": statistics.median(capacity["step_s"][1:])
+        / peers["all_disk_vs_inmemory"],
     }
     if DEEPSPEED in medians:
         peers["sharded_vs_deepspeed"] = medians[DEEPSPEED]
@@ -602,6 +636,8 @@ def summarise(
             "median of the rounds; the ratio is the median of the rounds' tier / raw",
             "step_vs_inmemory": "median step s, offload.optimizer='device' (all resident)",
             "state_over_rss": "peak RSS bytes (VmHWM) of the capacity process",
+            "all_disk_vs_inmemory": "median step s (after the first) of the capacity model "
+            "without offload; the ratio is the capacity run's over it",
             "sharded_state_fraction": f"model-state bytes of {SHARDED}'s engine in one process; "
             "the ratio is the most any rank of the job holds over it",
             "sharded_vs_deepspeed": f"median step s of {DEEPSPEED} in the same job; the ratio "
@@ -611,6 +647,7 @@ def summarise(
         "steps": steps_config(steps),
         "sharded": sharded,
         "capacity": capacity_summary(capacity),
+        "in_memory": resident,
         "cpu": cpu_model(),
         "torch": torch.__version__.split("+")[0],
     }

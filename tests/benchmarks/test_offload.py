@@ -208,6 +208,20 @@ def test_capacity_job_on_a_tiny_model(tmp_path, param_offload):
     assert record["peak_rss_bytes"] >= record["rss_after_init_bytes"] > 0
     assert len(record["step_s"]) == len(record["losses"]) == 2
     assert record["offload"]["optimizer"] == "disk"
+    moved = record["disk_bytes_per_step"][1]  # Adam m, v read and written back, at least
+    assert moved["bytes_read"] >= 8 * psi and moved["bytes_written"] >= 8 * psi
+
+
+def test_capacity_job_in_memory_is_the_reference(tmp_path):
+    settings = offload.CapacitySettings(preset="tiny", seq_len=16, steps=2, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        record = offload.measure_capacity(replace(settings, in_memory=True), 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert record["offload"]["optimizer"] == "device" and record["offload"]["policy"] == "none"
+    assert record["memory_report"]["offloaded_disk"] == 0
+    assert record["disk_bytes_per_step"] == [{"bytes_read": 0, "bytes_written": 0}] * 2
 
 
 def test_capacity_config_offloads_parameters_when_asked():
@@ -248,9 +262,11 @@ def fake_records(peak_rss: int, deepspeed: float | None = None) -> tuple[dict, .
         "peak_rss_bytes": peak_rss,
         "param_offload": False,
         "memory_report": {},
+        "step_s": [9.0, 2.4, 2.4],
     }
     single = {"nproc": 1, "sharded": False, "state_bytes_per_rank": [1000]}
-    return disk, steps, capacity, single
+    resident = {"step_s": [5.0, 2.0, 2.0]}
+    return disk, steps, capacity, single, resident
 
 
 def test_json_line_has_every_ratio_key_against_its_target():
@@ -262,10 +278,13 @@ def test_json_line_has_every_ratio_key_against_its_target():
     assert record["ratio"]["step_vs_inmemory"] == pytest.approx(1.1)
     assert record["ratio"]["state_over_rss"] == pytest.approx(1.6)
     assert record["peers"]["state_over_rss"] == 1000
+    assert record["ratio"]["all_disk_vs_inmemory"] == pytest.approx(1.2)  # medians after step 1
+    assert record["peers"]["all_disk_vs_inmemory"] == 2.0
     assert record["config"]["meets_target"] == {
         "disk_vs_raw": True,
         "step_vs_inmemory": True,
         "state_over_rss": False,
+        "all_disk_vs_inmemory": True,
     }
     assert record["ours"] == pytest.approx(1.6 / 3)  # the worst attainment: state_over_rss
     assert record["config"]["steps"]["vs_device"]["disk"] == pytest.approx(1.5)
