@@ -279,9 +279,18 @@ def test_flush_reraises_only_unobserved_failures(tmp_path):
 
 def test_discard_removes_the_file(tier):
     tier.write("k", torch.ones(100))
-    tier.discard("k")  # waits for the write
+    tier.discard("k").result()  # after the write
     assert _stored_files(tier) == [] and tier.stats["bytes_on_disk"] == 0
-    tier.discard("k")  # not stored: ignored
+    tier.write("k", torch.ones(100))
+    tier.discard("k")  # in the background: what follows on the key waits for it
+    tier.write("k", torch.full((100,), 2.0))
+    out = torch.empty(100)
+    tier.read("k", out).result()
+    assert torch.equal(out, torch.full((100,), 2.0))
+    tier.discard("k")
+    tier.flush()
+    assert _stored_files(tier) == [] and tier.stats["bytes_on_disk"] == 0
+    tier.discard("k").result()  # not stored: ignored
     with pytest.raises(KeyError):
         tier.read("k", torch.empty(100))
 

@@ -217,11 +217,12 @@ class DiskTier:
             )
         return self._issue(key, self._read_now, key, out)
 
-    def discard(self, key: str) -> None:
-        """Delete the stored version of `key` once its pending operations are done; a key
-        that is not stored is ignored."""
+    def discard(self, key: str) -> Future:
+        """Delete the stored version of `key` once its pending operations are done, in the
+        background (unlinking a large file takes milliseconds; later operations on `key` wait
+        for it); a key that is not stored is ignored."""
         _check_key(key)
-        self._issue(key, self._discard_now, key).result()
+        return self._issue(key, self._discard_now, key)
 
     def flush(self) -> None:
         """Wait for every operation issued so far (and the deletion of the versions they
