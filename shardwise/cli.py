@@ -142,6 +142,13 @@ def _checkpoint_step(checkpoint: Path, nproc: int, plan) -> int:
     return step
 
 
+def _check_data(plan) -> None:
+    """Read the data once here: a missing file or a too-small corpus fails before launch."""
+    from shardwise.data import build_data
+
+    build_data(plan.config.data, plan.global_batch, 0, plan.dims.dp, 0)
+
+
 def _start_ranks(plan, out: Path, args: argparse.Namespace, reshard: bool = False) -> None:
     """Write the run's config.toml and plan into `out`, and run the trainer on --nproc ranks
     (in this process for one): training, or with `reshard` only loading --resume's checkpoint
@@ -173,7 +180,6 @@ def _start_ranks(plan, out: Path, args: argparse.Namespace, reshard: bool = Fals
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shardwise.checkpoint.convert import init_from_index
-    from shardwise.data import build_data
     from shardwise.run_plan import meta_model, resolve
 
     _check_launch_options(args)
@@ -191,8 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"train.steps={cfg.train.steps}, nothing is left to train; raise train.steps "
                 "(--set train.steps=N) to train on"
             )
-    # Read the data once here: a missing file or a too-small corpus fails before any launch.
-    build_data(cfg.data, plan.global_batch, 0, plan.dims.dp, 0)
+    _check_data(plan)
     out = _output_dir(_run_dir(args), reuse=args.resume is not None or args.force)
     _start_ranks(plan, out, args)
     _print_summary(out)
@@ -397,6 +402,7 @@ def _convert_to_layout(args: argparse.Namespace, config_file: Path) -> int:
     args.resume = _intact(args.source)
     plan = resolve(Config.from_file(config_file, args.overrides), args.nproc)
     step = _checkpoint_step(args.resume, args.nproc, plan)
+    _check_data(plan)
     out = _output_dir(args.dest, reuse=args.force, what="DST")
     _start_ranks(plan, out, args, reshard=True)
     print(f"shardwise convert: wrote {out / 'checkpoints' / f'step_{step:08d}'}", file=sys.stderr)
