@@ -411,7 +411,6 @@ def _pipeline(
         return None
     pipe = config.pipeline
     limits = {
-        "zero.stage=0, 1 or 2": config.zero.stage > 2,
         "offload.policy='none'": config.offload.policy != "none",
     }
     _refuse_combinations(f"parallel.pp={dims.pp}", limits)
@@ -425,6 +424,12 @@ def _pipeline(
             f"pipeline.schedule={pipe.schedule!r} splits each backward into an input pass and "
             "a weight pass, and activation checkpointing would recompute every block for each; "
             "set train.activation_checkpointing='none' or pipeline.schedule='1f1b'"
+        )
+    if pipe.schedule in ("zb_h1", "zbv") and config.zero.stage == 3:
+        raise ConfigError(
+            f"pipeline.schedule={pipe.schedule!r} computes weight gradients in a pass of their "
+            "own, after zero.stage=3 has released the parameters those passes read (layer "
+            "norms); set zero.stage to 0, 1 or 2, or pipeline.schedule='1f1b'"
         )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
     stage_blocks(spec, model, schedule.stages, pipe.partition)

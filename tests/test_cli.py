@@ -61,9 +61,10 @@ BAD_SETS = {
         ["--nproc", "2", "--set", "parallel.tp=2", "--set", "parallel.tp_mode=2d"],
         "parallel.tp=2 does not fit tp_mode='2d', which needs tp = a square q^2",
     ),
-    "pp-with-zero-3": (
-        ["--nproc", "2", "--set", "parallel.pp=2", "--set", "zero.stage=3"],
-        "parallel.pp=2 does not combine with this setting yet; set zero.stage=0, 1 or 2",
+    "pp-zero-bubble-with-zero-3": (
+        ["--nproc", "2", "--set", "parallel.pp=2", "--set", "zero.stage=3"]
+        + ["--set", "pipeline.schedule=zb_h1"],
+        "pipeline.schedule='zb_h1' computes weight gradients in a pass of their own",
     ),
     "pp-more-stages-than-blocks": (
         ["--nproc", "4", "--set", "parallel.pp=4", "--set", "model.n_layers=2"],

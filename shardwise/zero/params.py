@@ -60,7 +60,8 @@ class Unit:
     """A module whose parameters are gathered and released together."""
 
     name: str
-    module: nn.Module
+    modules: list[nn.Module]
+    """Whose calls gather the unit (see `zero3_units`)."""
     owned: OwnedSlice
     state: UnitState = UnitState.SHARDED
     work: object | None = field(default=None, repr=False)
@@ -89,16 +90,42 @@ def _in_backward() -> bool:
 
 
 def zero3_units(
-    model: nn.Module, spec: ModelSpec
-) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
-    """Units in forward order with their trainable parameters: the root (everything outside
-    the spec's blocks), then each block. Frozen parameters stay replicated."""
+    model: nn.Module, spec: ModelSpec, per_module: bool = False
+) -> list[tuple[str, list[nn.Module], list[nn.Parameter]]]:
+    """Units in forward order with their trainable parameters and the modules whose calls
+    gather them: the root (everything outside the spec's blocks, around the model's call),
+    then each block. With `per_module` (a pipeline stage, which never calls the whole model)
+    the root is one unit per module owning its parameters, gathered around the call of any
+    module holding one of them: a tied weight is the embedding's unit, gathered for the head
+    too. Frozen parameters stay replicated."""
     blocks = spec.named_blocks(model, "zero.stage=3 (one unit per block)")
     in_blocks = {id(p) for _, block in blocks for p in block.parameters()}
     root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
-    units = [("root", model, root)]
-    units += [(name, b, [p for p in b.parameters() if p.requires_grad]) for name, b in blocks]
+    units = _module_units(model, root) if per_module else [("root", [model], root)]
+    units += [(name, [b], [p for p in b.parameters() if p.requires_grad]) for name, b in blocks]
     return [unit for unit in units if unit[2]]
+
+
+def _module_units(
+    model: nn.Module, params: list[nn.Parameter]
+) -> list[tuple[str, list[nn.Module], list[nn.Parameter]]]:
+    """`params` in one unit per module that holds them first (in module order), each with
+    every module holding one of its parameters."""
+    wanted = {id(p) for p in params}
+    owner: dict[int, str] = {}
+    holders: dict[int, list[nn.Module]] = {}
+    units: dict[str, list[nn.Parameter]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in wanted:
+                holders.setdefault(id(param), []).append(module)
+                if owner.setdefault(id(param), name) == name:
+                    units.setdefault(name, []).append(param)
+    result = []
+    for name, owned in units.items():
+        modules = {id(m): m for p in owned for m in holders[id(p)]}
+        result.append((name, list(modules.values()), owned))
+    return result
 
 
 class ShardedParams:
@@ -106,7 +133,7 @@ class ShardedParams:
 
     def __init__(
         self,
-        units: list[tuple[str, nn.Module]],
+        units: list[tuple[str, list[nn.Module]]],
         shards: OptimizerShards,
         group: object,
         reshard_after_forward: bool,
@@ -118,14 +145,15 @@ class ShardedParams:
         self.prefetch = prefetch
         slices = list(reversed(shards.slices))
         self.units = [
-            Unit(name, module, owned) for (name, module), owned in zip(units, slices, strict=True)
+            Unit(name, modules, owned) for (name, modules), owned in zip(units, slices, strict=True)
         ]
         self._unit_of_bucket = {id(u.owned.bucket): u for u in self.units}
         for index, unit in enumerate(self.units):
-            unit.module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i))
-            unit.module.register_forward_hook(
-                lambda _module, _inputs, out, i=index: self._after_forward(i, out)
-            )
+            for module in unit.modules:
+                module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i))
+                module.register_forward_hook(
+                    lambda _module, _inputs, out, i=index: self._after_forward(i, out)
+                )
 
     # -- moves ------------------------------------------------------------------------------
 

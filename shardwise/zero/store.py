@@ -172,7 +172,8 @@ class FlatStore:
         self.params = [p for p in model.parameters() if p.requires_grad]
         shard_size = comm.group_size(groups.shard)
         _check_shardable(self.params, sharding.stage, shard_size)
-        units = zero3_units(model, spec) if sharding.params else None
+        pipelined = plan.pipeline is not None  # stages never call the whole model
+        units = zero3_units(model, spec, per_module=pipelined) if sharding.params else None
         reduce_group = groups.shard if sharding.grads else groups.dp
         # 1-bit Adam compresses only where there is someone to send to
         onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(reduce_group) > 1
@@ -201,7 +202,7 @@ class FlatStore:
         self.units = None
         if units:
             self.units = ShardedParams(
-                [(name, module) for name, module, _ in units],
+                [(name, modules) for name, modules, _ in units],
                 self.shards,
                 groups.shard,
                 sharding.reshard_after_forward,

@@ -58,6 +58,7 @@ LAYOUTS = {
         4,
         {"parallel": {"pp": 2}, "pipeline": {"schedule": "zb_h1"}, "zero": {"stage": 2}},
     ),
+    "pp2-dp2-zero3": (4, {"parallel": {"pp": 2}, "zero": {"stage": 3}}),
     "dp2-offload-disk": (2, {"offload": OFFLOAD}),
 }
 NAMES = list(LAYOUTS)
