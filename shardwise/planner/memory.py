@@ -126,7 +126,8 @@ def _prediction(
     config = plan.config
     peak = max(trace.peak for trace in traces)
     activations = peak + (in_flight - 1) * max(trace.forward_end for trace in traces)
-    units = zero3_units(model, spec) if plan.sharding.params else []
+    per_module = plan.pipeline is not None  # as the store cuts them (zero/store.py)
+    units = zero3_units(model, spec, per_module) if plan.sharding.params else []
     unit = max((sum(p.numel() for p in params) for *_, params in units), default=0)
     if plan.dims.tp > 1 and plan.dims.tp_mode != "1d":
         activations += _gathered_backward_bytes(plan, model) + _filling_bucket_bytes(plan)
