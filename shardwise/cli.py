@@ -385,6 +385,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return _convert_to_layout(args, Path(args.to.removeprefix("layout:")))
     if args.overrides:
         raise ConfigError(f"--set applies to --to layout:CONFIG, not --to {args.to}")
+    if args.to == "single":
+        _output_dir(args.dest, reuse=args.force, what="DST")
     written = convert(args.source, args.dest, args.to, args.config)
     print(f"shardwise convert: wrote {written}", file=sys.stderr)
     return 0

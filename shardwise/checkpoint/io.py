@@ -163,7 +163,8 @@ def consolidate(source: Path, root: Path) -> Path:
     tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_and_commit(saved, tmp, final, keep=1, group=None)
+    keep = 1 + sum(1 for p in root.glob("step_*") if (p / MANIFEST).is_file())  # prunes none
+    _write_and_commit(saved, tmp, final, keep=keep, group=None)
     return final
 
 
