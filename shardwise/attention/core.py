@@ -7,8 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from shardwise.attention.block_sparse import BlockSparsePlan, block_sparse_attention
 from shardwise.attention.layouts import LayoutSpec, build_layout
@@ -83,13 +82,7 @@ class SparseAttentionCore(nn.Module):
         super().__init__()
         self.attention = attention
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        documents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None = None) -> Tensor:
         if documents is not None:  # the plan refuses data.pack_documents with sparse attention
             raise ValueError("block-sparse attention has no document masks")
         plan = self.attention.plan(q.shape[1], q.shape[2]).on(q.device)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
@@ -172,13 +172,7 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        documents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None = None) -> Tensor:
         dropout = self.dropout if self.training else 0.0
         if documents is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

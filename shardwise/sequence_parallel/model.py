@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.distributed import comm
@@ -85,13 +85,7 @@ class SequenceParallelCore(nn.Module):
         super().__init__()
         self.split = split
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        documents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None = None) -> Tensor:
         return self.split.attend(q, k, v, doc_ids=documents)
 
     def extra_repr(self) -> str:
