@@ -63,8 +63,9 @@ class ModelSpec:
     """Dotted name of the output projection (may share its weight with `embedding`)."""
     attention: str | None = None
     """Pattern (fnmatch, model-relative) of the modules computing attention, for sequence
-    parallelism and sparse attention to replace: a parameter-free core mapping (q, k, v) to
-    the output where the model has one (the GPT's ``attn.core``), else the attention module."""
+    parallelism and sparse attention to replace: a parameter-free core mapping (q, k, v) and
+    optionally each token's document (see `documents`) to the output where the model has one
+    (the GPT's ``attn.core``), else the attention module."""
     heads: int | None = None
     """Attention (query) heads, for the checks of sequence parallelism; None: unknown."""
     positions: str | None = None
