@@ -38,7 +38,8 @@ from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models.gpt import gpt_config_from
 from shardwise.zero.optimizer import ParamInit
 
-TARGETS = ("single", "safetensors", "hf", "layout:CONFIG")
+TARGETS = ("single", "safetensors", "hf")
+"""What `convert` writes; ``layout:CONFIG`` is the CLI's (the layout's ranks save it)."""
 
 _DTYPES = {
     torch.float32: "F32",
@@ -109,8 +110,8 @@ def write_safetensors(path: Path, reader: ShardReader, exports: dict[str, Export
 def convert(source: Path, dest: Path, to: str, config_file: Path | None) -> Path:
     """Export the checkpoint at `source` as `to` into `dest` (a file for safetensors, a
     directory for hf, a run directory for single); returns what was written."""
-    if to not in TARGETS[:-1]:
-        raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    if to not in TARGETS:
+        raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}, layout:CONFIG")
     ckpt = find_checkpoint(source)
     if to == "single":
         written = consolidate(ckpt, dest / "checkpoints")

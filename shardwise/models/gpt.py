@@ -176,9 +176,7 @@ class AttentionCore(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if documents is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        seq = q.shape[2]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        mask = (documents[:, :, None] == documents[:, None, :]) & causal
+        mask = (documents[:, :, None] == documents[:, None, :]).tril_()  # same document, causal
         return F.scaled_dot_product_attention(q, k, v, mask[:, None], dropout_p=dropout)
 
 
