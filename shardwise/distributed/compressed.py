@@ -53,8 +53,10 @@ _GATHER_BITS = 0x0102040810204080
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """One bit per element of `x` (rows, n), n a multiple of 8: 1 where the sign bit is set
     (negative, and -0.0), 8 per byte, element 8j + k in bit k of byte j -> uint8 (rows, n/8)."""
-    negative = torch.signbit(x).view(torch.uint8).view(*x.shape[:-1], -1, 8)
-    words = negative.view(torch.int64).squeeze(-1)
+    # the sign bit as a byte 0 / 1: arithmetic shift to 0 / -1, bytes 0 / 255, bit 0 (this is
+    # 1.7x faster than torch.signbit's bool on a CPU)
+    negative = x.view(torch.int32).bitwise_right_shift(31).to(torch.uint8).bitwise_and_(1)
+    words = negative.view(*x.shape[:-1], -1, 8).view(torch.int64).squeeze(-1)
     return words.mul(_GATHER_BITS).bitwise_right_shift(56).to(torch.uint8)
 
 
@@ -80,25 +82,59 @@ def packed_bytes(n: int, chunk: int) -> int:
     return n // 8 + 4 * (n // chunk)
 
 
+_PIECE = 1 << 18
+"""Elements per step of the compression loops: their temporaries stay in the cache and in the
+allocator's reuse, where whole-bucket temporaries would be fresh pages at every call (on a CPU
+the page faults cost more than the arithmetic: 2x for `compress_`, 3x for `decompress_mean`)."""
+
+
+def _pieces(rows: int, n: int, align: int):
+    """Column ranges (a, b) covering 0..n, each a multiple of `align` elements (n is one) and
+    about `_PIECE` elements over the `rows`."""
+    step = max(1, _PIECE // (rows * align)) * align
+    return ((a, min(n, a + step)) for a in range(0, n, step))
+
+
 def compress_(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """Each row of fp32 `x` (rows, n; n a multiple of 8 and of `chunk`) as one uint8 message
     (rows, `packed_bytes(n, chunk)`): its signs, then one scale per chunk, ||x_chunk|| /
     sqrt(chunk) (signed copies of it keep the chunk's norm). `x` is left holding what the
     compression dropped: x - decompress(message)."""
     rows, n = x.shape
-    blocks = x.view(rows, n // chunk, chunk)
-    scales = torch.linalg.vector_norm(blocks, dim=-1).div_(math.sqrt(chunk))
-    message = torch.cat([pack_signs(x), scales.view(torch.uint8)], dim=1)
-    blocks.sub_(torch.copysign(scales.unsqueeze(-1), blocks))  # the sign bit decides, as packed
-    return message
+    signs = x.new_empty(rows, n // 8, dtype=torch.uint8)
+    scales = x.new_empty(rows, n // chunk)
+    for a, b in _pieces(rows, n, math.lcm(8, chunk)):
+        blocks = x[:, a:b].unflatten(1, (-1, chunk))
+        signs[:, a // 8 : b // 8] = pack_signs(x[:, a:b])
+        scale = torch.linalg.vector_norm(blocks, dim=-1).div_(math.sqrt(chunk))
+        scales[:, a // chunk : b // chunk] = scale
+        blocks.sub_(torch.copysign(scale.unsqueeze(-1), blocks))  # the sign bit decides
+    return torch.cat([signs, scales.view(torch.uint8)], dim=1)
 
 
-def decompress(message: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
-    """The fp32 rows (rows, n) that `compress_` messages stand for: scale * sign."""
+def _decompressed_pieces(message: torch.Tensor, n: int, chunk: int):
+    """(a, b, the fp32 rows' columns a..b) of what `compress_`'s `message` stands for."""
     rows = message.shape[0]
-    signs = unpack_signs(message[:, : n // 8]).view(rows, n // chunk, chunk)
+    signs = message[:, : n // 8]
     scales = message[:, n // 8 :].contiguous().view(torch.float32)
-    return signs.mul_(scales.unsqueeze(-1)).view(rows, n)
+    for a, b in _pieces(rows, n, math.lcm(8, chunk)):
+        values = unpack_signs(signs[:, a // 8 : b // 8]).unflatten(1, (-1, chunk))
+        yield a, b, values.mul_(scales[:, a // chunk : b // chunk].unsqueeze(-1)).flatten(1)
+
+
+def decompress(message: torch.Tensor, n: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes the fp32 rows (rows, n) that `compress_` messages stand for, scale * sign, into
+    `out` and returns it."""
+    for a, b, values in _decompressed_pieces(message, n, chunk):
+        out[:, a:b] = values
+    return out
+
+
+def decompress_mean(message: torch.Tensor, n: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes the mean over the rows of `decompress`'s result into `out` (n,) and returns it."""
+    for a, b, values in _decompressed_pieces(message, n, chunk):
+        torch.sum(values, 0, out=out[a:b])
+    return out.div_(message.shape[0])
 
 
 class OneBitExchange:
@@ -154,15 +190,19 @@ class OneBitExchange:
         self, index: int, bucket, received: torch.Tensor, out: torch.Tensor, scale: float
     ) -> None:
         slice_numel = bucket.numel // self.size
-        estimate = decompress(received, slice_numel, self.chunk).mean(0)
         if self.gather:
             error = self.server_errors[index]
-            message = compress_(error.add_(estimate).view(1, -1), self.chunk)
+            mine = out.view(self.size, -1)[self.rank]  # free until the gathered bucket lands
+            error.add_(decompress_mean(received, slice_numel, self.chunk, mine))
+            message = compress_(error.view(1, -1), self.chunk)
             error[max(0, _used(bucket) - self.rank * slice_numel) :].zero_()
             everyone = message.new_empty(self.size, message.shape[1])
             comm.all_gather_(everyone, message, self.group)
-            estimate = decompress(everyone, slice_numel, self.chunk).view(-1)
-        out.copy_(estimate.mul_(scale) if scale != 1 else estimate)  # scaled, as the grads
+            decompress(everyone, slice_numel, self.chunk, out.view(self.size, -1))
+        else:
+            decompress_mean(received, slice_numel, self.chunk, out)
+        if scale != 1:
+            out.mul_(scale)  # scaled, as the grads
         start, _ = self.owned_range(bucket)
         out[max(0, _used(bucket) - start) :].zero_()  # padding: norms read the whole slice
 

@@ -17,6 +17,7 @@ from shardwise.distributed.comm import CommStats
 from shardwise.distributed.compressed import (
     compress_,
     decompress,
+    decompress_mean,
     pack_signs,
     packed_bytes,
     unpack_signs,
@@ -56,20 +57,24 @@ def test_packed_signs_round_trip():
     assert pack_signs(torch.tensor([[-1.0] + [1.0] * 7])).item() == 1  # element 0 in bit 0
 
 
-@pytest.mark.parametrize("n, chunk", [(64, 16), (48, 8), (32, 32)])
+@pytest.mark.parametrize(
+    "n, chunk",
+    [(64, 16), (48, 8), (32, 32), (2 * 131072, 64), (131072 + 3 * 64, 64)],
+    ids=["small", "odd-chunk", "one-chunk", "two-pieces", "short-last-piece"],
+)
 def test_compression_keeps_signs_and_chunk_norms(n, chunk):
+    """Also across the compression loop's pieces (131072 columns of 2 rows each)."""
     x = torch.randn(2, n)
     error = x.clone()
     message = compress_(error, chunk)
     assert message.shape == (2, packed_bytes(n, chunk))
-    y = decompress(message, n, chunk)
+    y = decompress(message, n, chunk, torch.empty(2, n))
     assert torch.equal(_signs(y), _signs(x))
     torch.testing.assert_close(y + error, x)  # the error is exactly what was dropped
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        torch.testing.assert_close(y[:, part].norm(dim=1), x[:, part].norm(dim=1))
+    torch.testing.assert_close(y.view(2, -1, chunk).norm(dim=-1), x.view(2, -1, chunk).norm(dim=-1))
     # the error is the part of x orthogonal to its signs: smaller than x
     assert torch.all(error.norm(dim=1) < x.norm(dim=1))
+    torch.testing.assert_close(decompress_mean(message, n, chunk, torch.empty(n)), y.mean(0))
 
 
 def test_error_feedback_keeps_the_accumulated_error_bounded():
@@ -83,7 +88,7 @@ def test_error_feedback_keeps_the_accumulated_error_bounded():
     for _ in range(500):
         grad = torch.randn(1, 256, generator=gen) * torch.linspace(0.01, 1, 256)
         error = grad + error
-        sent = decompress(compress_(error, 32), 256, 32)
+        sent = decompress(compress_(error, 32), 256, 32, torch.empty(1, 256))
         sent_total += sent.double()
         grad_total += grad.double()
         largest = max(largest, error.norm().item() / grad.norm().item())
