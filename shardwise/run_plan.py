@@ -166,15 +166,27 @@ class RunPlan:
 
         master = 4 * psi if self.precision.needs_master_weights else 0
         states = per_rank(8 * psi, self.sharding.optimizer)
-        if self.optimizer.onebit_freeze:  # error feedback, fp32: the worker's of every
-            # gradient element, the server's of its slice (stage 0 only; docs/onebit_adam.md)
-            states += 4 * psi + (0 if self.sharding.optimizer else 4 * psi / shards)
+        if self.optimizer.onebit_freeze:
+            states += self._onebit_error_bytes(psi)
         return {
             "params": per_rank(param_bytes * psi, self.sharding.params),
             "grads": grads,
             "master_params": per_rank(master, self.sharding.optimizer),
             "optimizer_states": states,
         }
+
+    def _onebit_error_bytes(self, psi: float) -> float:
+        """1-bit Adam's error buffers, fp32: the worker's of every element it compresses (the
+        whole gradient, or with replicas of ZeRO-2 shards its slice), and when every rank
+        needs the whole average the server's of its part of that (docs/onebit_adam.md)."""
+        dims = self.dims
+        replicas = dims.dp_replicate * dims.sp
+        if self._onebit_over_replicas:
+            worker = 4 * psi / dims.dp_shard
+            return worker + worker / replicas
+        ranks = dims.dp_shard if self.sharding.grads else dims.dp_shard * replicas
+        owns_slices = self.sharding.optimizer and ranks == dims.dp_shard
+        return 4 * psi + (0 if owns_slices else 4 * psi / ranks)
 
     def _schedule_row(self) -> str:
         row = f"{self.micro_batches} micro-batch(es) per step"
@@ -227,12 +239,19 @@ class RunPlan:
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
+    @property
+    def _onebit_over_replicas(self) -> bool:
+        """1-bit Adam compresses the replicas' average of ZeRO-2 slices, not the reduction
+        itself ([Note: 1-bit Adam over replicas] in distributed/reducer.py)."""
+        return self.sharding.grads and self.dims.dp_replicate * self.dims.sp > 1
+
     def _onebit_row(self) -> str:
         optim = self.config.optim
         refresh = optim.variance_refresh
         return (
             f"1-bit Adam: AdamW for {self.optimizer.onebit_freeze} steps, then gradients at 1 "
             f"bit + 1 scale per {optim.compression_chunk} elements"
+            + (" between replicas (exact within dp_shard)" if self._onebit_over_replicas else "")
             + (f", variance refreshed every {refresh} steps" if refresh else "")
         )
 
@@ -556,9 +575,6 @@ def _onebit_freeze(
         "offload.policy='none'": config.offload.policy != "none",
         "offload.optimizer='device'": config.offload.optimizer != "device",
         "parallel.pp=1": dims.pp > 1,
-        "parallel.sp=1 and parallel.dp_replicate=1 (one flat data-parallel group)": (
-            dims.sp * dims.dp_replicate > 1
-        ),
     }
     _refuse_combinations("optim.name='onebit_adam'", limits)
     freeze = optim.freeze_step if optim.freeze_step is not None else max(1, steps // 5)
@@ -567,7 +583,7 @@ def _onebit_freeze(
             f"optim.freeze_step={freeze} leaves no compressed step in train.steps={steps}: "
             "1-bit Adam compresses only after the freeze; use a freeze_step below train.steps"
         )
-    per_rank = trainable // (dims.tp * dims.dp_shard)
+    per_rank = trainable // (dims.tp * dims.dp_replicate * dims.dp_shard * dims.sp)
     if optim.compression_chunk > per_rank:
         raise ConfigError(
             f"optim.compression_chunk={optim.compression_chunk} is larger than a rank's slice "

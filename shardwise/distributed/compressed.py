@@ -138,64 +138,75 @@ def decompress_mean(message: torch.Tensor, n: int, chunk: int, out: torch.Tensor
 
 
 class OneBitExchange:
-    """Reduces gradient buckets compressed to one bit per element, with worker and server
-    error feedback ([Note: the compressed exchange]); `active()` says from which step on."""
+    """Averages flat gradient tensors over a group, compressed to one bit per element, with
+    worker and server error feedback ([Note: the compressed exchange]); `active()` says from
+    which step on. Tensor `index` is the same on every rank: the reducer's bucket `index`, or
+    with replicas of ZeRO shards, this rank's slice of that bucket ([Note: 1-bit Adam over
+    replicas] in reducer.py)."""
 
-    def __init__(self, buckets: list, group: object | None, chunk: int, gather: bool) -> None:
-        """`buckets`: the reducer's (slices of a multiple of 8 and `chunk` elements); `gather`:
-        every rank needs the whole reduced bucket (optimizer states not sharded)."""
+    def __init__(
+        self,
+        sizes: list[tuple[int, int]],
+        group: object | None,
+        chunk: int,
+        gather: bool,
+        device: torch.device,
+    ) -> None:
+        """`sizes`: (elements, of which the first `used` hold gradients, the rest padding) of
+        each tensor, its elements a multiple of the group size times 8 and `chunk`; `gather`:
+        every rank needs the whole averaged tensor, not only its slice."""
         self.group = group
         self.size = comm.group_size(group)
         self.rank = comm.group_rank(group)
         self.chunk = chunk
         self.gather = gather
+        self.sizes = sizes
         self.worker_errors = [
-            torch.zeros(b.numel, dtype=torch.float32, device=b.device) for b in buckets
+            torch.zeros(numel, dtype=torch.float32, device=device) for numel, _ in sizes
         ]
         self.server_errors = [
-            torch.zeros(b.numel // self.size, dtype=torch.float32, device=b.device)
-            for b in buckets
+            torch.zeros(numel // self.size, dtype=torch.float32, device=device)
+            for numel, _ in sizes
             if gather
         ]
-        """Stage 0 only: what the server's second compression dropped, per slice."""
-        self._index = {id(b): i for i, b in enumerate(buckets)}
+        """Gathering only: what the server's second compression dropped, per slice."""
         self.active: Callable[[], bool] = lambda: False
         """Whether this step's gradients travel compressed (set to the optimizer's freeze)."""
         self.loss_scale: Callable[[], float] = lambda: 1.0
         """The fp16 loss scale the gradients arrive multiplied by: errors are kept unscaled,
         so a change of scale leaves them valid."""
 
-    def owned_range(self, bucket) -> tuple[int, int]:
-        """The flat range of `bucket` whose estimate this rank receives: its slice, or the
-        whole bucket when gathering."""
+    def owned_range(self, index: int) -> tuple[int, int]:
+        """The range of tensor `index` whose average this rank receives: its slice, or the
+        whole tensor when gathering."""
+        numel = self.sizes[index][0]
         if self.gather:
-            return 0, bucket.numel
-        slice_numel = bucket.numel // self.size
+            return 0, numel
+        slice_numel = numel // self.size
         return self.rank * slice_numel, (self.rank + 1) * slice_numel
 
-    def launch(self, bucket, out: torch.Tensor) -> _CompressedWork:
-        """Compress `bucket`'s local gradient and start the all-to-all; the returned work's
-        `wait()` writes the averaged estimate into `out` (the bucket's `owned_range`)."""
-        index = self._index[id(bucket)]
+    def launch(self, index: int, local: torch.Tensor, out: torch.Tensor) -> _CompressedWork:
+        """Compress this rank's `local` tensor `index` and start the all-to-all; the returned
+        work's `wait()` writes the average into `out` (its `owned_range`; `out` may be
+        `local`, which is read here)."""
         error = self.worker_errors[index]
         scale = self.loss_scale()
-        corrected = error.add_(bucket.grads, alpha=1 / scale).view(self.size, -1)  # c = g + e
+        corrected = error.add_(local, alpha=1 / scale).view(self.size, -1)  # c = g + e
         message = compress_(corrected, self.chunk)  # leaves e = c - C(c)
-        error[_used(bucket) :].zero_()  # padding carries no error
+        error[self.sizes[index][1] :].zero_()  # padding carries no error
         received = torch.empty_like(message)
         work = comm.all_to_all_(received, message, self.group, async_op=True)
-        return _CompressedWork(self, index, bucket, received, work, out, scale)
+        return _CompressedWork(self, index, received, work, out, scale)
 
-    def _finish(
-        self, index: int, bucket, received: torch.Tensor, out: torch.Tensor, scale: float
-    ) -> None:
-        slice_numel = bucket.numel // self.size
+    def _finish(self, index: int, received: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+        numel, used = self.sizes[index]
+        slice_numel = numel // self.size
         if self.gather:
             error = self.server_errors[index]
-            mine = out.view(self.size, -1)[self.rank]  # free until the gathered bucket lands
+            mine = out.view(self.size, -1)[self.rank]  # free until the gathered tensor lands
             error.add_(decompress_mean(received, slice_numel, self.chunk, mine))
             message = compress_(error.view(1, -1), self.chunk)
-            error[max(0, _used(bucket) - self.rank * slice_numel) :].zero_()
+            error[max(0, used - self.rank * slice_numel) :].zero_()
             everyone = message.new_empty(self.size, message.shape[1])
             comm.all_gather_(everyone, message, self.group)
             decompress(everyone, slice_numel, self.chunk, out.view(self.size, -1))
@@ -203,8 +214,8 @@ class OneBitExchange:
             decompress_mean(received, slice_numel, self.chunk, out)
         if scale != 1:
             out.mul_(scale)  # scaled, as the grads
-        start, _ = self.owned_range(bucket)
-        out[max(0, _used(bucket) - start) :].zero_()  # padding: norms read the whole slice
+        start, _ = self.owned_range(index)
+        out[max(0, used - start) :].zero_()  # padding: norms read the whole slice
 
     def discard_errors(self) -> None:
         """Forget the errors after a step whose gradients were discarded (an fp16 overflow):
@@ -230,16 +241,11 @@ class OneBitExchange:
             target.copy_(value)
 
 
-def _used(bucket) -> int:
-    """Elements of `bucket` that hold parameters (the rest is padding)."""
-    return bucket.offsets[-1] + bucket.params[-1].numel()
-
-
 class _CompressedWork:
-    """A bucket's compressed reduction in flight; `wait()` completes it."""
+    """A compressed average in flight; `wait()` completes it."""
 
-    def __init__(self, exchange, index, bucket, received, work, out, scale) -> None:
-        self._args = (index, bucket, received, out, scale)
+    def __init__(self, exchange, index, received, work, out, scale) -> None:
+        self._args = (index, received, out, scale)
         self._exchange = exchange
         self._work = work
 

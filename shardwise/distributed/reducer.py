@@ -23,6 +23,15 @@ mode (ZeRO-2/3) a rank keeps only the reduced gradient of its slice. A bucket's 
 gradient buffer is freed as soon as the next bucket is launched (its own reduce-scatter is
 waited on then), so during backward at most two full buckets are alive, and between steps
 gradients cost n/P elements a bucket.
+
+[Note: 1-bit Adam over replicas] With hierarchical data parallelism (ZeRO-2 sharded over
+`group`, typically within a node, replicated over `replicate_group`, across nodes) the slow
+link is the replicas' all-reduce. 1-bit Adam's exchange replaces that one: the slice is first
+reduce-scattered exactly within the shard group (divided by the shard group's size only), then
+averaged compressed over the replicas, as a bucket is over a flat group at ZeRO stage 0
+(every replica needs the whole slice: worker and server errors, an all-to-all and an
+all-gather). Buckets are padded so that each slice splits into one whole-chunk piece per
+replica. Without replicas the exchange replaces the bucket's own collective.
 """
 
 from __future__ import annotations
@@ -65,6 +74,11 @@ class Bucket:
         return self.params[0].dtype
 
     @property
+    def used(self) -> int:
+        """Elements of the flat layout that hold parameters (the rest is padding)."""
+        return self.offsets[-1] + self.params[-1].numel()
+
+    @property
     def device(self) -> torch.device:
         return self.reduced.device
 
@@ -105,9 +119,11 @@ class GradReducer:
         slices are a multiple of `align` elements (1-bit compression packs 8 signs a byte and
         scales whole chunks).
 
-        `compression`, when set (1-bit Adam's `OneBitExchange`), replaces the collective of
-        every bucket while it is active. `alone` gets a bucket of its own, so that its reduced
-        slices are the same on every rank holding a copy of it (a pipeline's tied weight)."""
+        `compression`, when set (1-bit Adam's `OneBitExchange` over `compressed_sizes`),
+        replaces the collective of every bucket while it is active, or with `replicate_group`
+        the all-reduce across the replicas ([Note: 1-bit Adam over replicas]). `alone` gets a
+        bucket of its own, so that its reduced slices are the same on every rank holding a
+        copy of it (a pipeline's tied weight)."""
         self.group = group
         self.group_size = comm.group_size(group)
         self.replicate_group = replicate_group
@@ -127,7 +143,7 @@ class GradReducer:
         self._next_launch = 0
         self._params = params
         self._handles: list = []
-        self._in_flight: list[Bucket] = []
+        self._in_flight: list[tuple[int, Bucket]] = []
 
     def prepare(self, sync: bool) -> None:
         """Arm (sync=True) or disarm the hooks for the next backward."""
@@ -162,14 +178,31 @@ class GradReducer:
                 return
             self._launch(bucket)
 
+    def compressed_sizes(self) -> list[tuple[int, int]]:
+        """(elements, of which used) of each tensor a compressed exchange averages: the
+        buckets, or with `replicate_group` this rank's reduced slice of each."""
+        if self.replicate_group is None:
+            return [(bucket.numel, bucket.used) for bucket in self.buckets]
+        return [
+            (end - start, min(max(bucket.used - start, 0), end - start))
+            for bucket in self.buckets
+            for start, end in [bucket.shard]
+        ]
+
+    def _compressing(self) -> bool:
+        return self.compression is not None and self.compression.active()
+
     def _launch(self, bucket: Bucket) -> None:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
-        if self.compression is not None and self.compression.active():
-            out = self.reduced_range(bucket, *self.compression.owned_range(bucket))
-            bucket.work = self.compression.launch(bucket, out)
+        index = self._next_launch
+        if self._compressing() and self.replicate_group is None:
+            out = self.reduced_range(bucket, *self.compression.owned_range(index))
+            bucket.work = self.compression.launch(index, bucket.grads, out)
         elif self.scatter:
-            source = bucket.grads.to(bucket.reduced.dtype).div_(self._ranks_averaged)
+            # a compressed average over the replicas comes next: it divides by their number
+            ranks = self.group_size if self._compressing() else self._ranks_averaged
+            source = bucket.grads.to(bucket.reduced.dtype).div_(ranks)
             bucket.work = comm.reduce_scatter_(bucket.reduced, source, self.group, async_op=True)
         else:
             if bucket.reduced is not bucket.grads:
@@ -178,16 +211,18 @@ class GradReducer:
                 bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
         self._next_launch += 1
-        self._in_flight.append(bucket)
+        self._in_flight.append((index, bucket))
         while self.scatter and len(self._in_flight) > 1:
-            self._retire(self._in_flight.pop(0))  # see [Note: shard layout]
+            self._retire(*self._in_flight.pop(0))  # see [Note: shard layout]
 
-    def _retire(self, bucket: Bucket) -> None:
+    def _retire(self, index: int, bucket: Bucket) -> None:
         """Wait for a bucket's reduction; when reduce-scattering, free its full-size buffer."""
         if bucket.work is not None:
             bucket.work.wait()
             bucket.work = None
-        if self.replicate_group is not None:
+        if self.replicate_group is not None and self._compressing():
+            self.compression.launch(index, bucket.reduced, bucket.reduced).wait()
+        elif self.replicate_group is not None:
             comm.all_reduce_(bucket.reduced, self.replicate_group)
         if self.scatter:
             bucket.grads = None
@@ -205,7 +240,7 @@ class GradReducer:
                     param.grad = bucket.view_of(bucket.grads, index).zero_()
             self._launch(bucket)
         while self._in_flight:
-            self._retire(self._in_flight.pop(0))
+            self._retire(*self._in_flight.pop(0))
         for bucket in self.buckets:
             bucket.ready = 0
         self._next_launch = 0
@@ -238,7 +273,7 @@ def _new_grads(bucket: Bucket) -> torch.Tensor:
     """A full-size gradient buffer for a reduce-scatter step. Only the padding is zeroed:
     every parameter's slot is written by its first gradient or zeroed in `finish`."""
     grads = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-    grads[bucket.offsets[-1] + bucket.params[-1].numel() :].zero_()
+    grads[bucket.used :].zero_()
     return grads
 
 

@@ -175,9 +175,13 @@ class FlatStore:
         pipelined = plan.pipeline is not None  # stages never call the whole model
         units = zero3_units(model, spec, per_module=pipelined) if sharding.params else None
         reduce_group = groups.shard if sharding.grads else groups.dp
-        # 1-bit Adam compresses only where there is someone to send to
-        onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(reduce_group) > 1
+        replicate_group = groups.replicate if sharding.grads else None
+        # 1-bit Adam compresses only where there is someone to send to: over the replicas
+        # when there are some ([Note: 1-bit Adam over replicas] in reducer.py)
+        exchange_group = replicate_group or reduce_group
+        onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(exchange_group) > 1
         chunk = plan.config.optim.compression_chunk
+        pieces = comm.group_size(exchange_group) if replicate_group is not None else 1
         self.reducer = GradReducer(
             self.params,
             group=reduce_group,
@@ -185,14 +189,24 @@ class FlatStore:
             reduce_dtype=plan.precision.reduce_dtype,
             scatter=sharding.grads,
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
-            replicate_group=groups.replicate if sharding.grads else None,
+            replicate_group=replicate_group,
             device=device,
-            align=math.lcm(8, chunk) if onebit else 1,
+            align=math.lcm(8, chunk) * pieces if onebit else 1,
             alone=_stage_embedding(model, plan, spec),
         )
         if onebit:
+            # the exchange's slices are the optimizer's only over the group it shards over
+            owns_slices = (
+                sharding.optimizer
+                and replicate_group is None
+                and comm.group_size(reduce_group) == shard_size
+            )
             self.reducer.compression = OneBitExchange(
-                self.reducer.buckets, reduce_group, chunk, gather=not sharding.optimizer
+                self.reducer.compressed_sizes(),
+                exchange_group,
+                chunk,
+                gather=not owns_slices,
+                device=device,
             )
             if scaler is not None:
                 self.reducer.compression.loss_scale = lambda: scaler.scale

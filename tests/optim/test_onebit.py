@@ -226,6 +226,18 @@ def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
         check_resumable(checkpoint, 2, {**layout, "optimizer": "adamw"})
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resumes_exactly_with_sequence_parallelism(pool2, tmp_path, stage):
+    """sp = 2: the sp ranks average gradients as data-parallel ranks do; at stage 2 they are
+    the replicas of one shard, averaged compressed ([Note: 1-bit Adam over replicas])."""
+    sections = {"parallel": {"sp": 2}, "attention": {"sequence_parallel": "ring"}}
+    optim = {**ONEBIT, "freeze_step": 1}
+    for full, resumed in pool2.run(
+        train_then_resume, str(tmp_path), stage, "fp32", optim=optim, **sections
+    ):
+        assert resumed == full[2:] and all(math.isfinite(loss) for loss in full)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_resumes_exactly_in_half_precision(pool2, tmp_path, dtype):
     optim = {**ONEBIT, "freeze_step": 1}
@@ -292,7 +304,7 @@ def test_fp16_overflow_in_a_compressed_step_skips_it_and_clears_the_errors(pool2
         ({"optim": {"freeze_step": 5}}, "optim.freeze_step=5 leaves no compressed step"),
         ({"zero": {"stage": 3}}, "set zero.stage=0, 1 or 2"),
         ({"optim": {"compression_chunk": 10**6}}, "optim.compression_chunk=1000000 is larger"),
-        ({"parallel": {"dp_replicate": 2, "dp_shard": 1}}, "one flat data-parallel group"),
+        ({"parallel": {"pp": 2, "dp_shard": 1}}, "set parallel.pp=1"),
     ],
 )
 def test_unsupported_settings_are_one_line_errors(settings, message):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 
 from shardwise.config import Config
+from shardwise.distributed.comm import CommStats
+from shardwise.distributed.compressed import packed_bytes
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from tests.parity import (
@@ -156,3 +158,79 @@ def _shard_sizes_with_replicas() -> list[int]:
 def test_hierarchical_dp_keeps_half_of_each_bucket_on_two_shards(pool4):
     for halves in pool4.run(_shard_sizes_with_replicas):
         assert all(halves)
+
+
+# -- 1-bit Adam over replicas ([Note: 1-bit Adam over replicas] in distributed/reducer.py) ---
+
+ONEBIT = {"name": "onebit_adam", "compression_chunk": 64}
+
+
+def _compressed_average_over_replicas() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    """2 replicas x 2 shards at ZeRO-2, after the freeze: gradients whose every 64-element
+    chunk has one magnitude (rank + 1 times a chunk's value, the same signs on every rank)
+    compress without loss, so each rank's reduced slice must be exactly their mean over the 4
+    ranks (2.5 times the pattern); recorded bytes per op."""
+    cfg = make_config(micro_batch=1, global_batch=4, zero_stage=2).replace(
+        parallel={"dp_replicate": 2}, optim={**ONEBIT, "freeze_step": 1}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    rank = dist.get_rank()
+    inputs, targets = global_batches(cfg, steps=1)[0]
+    engine.train_step((inputs[rank : rank + 1], targets[rank : rank + 1]))  # the exact step
+    store, gen = engine.store, torch.Generator().manual_seed(3)
+    patterns = []
+    for bucket in store.reducer.buckets:
+        chunks = torch.rand(bucket.numel // 64, 1, generator=gen) + 0.5
+        signs = torch.randint(0, 2, (bucket.numel // 64, 64), generator=gen) * 2.0 - 1
+        patterns.append((chunks * signs).view(-1))
+    with CommStats() as stats:
+        store.before_backward(sync=True)
+        loss = sum(
+            (param * bucket.view_of(pattern, i) * (rank + 1)).sum()
+            for bucket, pattern in zip(store.reducer.buckets, patterns, strict=True)
+            for i, param in enumerate(bucket.params)
+        )
+        loss.backward()
+        store.after_backward(sync=True)
+    slices = []
+    for bucket, pattern in zip(store.reducer.buckets, patterns, strict=True):
+        start, end = bucket.shard
+        want = pattern[start:end] * 2.5
+        want[max(0, bucket.used - start) :] = 0  # padding
+        slices.append((bucket.reduced.clone(), want))
+    recorded = {op: stats.total(op=op) for op in ("all_to_all", "all_gather", "reduce_scatter")}
+    recorded["all_reduce"] = stats.total("payload_bytes", op="all_reduce")
+    recorded["messages"] = [packed_bytes(b.numel // 4, 64) for b in store.reducer.buckets]
+    recorded["exact"] = sum(b.numel * 4 / 2 for b in store.reducer.buckets)  # reduce-scatter
+    recorded["memory"] = (
+        sum(engine.memory_report().values()),
+        sum(engine.plan.model_state_bytes().values()),
+    )
+    return slices, recorded
+
+
+def test_onebit_adam_averages_over_replicas_compressed(pool4):
+    """The shard group reduce-scatters exactly, the replicas average compressed (an
+    all-to-all and an all-gather of packed bytes), no gradient is all-reduced whole, and the
+    plan's predicted model-state bytes count the error buffers of a slice."""
+    for slices, recorded in pool4.run(_compressed_average_over_replicas):
+        for got, want in slices:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        messages = recorded["messages"]  # a slice's half, packed, per bucket
+        assert recorded["all_to_all"] == sum(0.5 * 2 * m for m in messages)
+        assert recorded["all_gather"] == sum(messages)
+        assert recorded["reduce_scatter"] == recorded["exact"]
+        assert recorded["all_reduce"] == 0
+        measured, predicted = recorded["memory"]  # the planner counts the error buffers
+        assert measured == pytest.approx(predicted, rel=0.03)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_onebit_adam_with_replicas_resumes_exactly_after_the_freeze(pool4, tmp_path, stage):
+    """2 replicas x 2 shards: stage 2 averages over the replicas compressed, stage 1 every
+    bucket over all 4 ranks (its optimizer shards are over 2); steps 3-4 bitwise."""
+    optim = {**ONEBIT, "freeze_step": 1}
+    parallel = {"dp_replicate": 2}
+    sections = {"optim": optim, "parallel": parallel, "train": {"global_batch": 4}}
+    for full, resumed in pool4.run(train_then_resume, str(tmp_path), stage, "fp32", **sections):
+        assert resumed == full[2:]
