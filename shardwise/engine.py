@@ -61,9 +61,9 @@ class Engine:
         self.device = self.accelerator.device(dist.get_rank() if dist.is_initialized() else 0)
         spec = spec_of(model, spec)
         self.tp = apply_tensor_parallel(model, mesh, plan.tp_plan) if plan.tp_plan else None
-        self.schedule = build_schedule(plan, model, spec, mesh, self.device)
         loss_fn = choose_loss(loss_fn, self.tp.loss_fn if self.tp else None)
-        self.loss_fn = apply_attention(model, spec, plan, mesh, loss_fn)
+        self.loss_fn, cut = apply_attention(model, spec, plan, mesh, loss_fn)
+        self.schedule = build_schedule(plan, model, spec, mesh, self.device, cut)
         train = plan.config.train
         apply_activation_checkpointing(
             model, spec, train.activation_checkpointing, train.checkpoint_every_n

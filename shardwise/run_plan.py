@@ -383,7 +383,6 @@ def _sequence_parallel(
     kind = config.attention.sequence_parallel
     limits = {
         "parallel.tp_sequence_parallel=false": config.parallel.tp_sequence_parallel,
-        "parallel.pp=1": dims.pp > 1,
         "attention.kind='dense'": config.attention.kind != "dense",
     }
     _refuse_combinations(f"parallel.sp={dims.sp}", limits)

@@ -21,6 +21,7 @@ from shardwise.errors import ConfigError
 if TYPE_CHECKING:
     from shardwise.models import ModelSpec
     from shardwise.run_plan import RunPlan
+    from shardwise.sequence_parallel.model import SequenceCut
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]
 """(inputs, targets), or keyword inputs of the model (``input_ids``, ``labels``, ...)."""
@@ -59,9 +60,16 @@ class Schedule(Protocol):
 
 
 def build_schedule(
-    plan: RunPlan, model: nn.Module, spec: ModelSpec, mesh: object, device: torch.device
+    plan: RunPlan,
+    model: nn.Module,
+    spec: ModelSpec,
+    mesh: object,
+    device: torch.device,
+    cut: SequenceCut | None = None,
 ) -> Schedule:
-    """The plan's schedule; a pipeline's cuts `model` to this rank's stages (in place)."""
+    """The plan's schedule; a pipeline's cuts `model` to this rank's stages (in place), and
+    its stages take `cut` of their inputs (sequence parallelism: the whole model's forward
+    does that itself)."""
     if plan.pipeline is None:
         return GradientAccumulation(plan.micro_batches)
     from shardwise.pipeline.runtime import PipelineSchedule  # it imports this module
@@ -74,6 +82,7 @@ def build_schedule(
         plan.config.pipeline.partition,
         device,
         plan.precision.param_dtype,
+        cut,
     )
 
 

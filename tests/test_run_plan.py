@@ -113,7 +113,11 @@ def test_chunks_take_any_stage_and_stage_zero_means_three():
 @pytest.mark.parametrize(
     ("overrides", "world", "message"),
     [
-        (["parallel.sp=2", "parallel.pp=2"], 4, "parallel.sp=2 does not combine with this"),
+        (
+            ["parallel.sp=2", "parallel.tp=2", "parallel.tp_sequence_parallel=true"],
+            4,
+            "parallel.sp=2 does not combine with this",
+        ),
         (["parallel.tp=3"], 3, "model.n_heads=4 does not split over parallel.tp=3"),
         (["train.global_batch=5"], 2, "train.global_batch=5 is not divisible"),
         (["offload.policy=auto"], 1, "set it"),

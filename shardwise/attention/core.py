@@ -15,7 +15,7 @@ from shardwise.config import AttentionConfig
 from shardwise.data.tokenizer import document_ids
 from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec
-from shardwise.sequence_parallel.model import apply_sequence_parallel, split_of
+from shardwise.sequence_parallel.model import SequenceCut, apply_sequence_parallel, split_of
 
 if TYPE_CHECKING:
     from shardwise.run_plan import RunPlan
@@ -112,16 +112,17 @@ def apply_sparse_attention(model: nn.Module, spec: ModelSpec, attention: SparseA
 
 def apply_attention(
     model: nn.Module, spec: ModelSpec, plan: RunPlan, mesh: object | None, loss_fn: Callable
-) -> Callable:
+) -> tuple[Callable, SequenceCut | None]:
     """The plan's attention cores in `model`: block-sparse, or ring / Ulysses attention over
     the sp ranks (which also cuts each rank's part of the inputs and of the targets), and
-    document masks for packed sequences. Returns the loss function to train with."""
+    document masks for packed sequences. Returns the loss function to train with, and under
+    sequence parallelism the cut of the inputs (for pipeline stages)."""
     if plan.attention is not None:
         apply_sparse_attention(model, spec, plan.attention)
     if plan.config.data.pack_documents:  # first: the documents of the whole sequence
         apply_document_masks(model, spec)
     if plan.sequence_parallel is None:
-        return loss_fn
+        return loss_fn, None
     ulysses = plan.config.attention.ulysses_degree
     split = split_of(plan.sequence_parallel, mesh, ulysses)
     return apply_sequence_parallel(model, spec, split, loss_fn)

@@ -37,8 +37,9 @@ class PipelineCalls:
     parts (pipeline/stage.py): the first stage embeds, every stage runs its blocks (each maps
     hidden states ``[B, T, hidden]`` to the same shape), the last finishes."""
 
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    """``(model, token ids [B, T]) -> hidden states [B, T, hidden]``."""
+    embed: Callable[..., torch.Tensor]
+    """``(model, token ids [B, T]) -> hidden states [B, T, hidden]``; it and the blocks also
+    take the model's `ModelSpec.positions` keyword under sequence parallelism."""
     finish: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     """``(model, hidden states) -> output`` (the logits)."""
     first: tuple[str, ...]

@@ -17,6 +17,8 @@
 buffered, receives blocking) and matched every channel's sends and receives in FIFO order,
 which is what NCCL needs; gloo matches by order too. Activations between stages have the
 shape ``[rows, T, hidden]`` of the micro-batch and the compute dtype, known to both sides.
+Under sequence parallelism every stage takes the same `cut` of the micro-batch's token ids
+(T is this rank's part) and passes its keywords (the positions) to its part.
 
 A stage's input is a leaf that requires grad, so the backward of one stage stops at its
 input and the gradient crosses to the previous stage explicitly (between ranks, or within one
@@ -43,6 +45,7 @@ from shardwise.pipeline.backward import WeightGradients, backward_input
 from shardwise.pipeline.schedules import Action, Kind, Schedule
 from shardwise.pipeline.stage import PipelineStages, build_stages
 from shardwise.schedule import GradientAccumulation, StepOps
+from shardwise.sequence_parallel.model import SequenceCut
 
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
 _UPDATES_WEIGHTS = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)
@@ -53,9 +56,15 @@ class PipelineSchedule:
     """A pipeline `Schedule` run on this rank's stages."""
 
     def __init__(
-        self, schedule: Schedule, stages: PipelineStages, device: torch.device, dtype: torch.dtype
+        self,
+        schedule: Schedule,
+        stages: PipelineStages,
+        device: torch.device,
+        dtype: torch.dtype,
+        cut: SequenceCut | None = None,
     ) -> None:
         self.schedule = schedule
+        self.cut = cut
         self.stages = stages
         self.device = device
         self.dtype = dtype
@@ -82,9 +91,11 @@ class PipelineSchedule:
         partition: str,
         device: torch.device,
         dtype: torch.dtype,
+        cut: SequenceCut | None = None,
     ) -> PipelineSchedule:
         """Cut `model` to this rank's stages (in place) and schedule them."""
-        return cls(schedule, build_stages(model, spec, schedule, partition, mesh), device, dtype)
+        stages = build_stages(model, spec, schedule, partition, mesh)
+        return cls(schedule, stages, device, dtype, cut)
 
     def __len__(self) -> int:
         return self.schedule.micro_batches
@@ -98,7 +109,11 @@ class PipelineSchedule:
             )
         m = self.schedule.micro_batches
         inputs, targets = zip(*self._micro_batches.split(batch), strict=True)
-        step = _Step(self, inputs, targets, ops)
+        keywords = [{}] * m
+        if self.cut is not None:
+            cuts = (self.cut(ids.to(self.device, non_blocking=True)) for ids in inputs)
+            inputs, keywords = zip(*cuts, strict=True)
+        step = _Step(self, inputs, targets, keywords, ops)
         start = busy = time.perf_counter()
         for index, action in enumerate(self.actions):
             before = time.perf_counter()
@@ -134,9 +149,13 @@ class _Step:
         runner: PipelineSchedule,
         inputs: tuple[torch.Tensor, ...],
         targets: tuple[torch.Tensor, ...],
+        keywords: list[dict[str, torch.Tensor]],
         ops: StepOps,
     ) -> None:
         self.runner, self.inputs, self.targets, self.ops = runner, inputs, targets, ops
+        self.keywords = keywords
+        """Per micro-batch: what every stage part takes besides its input (the positions of
+        this rank's part of the sequence, under sequence parallelism)."""
         self.stage_inputs: dict[tuple[int, int], torch.Tensor] = {}
         """(micro, stage) -> the stage's input leaf (from a receive or this rank's stage)."""
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -189,7 +208,7 @@ class _Step:
             x = self.inputs[micro].to(self.runner.device, non_blocking=True)
         else:
             x = self.stage_inputs[(micro, stage)]
-        out = part(x)
+        out = part(x, **self.keywords[micro])
         if part.last:
             loss = self.ops.loss_of(out, self.targets[micro].to(self.runner.device))
             self.losses.append(loss.detach().float())

@@ -44,11 +44,13 @@ class StagePart:
     block_list: nn.ModuleList
     calls: PipelineCalls
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, **keywords: torch.Tensor) -> torch.Tensor:
+        """`keywords`: the model's forward keywords the embedding and the blocks take too
+        (``positions`` under sequence parallelism)."""
         if self.first:
-            x = self.calls.embed(self.model, x)
+            x = self.calls.embed(self.model, x, **keywords)
         for index in self.indices:
-            x = self.block_list[index](x)
+            x = self.block_list[index](x, **keywords)
         return self.calls.finish(self.model, x) if self.last else x
 
 

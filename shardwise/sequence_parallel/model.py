@@ -2,8 +2,10 @@
 sequence. A forward pre-hook cuts the token ids to this rank's positions and passes the
 positions to the model (RoPE and learned position tables read them); the attention cores
 become ring or Ulysses attention over the ``sp`` axis; the loss takes the same part of the
-targets. Each rank's loss is the mean over its tokens, so averaging gradients over dp x sp
-(`grad_mesh`) gives the gradient of the whole sequences' mean loss."""
+targets. Pipeline stages never call the whole model: they take the same cut
+(`SequenceCut`) and pass the positions to their parts (pipeline/stage.py). Each rank's loss
+is the mean over its tokens, so averaging gradients over dp x sp (`grad_mesh`) gives the
+gradient of the whole sequences' mean loss."""
 
 from __future__ import annotations
 
@@ -92,11 +94,15 @@ class SequenceParallelCore(nn.Module):
         return self.split.label
 
 
+SequenceCut = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
+"""Token ids [B, T] -> (this rank's part of them, the keywords that carry its positions)."""
+
+
 def apply_sequence_parallel(
     model: nn.Module, spec: ModelSpec, split: SequenceSplit, loss_fn: Callable
-) -> Callable:
+) -> tuple[Callable, SequenceCut]:
     """Make `model` run on this rank's part of each sequence (see the module docstring);
-    returns `loss_fn` taking the same part of the targets."""
+    returns `loss_fn` taking the same part of the targets, and the cut of the inputs."""
     spec.replace_attention_cores(
         model, f"parallel.sp ({split.label})", lambda: SequenceParallelCore(split)
     )
@@ -104,10 +110,13 @@ def apply_sequence_parallel(
     def mine(tokens: torch.Tensor) -> torch.Tensor:
         return split.positions(tokens.shape[1], tokens.device)
 
-    def cut_inputs(module, args, kwargs):
-        ids, *rest = args
+    def cut(ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         positions = mine(ids)
-        return (ids[:, positions], *rest), {**kwargs, spec.positions: positions}
+        return ids[:, positions], {spec.positions: positions}
+
+    def cut_inputs(module, args, kwargs):
+        ids, keywords = cut(args[0])
+        return (ids, *args[1:]), {**kwargs, **keywords}
 
     model.register_forward_pre_hook(cut_inputs, with_kwargs=True)
-    return lambda output, targets: loss_fn(output, targets[:, mine(targets)])
+    return (lambda output, targets: loss_fn(output, targets[:, mine(targets)])), cut

@@ -43,7 +43,10 @@ LAYOUTS = {
     "tp4-2d": (4, {"parallel": {"tp": 4, "tp_mode": "2d"}, "train": {"micro_batch": 2}}),
     "pp2": (2, {"parallel": {"pp": 2}, "pipeline": {"schedule": "1f1b"}}),
     "sp2-ring": (2, {"parallel": {"sp": 2}, "attention": {"sequence_parallel": "ring"}}),
-    "sp2-ulysses": (2, {"parallel": {"sp": 2}, "attention": {"sequence_parallel": "ulysses"}}),
+    "pp2-sp2-ulysses": (
+        4,
+        {"parallel": {"pp": 2, "sp": 2}, "attention": {"sequence_parallel": "ulysses"}},
+    ),
     "sp4-hybrid": (
         4,
         {"parallel": {"sp": 4}, "attention": {"sequence_parallel": "hybrid", "ulysses_degree": 2}},

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardwise.distributed import comm
-from shardwise.engine import initialize
+from shardwise.distributed.dims import ParallelDims
+from shardwise.engine import Engine, initialize
 from shardwise.errors import ConfigError, TrainingError
 from shardwise.run_plan import resolve
 from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
@@ -25,6 +25,7 @@ from tests.parity import (
     reference_run,
     train_then_resume,
 )
+from tests.sequence_parallel.test_model import SP_PARAM_RTOL
 from tests.tensor_parallel.test_gpt_parity import tp_engine_run
 
 FP16_RTOL = 5e-3
@@ -44,12 +45,19 @@ def config(pp: int, schedule: str, chunks: int = 1, global_batch: int = 4, **par
 def pipeline_run(cfg) -> tuple[list[float], dict]:
     """On every rank: train this data-parallel rank's rows; losses and the whole model's
     weights (the union of every stage's)."""
-    return _trained_and_merged(initialize(build_model(cfg), None, cfg), cfg)
+    losses, merged, _ = _trained_and_merged(cfg)
+    return losses, merged
 
 
-def _trained_and_merged(engine, cfg) -> tuple[list[float], dict]:
-    dp = engine.dp.size
-    rank = comm.group_rank(engine.dp.dp) if dp > 1 else 0
+def _trained_and_merged(cfg, poisoned: int | None = None) -> tuple[list[float], dict, Engine]:
+    """`pipeline_run`, and the engine; see `fp16_pipeline_run` for `poisoned`. Sequence-
+    parallel ranks read the same rows (the engine cuts each one's part)."""
+    dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
+    mesh = dims.build_mesh("cpu")
+    engine = initialize(build_model(cfg), None, cfg, mesh=mesh)
+    if dist.get_rank() == poisoned:
+        _poison_first_block_gradient(engine)
+    dp, rank = dims.dp, dims.dp_rank(mesh)
     losses = []
     for inputs, targets in global_batches(cfg):
         rows = inputs.shape[0] // dp
@@ -67,7 +75,7 @@ def _trained_and_merged(engine, cfg) -> tuple[list[float], dict]:
             if name in merged:  # a tied weight, or a data-parallel replica's copy
                 assert torch.equal(merged[name], tensor), f"copies of {name} differ"
             merged[name] = tensor
-    return losses, merged
+    return losses, merged, engine
 
 
 CASES = {
@@ -106,6 +114,18 @@ def test_two_stages_times_two_replicas_match_single_process(pool4, stage, schedu
         assert_parity(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("kind", "schedule"), [("ring", "1f1b"), ("ulysses", "1f1b"), ("ring", "zb_h1")]
+)
+def test_two_stages_times_two_sequence_parallel_ranks_match_single_process(pool4, kind, schedule):
+    """pp=2 x sp=2: every stage takes its rank's part of each sequence and its positions;
+    the first embeds that part, the last's loss reads the same part of the targets."""
+    cfg = config(2, schedule, sp=2).replace(attention={"sequence_parallel": kind})
+    want = reference_run(cfg)
+    for got in pool4.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
 def test_two_stages_times_two_tensor_parallel_ranks_match_single_process(pool4, schedule):
     """pp=2 x tp=2 (1D, the tied embedding vocabulary-parallel on both stages): each rank's
@@ -123,21 +143,23 @@ def test_three_d_hybrid_of_pipeline_tensor_and_zero_one_data_parallel(pool8):
     assert set().union(*held) == set(reference_run(cfg)[1])
 
 
+def _poison_first_block_gradient(engine: Engine) -> None:
+    """The first gradient of one of this rank's blocks' weights becomes inf."""
+    weight = next(p for name, p in engine.model.named_parameters() if name.startswith("blocks"))
+    hits = []
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        hits.append(1)
+        return torch.full_like(grad, float("inf")) if len(hits) == 1 else grad
+
+    weight.register_hook(overflow)
+
+
 def fp16_pipeline_run(cfg, poisoned: int | None) -> tuple[list[float], dict, float, int]:
     """`pipeline_run` in fp16; on rank `poisoned` the first gradient of one of its blocks'
     weights is made inf (an overflow only that stage sees). Also the loss scale and the
     skipped steps."""
-    engine = initialize(build_model(cfg), None, cfg)
-    if dist.get_rank() == poisoned:
-        weight = next(p for name, p in engine.model.named_parameters() if name.startswith("blocks"))
-        hits = []
-
-        def overflow(grad: torch.Tensor) -> torch.Tensor:
-            hits.append(1)
-            return torch.full_like(grad, float("inf")) if len(hits) == 1 else grad
-
-        weight.register_hook(overflow)
-    losses, merged = _trained_and_merged(engine, cfg)
+    losses, merged, engine = _trained_and_merged(cfg, poisoned)
     return losses, merged, engine.scaler.scale, engine.scaler.skipped_steps
 
 

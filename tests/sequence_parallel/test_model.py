@@ -59,6 +59,18 @@ def test_two_ranks_match_single_process(pool2, kind):
 
 
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_recomputed_blocks_match_single_process(pool2, kind):
+    """Activation checkpointing: a block's recomputation runs its ring or Ulysses exchange
+    again, in the same order on every rank."""
+    cfg = sp_config(kind, micro_batch=2, global_batch=4, sp=2).replace(
+        train={"activation_checkpointing": "full"}
+    )
+    want = reference_run(cfg)
+    for got in pool2.run(sp_engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5, param_rtol=SP_PARAM_RTOL)
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
 def test_sp2_times_dp2_with_zero3_matches_single_process(pool4, kind):
     cfg = sp_config(kind, micro_batch=1, global_batch=4, sp=2).replace(zero={"stage": 3})
     want = reference_run(cfg)
