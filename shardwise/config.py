@@ -106,8 +106,10 @@ class PipelineConfig(_Section):
     (train.global_batch / (dp x train.micro_batch))."""
     chunks: int = Field(1, ge=1)
     """Stages per pipeline rank (virtual stages: interleaved_1f1b, zbv)."""
-    partition: Literal["layers", "params"] = "layers"
-    """Split the blocks into stages of equal block count, or of equal parameter count."""
+    partition: Literal["layers", "params", "flops"] = "layers"
+    """Split the blocks into stages of equal block count, of equal parameter count, or of equal
+    FLOPs counted on the meta device, the embedding's and the head's included
+    (docs/pipeline.md)."""
 
 
 class AttentionConfig(_Section):

@@ -92,6 +92,8 @@ class RunPlan:
     """Trainable parameter elements of the whole (unsplit) model."""
     pipeline: Schedule | None = None
     """The pipeline schedule, when ``parallel.pp`` > 1."""
+    pipeline_split: tuple[range, ...] = ()
+    """The model's blocks of each pipeline stage (``pipeline.partition``)."""
     attention: SparseAttention | None = None
     """Block-sparse attention replacing the model's attention cores (``attention.kind``)."""
     sequence_parallel: str | None = None
@@ -298,7 +300,7 @@ def resolve(
     _check_log(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     onebit_freeze = _onebit_freeze(config, dims, optimizer_given, trainable)
-    pipeline = _pipeline(config, dims, micro_batches, model, spec, precision)
+    pipeline, pipeline_split = _pipeline(config, dims, micro_batches, model, spec)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
     _check_documents(config, dims, model, spec)
@@ -313,6 +315,7 @@ def resolve(
         tp_plan=tp_plan if tp_plan is not None or dims.tp == 1 else _tp_plan(config, dims, spec),
         trainable_params=trainable,
         pipeline=pipeline,
+        pipeline_split=pipeline_split,
         attention=attention,
         sequence_parallel=sequence_parallel,
     )
@@ -421,12 +424,12 @@ def _pipeline(
     micro_batches: int,
     model: nn.Module,
     spec: ModelSpec,
-    precision: MixedPrecisionPolicy,
-) -> Schedule | None:
-    """The pipeline schedule (built checked: deadlock-free, every channel in order), after checking
-    that the model splits into its stages and that the rest of the config combines with it."""
+) -> tuple[Schedule | None, tuple[range, ...]]:
+    """The pipeline schedule (built checked: deadlock-free, every channel in order) and the
+    blocks of each of its stages, after checking that the model splits into its stages and
+    that the rest of the config combines with it."""
     if dims.pp == 1:
-        return None
+        return None, ()
     pipe = config.pipeline
     limits = {
         "offload.policy='none'": config.offload.policy != "none",
@@ -450,8 +453,8 @@ def _pipeline(
             "norms); set zero.stage to 0, 1 or 2, or pipeline.schedule='1f1b'"
         )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
-    stage_blocks(spec, model, schedule.stages, pipe.partition)
-    return schedule
+    split = stage_blocks(spec, model, schedule.stages, pipe.partition, config.data.seq_len)
+    return schedule, tuple(split)
 
 
 def _attention(

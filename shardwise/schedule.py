@@ -79,7 +79,7 @@ def build_schedule(
         model,
         spec,
         mesh,
-        plan.config.pipeline.partition,
+        plan.pipeline_split,
         device,
         plan.precision.param_dtype,
         cut,

@@ -2,8 +2,11 @@
 
 Each (virtual) stage takes a contiguous run of the blocks of the model's `ModelSpec`; the
 embedding goes with the first stage and the head with the last (`PipelineCalls`). A run's
-cost is the sum of its blocks' costs: one per block (``pipeline.partition = "layers"``) or its
-parameter count (``"params"``, for blocks of unequal width). The split minimises the largest
+cost is the sum of its blocks' costs: one per block (``pipeline.partition = "layers"``), its
+parameter count (``"params"``, for blocks of unequal width), or the FLOPs of a forward and
+backward counted on the meta device (``"flops"``, [Note: partition by FLOPs] in stage.py),
+where the first and the last stage also carry the embedding's and the head's. The split
+minimises the largest
 stage's cost (the pipeline's steady state runs at the pace of its slowest stage), found
 exactly by a binary search over that bound with a greedy fill, as in Megatron's and
 DeepSpeed's ``partition_balanced``; ties keep earlier stages no larger than later ones.
@@ -16,35 +19,38 @@ from collections.abc import Sequence
 from shardwise.errors import ConfigError
 
 
-def balanced_split(costs: Sequence[int], stages: int) -> list[range]:
+def balanced_split(costs: Sequence[int], stages: int, first: int = 0, last: int = 0) -> list[range]:
     """Contiguous, non-empty index ranges of `costs`, one per stage, minimising the largest
-    stage's total cost."""
+    stage's total cost, the first stage's counting `first` more and the last's `last`."""
     if stages > len(costs):
         raise ConfigError(
             f"{stages} pipeline stages need at least {stages} blocks, the model has "
             f"{len(costs)}: lower parallel.pp (x pipeline.chunks)"
         )
-    if any(c < 0 for c in costs):
-        raise ValueError(f"block costs must be non-negative, got {list(costs)}")
-    low, high = max(costs, default=0), sum(costs)
+    if any(c < 0 for c in (*costs, first, last)):
+        raise ValueError(f"costs must be non-negative, got {list(costs)}, {first}, {last}")
+    extra = [0] * stages
+    extra[0] += first
+    extra[-1] += last
+    low, high = max(costs, default=0), sum(costs) + first + last
     while low < high:
         bound = (low + high) // 2
-        if _fill(costs, stages, bound) is None:
+        if _fill(costs, extra, bound) is None:
             low = bound + 1
         else:
             high = bound
-    split = _fill(costs, stages, low)
+    split = _fill(costs, extra, low)
     assert split is not None  # `low` is feasible by the search
     return split
 
 
-def _fill(costs: Sequence[int], stages: int, bound: int) -> list[range] | None:
-    """Stages of cost at most `bound`, filled from the last backwards (later stages, which
-    also hold the head, take the larger share of a tie), each left with at least one block per
-    stage before it; None if `stages` do not suffice."""
+def _fill(costs: Sequence[int], extra: list[int], bound: int) -> list[range] | None:
+    """Stages of cost at most `bound` (stage s starting from `extra[s]`), filled from the last
+    backwards (later stages, which also hold the head, take the larger share of a tie), each
+    left with at least one block per stage before it; None if the stages do not suffice."""
     ends, end = [], len(costs)
-    for stage in range(stages - 1, -1, -1):
-        start, total = end, 0
+    for stage in range(len(extra) - 1, -1, -1):
+        start, total = end, extra[stage]
         # stage `stage` may not reach into the `stage` blocks the stages before it need
         while start > stage and total + costs[start - 1] <= bound:
             start -= 1

@@ -88,13 +88,13 @@ class PipelineSchedule:
         model: nn.Module,
         spec: ModelSpec,
         mesh: object,
-        partition: str,
+        split: tuple[range, ...],
         device: torch.device,
         dtype: torch.dtype,
         cut: SequenceCut | None = None,
     ) -> PipelineSchedule:
         """Cut `model` to this rank's stages (in place) and schedule them."""
-        stages = build_stages(model, spec, schedule, partition, mesh)
+        stages = build_stages(model, spec, schedule, split, mesh)
         return cls(schedule, stages, device, dtype, cut)
 
     def __len__(self) -> int:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from shardwise.models import ModelSpec, spec_of
-from shardwise.pipeline.stage import StagePart, has_module, stage_blocks
+from shardwise.pipeline.stage import StagePart, has_module
 from shardwise.planner.activations import Trace, grid, trace_micro_batch
 from shardwise.run_plan import RunPlan, meta_model
 from shardwise.zero.params import zero3_units
@@ -101,7 +101,7 @@ def predict_memory(plan: RunPlan, traces: dict | None = None) -> MemoryPredictio
     if plan.pipeline is None:
         return _prediction(plan, model, spec, 1.0, [trace(None)], 1)
     schedule = plan.pipeline
-    split = stage_blocks(spec, model, schedule.stages, plan.config.pipeline.partition)
+    split = plan.pipeline_split
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ranks = []
     for rank, in_flight in enumerate(schedule.in_flight_peak()):

@@ -5,18 +5,25 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
+from torch import nn
 
 from shardwise.errors import ConfigError
+from shardwise.models.spec import ModelSpec, PipelineCalls
 from shardwise.pipeline.partition import balanced_split
+from shardwise.pipeline.stage import counted_flops, stage_blocks
 
 
-def brute_force_best(costs: list[int], stages: int) -> int:
-    """The smallest largest-stage cost over every contiguous split."""
+def brute_force_best(costs: list[int], stages: int, first: int = 0, last: int = 0) -> int:
+    """The smallest largest-stage cost over every contiguous split (the first stage counting
+    `first` more, the last `last`)."""
     best = None
     for cuts in itertools.combinations(range(1, len(costs)), stages - 1):
         bounds = (0, *cuts, len(costs))
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        best = worst if best is None else min(best, worst)
+        totals = [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
+        totals[0] += first
+        totals[-1] += last
+        best = max(totals) if best is None else min(best, max(totals))
     return best
 
 
@@ -39,6 +46,31 @@ def test_split_is_contiguous_covering_and_optimal(costs, stages):
     assert max(sum(costs[i] for i in r) for r in split) == brute_force_best(costs, stages)
 
 
+@pytest.mark.parametrize(
+    ("costs", "stages", "first", "last"),
+    [
+        ([1] * 8, 4, 0, 3),  # a large head: the last stage takes fewer blocks
+        ([1] * 8, 2, 2, 2),
+        ([3, 9, 2, 2, 7, 1, 4], 3, 5, 0),
+        ([4, 4, 4, 4], 4, 1, 9),  # one block each, whatever the head costs
+        ([2, 1, 2], 1, 3, 3),
+    ],
+)
+def test_first_and_last_stage_costs_count(costs, stages, first, last):
+    split = balanced_split(costs, stages, first, last)
+    assert len(split) == stages and all(len(r) > 0 for r in split)
+    assert [i for r in split for i in r] == list(range(len(costs)))
+    totals = [sum(costs[i] for i in r) for r in split]
+    totals[0] += first
+    totals[-1] += last
+    assert max(totals) == brute_force_best(costs, stages, first, last)
+
+
+def test_a_costly_head_leaves_the_last_stage_one_block():
+    split = balanced_split([1] * 8, 4, last=3)
+    assert split[-1] == range(7, 8) and balanced_split([1] * 8, 4)[-1] == range(6, 8)
+
+
 def test_equal_layers_split_equally():
     assert balanced_split([1] * 8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
 
@@ -47,3 +79,76 @@ def test_more_stages_than_blocks_is_one_line():
     with pytest.raises(ConfigError, match="4 pipeline stages need at least 4 blocks") as info:
         balanced_split([1, 1, 1], 4)
     assert "\n" not in str(info.value)
+
+
+# -- pipeline.partition = "flops" ([Note: partition by FLOPs] in pipeline/stage.py) ----------
+
+
+class _Widths(nn.Module):
+    """Blocks of unequal cost: block i is a d x d linear map applied `repeats[i]` times."""
+
+    def __init__(self, repeats: list[int], d: int = 16, vocab: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_Repeated(d, r) for r in repeats)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+
+class _Repeated(nn.Module):
+    def __init__(self, d: int, repeats: int) -> None:
+        super().__init__()
+        self.linear, self.repeats = nn.Linear(d, d, bias=False), repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeats):
+            x = self.linear(x)
+        return x
+
+
+def _widths_spec(model: _Widths) -> ModelSpec:
+    return ModelSpec(
+        blocks="blocks",
+        embedding="embed",
+        head="head",
+        pipeline=PipelineCalls(
+            embed=lambda m, ids: m.embed(ids),
+            finish=lambda m, x: m.head(x),
+            first=("embed",),
+            last=("head",),
+            hidden_size=16,
+        ),
+    )
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_flops_are_counted_on_the_meta_device_as_the_closed_form(device):
+    """A d x d matmul over T tokens: 2 T d^2 forward, twice that backward (input and weight
+    gradients); the embedding's lookup counts nothing. A materialised model is neither run
+    nor changed."""
+    with torch.device(device):
+        model = _Widths([1, 3, 2])
+    costs, first, last = counted_flops(_widths_spec(model), model, list(model.blocks), 10)
+    per_matmul = 6 * 10 * 16 * 16
+    assert costs == [per_matmul, 3 * per_matmul, 2 * per_matmul]
+    assert (first, last) == (0, 6 * 10 * 16 * 64)
+    assert all(p.grad is None and p.device.type == device for p in model.parameters())
+
+
+def test_flops_partition_balances_unequal_blocks_and_the_head():
+    """In units of one matmul block: blocks [1, 1, 6, 1, 1, 1, 1] and a head of 3 (vocabulary
+    3 d); equal blocks and that head over 4 stages."""
+    model = _Widths([1, 1, 6, 1, 1, 1, 1], vocab=48)
+    spec = _widths_spec(model)
+    costs, _, head = counted_flops(spec, model, list(model.blocks), 10)
+
+    def slowest(split: list[range]) -> float:
+        totals = [sum(costs[i] for i in r) for r in split]
+        totals[-1] += head
+        return max(totals) / costs[0]
+
+    assert slowest(stage_blocks(spec, model, 3, "layers", 10)) == 8
+    assert slowest(stage_blocks(spec, model, 3, "flops", 10)) == 7  # the optimum
+    model = _Widths([1] * 8, vocab=48)
+    spec = _widths_spec(model)
+    assert stage_blocks(spec, model, 4, "layers", 10)[-1] == range(6, 8)
+    assert stage_blocks(spec, model, 4, "flops", 10)[-1] == range(7, 8)

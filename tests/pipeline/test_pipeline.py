@@ -97,6 +97,16 @@ def test_every_schedule_matches_single_process(request, pp, case):
         assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
 
 
+def test_a_split_by_flops_matches_single_process(pool2):
+    """A vocabulary of 4096 makes the tied head cost ~10 of the 8 blocks: ``partition="flops"``
+    gives the last stage one block, and every rank runs the plan's split."""
+    cfg = config(2, "1f1b").replace(model={"vocab_size": 4096}, pipeline={"partition": "flops"})
+    assert resolve(cfg, 2).pipeline_split == (range(0, 7), range(7, 8))
+    want = reference_run(cfg)
+    for got in pool2.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("stage", "schedule"),
     [(0, "1f1b"), (1, "1f1b"), (2, "1f1b"), (3, "1f1b"), (3, "interleaved_1f1b")],
