@@ -195,6 +195,11 @@ class RunPlan:
         if self.pipeline is not None:
             pipe = self.pipeline
             row += f", pipeline {pipe.name} over pp={pipe.ranks}, {pipe.stages} stages"
+            blocks = " | ".join(
+                f"{r.start}" if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+                for r in self.pipeline_split
+            )
+            row += f" (blocks {blocks}; by {self.config.pipeline.partition})"
         return row
 
     def table(self) -> str:

@@ -283,7 +283,7 @@ def test_unknown_schedule_is_one_line():
 
 def test_plan_table_names_the_schedule():
     plan = resolve(config(2, "1f1b"), 2)
-    assert "pipeline 1f1b over pp=2, 2 stages" in plan.table()
+    assert "pipeline 1f1b over pp=2, 2 stages (blocks 0-3 | 4-7; by layers)" in plan.table()
     assert plan.pipeline.micro_batches == 4
     assert torch.float32 == plan.precision.param_dtype
 
