@@ -18,6 +18,7 @@ from shardwise.data.tokenizer import DOCUMENT_TOKEN
 from shardwise.engine import initialize
 from shardwise.models import spec_of
 from shardwise.models.gpt import build_gpt
+from shardwise.models.hf import build_hf
 from shardwise.optim import lr_multiplier, param_groups
 
 STEPS = 5
@@ -64,6 +65,9 @@ def global_batches(cfg: Config, steps: int = STEPS) -> list[tuple[torch.Tensor, 
 
 
 def build_model(cfg: Config, freeze: bool = False) -> torch.nn.Module:
+    """The config's GPT, or its Hugging Face model (``model.name = "hf"``)."""
+    if cfg.model.name == "hf":
+        return build_hf(cfg.model, SEQ, device="cpu", seed=cfg.train.seed)
     model = build_gpt(cfg.model, SEQ, device="cpu", seed=cfg.train.seed)
     if freeze:
         model.blocks[0].mlp.up.weight.requires_grad_(False)
@@ -95,7 +99,9 @@ def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]
         opt.zero_grad()
         total = 0.0
         for x, y in zip(inputs.chunk(accum), targets.chunk(accum), strict=True):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            out = model(x)
+            logits = out.logits if cfg.model.name == "hf" else out
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             (loss / accum).backward()
             total += loss.item()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,7 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.distributed.dims import ParallelDims, fitting_tp_degrees
 from shardwise.errors import ConfigError
-from shardwise.models.spec import ModelSpec, SpecBuilder
+from shardwise.models.spec import ModelSpec, PipelineCalls, SpecBuilder
 from shardwise.tensor_parallel.conv1d import ColwiseParallelConv1D, RowwiseParallelConv1D
 from shardwise.tensor_parallel.one_d import (
     ColwiseParallel,
@@ -243,7 +243,7 @@ def llama_tp_plan(
 
 
 def gpt2_spec(model: nn.Module) -> ModelSpec:
-    """``GPT2LMHeadModel``'s structure and plan."""
+    """``GPT2LMHeadModel``'s structure and plans."""
     return ModelSpec(
         blocks="transformer.h",
         embedding="transformer.wte",
@@ -251,11 +251,25 @@ def gpt2_spec(model: nn.Module) -> ModelSpec:
         attention="transformer.h.*.attn",
         max_seq_len=max_positions(model.config),
         tp_plan=partial(gpt2_tp_plan, model.config),
+        pipeline=PipelineCalls(
+            embed=_gpt2_embed,
+            finish=lambda m, x: m.lm_head(m.transformer.ln_f(x)),
+            first=("transformer.wte", "transformer.wpe", "transformer.drop"),
+            last=("transformer.ln_f", "lm_head"),
+            hidden_size=model.config.n_embd,
+        ),
     )
 
 
+def _gpt2_embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """What ``GPT2Model.forward`` does before its blocks, without a cache or masks (the blocks
+    then attend causally, as the whole model does without an attention mask)."""
+    t = model.transformer
+    return t.drop(t.wte(ids) + t.wpe(torch.arange(ids.shape[1], device=ids.device)))
+
+
 def llama_spec(model: nn.Module) -> ModelSpec:
-    """``LlamaForCausalLM``'s structure and plan."""
+    """``LlamaForCausalLM``'s structure and plans."""
     return ModelSpec(
         blocks="model.layers",
         embedding="model.embed_tokens",
@@ -263,7 +277,22 @@ def llama_spec(model: nn.Module) -> ModelSpec:
         attention="model.layers.*.self_attn",
         max_seq_len=max_positions(model.config),
         tp_plan=partial(llama_tp_plan, model.config),
+        pipeline=PipelineCalls(
+            embed=lambda m, ids: m.model.embed_tokens(ids),
+            finish=lambda m, x: m.lm_head(m.model.norm(x)),
+            first=("model.embed_tokens",),
+            last=("model.norm", "lm_head"),
+            hidden_size=model.config.hidden_size,
+            run_block=_llama_block,
+        ),
     )
+
+
+def _llama_block(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A decoder layer as ``LlamaModel.forward`` runs it: with the rotary tables of positions
+    0..T-1 (the parameter-free ``rotary_emb`` stays on every stage)."""
+    positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    return layer(x, position_embeddings=model.model.rotary_emb(x, positions))
 
 
 HF_SPECS: dict[str, SpecBuilder] = {

@@ -48,6 +48,12 @@ class PipelineCalls:
     """Modules only `finish` uses: kept by the last stage alone."""
     hidden_size: int
     """Width of the hidden states passed between stages."""
+    run_block: Callable[..., torch.Tensor] = lambda model, block, x, **keywords: block(
+        x, **keywords
+    )
+    """``(model, block, hidden states, **keywords) -> hidden states``: how a stage runs one
+    block (what the model's forward passes it besides the hidden states, e.g. LLaMA's rotary
+    tables)."""
 
 
 @dataclass(frozen=True)

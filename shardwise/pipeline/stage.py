@@ -59,7 +59,7 @@ class StagePart:
         if self.first:
             x = self.calls.embed(self.model, x, **keywords)
         for index in self.indices:
-            x = self.block_list[index](x, **keywords)
+            x = self.calls.run_block(self.model, self.block_list[index], x, **keywords)
         return self.calls.finish(self.model, x) if self.last else x
 
 
@@ -112,7 +112,10 @@ def counted_flops(
     calls = spec.pipeline
     ids = spec.sample_input(seq_len, "meta")
     hidden = torch.empty((*ids.shape, calls.hidden_size), device="meta")
-    costs = [_flops(block, hidden) for block in blocks]
+    costs = [
+        _flops(_Call(model, lambda m, x, b=block: calls.run_block(m, b, x)), hidden)
+        for block in blocks
+    ]
     return costs, _flops(_Call(model, calls.embed), ids), _flops(_Call(model, calls.finish), hidden)
 
 

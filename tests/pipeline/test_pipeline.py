@@ -97,6 +97,21 @@ def test_every_schedule_matches_single_process(request, pp, case):
         assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
 
 
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_hugging_face_models_match_single_process(pool2, preset):
+    """GPT-2 (tied head, learned positions) and LLaMA (rotary tables on every stage) cut
+    through their specs' `PipelineCalls`, their modules untouched."""
+    cfg = make_config(micro_batch=1, global_batch=4).replace(
+        model={"name": "hf", "hf_config": preset},
+        parallel={"pp": 2},
+        pipeline={"schedule": "1f1b", "partition": "flops"},
+    )
+    want = reference_run(cfg)
+    for got in pool2.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+        assert set(got[1]) == set(want[1]), "every parameter lives on some stage"
+
+
 def test_a_split_by_flops_matches_single_process(pool2):
     """A vocabulary of 4096 makes the tied head cost ~10 of the 8 blocks: ``partition="flops"``
     gives the last stage one block, and every rank runs the plan's split."""
