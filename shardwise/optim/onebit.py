@@ -97,5 +97,6 @@ class OneBitAdam(torch.optim.Optimizer):
                 v.mul_(weight).addcmul_(p.grad, p.grad, value=1 - weight)
             else:
                 m.mul_(torch.gt(v, 0, out=buffer))  # momentum mask
-            denom = torch.sqrt(v, out=buffer).div_(correction2).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+            # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps): one pass fewer
+            denom = torch.sqrt(v, out=buffer).add_(eps * correction2)
+            p.addcdiv_(m, denom, value=-lr * correction2 / (1 - beta1**step))
