@@ -51,7 +51,7 @@ _GATHER_BITS = 0x0102040810204080
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """One bit per element of `x` (rows, n), n a multiple of 8: 1 where the sign bit is set
+    """One bit per element of fp32 `x` (rows, n), n a multiple of 8: 1 where the sign bit is set
     (negative, and -0.0), 8 per byte, element 8j + k in bit k of byte j -> uint8 (rows, n/8)."""
     # the sign bit as a byte 0 / 1: arithmetic shift to 0 / -1, bytes 0 / 255, bit 0 (this is
     # 1.7x faster than torch.signbit's bool on a CPU)

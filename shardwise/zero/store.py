@@ -178,7 +178,7 @@ class FlatStore:
         replicate_group = groups.replicate if sharding.grads else None
         # 1-bit Adam compresses only where there is someone to send to: over the replicas
         # when there are some ([Note: 1-bit Adam over replicas] in reducer.py)
-        exchange_group = replicate_group or reduce_group
+        exchange_group = replicate_group if replicate_group is not None else reduce_group
         onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(exchange_group) > 1
         chunk = plan.config.optim.compression_chunk
         pieces = comm.group_size(exchange_group) if replicate_group is not None else 1
