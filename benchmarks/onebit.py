@@ -8,13 +8,13 @@ Three figures, each against AdamW measured in the same run:
   ``speed`` model. Target <= 0.05.
 * ``loss_vs_adam``: the default ``shardwise train`` run (preset tiny, 300 steps, the embedded
   corpus), trained by the trainer with ``optim.name = onebit_adam`` (freeze at 20%: step 60,
-  the variance refreshed every 20 steps, 64 elements per scale) and with AdamW; the mean loss
+  the variance refreshed every 10 steps, 64 elements per scale) and with AdamW; the mean loss
   of the last 10 steps of each, ratio 1-bit / AdamW. The full run repeats it for preset mini
   (ratio key ``loss_vs_adam_mini``). Target <= 1.03.
 * ``step_vs_adam_slow_link``: under ``distributed.emulate_gbps = 1`` (every collective waits
   its wire bytes at 1 Gbit/s, [Note: emulated link] in distributed/link.py), preset mini
   (25M parameters), 64 tokens and one sequence per rank, the mean step time of 1-bit Adam
-  over one refresh cycle (19 compressed steps and 1 exact one) over AdamW's mean; contenders
+  over one refresh cycle (9 compressed steps and 1 exact one) over AdamW's mean; contenders
   interleaved step by step, a barrier before each step, a step timed on each rank. Target
   <= 0.5.
 """
@@ -50,7 +50,7 @@ class Settings:
     presets: tuple[str, ...]
     """Presets of the convergence runs (the default run's first)."""
     steps: int = 300
-    speed_iters: int = 20
+    speed_iters: int = 10
     """Measured steps per contender on the slow link (one refresh cycle of 1-bit Adam)."""
     out: str = ""
     """Folder of the convergence runs (set by `run`)."""

@@ -239,7 +239,7 @@ class OptimConfig(_Section):
     """1-bit Adam: exact AdamW steps before the variance freezes; default 20% of train.steps."""
     compression_chunk: int = Field(64, ge=1)
     """1-bit Adam: elements per fp32 scale of the compressed gradient."""
-    variance_refresh: int = Field(20, ge=0)
+    variance_refresh: int = Field(10, ge=0)
     """1-bit Adam: after the freeze, every this many steps one step runs on exact gradients
     and refreshes the variance; 0: frozen for good (the paper's 1-bit Adam)."""
 
