@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import Engine, initialize
@@ -277,16 +278,23 @@ def test_each_rank_holds_only_its_stages(pool2):
             | {"train": {"activation_checkpointing": "full"}},
             "splits each backward into an input pass and a weight pass",
         ),
-        (
-            {"model": {"name": "hf", "hf_config": "gpt2-tiny"}, "parallel": {"pp": 2}},
-            "declare ModelSpec\\(pipeline=PipelineCalls",
-        ),
     ],
 )
 def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
     cfg = make_config(micro_batch=1, global_batch=8).replace(**overrides)
     with pytest.raises(ConfigError, match=message) as info:
         resolve(cfg, 4)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_without_pipeline_calls_is_one_line_error():
+    """Its blocks are found (the largest list of like modules), how its forward splits is
+    not."""
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+    cfg = make_config(micro_batch=1, global_batch=8).replace(parallel={"pp": 2})
+    with pytest.raises(ConfigError, match="declare ModelSpec\\(pipeline=PipelineCalls") as info:
+        resolve(cfg, 2, model=model)
     assert "\n" not in str(info.value)
 
 
