@@ -438,6 +438,9 @@ def _pipeline(
     pipe = config.pipeline
     limits = {
         "offload.policy='none'": config.offload.policy != "none",
+        # 2D/2.5D/3D layouts keep the hidden states split between blocks; stages send whole
+        # ones
+        "parallel.tp_mode='1d'": dims.tp > 1 and dims.tp_mode != "1d",
     }
     _refuse_combinations(f"parallel.pp={dims.pp}", limits)
     if spec.pipeline is None:

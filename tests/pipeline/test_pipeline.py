@@ -287,6 +287,15 @@ def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_pipeline_with_two_dimensional_tensor_parallelism_is_refused():
+    """2D tp keeps the hidden states split between blocks; the stages send whole ones (it
+    failed inside the first block's matmul before the check)."""
+    cfg = config(2, "1f1b", tp=4, tp_mode="2d")
+    with pytest.raises(ConfigError, match="set parallel.tp_mode='1d'") as info:
+        resolve(cfg, 8)
+    assert "\n" not in str(info.value)
+
+
 def test_a_model_without_pipeline_calls_is_one_line_error():
     """Its blocks are found (the largest list of like modules), how its forward splits is
     not."""
