@@ -411,9 +411,11 @@ def _sequence_parallel(
         contiguous_positions(config.data.seq_len, 0, dims.sp)
     else:
         hybrid_positions(config.data.seq_len, 0, dims.sp // ulysses, 0, ulysses)
-    if ulysses > 1 and spec.heads is not None and (spec.heads // dims.tp) % ulysses:
+    # every tp layout splits the heads over its last axis: tp ways in 1D, q otherwise
+    head_ways = dims.tp_shape[-1]
+    if ulysses > 1 and spec.heads is not None and (spec.heads // head_ways) % ulysses:
         heads = f"model.n_heads={spec.heads}" + (
-            f" over parallel.tp={dims.tp}" if dims.tp > 1 else ""
+            f" over {head_ways} tensor-parallel ways" if head_ways > 1 else ""
         )
         raise ConfigError(
             f"{heads} does not split over {ulysses} Ulysses ranks: use "

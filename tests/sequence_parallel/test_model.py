@@ -1,7 +1,7 @@
 """Sequence parallelism through the engine: each sp rank trains on its part of every
 sequence (ring: zig-zag chunks; Ulysses: a contiguous slice) and the whole model's losses and
 weights equal the single-process run (fp32, losses 1e-5 for 5 steps): sp=2 for each kind,
-sp=2 x dp=2 with ZeRO-3, sp=2 x tp=2, sp with parameter chunks (offload.policy=auto);
+sp=2 x dp=2 with ZeRO-3, sp=2 x tp=2 (1D and 2D), sp with parameter chunks (offload.policy=auto);
 `shardwise train --set parallel.sp=2` with resume; bad settings are one-line errors before
 launch."""
 
@@ -86,6 +86,14 @@ def test_sp2_times_tp2_matches_single_process(pool4, kind):
     pool4.run(tp_engine_run, cfg, 4)
 
 
+def test_sp2_times_2d_tp4_matches_single_process(pool8):
+    """2D tensor parallelism splits the batch and the hidden width over a 2 x 2 grid and the
+    heads over its columns (2 per rank), which Ulysses splits again over sp. Ring passed the
+    same test by hand (2026-12-04); 2.5D and 3D need 16 ranks, as many as that would cost."""
+    cfg = sp_config("ulysses", micro_batch=2, global_batch=2, sp=2, tp=4, tp_mode="2d")
+    pool8.run(tp_engine_run, cfg, 8)
+
+
 AUTO = {"policy": "auto", "device_budget_mb": 0.25, "chunk_search_range_mb": 0}
 """Parameter chunks placed from a traced step, under a budget that moves some of them."""
 STATIC = {"policy": "static", "param_device_fraction": 0.0, "chunk_search_range_mb": 0}
@@ -153,7 +161,12 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
         (
             {"parallel": {"sp": 2, "tp": 2}, "attention": {"sequence_parallel": "ulysses"}}
             | {"model": {"n_heads": 2, "d_model": 32}},
-            "model.n_heads=2 over parallel.tp=2 does not split over 2 Ulysses ranks",
+            "model.n_heads=2 over 2 tensor-parallel ways does not split over 2 Ulysses ranks",
+        ),
+        (
+            {"parallel": {"sp": 2, "tp": 4, "tp_mode": "2d"}}
+            | {"attention": {"sequence_parallel": "ulysses"}, "model": {"n_heads": 2}},
+            "model.n_heads=2 over 2 tensor-parallel ways does not split over 2 Ulysses ranks",
         ),
         ({"attention": {"kind": "sparse", "block": 2}}, "set attention.kind='dense'"),
         ({"model": {"dropout": 0.1}}, "no dropout on attention weights"),
@@ -170,6 +183,7 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
         "hybrid-degree",
         "tp-megatron-sp",
         "ulysses-heads-after-tp",
+        "ulysses-heads-after-2d-tp",
         "sparse",
         "dropout",
         "hf",
@@ -177,7 +191,8 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
 )
 def test_bad_settings_are_one_line_errors(sections, message):
     cfg = make_config(micro_batch=2, global_batch=4).replace(parallel={"sp": 2})
-    build = lambda: resolve(cfg.replace(**sections), 4)  # noqa: E731
+    world = max(4, 2 * sections.get("parallel", {}).get("tp", 1))
+    build = lambda: resolve(cfg.replace(**sections), world)  # noqa: E731
     if message is None:
         assert build().sequence_parallel == "ulysses"
         return
