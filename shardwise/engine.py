@@ -70,7 +70,7 @@ class Engine:
         )
         self.scaler = make_loss_scaler(plan.precision, plan.config.precision)
         self.store = build_store(
-            model, plan, mesh, self.device, spec, param_init, self.tp, self.scaler
+            model, plan, mesh, self.device, spec, param_init, self.tp, self.scaler, self.schedule
         )
         self.model = model
         self.dp = DataParallelGroups.of(mesh)
@@ -173,8 +173,8 @@ class Engine:
     def loss_of(self, output: object, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, targets.to(self.device, non_blocking=True))
 
-    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
-        return self.store.reduced_grad(param)
+    def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:
+        self.store.sum_reduced_grad(param, group)
 
     # -- state ----------------------------------------------------------------------------
 

@@ -439,7 +439,6 @@ def _pipeline(
         return None, ()
     pipe = config.pipeline
     limits = {
-        "offload.policy='none'": config.offload.policy != "none",
         # 2D/2.5D/3D layouts keep the hidden states split between blocks; stages send whole
         # ones
         "parallel.tp_mode='1d'": dims.tp > 1 and dims.tp_mode != "1d",
@@ -461,6 +460,12 @@ def _pipeline(
             f"pipeline.schedule={pipe.schedule!r} computes weight gradients in a pass of their "
             "own, after zero.stage=3 has released the parameters those passes read (layer "
             "norms); set zero.stage to 0, 1 or 2, or pipeline.schedule='1f1b'"
+        )
+    if pipe.schedule in ("zb_h1", "zbv") and config.offload.policy != "none":
+        raise ConfigError(
+            f"pipeline.schedule={pipe.schedule!r} computes weight gradients in a pass of their "
+            f"own, after offload.policy={config.offload.policy!r} has released the chunks "
+            "those passes read and write; set pipeline.schedule='1f1b' or offload.policy='none'"
         )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
     split = stage_blocks(spec, model, schedule.stages, pipe.partition, config.data.seq_len)

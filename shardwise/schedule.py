@@ -43,9 +43,9 @@ class StepOps(Protocol):
         """Run `backward` (autograd calls) as one micro-batch's backward of the store; `sync`:
         the rank's last backward of the step, which reduces gradients."""
 
-    def reduced_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
-        """`param`'s gradient as the update will read it, after the step's reduction: whole
-        (zero.stage 0-1), or this rank's slice (stage 2) where `param` has a bucket alone."""
+    def sum_reduced_grad(self, param: torch.nn.Parameter, group: object) -> None:
+        """Sum `param`'s gradient, as the update will read it after the step's reduction,
+        over `group` (ranks holding copies of one weight: a pipeline's tied embedding)."""
 
 
 class Schedule(Protocol):
@@ -57,6 +57,10 @@ class Schedule(Protocol):
     uncounted: torch.nn.Parameter | None
     """A parameter of this rank the store's norm must not count: a pipeline stage's second
     copy of a weight tied across stages (the first stage's copy counts)."""
+
+    def trace_forward(self, model: nn.Module, sample: torch.Tensor) -> None:
+        """One forward of this rank's part of `model` on `sample` token ids (the store calls
+        it under no_grad to record the order parameters are used in)."""
 
 
 def build_schedule(
@@ -119,3 +123,6 @@ class GradientAccumulation:
         return total / self.micro_batches
 
     uncounted = None
+
+    def trace_forward(self, model: nn.Module, sample: torch.Tensor) -> None:
+        model(sample)

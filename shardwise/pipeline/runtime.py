@@ -124,16 +124,27 @@ class PipelineSchedule:
             work.wait()
         end = time.perf_counter()
         self.busy_s, self.step_s = busy - start, end - start
-        tied = self.stages.tied
         # the reduced gradient: where it is another buffer than `.grad` (bf16 parameters
-        # reduced in fp32), a sum of `.grad` after the reduction would be lost
-        if tied is not None:
-            self.stages.sync_tied_grad(ops.reduced_grad(tied))
+        # reduced in fp32, gradient chunks), a sum of `.grad` after the reduction would be lost
+        if self.stages.tied is not None and self.stages.tied_group is not None:
+            ops.sum_reduced_grad(self.stages.tied, self.stages.tied_group)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if step.losses:
             total = torch.stack(step.losses).sum() / m
         comm.broadcast_(total, self._last_rank, self.stages.group)
         return total
+
+    def trace_forward(self, model: nn.Module, sample: torch.Tensor) -> None:
+        """This rank's stage parts (of `model`) in stage order on `sample`, cut as each
+        micro-batch is; a stage after the first takes zeros of the hidden states' shape."""
+        keywords = {}
+        if self.cut is not None:
+            sample, keywords = self.cut(sample)
+        shape = (*sample.shape[:2], self.stages.hidden_size)
+        for stage in sorted(self.stages.parts):
+            part = self.stages.parts[stage]
+            x = sample if part.first else sample.new_zeros(shape, dtype=self.dtype)
+            part(x, **keywords)
 
     @property
     def uncounted(self) -> nn.Parameter | None:

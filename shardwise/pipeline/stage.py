@@ -10,9 +10,10 @@ store wraps as usual; each `StagePart` runs one (virtual) stage of it.
 (GPT-2 style), the first and the last stage each hold it (the last keeps the embedding module
 too, unused, so that the weight is still known as an embedding's: no weight decay): two
 copies, started equal (every rank builds the same model). Each stage computes only its
-share of the gradient; `sync_tied_grad` sums the two over the pair of ranks after the step's
-last backward, so both apply the same update and stay equal, as the one tensor of a single
-process would. The global gradient norm counts it once (the last stage leaves it out).
+share of the gradient; the store sums the two reduced ones over the pair of ranks
+(`sum_reduced_grad`) after the step's last backward, so both apply the same update and stay
+equal, as the one tensor of a single process would. The global gradient norm counts it
+once (the last stage leaves it out).
 
 [Note: partition by FLOPs] ``pipeline.partition = "flops"`` weighs each block by the
 floating-point operations of one forward and backward of a sequence (torch's
@@ -32,7 +33,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from shardwise.distributed import comm
 from shardwise.errors import TrainingError
 from shardwise.models import ModelSpec
 from shardwise.models.spec import PipelineCalls
@@ -83,12 +83,6 @@ class PipelineStages:
     def hidden_size(self) -> int:
         """Width of the hidden states passed between stages."""
         return next(iter(self.parts.values())).calls.hidden_size
-
-    def sync_tied_grad(self, grad: torch.Tensor) -> None:
-        """Sum the tied weight's reduced gradient `grad` over its two stages ([Note: tied
-        embedding across stages])."""
-        if self.tied_group is not None:
-            comm.all_reduce_(grad, self.tied_group)
 
 
 def stage_blocks(

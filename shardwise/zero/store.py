@@ -18,6 +18,7 @@ optimizer, a loss scaler and a schedule, and clips with the norm the store repor
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from shardwise.optim import OptimizerFactory
 from shardwise.optim.onebit import OneBitAdam
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
+from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit, PieceInfo
@@ -60,6 +62,7 @@ class ParamStore(Protocol):
     def after_backward(self, sync: bool) -> None: ...
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool: ...
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor: ...
+    def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None: ...
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None: ...
     def end_step(self) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -128,11 +131,13 @@ def build_store(
     spec: ModelSpec,
     param_init: ParamInit | None,
     tp: TensorParallel | None,
-    scaler: DynamicLossScaler | None = None,
+    scaler: DynamicLossScaler | None,
+    schedule: Schedule,
 ) -> ParamStore:
     """Place `model` (in the plan's parameter dtype, every replica starting from rank 0's
     weights) and wrap its trainable parameters in the store the plan asks for. `scaler`: the
-    fp16 loss scaler the gradients arrive scaled by."""
+    fp16 loss scaler the gradients arrive scaled by; `schedule` runs this rank's part of the
+    model (a pipeline stage's) for the chunks' execution order."""
     from shardwise.zero.chunks.store import ChunkStore  # it imports this module
 
     check_materialisable(model, param_init)
@@ -144,7 +149,8 @@ def build_store(
     broadcast_from_first_rank(model, groups)
     if plan.chunks:
         sample = spec.sample_input(plan.config.data.seq_len, device)
-        store = ChunkStore(model, plan, groups, device, sample, param_init, tp)
+        run = functools.partial(schedule.trace_forward, model, sample)
+        store = ChunkStore(model, plan, groups, device, run, param_init, tp)
     else:
         store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler)
     materialise_frozen(model, param_init, device)
@@ -270,11 +276,12 @@ class FlatStore:
             compression.discard_errors()  # they hold the residue of a discarded step
         return found_inf
 
-    def reduced_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """`param`'s gradient as the update will read it: whole (zero.stage 0-1), or this
-        rank's slice (stage 2) of a parameter with a bucket of its own (the reducer's
-        `alone`: a pipeline stage's embedding weight)."""
-        return self.reducer.reduced_grad(param)
+    def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:
+        """Sum over `group` `param`'s gradient as the update will read it: whole (zero.stage
+        0-1), or this rank's slice (stage 2) of a parameter with a bucket of its own (the
+        reducer's `alone`: a pipeline stage's embedding weight, so that the slices of its two
+        stages line up)."""
+        comm.all_reduce_(self.reducer.reduced_grad(param), group)
 
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor:
         """The global 2-norm: this rank's squares (each tensor-parallel shard counted once

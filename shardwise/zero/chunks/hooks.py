@@ -132,10 +132,9 @@ class GradChunks:
         """fp16: divide every gradient by the loss scale, chunk by chunk; whether any is
         inf/NaN. The norms are taken again, of the unscaled gradients."""
         found_inf = False
+        # each chunk, written or not: [Note: the same moves on every rank] (sharding.py)
         for chunk in self.chunks:
             slots = self._written_slots(chunk)
-            if not slots:
-                continue
             self.manager.access(chunk)
             views = [chunk.grad_view(s) for s in slots]
             found_inf |= scaler.unscale_and_check_(views)
@@ -150,20 +149,18 @@ class GradChunks:
 
     def attach(self, chunk: Chunk) -> list[nn.Parameter]:
         """Bring `chunk`'s gradient chunk to the device and set ``param.grad`` of its written
-        parameters to views of it; returns those parameters."""
+        parameters to views of it; returns those parameters. See [Note: the same moves on
+        every rank] (sharding.py) for why a chunk without any is brought too."""
         grads = self.of(chunk)
         slots = self._written_slots(grads)
-        if slots:
-            self.manager.access(grads)
-            for s in slots:
-                s.param.grad = grads.grad_view(s)
+        self.manager.access(grads)
+        for s in slots:
+            s.param.grad = grads.grad_view(s)
         return [s.param for s in slots]
 
     def detach(self, chunk: Chunk) -> None:
         """After `chunk`'s update: gradients off the parameters, the gradient chunk freed."""
         grads = self.of(chunk)
-        if grads.state is not ChunkState.COMPUTE:
-            return
         for s in grads.slots:
             s.param.grad = None
         self.manager.release(grads, "backward")

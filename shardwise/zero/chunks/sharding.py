@@ -28,16 +28,24 @@ What the stages add to that:
                          chunk; the full chunk gathered before it is stale from then and freed
                          (stage 3), or all-gathered from the updated shards (stages 1 and 2)
 
-Every rank must reach the collectives in the same order: gathers follow the accesses, which
-the model fixes, and the evictions, which the manager decides from budgets and a schedule that
-are the same on every rank (the auto policy takes each traced moment's non-model bytes as the
-largest over the ranks). Reduce-scatters follow the completion of gradient chunks in backward:
-every rank's backward must give gradients to the same parameters, as for DDP without
-``find_unused_parameters``. Chunks some of whose parameters got no gradient are reduced at the
-end of the backward, in chunk order (stage 1: every chunk, at the end of the step's last
-backward). Full chunks kept whole (stages 1 and 2) move between tiers without collectives, so
-each rank may place them as its own memory asks; their all-gathers after the update run in
-chunk order on every rank.
+[Note: the same moves on every rank] Every rank must reach the collectives in the same
+order: gathers follow the accesses, which the model fixes, and the evictions, which the
+manager decides from budgets and a schedule that are the same on every rank (the auto policy
+takes each traced moment's non-model bytes as the largest over the ranks) and from what is on
+the device. So every rank makes the same manager calls on chunks of the same sizes, whatever
+its shards hold: a shard of padding only (no parameter of the chunk reaches it) is still
+brought in by the optimizer pass with its gradient shard, and by fp16's unscale pass, and a
+shard the optimizer has no state for is visited in its turn (`ChunkStore.update`). Before
+that, such a shard left one rank with other chunks on the device after the update; the next
+step evicted (dropped) a different full chunk on each rank and the gathers paired up wrongly:
+a hang at one device budget, silently wrong weights at another.
+
+Reduce-scatters follow the completion of gradient chunks in backward: every rank's backward
+must give gradients to the same parameters, as for DDP without ``find_unused_parameters``.
+Chunks some of whose parameters got no gradient are reduced at the end of the backward, in
+chunk order (stage 1: every chunk, at the end of the step's last backward). Full chunks kept
+whole (stages 1 and 2) move between tiers without collectives, so each rank may place them as
+its own memory asks; their all-gathers after the update run in chunk order on every rank.
 
 With hierarchical data parallelism (``parallel.dp_replicate`` > 1) the chunks are sharded
 within ``dp_shard`` and every replica group all-reduces its gradient shards after the

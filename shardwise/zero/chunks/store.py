@@ -30,7 +30,13 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier, TierIO, build_grad_chunks
-from shardwise.zero.chunks.hooks import ChunkedAdamW, ChunkHooks, GradChunks, held_chunks
+from shardwise.zero.chunks.hooks import (
+    ChunkedAdamW,
+    ChunkHooks,
+    GradChunks,
+    grad_norms,
+    held_chunks,
+)
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import (
     build_chunks,
@@ -72,15 +78,15 @@ class ChunkStore:
         plan: RunPlan,
         groups: DataParallelGroups,
         device: torch.device,
-        sample: torch.Tensor,
+        run_forward: Callable[[], object],
         param_init: ParamInit | None = None,
         tp: TensorParallel | None = None,
     ) -> None:
         """Chunks sharded over ``groups.shard``; ``groups.replicate``: ranks holding the same
-        shards (hierarchical data parallelism), which average their gradient shards. `sample`
-        is an input the model is traced with (execution order, the auto policy's warm-up).
-        `tp`: the model is split by a tensor-parallel plan; its shards are chunked like any
-        parameter, and norms and overflow flags are summed over the tp ranks too."""
+        shards (hierarchical data parallelism), which average their gradient shards.
+        `run_forward` runs this rank's part of the model once on a sample (the execution
+        order). `tp`: the model is split by a tensor-parallel plan; its shards are chunked
+        like any parameter, and norms and overflow flags are summed over the tp ranks too."""
         offload, group, replicate = plan.offload, groups.shard, groups.replicate
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
@@ -103,7 +109,7 @@ class ChunkStore:
         trainable = {id(p) for p in params}
         order = [
             (name, p)
-            for name, p in params_in_execution_order(model, lambda: model(sample))
+            for name, p in params_in_execution_order(model, run_forward)
             if id(p) in trainable
         ]
         self.chunks, self.placement = self._chunks_and_placement(order)
@@ -152,6 +158,8 @@ class ChunkStore:
         self.hooks = ChunkHooks(model, self.manager, self.chunks, self.grads)
         self._clip_coef: torch.Tensor | None = None
         """What the optimizer pass multiplies gradients by (clipping), while it runs."""
+        self._visited = 0
+        """Homes the running optimizer pass has opened (a position: every one before it)."""
         self.group_chunks: list[Chunk] = []
         """Param group index -> the home it updates (see `param_groups`)."""
         self._origin = {
@@ -174,10 +182,14 @@ class ChunkStore:
         """Id of a parameter (or piece) -> its weight in the squared norm (1 / tp replicas)."""
         self._position = {home.index: i for i, home in enumerate(self.homes)}
         """Manager index of a home -> its position (the index of its chunk)."""
-        self._tracer: MemoryTracer | None = None
         self.warming_up = offload.policy == "auto"
-        """Until the first optimizer step: the auto policy's warm-up, traced."""
-        if not self.warming_up:
+        """Until the first step's last backward: the auto policy's warm-up, traced from here
+        (whatever runs the modules: the engine's forward, or a pipeline's stages)."""
+        self._tracer: MemoryTracer | None = None
+        if self.warming_up:
+            self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
+            self._tracer.__enter__()
+        else:
             self._log_placement()
         self._place_the_rest()
 
@@ -359,10 +371,7 @@ class ChunkStore:
     # -- the store protocol (zero/store.py) --------------------------------------------------
 
     def before_forward(self) -> None:
-        """Before a forward: the auto policy traces its whole warm-up step (every micro-batch)."""
-        if self.warming_up and self._tracer is None:
-            self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
-            self._tracer.__enter__()
+        pass
 
     def before_backward(self, sync: bool) -> None:
         pass
@@ -394,12 +403,49 @@ class ChunkStore:
         if not self.norm_groups:
             return self.grads.total_norm([p for p in self.params if p is not uncounted])
         weights = self._norm_weights
-        if uncounted is not None:
-            weights = {**weights, id(uncounted): 0.0}
+        if uncounted is not None:  # the parameter, or this rank's piece of it
+            pieces = [key for key, origin in self._origin.items() if origin == id(uncounted)]
+            weights = {**weights, **dict.fromkeys([id(uncounted), *pieces], 0.0)}
         squares = self.grads.squares(weights)
         for group in self.norm_groups:
             comm.all_reduce_(squares, group)
         return squares.sqrt()
+
+    @torch.no_grad()
+    def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:
+        """Sum `param`'s reduced gradient over `group` (the two pipeline stages holding a
+        tied weight). Sharded, each rank holds a piece of it wherever its chunk put it, and
+        the two stages' chunks differ: the pieces are put together over the shard group
+        first (a transient gradient of the weight's size on the device), summed over
+        `group`, and each rank keeps its piece, whose norm is taken again. Every rank
+        accesses its gradient shard, piece or not: ZeRO-3's ranks must make the same moves
+        to gather the same chunks later."""
+        position = next(
+            i for i, chunk in enumerate(self.chunks) if any(s.param is param for s in chunk.slots)
+        )
+        home = self.homes[position]
+        grads = self.grads.of(home)
+        owners = home.owners if self.sharded else home.slots
+        mine = [(s, o) for s, o in zip(home.slots, owners, strict=True) if o.param is param]
+        self.manager.access(grads)
+        if not self.sharded:
+            view = grads.grad_view(mine[0][0])
+            comm.all_reduce_(view, group)
+        else:
+            whole = torch.zeros(param.numel(), dtype=grads.dtype, device=self.device)
+            base = comm.group_rank(self.group) * home.numel
+            for piece, owner in mine:
+                start = base + piece.offset - owner.offset
+                whole[start : start + piece.numel] = grads.grad_view(piece).reshape(-1)
+            comm.all_reduce_(whole, self.group)
+            comm.all_reduce_(whole, group)
+            for piece, owner in mine:
+                start = base + piece.offset - owner.offset
+                view = grads.grad_view(piece)
+                view.copy_(whole[start : start + piece.numel].view_as(view))
+        for piece, _ in mine:
+            (self.grads.norms[id(piece.param)],) = grad_norms([grads.grad_view(piece)])
+        self.manager.release(grads, "backward")
 
     def _finish_warm_up(self) -> None:
         """At the first step boundary (auto): place from the trace, before the optimizer pass,
@@ -474,7 +520,7 @@ class ChunkStore:
         `torch.nn.utils.clip_grads_with_norm_` multiplies by): `ChunkedAdamW` walks the chunks
         itself; any other optimizer (which skips parameters without a gradient, as torch's do)
         steps once per chunk with only that chunk's gradients attached."""
-        self._clip_coef = clip_coef
+        self._clip_coef, self._visited = clip_coef, 0
         try:
             if isinstance(optimizer, ChunkedAdamW):
                 optimizer.step()
@@ -483,6 +529,7 @@ class ChunkStore:
                     self._open_for_update(home)
                     optimizer.step()
                     self._close_after_update(home)
+            self._visit_skipped(len(self.homes))
         finally:
             self._clip_coef = None
         if self.whole:
@@ -502,11 +549,27 @@ class ChunkStore:
             self.manager.release(home, "backward")
 
     def _open_for_update(self, chunk: Chunk) -> None:
-        """Bring home `chunk` with its gradients, clipped, and start bringing the next home
-        and its gradients while this one updates; a chunk gathered from `chunk` is stale from
-        now on and dropped."""
-        self.manager.access(chunk)
+        """Bring home `chunk` for its update, after visiting the homes before it that the
+        optimizer pass skipped (`_visit_skipped`)."""
         position = self._position[chunk.index]
+        self._visit_skipped(position)
+        self._visited = position + 1
+        self._bring_home(chunk)
+
+    def _visit_skipped(self, position: int) -> None:
+        """Open and close the homes before `position` that the optimizer pass has not:
+        `ChunkedAdamW` holds no state for a shard of padding only, and every rank must make
+        the same moves ([Note: the same moves on every rank], sharding.py)."""
+        for home in self.homes[self._visited : position]:
+            self._bring_home(home)
+            self._close_after_update(home)
+
+    def _bring_home(self, chunk: Chunk) -> None:
+        """`chunk` on the device with its gradients, clipped, and the next home and its
+        gradients on their way while this one updates; a chunk gathered from `chunk` is stale
+        from now on and dropped."""
+        position = self._position[chunk.index]
+        self.manager.access(chunk)
         if self.gathered:
             self._drop_gathered(self.chunks[position])
         params = self.grads.attach(chunk)
