@@ -61,7 +61,9 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_memory(records: list[dict[str, Any]], path: Path) -> None:
-    """Model-state MiB per tier (device, host, disk) over the steps of an offload run."""
+    """Model-state MiB per tier (device, host, disk) over the steps of an offload run (a
+    resumed run's steps before the resume may have run without tiers: left out)."""
+    records = [r for r in records if all(key in r for key in TIER_KEYS)]
     tiers = {key.split("_")[1]: [r[key] / 2**20 for r in records] for key in TIER_KEYS}
     _plot(records, tiers, "model states (MiB, rank 0)", "shardwise train: memory by tier", path)
 

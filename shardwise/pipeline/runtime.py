@@ -136,15 +136,16 @@ class PipelineSchedule:
 
     def trace_forward(self, model: nn.Module, sample: torch.Tensor) -> None:
         """This rank's stage parts (of `model`) in stage order on `sample`, cut as each
-        micro-batch is; a stage after the first takes zeros of the hidden states' shape."""
+        micro-batch is; a stage after the first takes zeros of the hidden states' shape, where
+        the parameters are (the meta device, for a model not yet materialised)."""
         keywords = {}
         if self.cut is not None:
             sample, keywords = self.cut(sample)
-        shape = (*sample.shape[:2], self.stages.hidden_size)
+        device = next(model.parameters()).device
+        hidden = torch.zeros((*sample.shape[:2], self.stages.hidden_size), device=device)
         for stage in sorted(self.stages.parts):
             part = self.stages.parts[stage]
-            x = sample if part.first else sample.new_zeros(shape, dtype=self.dtype)
-            part(x, **keywords)
+            part(sample if part.first else hidden.to(self.dtype), **keywords)
 
     @property
     def uncounted(self) -> nn.Parameter | None:

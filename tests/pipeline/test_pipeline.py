@@ -354,7 +354,8 @@ def test_plan_table_names_the_schedule():
 
 def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
     """`shardwise train` with parallel.pp=2: each stage saves its own parameters; a resume
-    from step 2 with another schedule and split repeats steps 3-4 (to fp32 rounding)."""
+    from step 2 with another schedule and split, and each stage's parameters in chunks,
+    repeats steps 3-4 (to fp32 rounding)."""
     settings = [
         "model.n_layers=2",
         "model.d_model=32",
@@ -376,8 +377,10 @@ def test_train_and_resume_two_stages_through_the_launcher(tmp_path, capsys):
         "shards_rank0.bin",
         "shards_rank1.bin",
     ]
-    # another schedule and another split of the blocks: resharded by parameter name
+    # another schedule, another split of the blocks, parameter chunks: resharded by name
     other = ["--set", "pipeline.schedule=1f1b", "--set", "pipeline.partition=params"]
+    other += ["--set", "offload.policy=auto", "--set", "offload.device_budget_mb=1"]
     code, printed = run_cli(["train", "--nproc", "2", "--resume", str(checkpoint), *other], capsys)
     assert code == 0, printed
     assert logged_losses(out) == pytest.approx(full, rel=1e-5)
+    assert (out / "memory.png").exists()  # the tiers of the resumed steps only
