@@ -159,9 +159,11 @@ BAD_SETS = {
         + ["--set", "train.micro_batch=2"],
         "interleaved_1f1b needs micro_batches divisible by ranks (got m=3, p=2)",
     ),
-    "pp-with-chunks": (
-        ["--set", "parallel.pp=2", "--set", "offload.policy=static"],
-        "parallel.pp=2 does not combine with this setting yet; set offload.policy='none'",
+    "zero-bubble-with-chunks": (
+        ["--set", "parallel.pp=2", "--set", "offload.policy=static"]
+        + ["--set", "pipeline.schedule=zb_h1"],
+        "pipeline.schedule='zb_h1' computes weight gradients in a pass of their own, after "
+        "offload.policy='static' has released the chunks",
     ),
     "init-from-missing": (
         ["--set", "model.init_from=/no/such.safetensors"],
