@@ -2,7 +2,10 @@
 
 `PipelineSchedule.run` walks this rank's actions of the `Schedule` (schedules.py) in order:
 
-    RECV_ACT / RECV_GRAD   a blocking receive of the activation (gradient) a neighbour sent
+    RECV_ACT / RECV_GRAD   the wait for the activation (gradient) a neighbour sent; its
+                           receive was posted (irecv) when the previous receive from the same
+                           peer completed, or at the step's start, so the transfer runs while
+                           this rank computes ([Note: receives posted ahead])
     F                      the stage part's forward; the last stage's loss
     SEND_ACT / SEND_GRAD   a non-blocking send (isend); every send is waited for at the end
                            of the step, so a rank never blocks on a send while its peer
@@ -15,10 +18,18 @@
 
 `check` (schedules.py) proved the order deadlock-free with exactly these semantics (sends
 buffered, receives blocking) and matched every channel's sends and receives in FIFO order,
-which is what NCCL needs; gloo matches by order too. Activations between stages have the
-shape ``[rows, T, hidden]`` of the micro-batch and the compute dtype, known to both sides.
-Under sequence parallelism every stage takes the same `cut` of the micro-batch's token ids
-(T is this rank's part) and passes its keywords (the positions) to its part.
+which is what NCCL needs; gloo matches by order too.
+
+[Note: receives posted ahead] A receive waited for where the schedule puts it blocks no more
+than a blocking receive there would, so the proof holds; posting it earlier lets the bytes
+move while the rank computes instead of after it asks for them. One receive per peer is
+posted at a time, in the schedule's order, so each peer's messages still match in FIFO order
+(activations and gradients between two ranks share one channel, as `check` assumes).
+
+Activations between stages have the shape ``[rows, T, hidden]`` of the micro-batch and the
+compute dtype, known to both sides. Under sequence parallelism every stage takes the same
+`cut` of the micro-batch's token ids (T is this rank's part) and passes its keywords (the
+positions) to its part.
 
 A stage's input is a leaf that requires grad, so the backward of one stage stops at its
 input and the gradient crosses to the previous stage explicitly (between ranks, or within one
@@ -48,6 +59,7 @@ from shardwise.schedule import GradientAccumulation, StepOps
 from shardwise.sequence_parallel.model import SequenceCut
 
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
+_RECEIVES = (Kind.RECV_ACT, Kind.RECV_GRAD)
 _UPDATES_WEIGHTS = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)
 """Actions whose backward gives the stage's weights their gradients."""
 
@@ -71,6 +83,21 @@ class PipelineSchedule:
         self.actions = schedule.actions(comm.group_rank(stages.group))
         self._micro_batches = GradientAccumulation(schedule.micro_batches)
         """Splits a step's batch (the rule every schedule uses)."""
+        self._first_receives: list[int] = []
+        """Index of the first receive from each peer: posted at the step's start."""
+        self._next_receive: dict[int, int | None] = {}
+        """Index of a receive -> the index of the next receive from the same peer (None for
+        the step's last from it): posted when this one completes."""
+        last_from: dict[int, int] = {}
+        for index, action in enumerate(self.actions):
+            if action.kind not in _RECEIVES:
+                continue
+            if action.peer in last_from:
+                self._next_receive[last_from[action.peer]] = index
+            else:
+                self._first_receives.append(index)
+            last_from[action.peer] = index
+            self._next_receive[index] = None
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
@@ -115,9 +142,11 @@ class PipelineSchedule:
             inputs, keywords = zip(*cuts, strict=True)
         step = _Step(self, inputs, targets, keywords, ops)
         start = busy = time.perf_counter()
+        for index in self._first_receives:
+            step.post(index)
         for index, action in enumerate(self.actions):
             before = time.perf_counter()
-            step.do(action, sync=index == self._last_backward)
+            step.do(index, action, sync=index == self._last_backward)
             if action.kind in _COMPUTE:
                 busy += time.perf_counter() - before
         for work, _tensor in step.sends:
@@ -181,6 +210,8 @@ class _Step:
         self.losses: list[torch.Tensor] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
         """(work, tensor) of every isend: the tensor stays alive until the work is done."""
+        self.posted: dict[int, tuple[object, torch.Tensor]] = {}
+        """Index of a receive action -> (work, buffer) of its irecv, posted ahead."""
 
     def _shape(self, micro: int) -> tuple[int, ...]:
         rows, seq = self.inputs[micro].shape[:2]
@@ -189,18 +220,30 @@ class _Step:
     def _receive(self, micro: int) -> torch.Tensor:
         return torch.empty(self._shape(micro), dtype=self.runner.dtype, device=self.runner.device)
 
-    def do(self, action: Action, sync: bool) -> None:
+    def post(self, index: int) -> None:
+        """Post the receive of action `index` ([Note: receives posted ahead])."""
+        action = self.runner.actions[index]
+        buffer = self._receive(action.micro)
+        work = comm.recv(buffer, action.peer, self.runner.stages.group, async_op=True)
+        self.posted[index] = (work, buffer)
+
+    def _received(self, index: int) -> torch.Tensor:
+        """Wait for receive `index`, post the next one from its peer, return its buffer."""
+        work, buffer = self.posted.pop(index)
+        work.wait()
+        following = self.runner._next_receive[index]
+        if following is not None:
+            self.post(following)
+        return buffer
+
+    def do(self, index: int, action: Action, sync: bool) -> None:
         key = (action.micro, action.stage)
         kind = action.kind
         group = self.runner.stages.group
         if kind is Kind.RECV_ACT:
-            buffer = self._receive(action.micro)
-            comm.recv(buffer, action.peer, group)
-            self.stage_inputs[key] = buffer.requires_grad_()
+            self.stage_inputs[key] = self._received(index).requires_grad_()
         elif kind is Kind.RECV_GRAD:
-            buffer = self._receive(action.micro)
-            comm.recv(buffer, action.peer, group)
-            self.grads[key] = buffer
+            self.grads[key] = self._received(index)
         elif kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
             tensor = (
                 self.outputs[key].detach() if kind is Kind.SEND_ACT else self.input_grads.pop(key)
