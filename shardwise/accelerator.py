@@ -42,6 +42,14 @@ class Accelerator:
             torch.cuda.set_device(self.device(local_rank))
 
     @property
+    def receives_independent_of_sends(self) -> bool:
+        """Whether a receive posted ahead leaves later sends free to run. gloo serves sends
+        and receives apart; NCCL runs a device's point-to-point ops in issue order on one
+        stream, where a receive posted before a send blocks that send until it is matched
+        (a deadlock when the peer waits for it: NVIDIA/nccl#479, #783)."""
+        return self.backend == "gloo"
+
+    @property
     def supports_pinned_memory(self) -> bool:
         """Pinned host memory only helps (and only works) with a CUDA device."""
         return self.device_type == "cuda"

@@ -2,10 +2,10 @@
 
 `PipelineSchedule.run` walks this rank's actions of the `Schedule` (schedules.py) in order:
 
-    RECV_ACT / RECV_GRAD   the wait for the activation (gradient) a neighbour sent; its
-                           receive was posted (irecv) when the previous receive from the same
-                           peer completed, or at the step's start, so the transfer runs while
-                           this rank computes ([Note: receives posted ahead])
+    RECV_ACT / RECV_GRAD   the wait for the activation (gradient) a neighbour sent; on gloo
+                           its receive was posted (irecv) when the previous receive from the
+                           same peer completed, or at the step's start, so the transfer runs
+                           while this rank computes ([Note: receives posted ahead])
     F                      the stage part's forward; the last stage's loss
     SEND_ACT / SEND_GRAD   a non-blocking send (isend); every send is waited for at the end
                            of the step, so a rank never blocks on a send while its peer
@@ -24,7 +24,10 @@ which is what NCCL needs; gloo matches by order too.
 than a blocking receive there would, so the proof holds; posting it earlier lets the bytes
 move while the rank computes instead of after it asks for them. One receive per peer is
 posted at a time, in the schedule's order, so each peer's messages still match in FIFO order
-(activations and gradients between two ranks share one channel, as `check` assumes).
+(activations and gradients between two ranks share one channel, as `check` assumes). Only
+where the backend serves receives apart from sends
+(`Accelerator.receives_independent_of_sends`: gloo): NCCL would hold this rank's later sends
+behind the posted receive, so there each receive is posted where it is waited for.
 
 Activations between stages have the shape ``[rows, T, hidden]`` of the micro-batch and the
 compute dtype, known to both sides. Under sequence parallelism every stage takes the same
@@ -49,6 +52,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from shardwise.accelerator import get_accelerator
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.models import ModelSpec
@@ -101,6 +105,8 @@ class PipelineSchedule:
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
+        self._ahead = get_accelerator().receives_independent_of_sends
+        """Whether receives are posted ahead ([Note: receives posted ahead])."""
         self.busy_s = 0.0
         """Seconds the last step spent in compute actions (F, B, I, W) on this rank; its
         schedule's idle time is the rest of `step_s` (host time: on an accelerator it counts
@@ -142,7 +148,7 @@ class PipelineSchedule:
             inputs, keywords = zip(*cuts, strict=True)
         step = _Step(self, inputs, targets, keywords, ops)
         start = busy = time.perf_counter()
-        for index in self._first_receives:
+        for index in self._first_receives if self._ahead else ():
             step.post(index)
         for index, action in enumerate(self.actions):
             before = time.perf_counter()
@@ -228,11 +234,14 @@ class _Step:
         self.posted[index] = (work, buffer)
 
     def _received(self, index: int) -> torch.Tensor:
-        """Wait for receive `index`, post the next one from its peer, return its buffer."""
+        """Wait for receive `index` (posted ahead, or now), post the next one from its peer
+        when receives go ahead, return its buffer."""
+        if index not in self.posted:
+            self.post(index)
         work, buffer = self.posted.pop(index)
         work.wait()
         following = self.runner._next_receive[index]
-        if following is not None:
+        if following is not None and self.runner._ahead:
             self.post(following)
         return buffer
 

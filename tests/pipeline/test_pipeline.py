@@ -12,9 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardwise.accelerator import Accelerator
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import Engine, initialize
 from shardwise.errors import ConfigError, TrainingError
+from shardwise.pipeline import runtime
 from shardwise.run_plan import resolve
 from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
 from tests.parity import (
@@ -90,6 +92,24 @@ CASES = {
     "zb_h1": {"schedule": "zb_h1"},
     "zbv": {"schedule": "zbv", "chunks": 2},
 }
+
+
+def _pipeline_run_receiving_where_waited(cfg) -> tuple[list[float], dict]:
+    """`pipeline_run` as on NCCL: each receive posted where the schedule waits for it."""
+    original = runtime.get_accelerator
+    runtime.get_accelerator = lambda: Accelerator(device_type="cpu", backend="nccl")
+    try:
+        return pipeline_run(cfg)
+    finally:
+        runtime.get_accelerator = original
+
+
+def test_receives_posted_where_waited_match_single_process(pool2):
+    """The runtime's other receive path ([Note: receives posted ahead]: gloo posts ahead)."""
+    cfg = config(2, "1f1b")
+    want = reference_run(cfg)
+    for got in pool2.run(_pipeline_run_receiving_where_waited, cfg):
+        assert_parity(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pp", [2, 4])
