@@ -146,8 +146,8 @@ class Engine:
     def train_step(self, batch: Batch) -> float:
         """One optimizer step on this rank's rows of the global batch: ``(inputs, targets)``
         or a dict of the model's keyword inputs (with ``labels``: the model's own loss).
-        Returns the mean loss over the whole global batch (all micro-batches, all
-        data-parallel ranks)."""
+        Returns the mean loss over the global batch (all micro-batches and dp ranks)."""
+        self.store.before_forward()  # a pipeline's stages run without `forward`
         mean_loss = self.schedule.run(batch, self)
         if self.dp.size > 1:
             comm.all_reduce_(mean_loss, self.dp.dp)

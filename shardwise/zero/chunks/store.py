@@ -182,14 +182,10 @@ class ChunkStore:
         """Id of a parameter (or piece) -> its weight in the squared norm (1 / tp replicas)."""
         self._position = {home.index: i for i, home in enumerate(self.homes)}
         """Manager index of a home -> its position (the index of its chunk)."""
-        self.warming_up = offload.policy == "auto"
-        """Until the first step's last backward: the auto policy's warm-up, traced from here
-        (whatever runs the modules: the engine's forward, or a pipeline's stages)."""
         self._tracer: MemoryTracer | None = None
-        if self.warming_up:
-            self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
-            self._tracer.__enter__()
-        else:
+        self.warming_up = offload.policy == "auto"
+        """Until the first step's last backward: the auto policy's warm-up, traced."""
+        if not self.warming_up:
             self._log_placement()
         self._place_the_rest()
 
@@ -371,7 +367,11 @@ class ChunkStore:
     # -- the store protocol (zero/store.py) --------------------------------------------------
 
     def before_forward(self) -> None:
-        pass
+        """Before a step's forwards: the auto policy traces its whole warm-up step (every
+        micro-batch, or every pipeline action)."""
+        if self.warming_up and self._tracer is None:
+            self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
+            self._tracer.__enter__()
 
     def before_backward(self, sync: bool) -> None:
         pass
