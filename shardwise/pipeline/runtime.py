@@ -87,9 +87,9 @@ class PipelineSchedule:
         self.actions = schedule.actions(comm.group_rank(stages.group))
         self._micro_batches = GradientAccumulation(schedule.micro_batches)
         """Splits a step's batch (the rule every schedule uses)."""
-        self._first_receives: list[int] = []
+        self.first_receives: list[int] = []
         """Index of the first receive from each peer: posted at the step's start."""
-        self._next_receive: dict[int, int | None] = {}
+        self.next_receive: dict[int, int | None] = {}
         """Index of a receive -> the index of the next receive from the same peer (None for
         the step's last from it): posted when this one completes."""
         last_from: dict[int, int] = {}
@@ -97,15 +97,15 @@ class PipelineSchedule:
             if action.kind not in _RECEIVES:
                 continue
             if action.peer in last_from:
-                self._next_receive[last_from[action.peer]] = index
+                self.next_receive[last_from[action.peer]] = index
             else:
-                self._first_receives.append(index)
+                self.first_receives.append(index)
             last_from[action.peer] = index
-            self._next_receive[index] = None
+            self.next_receive[index] = None
         backwards = [i for i, a in enumerate(self.actions) if a.kind in _UPDATES_WEIGHTS]
         self._last_backward = backwards[-1] if backwards else -1
         self._last_rank = schedule.rank_of(schedule.stages - 1)
-        self._ahead = get_accelerator().receives_independent_of_sends
+        self.receives_ahead = get_accelerator().receives_independent_of_sends
         """Whether receives are posted ahead ([Note: receives posted ahead])."""
         self.busy_s = 0.0
         """Seconds the last step spent in compute actions (F, B, I, W) on this rank; its
@@ -148,7 +148,7 @@ class PipelineSchedule:
             inputs, keywords = zip(*cuts, strict=True)
         step = _Step(self, inputs, targets, keywords, ops)
         start = busy = time.perf_counter()
-        for index in self._first_receives if self._ahead else ():
+        for index in self.first_receives if self.receives_ahead else ():
             step.post(index)
         for index, action in enumerate(self.actions):
             before = time.perf_counter()
@@ -240,8 +240,8 @@ class _Step:
             self.post(index)
         work, buffer = self.posted.pop(index)
         work.wait()
-        following = self.runner._next_receive[index]
-        if following is not None and self.runner._ahead:
+        following = self.runner.next_receive[index]
+        if following is not None and self.runner.receives_ahead:
             self.post(following)
         return buffer
 
