@@ -177,10 +177,11 @@ class PipelineSchedule:
         if self.cut is not None:
             sample, keywords = self.cut(sample)
         device = next(model.parameters()).device
-        hidden = torch.zeros((*sample.shape[:2], self.stages.hidden_size), device=device)
+        shape = (*sample.shape[:2], self.stages.hidden_size)
+        hidden = torch.zeros(shape, dtype=self.dtype, device=device)
         for stage in sorted(self.stages.parts):
             part = self.stages.parts[stage]
-            part(sample if part.first else hidden.to(self.dtype), **keywords)
+            part(sample if part.first else hidden, **keywords)
 
     @property
     def uncounted(self) -> nn.Parameter | None:

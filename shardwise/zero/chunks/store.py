@@ -434,15 +434,16 @@ class ChunkStore:
         else:
             whole = torch.zeros(param.numel(), dtype=grads.dtype, device=self.device)
             base = comm.group_rank(self.group) * home.numel
-            for piece, owner in mine:
-                start = base + piece.offset - owner.offset
-                whole[start : start + piece.numel] = grads.grad_view(piece).reshape(-1)
+            parts = [
+                (grads.grad_view(piece), whole[base + piece.offset - owner.offset :][: piece.numel])
+                for piece, owner in mine
+            ]
+            for view, part in parts:
+                part.copy_(view.reshape(-1))
             comm.all_reduce_(whole, self.group)
             comm.all_reduce_(whole, group)
-            for piece, owner in mine:
-                start = base + piece.offset - owner.offset
-                view = grads.grad_view(piece)
-                view.copy_(whole[start : start + piece.numel].view_as(view))
+            for view, part in parts:
+                view.copy_(part.view_as(view))
         for piece, _ in mine:
             (self.grads.norms[id(piece.param)],) = grad_norms([grads.grad_view(piece)])
         self.manager.release(grads, "backward")
