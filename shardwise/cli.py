@@ -15,6 +15,8 @@ from pathlib import Path
 from shardwise.errors import ConfigError, ShardwiseError
 
 DEFAULT_NPROC = 2
+"""Ranks when --nproc is not given, or fewer where the machine runs fewer usefully (one GPU)."""
+NPROC_HELP = f"{{}} (default: {DEFAULT_NPROC}, or 1 on a machine with one GPU)"
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +42,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="a DeepSpeed config file, translated onto the config (under --set; docs/deepspeed.md)",
     )
-    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="processes (ranks) to start")
+    p.add_argument("--nproc", type=int, help=NPROC_HELP.format("processes (ranks) to start"))
     p.add_argument("--out", type=Path, help="output directory (default: runs/train-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its directory or checkpoint")
     p.add_argument(
@@ -87,12 +89,20 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
-def _check_launch_options(args: argparse.Namespace) -> None:
+def _check_nproc(args: argparse.Namespace) -> tuple[int, str]:
+    """Fills in --nproc's default; returns the ranks this machine runs usefully, and why."""
     from shardwise.accelerator import get_accelerator
 
+    useful, why = get_accelerator().useful_ranks()
+    if args.nproc is None:
+        args.nproc = max(1, min(DEFAULT_NPROC, useful))
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1")
-    useful, why = get_accelerator().useful_ranks()
+    return useful, why
+
+
+def _check_launch_options(args: argparse.Namespace) -> None:
+    useful, why = _check_nproc(args)
     if args.nproc > useful and not args.oversubscribe:
         raise ConfigError(
             f"--nproc {args.nproc} is more ranks than this machine runs usefully ({useful}: "
@@ -237,7 +247,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
         "plan", help="predict per-rank memory, communication and step time before launching"
     )
     _config_arguments(p)
-    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="ranks the run would use")
+    p.add_argument("--nproc", type=int, help=NPROC_HELP.format("ranks the run would use"))
     p.add_argument("--json", action="store_true", help="print the prediction as one JSON line")
     p.add_argument(
         "--no-time", action="store_true", help="skip the step-time prediction (no speed probes)"
@@ -258,8 +268,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from shardwise.planner import machine_speeds, predict
     from shardwise.run_plan import resolve
 
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    _check_nproc(args)
     cfg = Config.from_file(args.config, args.overrides)
     cache = _speeds_cache()
     if args.auto:
@@ -372,7 +381,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, default=None, help="the run's config.toml (hf)")
     _set_argument(p, "layout: override a value of CONFIG, e.g. --set parallel.tp=2 (repeatable)")
-    p.add_argument("--nproc", type=int, default=DEFAULT_NPROC, help="layout: ranks of the layout")
+    p.add_argument("--nproc", type=int, help=NPROC_HELP.format("layout: ranks of the layout"))
     p.add_argument("--force", action="store_true", help="write into a DST that is not empty")
     p.add_argument("--oversubscribe", action="store_true", help="as for `shardwise train`")
     p.add_argument("--master-port", type=int, help="layout: rendezvous port (default: a free one)")

@@ -251,6 +251,22 @@ def test_version_bare_command_and_help_texts(capsys):
     assert "usage: shardwise run [torchrun options] -- SCRIPT" in printed
 
 
+def test_default_ranks_follow_the_machine(monkeypatch, capsys):
+    """Without --nproc: 2 ranks, or 1 where the machine runs one usefully (one GPU), so the
+    bare `shardwise train` of the README works there instead of refusing its own default."""
+    from shardwise.accelerator import Accelerator
+
+    def world_of_plan() -> int:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--json", "--no-time", *TINY])
+        assert exit_info.value.code == 0
+        return json.loads(capsys.readouterr().out.splitlines()[-1])["layout"]["world_size"]
+
+    assert world_of_plan() == 2
+    monkeypatch.setattr(Accelerator, "useful_ranks", lambda self: (1, "one per GPU"))
+    assert world_of_plan() == 1
+
+
 def test_run_with_no_ranks_is_one_line(capsys, tmp_path):
     script = write(tmp_path, "script.py", "print('hi')")
     code, err = run_cli(["run", "--nproc-per-node", "0", "--", script], capsys)
