@@ -242,6 +242,9 @@ class OptimConfig(_Section):
     variance_refresh: int = Field(10, ge=0)
     """1-bit Adam: after the freeze, every this many steps one step runs on exact gradients
     and refreshes the variance; 0: frozen for good (the paper's 1-bit Adam)."""
+    update_bound: float = Field(1.0, ge=0)
+    """1-bit Adam: after the freeze, each element's step m_hat / (sqrt(v_hat) + eps) is
+    clamped to +-this (units of lr; 1 = a steady gradient's Adam step); 0: unbounded."""
 
 
 class TrainingConfig(_Section):

@@ -99,10 +99,18 @@ def test_error_feedback_keeps_the_accumulated_error_bounded():
 # -- the optimizer on one rank ----------------------------------------------------------------
 
 
-def test_one_rank_update_is_adamw_then_frozen_variance_adam():
+@pytest.mark.parametrize("bound", [0.0, 0.5], ids=["unbounded", "bound-0.5"])
+def test_one_rank_update_is_adamw_then_frozen_variance_adam(bound):
     cfg = Config().optim.model_copy(
-        update={"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-6, "variance_refresh": 0}
+        update={
+            "lr": 0.1,
+            "betas": (0.9, 0.99),
+            "eps": 1e-6,
+            "variance_refresh": 0,
+            "update_bound": bound,
+        }
     )
+    clamped = 0
     freeze, decay = 3, 0.05
     gen = torch.Generator().manual_seed(1)
     start = torch.randn(20, generator=gen)
@@ -130,10 +138,15 @@ def test_one_rank_update_is_adamw_then_frozen_variance_adam():
         # frozen variance: v and its bias correction stay at step `freeze`; masked momentum
         m = (0.9 * m + 0.1 * grad.double()) * (v > 0)
         denom = (v / (1 - 0.99**freeze)).sqrt() + 1e-6
-        p = p * (1 - 0.1 * decay) - 0.1 / (1 - 0.9**step) * m / denom
+        update = m / (1 - 0.9**step) / denom
+        if bound:  # each element's step at most lr * bound after the freeze
+            clamped += int((update.abs() > bound).sum())
+            update = update.clamp(-bound, bound)
+        p = p * (1 - 0.1 * decay) - 0.1 * update
         torch.testing.assert_close(ours.detach().double(), p, rtol=1e-6, atol=1e-7)
     # the masked momentum: only weight decay moved the elements that had no gradient
     torch.testing.assert_close(ours.detach()[:4], start[:4] * (1 - 0.1 * decay) ** 6)
+    assert (clamped > 0) == (bound > 0)  # the bound was reached
 
 
 def test_variance_refresh_updates_v_every_k_steps_after_the_freeze():
