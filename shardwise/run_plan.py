@@ -180,15 +180,17 @@ class RunPlan:
     def _onebit_error_bytes(self, psi: float) -> float:
         """1-bit Adam's error buffers, fp32: the worker's of every element it compresses (the
         whole gradient, or with replicas of ZeRO-2 shards its slice), and when every rank
-        needs the whole average the server's of its part of that (docs/onebit_adam.md)."""
+        needs the whole average the server's of its part of that (docs/onebit_adam.md); under
+        fp16 twice that, for the copy an overflowed step restores."""
         dims = self.dims
         replicas = dims.dp_replicate * dims.sp
+        copies = 2 if self.precision.needs_loss_scaling else 1
         if self._onebit_over_replicas:
             worker = 4 * psi / dims.dp_shard
-            return worker + worker / replicas
+            return copies * (worker + worker / replicas)
         ranks = dims.dp_shard if self.sharding.grads else dims.dp_shard * replicas
         owns_slices = self.sharding.optimizer and ranks == dims.dp_shard
-        return 4 * psi + (0 if owns_slices else 4 * psi / ranks)
+        return copies * (4 * psi + (0 if owns_slices else 4 * psi / ranks))
 
     def _schedule_row(self) -> str:
         row = f"{self.micro_batches} micro-batch(es) per step"

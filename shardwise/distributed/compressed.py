@@ -151,10 +151,13 @@ class OneBitExchange:
         chunk: int,
         gather: bool,
         device: torch.device,
+        loss_scale: Callable[[], float] | None = None,
     ) -> None:
         """`sizes`: (elements, of which the first `used` hold gradients, the rest padding) of
         each tensor, its elements a multiple of the group size times 8 and `chunk`; `gather`:
-        every rank needs the whole averaged tensor, not only its slice."""
+        every rank needs the whole averaged tensor, not only its slice; `loss_scale`: fp16's,
+        which the gradients arrive multiplied by (the errors are kept unscaled, so a change of
+        scale leaves them valid, and as they were before the step, which an overflow undoes)."""
         self.group = group
         self.size = comm.group_size(group)
         self.rank = comm.group_rank(group)
@@ -170,11 +173,22 @@ class OneBitExchange:
             if gather
         ]
         """Gathering only: what the server's second compression dropped, per slice."""
+        self.previous = [torch.empty_like(e) for e in self.errors] if loss_scale else []
+        """fp16: each error as it was before this step's exchange changed it."""
+        self.loss_scale = loss_scale or (lambda: 1.0)
         self.active: Callable[[], bool] = lambda: False
         """Whether this step's gradients travel compressed (set to the optimizer's freeze)."""
-        self.loss_scale: Callable[[], float] = lambda: 1.0
-        """The fp16 loss scale the gradients arrive multiplied by: errors are kept unscaled,
-        so a change of scale leaves them valid."""
+
+    @property
+    def errors(self) -> list[torch.Tensor]:
+        """The worker errors, then the server errors."""
+        return self.worker_errors + self.server_errors
+
+    def _keep(self, kind: int, index: int) -> None:
+        """fp16: remember error `index` of `kind` (0 worker, 1 server) before it changes."""
+        if self.previous:
+            offset = 0 if kind == 0 else len(self.worker_errors)
+            self.previous[offset + index].copy_(self.errors[offset + index])
 
     def owned_range(self, index: int) -> tuple[int, int]:
         """The range of tensor `index` whose average this rank receives: its slice, or the
@@ -190,6 +204,7 @@ class OneBitExchange:
         work's `wait()` writes the average into `out` (its `owned_range`; `out` may be
         `local`, which is read here)."""
         error = self.worker_errors[index]
+        self._keep(0, index)
         scale = self.loss_scale()
         corrected = error.add_(local, alpha=1 / scale).view(self.size, -1)  # c = g + e
         message = compress_(corrected, self.chunk)  # leaves e = c - C(c)
@@ -203,6 +218,7 @@ class OneBitExchange:
         slice_numel = numel // self.size
         if self.gather:
             error = self.server_errors[index]
+            self._keep(1, index)
             mine = out.view(self.size, -1)[self.rank]  # free until the gathered tensor lands
             error.add_(decompress_mean(received, slice_numel, self.chunk, mine))
             message = compress_(error.view(1, -1), self.chunk)
@@ -217,11 +233,12 @@ class OneBitExchange:
         start, _ = self.owned_range(index)
         out[max(0, used - start) :].zero_()  # padding: norms read the whole slice
 
-    def discard_errors(self) -> None:
-        """Forget the errors after a step whose gradients were discarded (an fp16 overflow):
-        they hold non-finite values, or the residue of gradients that were never applied."""
-        for error in self.worker_errors + self.server_errors:
-            error.zero_()
+    def restore_errors(self) -> None:
+        """The errors as they were before this step (fp16 only), after a step whose gradients
+        were discarded (an overflow): they hold non-finite values, or the residue of gradients
+        that were never applied."""
+        for error, previous in zip(self.errors, self.previous, strict=True):
+            error.copy_(previous)
 
     def state_dict(self) -> dict:
         return {
@@ -231,7 +248,7 @@ class OneBitExchange:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["worker"] + state["server"]
-        mine = self.worker_errors + self.server_errors
+        mine = self.errors
         if [t.shape for t in saved] != [t.shape for t in mine]:
             raise CheckpointError(
                 "the checkpoint's 1-bit Adam error buffers have other shapes than this run's "

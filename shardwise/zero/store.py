@@ -213,9 +213,8 @@ class FlatStore:
                 chunk,
                 gather=not owns_slices,
                 device=device,
+                loss_scale=(lambda: scaler.scale) if scaler is not None else None,
             )
-            if scaler is not None:
-                self.reducer.compression.loss_scale = lambda: scaler.scale
         self.shards = OptimizerShards(
             model, self.reducer, plan.precision, groups.shard, sharding, param_init
         )
@@ -273,7 +272,7 @@ class FlatStore:
         )
         compression = self.reducer.compression
         if found_inf and compression is not None and compression.active():
-            compression.discard_errors()  # they hold the residue of a discarded step
+            compression.restore_errors()  # they hold the residue of a discarded step
         return found_inf
 
     def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:
@@ -371,7 +370,7 @@ class FlatStore:
         slices = self.shards.slices
         masters = [s.master for s in slices] if self.precision.needs_master_weights else []
         compression = self.reducer.compression
-        errors = compression.worker_errors + compression.server_errors if compression else []
+        errors = compression.errors + compression.previous if compression else []
         return model_state_report(
             self.model, optimizer, grads, masters, [s.shard for s in slices], (), errors
         )
