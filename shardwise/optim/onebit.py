@@ -111,8 +111,8 @@ class OneBitAdam(torch.optim.Optimizer):
             else:
                 m.mul_(torch.gt(v, 0, out=buffer))  # momentum mask
             denom = torch.sqrt(v, out=buffer).add_(eps * correction2)
-            if bound:
-                update = torch.div(m, denom, out=buffer).mul_(scale).clamp_(-bound, bound)
-                p.add_(update, alpha=-lr)
+            if bound:  # scale * clamp(m / denom, +-bound / scale): one pass fewer
+                limit = bound / scale
+                p.add_(torch.div(m, denom, out=buffer).clamp_(-limit, limit), alpha=-lr * scale)
             else:
                 p.addcdiv_(m, denom, value=-lr * scale)
