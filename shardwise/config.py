@@ -106,10 +106,11 @@ class PipelineConfig(_Section):
     (train.global_batch / (dp x train.micro_batch))."""
     chunks: int = Field(1, ge=1)
     """Stages per pipeline rank (virtual stages: interleaved_1f1b, zbv)."""
-    partition: Literal["layers", "params", "flops"] = "layers"
-    """Split the blocks into stages of equal block count, of equal parameter count, or of equal
-    FLOPs counted on the meta device, the embedding's and the head's included
-    (docs/pipeline.md)."""
+    partition: Literal["layers", "params", "flops", "time", "memory"] = "layers"
+    """Split the blocks into stages of equal block count, of equal parameter count, of equal
+    FLOPs counted on the meta device, or of equal time or activation memory measured on the
+    device in one profiling pass before launch; the last three count the embedding and the
+    head too (docs/pipeline.md)."""
 
 
 class AttentionConfig(_Section):

@@ -307,7 +307,7 @@ def resolve(
     _check_log(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     onebit_freeze = _onebit_freeze(config, dims, optimizer_given, trainable)
-    pipeline, pipeline_split = _pipeline(config, dims, micro_batches, model, spec)
+    pipeline, pipeline_split = _pipeline(config, dims, micro_batches, model, spec, precision)
     attention = _attention(config, dims, model, spec)
     sequence_parallel = _sequence_parallel(config, dims, model, spec)
     _check_documents(config, dims, model, spec)
@@ -433,6 +433,7 @@ def _pipeline(
     micro_batches: int,
     model: nn.Module,
     spec: ModelSpec,
+    precision: MixedPrecisionPolicy,
 ) -> tuple[Schedule | None, tuple[range, ...]]:
     """The pipeline schedule (built checked: deadlock-free, every channel in order) and the
     blocks of each of its stages, after checking that the model splits into its stages and
@@ -470,7 +471,11 @@ def _pipeline(
             "those passes read and write; set pipeline.schedule='1f1b' or offload.policy='none'"
         )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
-    split = stage_blocks(spec, model, schedule.stages, pipe.partition, config.data.seq_len)
+    tokens = config.data.seq_len // dims.sp  # a rank's part of each sequence
+    micro_batch = (config.train.micro_batch, tokens)
+    split = stage_blocks(
+        spec, model, schedule.stages, pipe.partition, micro_batch, precision.param_dtype
+    )
     return schedule, tuple(split)
 
 

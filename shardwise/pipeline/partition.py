@@ -3,13 +3,13 @@
 Each (virtual) stage takes a contiguous run of the blocks of the model's `ModelSpec`; the
 embedding goes with the first stage and the head with the last (`PipelineCalls`). A run's
 cost is the sum of its blocks' costs: one per block (``pipeline.partition = "layers"``), its
-parameter count (``"params"``, for blocks of unequal width), or the FLOPs of a forward and
-backward counted on the meta device (``"flops"``, [Note: partition by FLOPs] in stage.py),
-where the first and the last stage also carry the embedding's and the head's. The split
-minimises the largest
-stage's cost (the pipeline's steady state runs at the pace of its slowest stage), found
-exactly by a binary search over that bound with a greedy fill, as in Megatron's and
-DeepSpeed's ``partition_balanced``; ties keep earlier stages no larger than later ones.
+parameter count (``"params"``, for blocks of unequal width), the FLOPs of a forward and
+backward counted on the meta device (``"flops"``), or the time or activation bytes of one
+measured (``"time"``, ``"memory"``; costs.py), where the first and the last stage also carry
+the embedding's and the head's. The split minimises the largest stage's cost (the pipeline's
+steady state runs at the pace of its slowest stage), found exactly by a binary search over
+that bound with a greedy fill, as in Megatron's and DeepSpeed's ``partition_balanced``; ties
+keep earlier stages no larger than later ones.
 """
 
 from __future__ import annotations

@@ -14,14 +14,6 @@ share of the gradient; the store sums the two reduced ones over the pair of rank
 (`sum_reduced_grad`) after the step's last backward, so both apply the same update and stay
 equal, as the one tensor of a single process would. The global gradient norm counts it
 once (the last stage leaves it out).
-
-[Note: partition by FLOPs] ``pipeline.partition = "flops"`` weighs each block by the
-floating-point operations of one forward and backward of a sequence (torch's
-`FlopCounterMode`), and the first and the last stage also by their embedding's and head's
-(a head over a large vocabulary can cost several blocks). They are counted, not timed: on the
-meta device, with the parameters swapped for meta tensors of their shapes, so nothing is
-computed, every rank gets the same split, and the plan holds it before any process starts.
-The counts are matmul and attention FLOPs; elementwise work and communication are not in them.
 """
 
 from __future__ import annotations
@@ -31,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from shardwise.errors import TrainingError
 from shardwise.models import ModelSpec
 from shardwise.models.spec import PipelineCalls
+from shardwise.pipeline.costs import counted_flops, profile_parts
 from shardwise.pipeline.partition import balanced_split
 from shardwise.pipeline.schedules import Schedule
 
@@ -86,58 +78,25 @@ class PipelineStages:
 
 
 def stage_blocks(
-    spec: ModelSpec, model: nn.Module, stages: int, by: str, seq_len: int
+    spec: ModelSpec,
+    model: nn.Module,
+    stages: int,
+    by: str,
+    micro_batch: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
 ) -> list[range]:
-    """The blocks of each of `stages` stages, balanced by block count, parameter count or
-    counted FLOPs of a `seq_len`-token sequence ([Note: partition by FLOPs])."""
+    """The blocks of each of `stages` stages, balanced by block count, parameter count,
+    counted FLOPs of a sequence, or the time or activation memory measured on a micro-batch
+    of `micro_batch` (sequences, tokens) in `dtype` (pipeline/costs.py)."""
     blocks = [block for _, block in spec.named_blocks(model, "pipeline parallelism")]
+    if by in ("layers", "params"):
+        costs = [1 if by == "layers" else sum(p.numel() for p in b.parameters()) for b in blocks]
+        return balanced_split(costs, stages)
     if by == "flops":
-        costs, first, last = counted_flops(spec, model, blocks, seq_len)
-        return balanced_split(costs, stages, first, last)
-    costs = [1 if by == "layers" else sum(p.numel() for p in b.parameters()) for b in blocks]
-    return balanced_split(costs, stages)
-
-
-def counted_flops(
-    spec: ModelSpec, model: nn.Module, blocks: list[nn.Module], seq_len: int
-) -> tuple[list[int], int, int]:
-    """FLOPs of a forward and backward of one sequence: of each block, of the embedding and of
-    the head ([Note: partition by FLOPs])."""
-    calls = spec.pipeline
-    ids = spec.sample_input(seq_len, "meta")
-    hidden = torch.empty((*ids.shape, calls.hidden_size), device="meta")
-    costs = [
-        _flops(_Call(model, lambda m, x, b=block: calls.run_block(m, b, x)), hidden)
-        for block in blocks
-    ]
-    return costs, _flops(_Call(model, calls.embed), ids), _flops(_Call(model, calls.finish), hidden)
-
-
-class _Call(nn.Module):
-    """``call(model, x)`` as a module's forward, so that `torch.func.functional_call` can swap
-    the model's parameters."""
-
-    def __init__(self, model: nn.Module, call) -> None:
-        super().__init__()
-        self.model, self.call = model, call
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.call(self.model, x)
-
-
-def _flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``module(x)`` and its backward, its parameters and buffers swapped for meta
-    tensors of their shapes."""
-    meta = {
-        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
-        for name, t in (*module.named_parameters(), *module.named_buffers())
-    }
-    x = x.detach().requires_grad_() if x.is_floating_point() else x
-    with FlopCounterMode(display=False) as counter:
-        out = torch.func.functional_call(module, meta, (x,))
-        if out.requires_grad:
-            out.backward(torch.empty_like(out))
-    return counter.get_total_flops()
+        costs, first, last = counted_flops(spec, model, blocks, micro_batch[1])
+    else:
+        costs, first, last = profile_parts(spec, model, blocks, micro_batch, dtype).costs(by)
+    return balanced_split(costs, stages, first, last)
 
 
 def build_stages(

@@ -10,8 +10,9 @@ from torch import nn
 
 from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec, PipelineCalls
+from shardwise.pipeline.costs import counted_flops, profile_parts
 from shardwise.pipeline.partition import balanced_split
-from shardwise.pipeline.stage import counted_flops, stage_blocks
+from shardwise.pipeline.stage import stage_blocks
 
 
 def brute_force_best(costs: list[int], stages: int, first: int = 0, last: int = 0) -> int:
@@ -146,9 +147,32 @@ def test_flops_partition_balances_unequal_blocks_and_the_head():
         totals[-1] += head
         return max(totals) / costs[0]
 
-    assert slowest(stage_blocks(spec, model, 3, "layers", 10)) == 8
-    assert slowest(stage_blocks(spec, model, 3, "flops", 10)) == 7  # the optimum
+    assert slowest(stage_blocks(spec, model, 3, "layers", (1, 10))) == 8
+    assert slowest(stage_blocks(spec, model, 3, "flops", (1, 10))) == 7  # the optimum
     model = _Widths([1] * 8, vocab=48)
     spec = _widths_spec(model)
-    assert stage_blocks(spec, model, 4, "layers", 10)[-1] == range(6, 8)
-    assert stage_blocks(spec, model, 4, "flops", 10)[-1] == range(7, 8)
+    assert stage_blocks(spec, model, 4, "layers", (1, 10))[-1] == range(6, 8)
+    assert stage_blocks(spec, model, 4, "flops", (1, 10))[-1] == range(7, 8)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_profile_measures_each_part_alone_and_counts_its_saved_activations(device):
+    """A block of r chained d x d linears saves its r inputs, [B, T, d] each; the head saves
+    its input, the embedding its token ids. Each part runs on fresh tensors: the model may be
+    on the meta device, and a materialised one is neither run nor changed."""
+    with torch.device(device):
+        model = _Widths([1, 3, 2])
+    profile = profile_parts(_widths_spec(model), model, list(model.blocks), (2, 10), torch.float32)
+    activation = 2 * 10 * 16 * 4
+    assert [b.saved_bytes for b in profile.blocks] == [activation, 3 * activation, 2 * activation]
+    assert (profile.embedding.saved_bytes, profile.head.saved_bytes) == (2 * 10 * 8, activation)
+    assert all(p.seconds > 0 for p in (*profile.blocks, profile.embedding, profile.head))
+    assert all(p.grad is None and p.device.type == device for p in model.parameters())
+
+
+def test_memory_partition_balances_the_measured_activations():
+    """Activations in units of one block's: [1, 1, 6, 1, 1, 1, 1] and a head of 1; the
+    heaviest block gets a stage of its own, as the optimum over 3 stages (6) asks."""
+    model = _Widths([1, 1, 6, 1, 1, 1, 1], vocab=48)
+    split = stage_blocks(_widths_spec(model), model, 3, "memory", (1, 10))
+    assert split == [range(0, 2), range(2, 3), range(3, 7)]

@@ -16,8 +16,10 @@ from shardwise.accelerator import Accelerator
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import Engine, initialize
 from shardwise.errors import ConfigError, TrainingError
+from shardwise.models import spec_of
 from shardwise.pipeline import runtime
-from shardwise.run_plan import resolve
+from shardwise.pipeline.costs import profile_parts
+from shardwise.run_plan import meta_model, resolve
 from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
 from tests.parity import (
     BF16_RTOL,
@@ -142,6 +144,25 @@ def test_a_split_by_flops_matches_single_process(pool2):
     gives the last stage one block, and every rank runs the plan's split."""
     cfg = config(2, "1f1b").replace(model={"vocab_size": 4096}, pipeline={"partition": "flops"})
     assert resolve(cfg, 2).pipeline_split == (range(0, 7), range(7, 8))
+    want = reference_run(cfg)
+    for got in pool2.run(pipeline_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def _timed_split(cfg) -> tuple[tuple[range, ...], list[float]]:
+    """This rank's resolved split, and its profile of the blocks' times."""
+    model = meta_model(cfg)
+    spec = spec_of(model)
+    blocks = [block for _, block in spec.named_blocks(model, "a test")]
+    profile = profile_parts(spec, model, blocks, (1, 16), torch.float32)
+    return resolve(cfg, 2).pipeline_split, [b.seconds for b in profile.blocks]
+
+
+def test_a_split_by_measured_time_is_rank_zeros_everywhere_and_matches_single_process(pool2):
+    """Each rank times the blocks itself (no two timings alike), and takes rank 0's."""
+    cfg = config(2, "1f1b").replace(pipeline={"partition": "time"})
+    (split, seconds), (other_split, other_seconds) = pool2.run(_timed_split, cfg)
+    assert split == other_split and seconds == other_seconds
     want = reference_run(cfg)
     for got in pool2.run(pipeline_run, cfg):
         assert_parity(got, want, rtol=1e-5)
