@@ -108,9 +108,9 @@ class PipelineConfig(_Section):
     """Stages per pipeline rank (virtual stages: interleaved_1f1b, zbv)."""
     partition: Literal["layers", "params", "flops", "time", "memory"] = "layers"
     """Split the blocks into stages of equal block count, of equal parameter count, of equal
-    FLOPs counted on the meta device, or of equal time or activation memory measured on the
-    device in one profiling pass before launch; the last three count the embedding and the
-    head too (docs/pipeline.md)."""
+    FLOPs counted on the meta device, of equal time measured on the device before launch, or
+    of equal peak activations (measured bytes times the micro-batches the schedule holds);
+    the last three count the embedding and the head too (docs/pipeline.md)."""
 
 
 class AttentionConfig(_Section):

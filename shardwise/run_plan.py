@@ -473,9 +473,7 @@ def _pipeline(
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
     tokens = config.data.seq_len // dims.sp  # a rank's part of each sequence
     micro_batch = (config.train.micro_batch, tokens)
-    split = stage_blocks(
-        spec, model, schedule.stages, pipe.partition, micro_batch, precision.param_dtype
-    )
+    split = stage_blocks(spec, model, schedule, pipe.partition, micro_batch, precision.param_dtype)
     return schedule, tuple(split)
 
 

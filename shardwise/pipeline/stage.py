@@ -14,6 +14,13 @@ share of the gradient; the store sums the two reduced ones over the pair of rank
 (`sum_reduced_grad`) after the step's last backward, so both apply the same update and stay
 equal, as the one tensor of a single process would. The global gradient norm counts it
 once (the last stage leaves it out).
+
+[Note: partition by memory] ``pipeline.partition = "memory"`` balances the activations each
+stage holds at its peak: a block's bytes saved for the backward per micro-batch (measured,
+pipeline/costs.py) times the micro-batches the schedule has in flight on the stage's rank
+(`Schedule.in_flight_peak`: 1F1B's first of p stages holds p, its last one). So earlier
+stages get fewer blocks. With virtual stages (several per rank) the per-micro-batch bytes are
+balanced unweighted. Model states are not counted: blocks of equal width hold equal states.
 """
 
 from __future__ import annotations
@@ -80,23 +87,27 @@ class PipelineStages:
 def stage_blocks(
     spec: ModelSpec,
     model: nn.Module,
-    stages: int,
+    schedule: Schedule,
     by: str,
     micro_batch: tuple[int, int],
     dtype: torch.dtype = torch.float32,
 ) -> list[range]:
-    """The blocks of each of `stages` stages, balanced by block count, parameter count,
-    counted FLOPs of a sequence, or the time or activation memory measured on a micro-batch
-    of `micro_batch` (sequences, tokens) in `dtype` (pipeline/costs.py)."""
+    """The blocks of each of the schedule's stages, balanced by block count, parameter count,
+    counted FLOPs of a sequence, time measured on a micro-batch of `micro_batch` (sequences,
+    tokens) in `dtype`, or the activations held at once ([Note: partition by memory])."""
     blocks = [block for _, block in spec.named_blocks(model, "pipeline parallelism")]
+    stages = schedule.stages
     if by in ("layers", "params"):
         costs = [1 if by == "layers" else sum(p.numel() for p in b.parameters()) for b in blocks]
         return balanced_split(costs, stages)
     if by == "flops":
         costs, first, last = counted_flops(spec, model, blocks, micro_batch[1])
-    else:
-        costs, first, last = profile_parts(spec, model, blocks, micro_batch, dtype).costs(by)
-    return balanced_split(costs, stages, first, last)
+        return balanced_split(costs, stages, first, last)
+    costs, first, last = profile_parts(spec, model, blocks, micro_batch, dtype).costs(by)
+    held = None
+    if by == "memory" and stages == schedule.ranks:
+        held = schedule.in_flight_peak()  # stage s runs on rank s
+    return balanced_split(costs, stages, first, last, held)
 
 
 def build_stages(

@@ -12,19 +12,27 @@ from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec, PipelineCalls
 from shardwise.pipeline.costs import counted_flops, profile_parts
 from shardwise.pipeline.partition import balanced_split
+from shardwise.pipeline.schedules import build_schedule
 from shardwise.pipeline.stage import stage_blocks
 
+GPIPE_3, GPIPE_4 = build_schedule("gpipe", 3, 3, 1), build_schedule("gpipe", 4, 4, 1)
+"""Schedules whose stages hold alike (every micro-batch): weights play no part."""
 
-def brute_force_best(costs: list[int], stages: int, first: int = 0, last: int = 0) -> int:
+
+def brute_force_best(
+    costs: list[int], stages: int, first: int = 0, last: int = 0, weights=None
+) -> int:
     """The smallest largest-stage cost over every contiguous split (the first stage counting
-    `first` more, the last `last`)."""
+    `first` more, the last `last`, each stage's total times its weight)."""
+    weights = weights or [1] * stages
     best = None
     for cuts in itertools.combinations(range(1, len(costs)), stages - 1):
         bounds = (0, *cuts, len(costs))
         totals = [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
         totals[0] += first
         totals[-1] += last
-        best = max(totals) if best is None else min(best, max(totals))
+        largest = max(t * w for t, w in zip(totals, weights, strict=True))
+        best = largest if best is None else min(best, largest)
     return best
 
 
@@ -65,6 +73,26 @@ def test_first_and_last_stage_costs_count(costs, stages, first, last):
     totals[0] += first
     totals[-1] += last
     assert max(totals) == brute_force_best(costs, stages, first, last)
+
+
+@pytest.mark.parametrize(
+    ("costs", "weights", "first", "last"),
+    [
+        ([1] * 8, [2, 1], 0, 0),
+        ([1] * 12, [4, 3, 2, 1], 1, 2),  # 1F1B's in-flight counts over 4 stages
+        ([3, 9, 2, 2, 7, 1, 4], [3, 2, 1], 5, 0),
+        ([5, 1, 1, 1, 1, 5], [1, 4, 1], 0, 3),
+    ],
+)
+def test_weighted_stages_are_optimal(costs, weights, first, last):
+    stages = len(weights)
+    split = balanced_split(costs, stages, first, last, weights)
+    assert [i for r in split for i in r] == list(range(len(costs)))
+    totals = [sum(costs[i] for i in r) for r in split]
+    totals[0] += first
+    totals[-1] += last
+    largest = max(t * w for t, w in zip(totals, weights, strict=True))
+    assert largest == brute_force_best(costs, stages, first, last, weights)
 
 
 def test_a_costly_head_leaves_the_last_stage_one_block():
@@ -147,12 +175,12 @@ def test_flops_partition_balances_unequal_blocks_and_the_head():
         totals[-1] += head
         return max(totals) / costs[0]
 
-    assert slowest(stage_blocks(spec, model, 3, "layers", (1, 10))) == 8
-    assert slowest(stage_blocks(spec, model, 3, "flops", (1, 10))) == 7  # the optimum
+    assert slowest(stage_blocks(spec, model, GPIPE_3, "layers", (1, 10))) == 8
+    assert slowest(stage_blocks(spec, model, GPIPE_3, "flops", (1, 10))) == 7  # the optimum
     model = _Widths([1] * 8, vocab=48)
     spec = _widths_spec(model)
-    assert stage_blocks(spec, model, 4, "layers", (1, 10))[-1] == range(6, 8)
-    assert stage_blocks(spec, model, 4, "flops", (1, 10))[-1] == range(7, 8)
+    assert stage_blocks(spec, model, GPIPE_4, "layers", (1, 10))[-1] == range(6, 8)
+    assert stage_blocks(spec, model, GPIPE_4, "flops", (1, 10))[-1] == range(7, 8)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -174,5 +202,16 @@ def test_memory_partition_balances_the_measured_activations():
     """Activations in units of one block's: [1, 1, 6, 1, 1, 1, 1] and a head of 1; the
     heaviest block gets a stage of its own, as the optimum over 3 stages (6) asks."""
     model = _Widths([1, 1, 6, 1, 1, 1, 1], vocab=48)
-    split = stage_blocks(_widths_spec(model), model, 3, "memory", (1, 10))
+    split = stage_blocks(_widths_spec(model), model, GPIPE_3, "memory", (1, 10))
     assert split == [range(0, 2), range(2, 3), range(3, 7)]
+
+
+def test_memory_partition_weighs_each_stage_by_the_micro_batches_it_holds():
+    """1F1B over 2 stages holds 2 micro-batches' activations on the first, 1 on the last:
+    8 equal blocks split 3 | 5 (2 x 3 against 5 + the head's 1), not 4 | 4 (8 against 5)."""
+    model = _Widths([1] * 8)
+    spec = _widths_spec(model)
+    one_f_one_b = build_schedule("1f1b", 2, 4, 1)
+    assert one_f_one_b.in_flight_peak() == [2, 1]
+    assert stage_blocks(spec, model, one_f_one_b, "memory", (1, 10)) == [range(0, 3), range(3, 8)]
+    assert stage_blocks(spec, model, one_f_one_b, "layers", (1, 10)) == [range(0, 4), range(4, 8)]
