@@ -26,7 +26,9 @@ timed steps: activations, and a backward's working tensors and fresh gradients) 
 schedule's bound there: its in-flight activations on that rank
 (`Schedule.in_flight_peak`, the bound `check` enforces) x one micro-batch's activations of a
 stage part, measured as GPipe's peak / m (GPipe holds all m; a part of a 2-chunk schedule
-holds half a stage); the largest over the ranks. Step times are
+holds half a stage); the largest over the ranks. ``memory_partition`` = the largest rank's
+peak (the same count) under 1F1B with ``pipeline.partition = "memory"`` / with the default
+``"layers"`` (below 1: the split by held activations lowers the peak). Step times are
 the slowest rank's medians, contenders interleaved one step each per round (rotating order):
 our five schedules in one rotation, then our 1F1B and the peer in a pair of their own.
 """
@@ -99,6 +101,9 @@ def run(quick: bool) -> BenchResult:
         worst = max(range(NPROC), key=lambda r: peaks[name][r] / bound[r])
         peers[f"activation_{name}"] = bound[worst]
         ratio[f"activation_{name}"] = peaks[name][worst] / bound[worst]
+    by_layers = max(peaks["1f1b"])
+    peers["memory_partition"] = by_layers
+    ratio["memory_partition"] = max(peaks["1f1b_memory_partition"]) / by_layers
     config = {
         **record["config"],
         "measured_bubble": bubbles,
@@ -107,7 +112,8 @@ def run(quick: bool) -> BenchResult:
         "peers": "bubble_<schedule>: the theoretical bubble (ratio measured / theory); "
         "zb_vs_1f1b: 1F1B's median step seconds (ratio ZB-H1 / 1F1B); torch_pipelining: "
         "Schedule1F1B's median step seconds (ratio our 1F1B / it); activation_<schedule>: the "
-        "in-flight bound in bytes on the rank furthest from it (ratio measured peak / bound)",
+        "in-flight bound in bytes on the rank furthest from it (ratio measured peak / bound); "
+        "memory_partition: 1F1B's largest peak split by layers (ratio split by memory / it)",
     }
     return BenchResult(
         metric="median_step_s", ours=medians["1f1b"], peers=peers, config=config, ratio=ratio
@@ -227,6 +233,10 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         slowest[name] = statistics.median(t.tolist())
+    cfg = engine_config(settings, "1f1b", 1).replace(pipeline={"partition": "memory"})
+    model = build_gpt(cfg.model, cfg.data.seq_len, device="cpu", seed=cfg.train.seed)
+    engines["1f1b_memory_partition"] = initialize(model, None, cfg)
+    engines["1f1b_memory_partition"].train_step(batches[0])  # as the others: after a step
     peak_bytes = {}
     for name, engine in engines.items():  # one more step each, its micro-batches counted
         with PeakTensorBytes("cpu", existing=False) as tracker:

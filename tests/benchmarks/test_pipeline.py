@@ -15,6 +15,7 @@ def test_json_ratios_are_measured_over_theory_and_step_time_ratios(monkeypatch):
     a = 1000.0  # one micro-batch's activations of a whole stage on both ranks
     peaks = {name: [m * a, m * a] for name in pipeline.SCHEDULES}  # GPipe: m held
     peaks["1f1b"] = [2 * a, 2 * a]  # rank 0 may hold p = 2, rank 1 only 1: twice its bound
+    peaks["1f1b_memory_partition"] = [1.5 * a, 1.2 * a]
     fake = {"median_s": medians, "bubble": bubbles, "peak_bytes": peaks, "config": {}}
     monkeypatch.setattr(pipeline, "launch_workers", lambda *args: fake)
     result = pipeline.run(quick=True)
@@ -25,3 +26,4 @@ def test_json_ratios_are_measured_over_theory_and_step_time_ratios(monkeypatch):
     assert {f"bubble_{name}" for name in pipeline.SCHEDULES} <= set(result.ratio)
     assert result.ratio["activation_gpipe"] == 1.0
     assert result.ratio["activation_1f1b"] == 2.0 and result.peers["activation_1f1b"] == a
+    assert result.ratio["memory_partition"] == 0.75 and result.peers["memory_partition"] == 2 * a
