@@ -34,6 +34,7 @@ and its framed ``ChildFailedError`` report are silenced for the duration of the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -454,6 +455,9 @@ def join_launched_group(timeout_s: float) -> None:
     launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     if launched and not dist.is_initialized():
         init_worker(timeout_s)
+        # joined here, left here: a group still alive at interpreter exit is torn down with
+        # the rest of the process, and gloo then aborted a rank now and then (SIGABRT)
+        atexit.register(_destroy_process_group)
 
 
 def run_worker(main: Callable[[], None]) -> NoReturn:
