@@ -170,6 +170,10 @@ class OffloadConfig(_Section):
     """Cap on the disk tier's files, in bytes; a write past it fails with a clear error."""
     disk_workers: int = Field(2, ge=1)
     """IO threads of the disk tier."""
+    direct_io: bool = True
+    """Read and write the disk tier with O_DIRECT where the file system takes it (through one
+    4 MiB page-aligned buffer per IO thread), so the page cache holds none of its bytes; false,
+    or a file system without it (the log says so): buffered IO."""
     policy: Literal["none", "static", "auto"] = "none"
     """Parameters in chunks that move between device, host and disk (Gemini; over several
     data-parallel ranks each keeps 1/N of every chunk): none = off; static = the last

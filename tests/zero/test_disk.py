@@ -25,9 +25,13 @@ from shardwise.zero.offload.disk import (
 )
 
 
-@pytest.fixture
-def tier(tmp_path):
-    tier = DiskTier(tmp_path)
+@pytest.fixture(params=[False, True], ids=["buffered", "direct"])
+def tier(request, tmp_path):
+    """A tier with buffered IO, and one with O_DIRECT ([Note: direct IO])."""
+    tier = DiskTier(tmp_path, direct=request.param)
+    if request.param and not tier.direct:
+        tier.close()
+        pytest.skip(f"{tmp_path} does not take O_DIRECT (the fallback has its own test)")
     yield tier
     tier.close()
 
@@ -154,8 +158,34 @@ def test_truncated_file_fails_the_read(tier):
     tier.write("k", _random(torch.float32, 5000)).result()
     (path,) = _stored_files(tier)
     os.truncate(path, 100)
-    with pytest.raises(ChecksumError, match="has 100 bytes, 20000 were written"):
+    written = disk._aligned(20000) if tier.direct else 20000  # direct IO pads the last block
+    with pytest.raises(ChecksumError, match=f"has 100 bytes, {written} were written"):
         tier.read("k", torch.empty(5000)).result()
+
+
+def test_direct_io_pads_files_and_moves_unaligned_tensors_through_aligned_staging(tmp_path):
+    """A tensor at an odd address, of a size no block divides, over several pieces: the file
+    is the tensor padded to the alignment; the bytes come back exact."""
+    with DiskTier(tmp_path, direct=True) as tier:
+        if not tier.direct:
+            pytest.skip(f"{tmp_path} does not take O_DIRECT (the fallback has its own test)")
+        base = _random(torch.uint8, PIECE_BYTES * 2 + 4097 + 1)
+        tensor = base[1:]  # one byte past the allocation's alignment
+        assert tensor.data_ptr() % disk.DIRECT_ALIGN != 0
+        assert torch.equal(_roundtrip(tier, "k", tensor), tensor)
+        (path,) = _stored_files(tier)
+        assert path.stat().st_size == disk._aligned(tensor.numel()) > tensor.numel()
+
+
+def test_direct_io_falls_back_to_buffered_io_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(disk, "_takes_direct_io", lambda directory: False)
+    with caplog.at_level("WARNING", logger="shardwise"), DiskTier(tmp_path, direct=True) as tier:
+        assert not tier.direct
+        tensor = _random(torch.float32, 1000)
+        assert torch.equal(_roundtrip(tier, "k", tensor), tensor)
+        (path,) = _stored_files(tier)
+        assert path.stat().st_size == 4000  # unpadded: buffered
+    assert "does not take O_DIRECT: the disk tier uses buffered IO" in caplog.text
 
 
 def test_moved_blocks_are_detected():

@@ -115,7 +115,10 @@ class ChunkStore:
         self.chunks, self.placement = self._chunks_and_placement(order)
         self.disk = (
             DiskTier(
-                offload.disk_path, max_bytes=offload.disk_max_bytes, workers=offload.disk_workers
+                offload.disk_path,
+                max_bytes=offload.disk_max_bytes,
+                workers=offload.disk_workers,
+                direct=offload.direct_io,
             )
             if offload.disk_path is not None
             else None

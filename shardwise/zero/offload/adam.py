@@ -299,7 +299,10 @@ def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> O
     disk = None
     if offload.optimizer == "disk":
         disk = DiskTier(
-            offload.disk_path, max_bytes=offload.disk_max_bytes, workers=offload.disk_workers
+            offload.disk_path,
+            max_bytes=offload.disk_max_bytes,
+            workers=offload.disk_workers,
+            direct=offload.direct_io,
         )
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
