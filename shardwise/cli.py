@@ -297,14 +297,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prediction = predict(resolve(cfg, args.nproc), speeds)
     if speeds is not None:
         speeds.save(cache)
+    pipeline = prediction.plan.pipeline
     if args.json:
-        print(json.dumps(prediction.as_json()))
+        out = prediction.as_json()
+        if pipeline is not None:
+            out["pipeline"] = _pipeline_summary(pipeline)
+        print(json.dumps(out))
         return 0
     print(prediction.plan.table())
     rows = prediction.rows()
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows))
+    if pipeline is not None:
+        summary = _pipeline_summary(pipeline)
+        print(
+            f"  pipeline timeline at unit cost ('.' idle; bubble {summary['bubble']:.3f} by "
+            f"its formula, micro-batches held at once per rank {summary['in_flight']}):"
+        )
+        print("\n".join(f"    {row}" for row in summary["timeline"]))
     return 0
+
+
+def _pipeline_summary(schedule) -> dict:
+    """What `shardwise plan` shows of a pipeline schedule: each rank's actions in a run where
+    every action takes one unit (F3 = forward of micro-batch 3, B, or zero-bubble's I and W;
+    s<k> = stage k where a rank holds several), the formula's idle fraction, and the
+    micro-batches each rank holds at once."""
+    from shardwise.pipeline.schedules import theoretical_bubble
+
+    return {
+        "schedule": schedule.name,
+        "timeline": schedule.timeline().splitlines(),
+        "bubble": theoretical_bubble(
+            schedule.name, schedule.ranks, schedule.micro_batches, schedule.chunks
+        ),
+        "in_flight": schedule.in_flight_peak(),
+    }
 
 
 SIZE_UNITS = {

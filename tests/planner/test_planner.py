@@ -166,6 +166,26 @@ def test_plan_prints_the_table_and_json(speeds_cache, capsys):
     assert record["wire_bytes_per_step"]["dp"]["all_reduce"] > 0
 
 
+def test_plan_shows_the_pipeline_timeline(capsys):
+    """1F1B over 2 ranks and 4 micro-batches at unit cost: the makespan's (m + p - 1) * 2
+    slots, rank 1 starting one slot late, the formula's bubble and 1F1B's in-flight counts."""
+    from shardwise.cli import main
+
+    pp = ["--set", "parallel.pp=2", "--set", "train.micro_batch=2", "--set", "train.global_batch=8"]
+    with pytest.raises(SystemExit):
+        main(["plan", "--nproc", "2", "--json", "--no-time", *TINY, *pp])
+    pipeline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pipeline"]
+    assert pipeline["timeline"] == [
+        "r0 F0 F1 .  B0 F2 B1 F3 B2 .  B3",
+        "r1 .  F0 B0 F1 B1 F2 B2 F3 B3 .",
+    ]
+    assert pipeline["bubble"] == pytest.approx(1 / 5) and pipeline["in_flight"] == [2, 1]
+    with pytest.raises(SystemExit):
+        main(["plan", "--nproc", "2", "--no-time", *TINY, *pp])
+    out = capsys.readouterr().out
+    assert "pipeline timeline at unit cost" in out and "r1 .  F0 B0 F1 B1" in out
+
+
 def test_auto_ranks_the_fitting_layouts_by_predicted_time(speeds_cache, capsys):
     from shardwise.cli import main
 
