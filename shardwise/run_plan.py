@@ -471,8 +471,8 @@ def _pipeline(
             "those passes read and write; set pipeline.schedule='1f1b' or offload.policy='none'"
         )
     schedule = build_pipeline_schedule(pipe.schedule, dims.pp, micro_batches, pipe.chunks)
-    tokens = config.data.seq_len // dims.sp  # a rank's part of each sequence
-    micro_batch = (config.train.micro_batch, tokens)
+    # whole sequences also under sequence parallelism: the costs are compared, not predicted
+    micro_batch = (config.train.micro_batch, config.data.seq_len)
     split = stage_blocks(spec, model, schedule, pipe.partition, micro_batch, precision.param_dtype)
     return schedule, tuple(split)
 

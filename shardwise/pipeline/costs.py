@@ -11,17 +11,19 @@ computed, every rank gets the same split, and the plan holds it before any proce
 The counts are matmul and attention FLOPs; elementwise work and communication are not in them.
 
 [Note: partition by measured cost] Each part runs alone on the accelerator, one forward and
-backward of a micro-batch of the run's shape (``train.micro_batch`` sequences of its tokens
-per rank) in the compute dtype: once to warm up, counting the bytes its forward saves for the
-backward (`saved_tensors_hooks`, parameters not counted: the activations a stage holds per
-micro-batch in flight), then three times timed (the median). The part's parameters and buffers
-are fresh tensors swapped in by `functional_call` (the model may be on the meta device), so one
-block at a time is ever materialised. The plan holds the split, made before any rank starts;
-where ranks resolve plans themselves (`initialize` under a launcher), rank 0's profile is
-broadcast so that all of them cut alike. A timed split can change from run to run with the
-machine's load (the plan table prints it); a checkpoint loads into another split as into any
-other layout. On CUDA, `shardwise train` profiles in the launching process, which then keeps a
-CUDA context on the first GPU while the ranks train (a few hundred MB; not measured here).
+backward of a micro-batch of the run's shape (``train.micro_batch`` sequences of
+``data.seq_len`` tokens, whole sequences under sequence parallelism too: the parts' costs are
+compared with each other, not predicted) in the compute dtype: once to warm up, counting the
+bytes its forward saves for the backward (`saved_tensors_hooks`, parameters not counted: the
+activations a stage holds per micro-batch in flight), then three times timed (the median). The
+part's parameters and buffers are fresh tensors swapped in by `functional_call` (the model may
+be on the meta device), so one block at a time is ever materialised. The plan holds the split,
+made before any rank starts; where ranks resolve plans themselves (`initialize` under a
+launcher), rank 0's profile is broadcast so that all of them cut alike. A timed split can
+change from run to run with the machine's load (the plan table prints it); a checkpoint loads
+into another split as into any other layout. On CUDA, `shardwise train` profiles in the
+launching process, which then keeps a CUDA context on the first GPU while the ranks train (a
+few hundred MB; not measured here).
 """
 
 from __future__ import annotations
