@@ -187,6 +187,7 @@ class DiskTier:
         self.fsync = fsync
         self.direct = direct and _takes_direct_io(self.run_dir)
         """Whether files are read and written with O_DIRECT ([Note: direct IO])."""
+        self._thread_state = threading.local()  # each IO thread's staging buffer
         if direct and not self.direct:
             log.warning(
                 "offload.disk_path %s does not take O_DIRECT: the disk tier uses buffered IO "
@@ -350,7 +351,7 @@ class DiskTier:
         started = time.perf_counter()
         try:
             sums = _write_file(
-                path, memoryview(data.numpy()), self.fsync, self._helpers, self.direct
+                path, memoryview(data.numpy()), self.fsync, self._helpers, self._staging()
             )
         except BaseException as exc:
             with self._lock:
@@ -395,7 +396,7 @@ class DiskTier:
         on_host = target.device.type == "cpu"
         host = target if on_host else _host_buffer(entry.nbytes, target.device)
         _read_file(
-            entry.path, memoryview(host.numpy()), entry.sums, key, self._helpers, self.direct
+            entry.path, memoryview(host.numpy()), entry.sums, key, self._helpers, self._staging()
         )
         if not on_host:
             target.copy_(host)
@@ -417,6 +418,16 @@ class DiskTier:
     def _forget_deletion(self, deletion: Future[None]) -> None:
         with self._lock:
             self._deletions.discard(deletion)
+
+    def _staging(self) -> memoryview | None:
+        """With direct IO, this IO thread's page-aligned staging buffer of `PIECE_BYTES`
+        (anonymous maps are page-aligned), made at its first IO; it goes with the thread."""
+        if not self.direct:
+            return None
+        state = self._thread_state
+        if not hasattr(state, "buffer"):
+            state.buffer = memoryview(mmap.mmap(-1, PIECE_BYTES))
+        return state.buffer
 
     def _path_of(self, key: str, version: int) -> Path:
         """A file for `key`: a readable prefix plus a hash, so that any string is a valid key,
@@ -467,14 +478,14 @@ def _write_file(
     data: memoryview,
     fsync: bool,
     checksums: ThreadPoolExecutor,
-    direct: bool = False,
+    staging: memoryview | None = None,
 ) -> tuple[tuple[int, int], ...]:
     """Write `data` to a new file at `path`, one piece per syscall; return the piece checksums,
-    computed by `checksums` while the pieces are written (both release the GIL). `direct`:
-    through this thread's staging buffer with O_DIRECT ([Note: direct IO])."""
+    computed by `checksums` while the pieces are written (both release the GIL). With an
+    aligned `staging` buffer: through it with O_DIRECT ([Note: direct IO])."""
     sums = []
-    fd, direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
-    staging = _staging() if direct else None
+    fd, direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, staging is not None)
+    staging = staging if direct else None
     with open(fd, "wb", buffering=0) as file:
         for start in range(0, len(data), PIECE_BYTES):
             piece = data[start : start + PIECE_BYTES]
@@ -497,14 +508,14 @@ def _read_file(
     sums: tuple[tuple[int, int], ...],
     key: str,
     checksums: ThreadPoolExecutor,
-    direct: bool = False,
+    staging: memoryview | None = None,
 ) -> None:
     """Read the file at `path` into `out`; check each piece against `sums` (on `checksums`,
-    while the next piece is read). `direct`: with O_DIRECT, through this thread's staging
-    buffer, the file padded as `_write_file` padded it ([Note: direct IO])."""
+    while the next piece is read). With an aligned `staging` buffer: with O_DIRECT through
+    it, the file padded as `_write_file` padded it ([Note: direct IO])."""
     computed = []
-    fd, direct = _open(path, os.O_RDONLY, direct)
-    staging = _staging() if direct else None
+    fd, direct = _open(path, os.O_RDONLY, staging is not None)
+    staging = staging if direct else None
     with open(fd, "rb", buffering=0) as file:
         size = os.fstat(file.fileno()).st_size
         expected = _aligned(len(out)) if staging is not None else len(out)
@@ -550,17 +561,6 @@ def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
             if err.errno != errno.EINVAL:
                 raise
     return os.open(path, flags, 0o600), False
-
-
-_THREAD = threading.local()
-
-
-def _staging() -> memoryview:
-    """This thread's page-aligned staging buffer of `PIECE_BYTES` (anonymous memory maps are
-    page-aligned), made at its first direct IO and kept for the thread's life."""
-    if not hasattr(_THREAD, "staging"):
-        _THREAD.staging = memoryview(mmap.mmap(-1, PIECE_BYTES))
-    return _THREAD.staging
 
 
 def _takes_direct_io(directory: Path) -> bool:
