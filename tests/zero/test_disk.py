@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardwise.errors import ConfigError
-from shardwise.zero.offload import disk
+from shardwise.zero.offload import disk, run_dirs
 from shardwise.zero.offload.disk import (
     PIECE_BYTES,
     ChecksumError,
@@ -238,7 +238,7 @@ def test_failed_probe_write_is_a_config_error(tmp_path, monkeypatch):
     def refuse(directory):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(disk, "_probe_write", refuse)
+    monkeypatch.setattr(run_dirs, "_probe_write", refuse)
     with pytest.raises(ConfigError, match=r"offload.disk_path='.*' is not writable \(Permission"):
         DiskTier(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -341,7 +341,7 @@ def _fake_run_dir(root, name: str, owner: dict) -> os.PathLike:
 
 def test_run_directories_of_dead_processes_are_removed(tmp_path):
     host = socket.gethostname()
-    me = {"pid": os.getpid(), "host": host, "start": disk._start_time(os.getpid())}
+    me = {"pid": os.getpid(), "host": host, "start": run_dirs._start_time(os.getpid())}
     dead = _fake_run_dir(tmp_path, "shardwise-1-dead", {"pid": _dead_pid(), "host": host})
     reused = _fake_run_dir(tmp_path, "shardwise-2-reused", {**me, "start": "not-my-start"})
     alive = _fake_run_dir(tmp_path, "shardwise-3-alive", me)

@@ -33,7 +33,8 @@ from shardwise.accelerator import get_accelerator
 from shardwise.config import OffloadConfig, OptimConfig
 from shardwise.errors import ConfigError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory
-from shardwise.zero.offload.disk import DiskTier, check_root
+from shardwise.zero.offload.disk import DiskTier
+from shardwise.zero.offload.run_dirs import check_root
 
 TIERS = ("host", "disk")
 """Where `OffloadedAdamW` keeps its states."""
