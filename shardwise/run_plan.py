@@ -168,8 +168,8 @@ class RunPlan:
 
         master = 4 * psi if self.precision.needs_master_weights else 0
         states = per_rank(8 * psi, self.sharding.optimizer)
-        if self.optimizer.onebit_freeze:
-            states += self._onebit_error_bytes(psi)
+        if self.optimizer.onebit_freeze:  # + the frozen steps' denominators
+            states += per_rank(4 * psi, self.sharding.optimizer) + self._onebit_error_bytes(psi)
         return {
             "params": per_rank(param_bytes * psi, self.sharding.params),
             "grads": grads,

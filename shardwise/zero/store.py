@@ -370,9 +370,11 @@ class FlatStore:
         slices = self.shards.slices
         masters = [s.master for s in slices] if self.precision.needs_master_weights else []
         compression = self.reducer.compression
-        errors = compression.errors + compression.previous if compression else []
+        extra = compression.errors + compression.previous if compression else []
+        if isinstance(optimizer, OneBitAdam):
+            extra += optimizer.denominators.values()
         return model_state_report(
-            self.model, optimizer, grads, masters, [s.shard for s in slices], (), errors
+            self.model, optimizer, grads, masters, [s.shard for s in slices], (), extra
         )
 
 
@@ -390,8 +392,8 @@ def model_state_report(
 ) -> dict[str, int]:
     """Bytes per category of model state, read from the tensors' storages (each counted once,
     padding included); ``optimizer_states`` adds `states_extra` (1-bit Adam's error
-    buffers); ``offloaded_host`` / ``offloaded_disk``: Adam states that ``offload.optimizer``
-    moved off the device."""
+    buffers and frozen denominators); ``offloaded_host`` / ``offloaded_disk``: Adam states
+    that ``offload.optimizer`` moved off the device."""
     states = [
         t
         for state in optimizer.state.values()

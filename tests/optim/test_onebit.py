@@ -169,6 +169,44 @@ def test_variance_refresh_updates_v_every_k_steps_after_the_freeze():
     assert onebit.param_groups[0]["variance_step"] == 8
 
 
+def test_frozen_denominators_follow_each_refresh():
+    """The frozen steps' kept denominators ([Note: frozen denominators]) give the formula's
+    parameters across refreshes, elements without a warm-up gradient masked until a refresh
+    gives them a variance; they exist from a frozen step until the next exact one."""
+    b1, b2, lr, eps = 0.9, 0.99, 0.1, 1e-6
+    cfg = Config().optim.model_copy(
+        update={"lr": lr, "betas": (b1, b2), "eps": eps, "variance_refresh": 3, "update_bound": 0}
+    )
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(8, generator=gen)
+    param = torch.nn.Parameter(start.clone())
+    onebit = OneBitAdam([{"params": [param], "weight_decay": 0.0}], cfg, freeze_step=2)
+    p, m, v = (
+        start.double(),
+        torch.zeros(8, dtype=torch.float64),
+        torch.zeros(8, dtype=torch.float64),
+    )
+    variance_step = 0
+    for step in range(1, 12):
+        grad = torch.randn(8, generator=gen)
+        if step <= 2:
+            grad[:2] = 0.0  # no gradient in the warm-up: masked until the refresh at step 5
+        exact = not onebit.frozen
+        param.grad = grad.clone()
+        onebit.step()
+        m = b1 * m + (1 - b1) * grad.double()
+        if exact:
+            weight = b2 ** (step - variance_step)
+            v, variance_step = weight * v + (1 - weight) * grad.double() ** 2, step
+        else:
+            m = m * (v > 0)
+        denom = (v / (1 - b2**variance_step)).sqrt() + eps
+        p = p - lr * m / (1 - b1**step) / denom
+        torch.testing.assert_close(param.detach().double(), p, rtol=1e-6, atol=1e-7)
+        assert bool(onebit.denominators) == (not exact)
+    assert variance_step == 11  # refreshed at 5, 8 and 11
+
+
 # -- two ranks ----------------------------------------------------------------------------------
 
 
