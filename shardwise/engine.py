@@ -37,7 +37,7 @@ from shardwise.run_plan import RunPlan, resolve
 from shardwise.schedule import Batch, build_schedule
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
 from shardwise.zero.optimizer import ParamInit
-from shardwise.zero.store import DataParallelGroups, build_store
+from shardwise.zero.store import DataParallelGroups, build_store, clip_coefficient
 
 
 class Engine:
@@ -131,8 +131,7 @@ class Engine:
         if should_step:
             norm = self.store.grad_norm(self.schedule.uncounted)
             self.last_grad_norm = norm.item()
-            max_norm = self.plan.optimizer.grad_clip
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None
+            coef = clip_coefficient(norm, self.plan.optimizer.grad_clip)
             self.store.update(self.optimizer, coef)
             if self.scheduler is not None:
                 self.scheduler.step()

@@ -381,6 +381,17 @@ class FlatStore:
 # -- shared by the stores ---------------------------------------------------------------------
 
 
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """What `update` multiplies the gradients by: torch's clip_grad_norm_ factor
+    clamp(max_norm / (norm + 1e-6), max=1); None where that changes nothing (`max_norm` 0: no
+    clipping; a factor of exactly 1, as most steps have late in training, would change no bit
+    at the cost of a pass over every gradient)."""
+    if max_norm <= 0:
+        return None
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return coef if coef.item() < 1.0 else None
+
+
 def model_state_report(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -14,6 +14,7 @@ from shardwise.distributed.comm import CommStats
 from shardwise.distributed.compressed import packed_bytes
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
+from shardwise.zero.store import clip_coefficient
 from tests.parity import (
     BF16_RTOL,
     assert_parity,
@@ -24,6 +25,17 @@ from tests.parity import (
     reference_run,
     train_then_resume,
 )
+
+
+def test_clip_coefficient_is_torchs_and_skips_a_factor_of_one():
+    param = torch.nn.Parameter(torch.zeros(5))
+    param.grad = torch.randn(5, generator=torch.Generator().manual_seed(0)) * 3
+    grads = [param.grad.clone()]
+    norm = torch.nn.utils.clip_grad_norm_([param], 1.0)  # clips param.grad in place
+    torch._foreach_mul_(grads, clip_coefficient(norm, 1.0))
+    assert norm > 1 and torch.equal(grads[0], param.grad)
+    assert clip_coefficient(norm, 0.0) is None  # no clipping asked
+    assert clip_coefficient(norm, float(norm) * 2) is None  # a factor of 1: nothing to do
 
 
 @pytest.mark.parametrize("stage", [1, 2])
