@@ -160,6 +160,12 @@ class OffloadConfig(_Section):
     """Where Adam's states live: with the parameters, in host memory (ZeRO-Offload's CPU
     Adam), or on disk under disk_path, streamed through host memory chunk by chunk
     (ZeRO-Infinity)."""
+    delayed_update: int = Field(0, ge=0)
+    """optimizer = host or disk, k > 0: from optimizer step k on, step t's Adam update runs
+    on the host in the background while step t+1's forward and backward compute (ZeRO-Offload's
+    delayed parameter update), so each step computes with the parameters from before the
+    previous step's update; costs a host copy of the parameters and gradients the rank updates
+    (docs/offload.md). 0: off."""
     chunk_mb: int = Field(64, ge=1)
     """Adam states streamed per chunk, in MiB (about 3 chunks are in host memory at once)."""
     disk_path: str | None = None

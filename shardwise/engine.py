@@ -188,7 +188,8 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (copies; gathered where sharded over
-        data-parallel ranks; tensor-parallel shards stay each rank's own)."""
+        data-parallel ranks; tensor-parallel shards stay each rank's own); collective."""
+        self.store.sync_update(self.optimizer)
         return self.store.full_state_dict()
 
     def state_dict(self) -> dict:

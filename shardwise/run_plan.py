@@ -168,6 +168,8 @@ class RunPlan:
 
         master = 4 * psi if self.precision.needs_master_weights else 0
         states = per_rank(8 * psi, self.sharding.optimizer)
+        if self.offload.delayed_update:  # the host's own parameters and gradients
+            states *= 2
         if self.optimizer.onebit_freeze:  # + the frozen steps' denominators
             states += per_rank(4 * psi, self.sharding.optimizer) + self._onebit_error_bytes(psi)
         return {
@@ -519,6 +521,17 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
             "optimizer_factory=None or keep offload.optimizer='device'"
         )
     policy = offload.policy
+    if offload.delayed_update and (offload.optimizer == "device" or policy != "none"):
+        raise ConfigError(
+            "offload.delayed_update overlaps the host's Adam step (offload.optimizer='host' or "
+            "'disk') with the next step's compute; it needs one of those and "
+            "offload.policy='none'"
+        )
+    if offload.delayed_update > config.train.steps:
+        raise ConfigError(
+            f"offload.delayed_update={offload.delayed_update} starts after the last step "
+            f"(train.steps={config.train.steps}); lower it, or 0 for no delayed update"
+        )
     if policy == "none":
         return
     if offload.policy == "auto" and offload.device_budget_mb is None:

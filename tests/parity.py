@@ -8,6 +8,8 @@ a test pool, each rank training on its rows of the same global batches.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -77,16 +79,22 @@ def build_model(cfg: Config, freeze: bool = False) -> torch.nn.Module:
 def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
     """Single process, plain torch: micro-batches accumulate, then clip and step. With
     ``attention.kind = 'sparse'`` the model's attention cores are the block-sparse op's; with
-    ``data.pack_documents`` the model takes each token's document (dense masks)."""
+    ``data.pack_documents`` the model takes each token's document (dense masks). With
+    ``offload.delayed_update`` = k AdamW steps a copy of the model, written into the model
+    after each step before k, and from step k on after the next step's backward (each step
+    computes with the weights from before the previous step's update)."""
     model = build_model(cfg, freeze)
     if cfg.attention.kind == "sparse":
         attention = sparse_attention(cfg.attention, SEQ)
         apply_sparse_attention(model, spec_of(model), attention)
     if cfg.data.pack_documents:
         apply_document_masks(model, spec_of(model))
+    delayed_from = cfg.offload.delayed_update
+    delayed = delayed_from > 0
+    stepped = copy.deepcopy(model) if delayed else model
     opt_cfg = cfg.optim
     opt = torch.optim.AdamW(
-        param_groups(model, opt_cfg.weight_decay),
+        param_groups(stepped, opt_cfg.weight_decay),
         lr=opt_cfg.lr,
         betas=opt_cfg.betas,
         eps=opt_cfg.eps,
@@ -95,8 +103,9 @@ def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(opt_cfg, cfg.train.steps))
     accum = cfg.train.global_batch // cfg.train.micro_batch
     losses = []
-    for inputs, targets in global_batches(cfg):
+    for step, (inputs, targets) in enumerate(global_batches(cfg), start=1):
         opt.zero_grad()
+        model.zero_grad()  # its own when delayed
         total = 0.0
         for x, y in zip(inputs.chunk(accum), targets.chunk(accum), strict=True):
             out = model(x)
@@ -104,12 +113,19 @@ def reference_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             (loss / accum).backward()
             total += loss.item()
-        params = [p for p in model.parameters() if p.requires_grad]
+        if delayed:
+            for mine, theirs in zip(stepped.parameters(), model.parameters(), strict=True):
+                mine.grad = theirs.grad.clone() if theirs.grad is not None else None
+            if step >= delayed_from:
+                model.load_state_dict(stepped.state_dict())  # the previous step's update
+        params = [p for p in stepped.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
         opt.step()
         sched.step()
+        if delayed and step < delayed_from:
+            model.load_state_dict(stepped.state_dict())  # this step's, in place
         losses.append(total / accum)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().clone() for k, v in stepped.state_dict().items()}
 
 
 def train_rows(engine, cfg: Config) -> tuple[list[float], dict]:

@@ -102,6 +102,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    engine.store.sync_update(engine.optimizer)  # an update running in the background first
     snapshot = saver is not None  # training goes on: copy what it may change
     write_shards = (
         snapshot_rank_shards(engine).write if snapshot else partial(write_rank_shards, engine)
@@ -442,6 +443,7 @@ def load_checkpoint(path: Path, engine: Engine, layout: dict) -> dict:
     shared = read_torch(ckpt / "engine.pt")
     if shared["scheduler"] is not None:
         shared["scheduler"] = _per_group(shared["scheduler"], len(engine.optimizer.param_groups))
+    engine.store.sync_update(engine.optimizer)  # nothing may write over what is loaded
     engine.load_state_dict(shared)
     with ShardReader(fragments, states) as reader:
         load_rank_shards(engine, reader, own)

@@ -64,6 +64,7 @@ class ParamStore(Protocol):
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor: ...
     def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None: ...
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None: ...
+    def sync_update(self, optimizer: torch.optim.Optimizer) -> None: ...
     def end_step(self) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
     @property
@@ -237,6 +238,8 @@ class FlatStore:
         """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are
         summed over them."""
         self.groups = groups
+        self.delayed = plan.offload.delayed_update > 0
+        """Whether the optimizer (`OffloadedAdamW`) may step in the background."""
 
     def build_optimizer(
         self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
@@ -310,13 +313,24 @@ class FlatStore:
         return (norms.square() * torch.tensor(weights, device=norms.device)).sum()
 
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None:
-        """Clip, step this rank's pieces, write them back (all-gathered where sharded)."""
+        """Clip, step this rank's pieces, write them back (all-gathered where sharded). With
+        ``offload.delayed_update`` the step runs in the background and what is written back
+        is the previous step's ([Note: delayed parameter update] in offload/adam.py)."""
         if clip_coef is not None:
             torch._foreach_mul_(self.shards.owned_grads(), clip_coef)
         self.shards.attach_grads()
+        self.sync_update(optimizer)  # delayed: the previous step's, before this one starts
         optimizer.step()
-        self.shards.sync_params()
+        if not (self.delayed and optimizer.running):
+            self.shards.sync_params()
         self.shards.release_grads()
+
+    def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait for a delayed update still running and write it into the parameters
+        (all-gathered where sharded: every rank calls this); nothing when updates are not
+        delayed or none is running."""
+        if self.delayed and optimizer.finish_step():
+            self.shards.sync_params()
 
     def end_step(self) -> None:
         self.reducer.release_grads()

@@ -11,6 +11,7 @@ from torch import nn
 
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
+from shardwise.run_plan import resolve
 from shardwise.zero.offload.adam import OffloadedAdamW
 from shardwise.zero.offload.disk import DiskTier
 
@@ -198,6 +199,85 @@ def test_two_ranks_zero2_with_states_on_disk_resume_exactly(pool2, tmp_path):
         assert resumed == full[2:]
 
 
+# -- delayed parameter update ([Note: delayed parameter update]) --------------------------------
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_delayed_update_equals_the_one_step_stale_reference(tmp_path, tier):
+    """Each step computes with the weights from before the previous step's update; the
+    final weights (full_state_dict waits for the last update) are the reference's."""
+    from tests.parity import assert_parity, make_config, reference_run
+
+    delayed = {"optimizer": tier, "delayed_update": 1, "disk_path": str(tmp_path)}
+    cfg = make_config(micro_batch=2, global_batch=4).replace(offload=delayed)
+    want = reference_run(cfg)
+    losses, state, report = _engine_run(cfg)
+    assert_parity((losses, state), want, rtol=1e-5)
+    # the host's copies of parameters and gradients: 16 bytes per element, not 8
+    predicted = resolve(cfg, 1).model_state_bytes()["optimizer_states"]
+    held = report["optimizer_states"] + report["offloaded_host"] + report["offloaded_disk"]
+    assert held == pytest.approx(predicted, rel=0.01)
+    on_time = reference_run(cfg.replace(offload={"delayed_update": 0}))
+    assert want[0][0] == on_time[0][0] and want[0][1] != on_time[0][1]  # stale from step 2
+
+
+def test_two_ranks_zero2_delayed_update_matches_the_reference(pool2, tmp_path):
+    """Delayed from step 3: steps 1-2 update in place (and all-gather the shards)."""
+    from tests.parity import assert_parity, engine_run, make_config, reference_run
+
+    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=2).replace(
+        offload={"optimizer": "host", "delayed_update": 3}
+    )
+    want = reference_run(cfg)
+    for got in pool2.run(engine_run, cfg):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def test_two_ranks_delayed_update_resumes_exactly(pool2, tmp_path):
+    """A save waits for the update in flight (in the uninterrupted run too), so the run
+    resumed from it continues as the one that saved it."""
+    from tests.parity import train_then_resume
+
+    delayed = {"optimizer": "host", "delayed_update": 1}
+    for full, resumed in pool2.run(train_then_resume, str(tmp_path), 1, offload=delayed):
+        assert resumed == full[2:]
+
+
+def test_masters_of_a_delayed_run_are_not_kept_by_a_run_that_updates_in_place():
+    """Loaded where the update writes the parameters themselves, a delayed run's masters
+    would go stale, be saved again, and mislead a later delayed run."""
+    delayed_model, model = _model(), _model()
+    delayed = OffloadedAdamW(_groups(delayed_model), **HYPER, delayed_from=1)
+    for _ in range(2):
+        delayed_model(torch.ones(4, 16)).square().mean().backward()
+        delayed.finish_step()
+        delayed.step()
+    delayed.finish_step()
+    assert all("master" in delayed.state[p] for p in delayed_model.parameters())
+    in_place = OffloadedAdamW(_groups(model), **HYPER)
+    in_place.load_state_dict(delayed.state_dict())
+    assert not any("master" in in_place.state[p] for p in model.parameters())
+
+
+def test_a_failed_delayed_update_surfaces_at_the_next_step(tmp_path):
+    from tests.parity import build_model, global_batches, make_config
+
+    cfg = make_config(micro_batch=2, global_batch=4).replace(
+        offload={"optimizer": "host", "delayed_update": 1}
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    batches = global_batches(cfg)
+    engine.train_step(batches[0])
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    engine.optimizer._update = fail  # the next update, in the background, fails
+    engine.train_step(batches[1])
+    with pytest.raises(OSError, match="disk full"):
+        engine.train_step(batches[2])
+
+
 def test_engine_offload_errors_are_clear(tmp_path):
     from tests.parity import build_model, make_config
 
@@ -209,3 +289,9 @@ def test_engine_offload_errors_are_clear(tmp_path):
         initialize(build_model(cfg), None, missing)
     with pytest.raises(ConfigError, match="brings its own AdamW"):
         initialize(build_model(cfg), lambda g: None, cfg.replace(offload={"optimizer": "host"}))
+    for offload in ({"delayed_update": 1}, {"delayed_update": 1, "policy": "static"}):
+        with pytest.raises(ConfigError, match="delayed_update overlaps the host's Adam step"):
+            initialize(build_model(cfg), None, cfg.replace(offload=offload))
+    late = {"optimizer": "host", "delayed_update": cfg.train.steps + 1}
+    with pytest.raises(ConfigError, match="starts after the last step"):
+        initialize(build_model(cfg), None, cfg.replace(offload=late))

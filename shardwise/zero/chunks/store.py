@@ -539,6 +539,10 @@ class ChunkStore:
         if self.whole:
             self._gather_updates()
 
+    def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing: chunks are updated within `update` (``offload.delayed_update`` needs
+        ``offload.policy='none'``)."""
+
     @torch.no_grad()
     def _gather_updates(self) -> None:
         """Full chunks kept whole: each all-gathered from the ranks' updated shards, in chunk

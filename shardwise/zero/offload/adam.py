@@ -17,13 +17,24 @@ result is bit-identical to it (the update is element-wise; chunking only splits 
 Parameters on another device than the CPU (CUDA) get a host fp32 master copy: gradients are
 copied down, the update runs on the host, the parameter is overwritten with the result.
 Only the per-parameter ``step`` counters (and those master copies) stay in `state`.
+
+[Note: delayed parameter update] ZeRO-Offload's DPU (``offload.delayed_update`` = k): from
+step k on, the host's update of step t runs in a background thread while the device computes
+step t+1, so step t+1 computes with the parameters from before step t's update (one step
+stale). The steps before k update in place: early updates are the largest, and stale ones
+there made the default run unstable (ZeRO-Offload warms up the same way). A delayed `step`
+copies the gradients to the host (the next backward overwrites them) and the groups'
+hyper-parameters (the LR schedule changes them), then starts Adam on the host masters and
+states in the background; `finish_step`, called before the next step, waits for it and
+writes the masters into the parameters. Delayed, every parameter has a host master, on the
+CPU too, and its gradient a host copy: 8 bytes per updated element more.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,7 +121,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
         tier: str = "host",
         disk: StateFiles | None = None,
         chunk_bytes: int = 64 << 20,
+        delayed_from: int = 0,
     ) -> None:
+        """`delayed_from` k > 0: updates from step k on run in the background (`step`, [Note:
+        delayed parameter update]), so the host keeps its own copies of parameters and
+        gradients."""
         if tier not in TIERS:
             raise ConfigError(f"optimizer state tier {tier!r} is not one of {', '.join(TIERS)}")
         if tier == "disk" and disk is None:
@@ -122,6 +137,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._pinned = get_accelerator().supports_pinned_memory
         self._on_disk: set[str] = set()
         self._writes: deque[Future] = deque()
+        self.delayed_from = delayed_from
+        self.delayed = delayed_from > 0
+        """Whether updates may run in the background (the host keeps its own copies)."""
+        self._copies: dict[torch.Tensor, torch.Tensor] = {}
+        """Delayed: parameter -> the host buffer its gradient is copied into at each step."""
+        self._background = ThreadPoolExecutor(1, "shardwise-update") if self.delayed else None
+        self._pending: Future | None = None
 
     # -- chunk buffers -----------------------------------------------------------------------
 
@@ -165,36 +187,110 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     # -- the update --------------------------------------------------------------------------
 
+    def _needs_master(self, p: torch.Tensor) -> bool:
+        """Whether the update writes a host fp32 copy of `p` rather than `p` itself."""
+        return self.delayed or p.device != HOST or p.dtype != torch.float32
+
     def _host_master(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor the update writes: `p` itself on the host, else its host fp32 copy."""
-        if p.device == HOST and p.dtype == torch.float32:
+        """The tensor the update writes: `p` itself, or its host fp32 copy."""
+        if not self._needs_master(p):
             return p
         state = self.state[p]
         if "master" not in state:
-            state["master"] = p.detach().to(HOST, torch.float32)
+            state["master"] = p.detach().to(HOST, torch.float32, copy=True)
         return state["master"]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
+        """The update; delayed, it is started in the background on copies of this step's
+        gradients and hyper-parameters, and `finish_step` waits for it and writes it back
+        ([Note: delayed parameter update])."""
         if closure is not None:
             raise ValueError("OffloadedAdamW does not take a closure")
-        for chunk in self._streamed():
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+        if not self._delays_this_step():
+            self._update(self._hyper_parameters(), staged=None)
+            return
+        if self._pending is not None:
+            raise RuntimeError("a delayed update is still running: finish_step first")
+        settings, staged = self._hyper_parameters(), self._stage_grads()
+        self._pending = self._background.submit(self._update, settings, staged)
+
+    @property
+    def running(self) -> bool:
+        """Whether an update is running in the background (until `finish_step`)."""
+        return self._pending is not None
+
+    def _delays_this_step(self) -> bool:
+        """From step `delayed_from` on (counted by the saved step counters, so a resumed run
+        knows where it is)."""
+        if not self.delayed:
+            return False
+        done = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+        return done + 1 >= self.delayed_from
+
+    def finish_step(self) -> bool:
+        """Wait for the update a delayed `step` began and write its masters into the parameters;
+        returns whether there was one (False: nothing was running)."""
+        if self._pending is None:
+            return False
+        pending, self._pending = self._pending, None
+        with torch.no_grad():
+            for p in pending.result():  # raises what the update raised
+                p.copy_(self.state[p]["master"])
+        return True
+
+    def _hyper_parameters(self) -> list[dict[str, Any]]:
+        """Each group's settings as they are now (the LR schedule changes them after)."""
+        return [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+
+    def _stage_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Delayed: each parameter's gradient copied into its host buffer (the next backward
+        overwrites the gradient while the update runs), its state and master made here (the
+        update thread only reads and writes existing tensors)."""
+        staged = {}
+        for group in self.param_groups:
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=HOST)
+                if p not in self._copies:
+                    copy = torch.empty(p.shape, dtype=torch.float32, device=HOST)
+                    self._copies[p] = copy.pin_memory() if self._pinned else copy
+                staged[p] = self._copies[p].copy_(p.grad)
+                self._new_state(p)
+        return staged
+
+    def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=HOST)
+        self._host_master(p)
+        return state
+
+    @torch.no_grad()
+    def _update(
+        self, settings: list[dict[str, Any]], staged: dict[torch.Tensor, torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """Adam chunk by chunk on the gradients `staged` (delayed), or on each parameter's
+        ``.grad`` as its chunk comes in, each parameter written from its master then; returns
+        the parameters updated through a master (delayed: for `finish_step` to write)."""
+        written = []
+        for chunk in self._streamed():
+            params, grads, exp_avgs, exp_avg_sqs, steps, updated = [], [], [], [], [], []
+            for p, offset in zip(chunk.params, chunk.offsets, strict=True):
+                grad = p.grad if staged is None else staged.get(p)
+                if grad is None:
+                    continue
+                state = self._new_state(p)
+                updated.append(p)
                 params.append(self._host_master(p))
-                grads.append(p.grad.to(HOST, torch.float32).view_as(params[-1]))
+                grads.append(grad.to(HOST, torch.float32).view_as(params[-1]))
                 m, v = chunk.buffer[:, offset : offset + p.numel()]
                 exp_avgs.append(m.view_as(params[-1]))
                 exp_avg_sqs.append(v.view_as(params[-1]))
                 steps.append(state["step"])
             if not params:
                 continue
-            group = self.param_groups[chunk.group]
+            group = settings[chunk.group]
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(
@@ -212,16 +308,20 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 amsgrad=False,
                 maximize=False,
             )
-            with_grads = [p for p in chunk.params if p.grad is not None]
-            for p, master in zip(with_grads, params, strict=True):
-                if master is not p:
-                    p.copy_(master)
+            through_master = [p for p, m in zip(updated, params, strict=True) if m is not p]
+            if staged is None:
+                for p in through_master:
+                    p.copy_(self.state[p]["master"])
+            written += through_master
+        return written
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def tier_bytes(self) -> dict[str, int]:
-        """Bytes of Adam states now in host memory and on disk (a chunk is in one of them)."""
+        """Bytes of Adam states now in host memory and on disk (a chunk is in one of them);
+        the host's include a delayed update's gradient copies."""
         resident = sum(c.buffer.nbytes for c in self.chunks if c.buffer is not None)
+        resident += sum(copy.nbytes for copy in self._copies.values())
         on_disk = sum(
             8 * c.numel for c in self.chunks if c.buffer is None and c.key in self._on_disk
         )
@@ -281,7 +381,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 if saved is not None:
                     chunk.buffer[0, offset : offset + p.numel()] = saved["exp_avg"].flatten()
                     chunk.buffer[1, offset : offset + p.numel()] = saved["exp_avg_sq"].flatten()
-                    if "master" in saved:  # torch's load cast it to the parameter's dtype
+                    # torch's load cast it to the parameter's dtype; one this run would not
+                    # update (saved delayed, loaded not) would go stale, and be saved again
+                    if "master" in saved and self._needs_master(p):
                         self.state[p]["master"] = saved["master"].to(HOST, torch.float32)
 
 
@@ -307,7 +409,8 @@ def offloaded_optimizer_factory(optim: OptimConfig, offload: OffloadConfig) -> O
         )
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
-        return OffloadedAdamW(groups, **offloaded_adamw_settings(optim, offload, disk))
+        settings = offloaded_adamw_settings(optim, offload, disk)
+        return OffloadedAdamW(groups, **settings, delayed_from=offload.delayed_update)
 
     return build
 
