@@ -11,7 +11,10 @@ work for all; clipping would add a global norm to ours only).
   ``pipeline.schedule`` = gpipe, 1f1b, interleaved_1f1b (2 stages per rank), zb_h1, zbv
   (2 stages per rank), then ``Engine.train_step``. The runtime records each step's seconds in
   compute actions (`PipelineSchedule.busy_s`) and in all actions (`step_s`); the measured
-  idle fraction is ``1 - busy / step``, averaged over ranks and steps.
+  idle fraction is the theory's quantity: ``1 - (busy summed over ranks) / (ranks x the
+  slowest rank's step_s)`` (the ranks start together after a barrier, and the step ends when
+  the last one does: the last stage's wait for the first stage's final backward is idle
+  too), averaged over steps.
 - torch_pipelining: the same blocks split the same way into two ``PipelineStage`` modules
   (embedding + blocks 0-3, blocks 4-7 + head; the head untied, so the peer skips the tied
   gradient's all-reduce), ``Schedule1F1B`` with 8 micro-batches, then fused AdamW.
@@ -208,12 +211,13 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         steps[name] = lambda i, e=engine: e.train_step(batches[i])
     cfg = engine_config(settings, "1f1b", 1)
     steps["torch_pipelining"] = torch_pipelining_step(cfg, settings, batches, rank)
-    idle: dict[str, list[float]] = {name: [] for name in SCHEDULES}
+    spans: dict[str, list[tuple[float, float]]] = {name: [] for name in SCHEDULES}
+    """Per schedule, (busy_s, step_s) of each measured step on this rank."""
 
     def on_step(name: str, index: int, seconds: float) -> None:
         if name in engines and index >= settings.warmup:
             runner = engines[name].schedule
-            idle[name].append(1.0 - runner.busy_s / runner.step_s)
+            spans[name].append((runner.busy_s, runner.step_s))
         print(f"rank {rank} {name} step {index}: {seconds:.3f} s", file=sys.stderr)
 
     peer = {"1f1b_pair": steps["1f1b"], "torch_pipelining": steps.pop("torch_pipelining")}
@@ -247,10 +251,11 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         dist.all_reduce(mine)
         peak_bytes[name] = mine.tolist()
     bubble = {}
-    for name, values in idle.items():
-        t = torch.tensor([statistics.mean(values)], dtype=torch.float64)
-        dist.all_reduce(t)
-        bubble[name] = t.item() / NPROC
+    for name, values in spans.items():
+        busy, span = (t.contiguous() for t in torch.tensor(values, dtype=torch.float64).T)
+        dist.all_reduce(busy)
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        bubble[name] = (1 - busy / (NPROC * span)).mean().item()
     return {
         "median_s": slowest,
         "bubble": bubble,
