@@ -13,7 +13,8 @@ the cap (`CAP_BYTES`, 8 GiB): a watchdog reads it every 0.1 s and ends the proce
 passes it (the figure is then the resident set it reached).
 
 - ours: `shardwise.initialize` with ``offload.policy = "auto"`` (parameter and gradient
-  chunks within 2 GiB of "device" memory, 1 GiB of host memory for chunks, the rest on disk)
+  chunks within 512 MiB of "device" memory, 256 MiB of host memory for chunks, the rest on
+  disk: lean budgets, the module computing and a little read-ahead)
   and ``offload.optimizer = "disk"`` (Adam's states streamed from disk), the model built on
   the meta device and filled chunk by chunk, as the capacity run of docs/offload.md;
 - deepspeed (where ``deepspeed`` imports: ``PYTHONPATH=<deepspeed 0.19.8 side dir>``, with
@@ -93,8 +94,8 @@ class Settings:
             train={"micro_batch": 1, "steps": self.steps, "seed": self.seed},
             offload={
                 "policy": "auto",
-                "device_budget_mb": 2048,
-                "host_budget_mb": 1024,
+                "device_budget_mb": 512,
+                "host_budget_mb": 256,
                 "optimizer": "disk",
                 "disk_path": self.disk_path,
             },
