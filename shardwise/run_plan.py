@@ -217,6 +217,8 @@ class RunPlan:
         if self.chunks:
             sharded += f"; parameters in chunks ({self.offload.policy})"
         tiers = f"adam states: {self.offload.optimizer}"
+        if self.offload.delayed_update:
+            tiers += f", updated in the background from step {self.offload.delayed_update}"
         if self.chunks:
             budget = self.offload.device_budget_mb
             tiers += f"; chunks: device budget {budget:g} MiB" if budget else "; chunks: static"

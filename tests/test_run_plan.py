@@ -80,6 +80,8 @@ def test_table_names_axes_sharding_tiers_and_predicted_bytes():
     # ZeRO-3 in fp32 without master weights: (4 + 4 + 8) Ψ / N
     assert sum(states.values()) == pytest.approx(16 * psi / 2)
     assert states["master_params"] == 0
+    delayed = resolve(config("offload.optimizer=host", "offload.delayed_update=5"), 2).table()
+    assert "adam states: host, updated in the background from step 5" in delayed
 
 
 def test_stage_one_keeps_params_and_grads_whole():
