@@ -247,7 +247,7 @@ def test_version_bare_command_and_help_texts(capsys):
         assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert f"shardwise {__version__}" in printed and "{train,plan,bench,convert,run}" in printed
-    assert "benchmarks: checkpoint, dp," in printed  # bench --help lists them
+    assert "benchmarks: capacity, checkpoint, dp," in printed  # bench --help lists them
     assert "usage: shardwise run [torchrun options] -- SCRIPT" in printed
 
 
