@@ -14,7 +14,9 @@ passes it (the figure is then the resident set it reached).
 
 - ours: `shardwise.initialize` with ``offload.policy = "auto"`` (parameter and gradient
   chunks within 512 MiB of "device" memory, 256 MiB of host memory for chunks, the rest on
-  disk: lean budgets, the module computing and a little read-ahead)
+  disk: lean budgets, the module computing and a little read-ahead) and full activation
+  checkpointing (without it the activations of 20 blocks alone take 400 MB of that budget:
+  the budget would have to grow with depth)
   and ``offload.optimizer = "disk"`` (Adam's states streamed from disk), the model built on
   the meta device and filled chunk by chunk, as the capacity run of docs/offload.md;
 - deepspeed (where ``deepspeed`` imports: ``PYTHONPATH=<deepspeed 0.19.8 side dir>``, with
@@ -91,7 +93,12 @@ class Settings:
             data={"seq_len": self.seq_len},
             precision={"dtype": "fp32"},
             optim={"lr": self.lr},
-            train={"micro_batch": 1, "steps": self.steps, "seed": self.seed},
+            train={
+                "micro_batch": 1,
+                "steps": self.steps,
+                "seed": self.seed,
+                "activation_checkpointing": "full",
+            },
             offload={
                 "policy": "auto",
                 "device_budget_mb": 512,
