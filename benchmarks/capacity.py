@@ -1,15 +1,15 @@
-"""Benchmark ``capacity`` (issue 19; not quick: about 25 minutes on this 2-core machine): the
+"""Benchmark ``capacity`` (issue 19; not quick: about 35 minutes on this 2-core machine): the
 largest GPT that trains under a host-memory cap, ours against DeepSpeed ZeRO-3 with its
 parameters and optimizer states offloaded to NVMe (ZeRO-Infinity).
 
 One model family: shardwise's GPT, d_model 2048, 16 heads, vocabulary 256, 128 tokens, one
 sequence per step, fp32, AdamW (lr 2e-6 after the default warm-up, clipping 1.0), grown by
-its number of blocks along `LADDER` (8, 14, 20, 40 blocks: 0.40, 0.71, 1.01 and 2.01 billion
-parameters; 16 bytes of model state each). Each contender trains each size in a fresh
-process (launched as the other benchmarks' workers, 2 compute threads) for 3 steps on one
-fixed batch, and climbs the ladder until a size fails. A size **trains** when its 3 losses
-are finite and the last is below the first, while the process's resident set stays under
-the cap (`CAP_BYTES`, 8 GiB): a watchdog reads it every 0.1 s and ends the process that
+its number of blocks along `LADDER` (8, 14, 20, 30, 40, 60 blocks: 0.40, 0.71, 1.01, 1.51,
+2.01 and 3.02 billion parameters; 16 bytes of model state each). Each contender trains each
+size in a fresh process (launched as the other benchmarks' workers, 2 compute threads) for 3
+steps on one fixed batch, and climbs the ladder until a size fails. A size **trains** when
+its 3 losses are finite and the last is below the first, while the process's resident set
+stays under the cap (`CAP_BYTES`, 8 GiB): a watchdog reads it every 0.1 s and ends the process that
 passes it (the figure is then the resident set it reached).
 
 - ours: `shardwise.initialize` with ``offload.policy = "auto"`` (parameter and gradient
@@ -64,7 +64,7 @@ from shardwise.models.gpt import GPT, build_gpt, gpt_config_from
 from shardwise.optim import lr_multiplier
 
 CAP_BYTES = 8 * 2**30
-LADDER = (8, 14, 20, 40)
+LADDER = (8, 14, 20, 30, 40, 60)
 """Blocks of each size tried, smallest first."""
 QUICK_LADDER = (8, 14)
 CONTENDERS = ("ours", "deepspeed")
