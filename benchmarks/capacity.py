@@ -9,15 +9,15 @@ its number of blocks along `LADDER` (8, 14, 20, 30, 40, 60 blocks: 0.40, 0.71, 1
 size in a fresh process (launched as the other benchmarks' workers, 2 compute threads) for 3
 steps on one fixed batch, and climbs the ladder until a size fails. A size **trains** when
 its 3 losses are finite and the last is below the first, while the process's resident set
-stays under the cap (`CAP_BYTES`, 8 GiB): a watchdog reads it every 0.1 s and ends the process that
-passes it (the figure is then the resident set it reached).
+stays under the cap (`CAP_BYTES`, 8 GiB): a watchdog reads it every 0.1 s and ends the
+process that passes it (the figure is then the resident set it reached).
 
 - ours: `shardwise.initialize` with ``offload.policy = "auto"`` (parameter and gradient
   chunks within 512 MiB of "device" memory, 256 MiB of host memory for chunks, the rest on
-  disk: lean budgets, the module computing and a little read-ahead) and full activation
-  checkpointing (without it the activations of 20 blocks alone take 400 MB of that budget:
-  the budget would have to grow with depth)
-  and ``offload.optimizer = "disk"`` (Adam's states streamed from disk), the model built on
+  disk: lean budgets, the module computing and a little read-ahead), full activation
+  checkpointing (without it the activations of 20 blocks alone take 400 MB of that budget,
+  which would have to grow with depth) and ``offload.optimizer = "disk"`` (Adam's states
+  streamed from disk), the model built on
   the meta device and filled chunk by chunk, as the capacity run of docs/offload.md;
 - deepspeed (where ``deepspeed`` imports: ``PYTHONPATH=<deepspeed 0.19.8 side dir>``, with
   ``libaio-dev`` installed; ``DS_ACCELERATOR=cpu`` is set here): the same GPT class built
