@@ -224,9 +224,11 @@ class PrecisionConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "onebit_adam"] = "adamw"
-    """Optimizer: AdamW, or 1-bit Adam (AdamW until freeze_step, then the variance frozen
-    and gradients exchanged at one bit per element; docs/onebit_adam.md)."""
+    name: Literal["adamw", "onebit_adam", "zero_one_adam"] = "adamw"
+    """Optimizer: AdamW; 1-bit Adam (AdamW until freeze_step, then the variance frozen and
+    gradients exchanged at one bit per element); or 0/1 Adam (the variance updated at
+    doubling gaps until freeze_step, compressed gradients between, then local steps with
+    compressed synchronisations). docs/onebit_adam.md."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
@@ -247,15 +249,25 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables."""
     freeze_step: int | None = Field(None, ge=1)
-    """1-bit Adam: exact AdamW steps before the variance freezes; default 20% of train.steps."""
+    """1-bit Adam: exact AdamW steps before the variance freezes; 0/1 Adam: the last step
+    that may update the variance, local steps after it. Default 20% of train.steps."""
     compression_chunk: int = Field(64, ge=1)
-    """1-bit Adam: elements per fp32 scale of the compressed gradient."""
+    """1-bit and 0/1 Adam: elements per fp32 scale of what travels compressed."""
     variance_refresh: int = Field(10, ge=0)
     """1-bit Adam: after the freeze, every this many steps one step runs on exact gradients
     and refreshes the variance; 0: frozen for good (the paper's 1-bit Adam)."""
     update_bound: float = Field(1.0, ge=0)
-    """1-bit Adam: after the freeze, each element's step m_hat / (sqrt(v_hat) + eps) is
-    clamped to +-this (units of lr; 1 = a steady gradient's Adam step); 0: unbounded."""
+    """1-bit and 0/1 Adam: from the first step with a frozen variance, each element's step
+    m_hat / (sqrt(v_hat) + eps) is clamped to +-this (units of lr; 1 = a steady gradient's
+    Adam step); 0: unbounded."""
+    variance_gap_doubles_after: int = Field(16, ge=1)
+    """0/1 Adam: the variance is updated at every step first; the gap between two updates
+    doubles after every this many updates (the paper's kappa)."""
+    sync_interval_doubles_after: int = Field(32, ge=1)
+    """0/1 Adam: after the freeze the ranks synchronise after every local step first; the
+    interval doubles after every this many steps, up to sync_interval_max."""
+    sync_interval_max: int = Field(8, ge=1)
+    """0/1 Adam: the most local steps between two synchronisations (the paper's H)."""
 
 
 class TrainingConfig(_Section):

@@ -172,6 +172,8 @@ class RunPlan:
             states *= 2
         if self.optimizer.onebit_freeze:  # + the frozen steps' denominators
             states += per_rank(4 * psi, self.sharding.optimizer) + self._onebit_error_bytes(psi)
+            if self.config.optim.name == "zero_one_adam":  # + the synchronised parameters
+                states += 4 * psi
         return {
             "params": per_rank(param_bytes * psi, self.sharding.params),
             "grads": grads,
@@ -260,6 +262,13 @@ class RunPlan:
 
     def _onebit_row(self) -> str:
         optim = self.config.optim
+        if optim.name == "zero_one_adam":
+            return (
+                f"0/1 Adam: until step {self.optimizer.onebit_freeze} the variance updated at "
+                f"gaps doubling every {optim.variance_gap_doubles_after} updates, gradients "
+                f"at 1 bit + 1 scale per {optim.compression_chunk} elements between; then "
+                f"local steps, synchronised compressed every 1 to {optim.sync_interval_max}"
+            )
         refresh = optim.variance_refresh
         return (
             f"1-bit Adam: AdamW for {self.optimizer.onebit_freeze} steps, then gradients at 1 "
@@ -597,14 +606,14 @@ def _optimizer_use(
 def _onebit_freeze(
     config: Config, dims: ParallelDims, optimizer_given: bool, trainable: int
 ) -> int | None:
-    """1-bit Adam's freeze step, after checking what it combines with (docs/onebit_adam.md)."""
+    """1-bit or 0/1 Adam's freeze step, after checking what it combines with
+    (docs/onebit_adam.md)."""
     optim, steps = config.optim, config.train.steps
-    if optim.name != "onebit_adam":
+    if optim.name not in ("onebit_adam", "zero_one_adam"):
         return None
+    feature = f"optim.name={optim.name!r}"
     if optimizer_given:
-        raise ConfigError(
-            "optim.name='onebit_adam' builds its own optimizer; pass optimizer_factory=None"
-        )
+        raise ConfigError(f"{feature} builds its own optimizer; pass optimizer_factory=None")
     limits = {
         "zero.stage=0, 1 or 2 (stage 3 shards the parameters the exchange reads)": (
             config.zero.stage == 3
@@ -613,12 +622,27 @@ def _onebit_freeze(
         "offload.optimizer='device'": config.offload.optimizer != "device",
         "parallel.pp=1": dims.pp > 1,
     }
-    _refuse_combinations("optim.name='onebit_adam'", limits)
+    if optim.name == "zero_one_adam":  # local steps leave each rank its own parameters
+        limits = {
+            "zero.stage=0 (local steps give each rank its own parameters, which sharded "
+            "states cannot follow)": config.zero.stage != 0,
+            **limits,
+            "parallel.tp=1": dims.tp > 1,
+            "parallel.sp=1": dims.sp > 1,
+            "precision.dtype='bf16' or 'fp32' (fp16's skipped steps would need every "
+            "rank's agreement during local steps)": config.precision.dtype == "fp16",
+        }
+        if "variance_refresh" in optim.model_fields_set:
+            raise ConfigError(
+                "optim.variance_refresh is 1-bit Adam's; 0/1 Adam updates the variance at "
+                "doubling gaps (optim.variance_gap_doubles_after) until optim.freeze_step"
+            )
+    _refuse_combinations(feature, limits)
     freeze = optim.freeze_step if optim.freeze_step is not None else max(1, steps // 5)
     if freeze >= steps:
         raise ConfigError(
             f"optim.freeze_step={freeze} leaves no compressed step in train.steps={steps}: "
-            "1-bit Adam compresses only after the freeze; use a freeze_step below train.steps"
+            f"{feature} compresses only after the freeze; use a freeze_step below train.steps"
         )
     per_rank = trainable // (dims.tp * dims.dp_replicate * dims.dp_shard * dims.sp)
     if optim.compression_chunk > per_rank:

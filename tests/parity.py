@@ -145,16 +145,17 @@ def engine_run(cfg: Config, freeze: bool = False) -> tuple[list[float], dict]:
 
 
 def train_then_resume(
-    out_dir: str, stage: int, dtype: str = "bf16", **sections: dict
+    out_dir: str, stage: int, dtype: str = "bf16", steps: int = 4, every: int = 2, **sections
 ) -> tuple[list[float], list[float]]:
-    """Through the trainer: 4 steps with a checkpoint at step 2, then again from it.
-    `sections` are further config sections (a parallel layout, offload settings)."""
+    """Through the trainer: `steps` steps with a checkpoint every `every`, then again from
+    the first. `sections` are further config sections (a parallel layout, offload
+    settings)."""
     from pathlib import Path
 
     from shardwise.run_plan import resolve
     from shardwise.trainer import train
 
-    fixed = {"train": {"steps": 4}, "checkpoint": {"every": 2}}
+    fixed = {"train": {"steps": steps}, "checkpoint": {"every": every}}
     cfg = make_config(micro_batch=1, global_batch=2, zero_stage=stage, dtype=dtype).replace(
         data={"max_bytes": 20_000},
         log={"progress": False},
@@ -163,7 +164,7 @@ def train_then_resume(
     out = Path(out_dir)
     plan = resolve(cfg, dist.get_world_size())
     full = train(plan, out).losses
-    resumed = train(plan, out, resume=out / "checkpoints" / "step_00000002").losses
+    resumed = train(plan, out, resume=out / "checkpoints" / f"step_{every:08d}").losses
     return full, resumed
 
 

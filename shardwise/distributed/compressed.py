@@ -233,6 +233,12 @@ class OneBitExchange:
         start, _ = self.owned_range(index)
         out[max(0, used - start) :].zero_()  # padding: norms read the whole slice
 
+    def zero_errors(self) -> None:
+        """Start the errors afresh: what they hold is in the units of another input (0/1
+        Adam's switch from gradients to displacements)."""
+        for error in self.errors:
+            error.zero_()
+
     def restore_errors(self) -> None:
         """The errors as they were before this step (fp16 only), after a step whose gradients
         were discarded (an overflow): they hold non-finite values, or the residue of gradients

@@ -36,6 +36,7 @@ replica. Without replicas the exchange replaces the bucket's own collective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,8 @@ class GradReducer:
         ]
         self.on_bucket_complete = None
         self.compression = None
+        self.local: Callable[[], bool] = lambda: False
+        """Whether this step's gradients stay on their rank (0/1 Adam's local steps)."""
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = False
         self._next_launch = 0
@@ -207,7 +210,7 @@ class GradReducer:
         else:
             if bucket.reduced is not bucket.grads:
                 bucket.reduced.copy_(bucket.grads)
-            if self.group_size > 1:
+            if self.group_size > 1 and not self.local():
                 bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
         self._next_launch += 1

@@ -70,6 +70,9 @@ class OneBitAdam(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.freeze_step = freeze_step
+        self.stale_from = freeze_step + 1
+        """The first step whose variance may be stale: steps from it on are bounded, and
+        an exact step zeroes the momentum the mask held."""
         self.refresh = cfg.variance_refresh
         self.bound = cfg.update_bound
         self.denominators: dict[torch.Tensor, torch.Tensor] = {}
@@ -108,11 +111,10 @@ class OneBitAdam(torch.optim.Optimizer):
         weight = beta2 ** (step - group["variance_step"])  # v decays by b2 for each step
         if exact:
             group["variance_step"] = step
-        correction2 = math.sqrt(1 - beta2 ** group["variance_step"])
-        after_freeze = step > self.freeze_step
-        bound = self.bound if after_freeze else 0.0
-        # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps): one pass fewer
-        scale = correction2 / (1 - beta1**step)
+        correction2 = self._variance_correction(group)
+        stale = step >= self.stale_from
+        bound = self.bound if stale else 0.0
+        scale = self._scale(group)
         scratch = params[0].new_empty(max(p.numel() for p in params), dtype=torch.float32)
         for p in params:
             state = self.state[p]
@@ -125,7 +127,7 @@ class OneBitAdam(torch.optim.Optimizer):
                 p.mul_(1 - lr * decay)
             if exact:
                 self.denominators.pop(p, None)
-                if after_freeze:  # the momentum the frozen steps' mask held at zero
+                if stale:  # the momentum the frozen steps' mask held at zero
                     m.mul_(torch.gt(v, 0, out=buffer))
                 m.lerp_(p.grad, 1 - beta1)
                 # one sample stands for the steps since the last
@@ -139,6 +141,17 @@ class OneBitAdam(torch.optim.Optimizer):
                 p.add_(torch.div(m, denom, out=buffer).clamp_(-limit, limit), alpha=-lr * scale)
             else:
                 p.addcdiv_(m, denom, value=-lr * scale)
+
+    @staticmethod
+    def _variance_correction(group: dict) -> float:
+        """c2 = sqrt(1 - b2^t_v), t_v the step of the variance's last update."""
+        return math.sqrt(1 - group["betas"][1] ** group["variance_step"])
+
+    @classmethod
+    def _scale(cls, group: dict) -> float:
+        """The step's factor on m / (sqrt(v) + c2 eps): both bias corrections, c2 / c1, since
+        m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps) (one pass fewer)."""
+        return cls._variance_correction(group) / (1 - group["betas"][0] ** group["step"])
 
     def _frozen_denominator(self, p: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
         """sqrt(v) + eps, +inf where v == 0 (the momentum mask), kept until the next exact

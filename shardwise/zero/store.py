@@ -37,6 +37,7 @@ from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models import ModelSpec
 from shardwise.optim import OptimizerFactory
 from shardwise.optim.onebit import OneBitAdam
+from shardwise.optim.zero_one import ZeroOneAdam
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
@@ -248,9 +249,12 @@ class FlatStore:
         freeze = plan.optimizer.onebit_freeze
         if freeze is None:
             return (given or optimizer_factory(plan.config.optim, plan.offload))(groups)
-        optimizer = OneBitAdam(groups, plan.config.optim, freeze)
+        kind = ZeroOneAdam if plan.config.optim.name == "zero_one_adam" else OneBitAdam
+        optimizer = kind(groups, plan.config.optim, freeze)
         if self.reducer.compression is not None:
             self.reducer.compression.active = lambda: optimizer.frozen
+        if isinstance(optimizer, ZeroOneAdam):
+            self.reducer.local = lambda: optimizer.local
         return optimizer
 
     # -- around forward and backward ---------------------------------------------------------
@@ -319,18 +323,52 @@ class FlatStore:
         if clip_coef is not None:
             torch._foreach_mul_(self.shards.owned_grads(), clip_coef)
         self.shards.attach_grads()
-        self.sync_update(optimizer)  # delayed: the previous step's, before this one starts
+        self._finish_delayed(optimizer)  # the previous step's, before this one starts
         optimizer.step()
+        if isinstance(optimizer, ZeroOneAdam):
+            self._after_local_step(optimizer)
         if not (self.delayed and optimizer.running):
             self.shards.sync_params()
         self.shards.release_grads()
 
     def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the parameters the one state every rank agrees on (every rank calls this,
+        before a save, a load or `full_state_dict`): a delayed update still running waited
+        for and written, 0/1 Adam's local steps since the last synchronisation averaged."""
+        self._finish_delayed(optimizer)
+        if isinstance(optimizer, ZeroOneAdam) and optimizer.unsynced:
+            self._synchronise(optimizer)
+            self.shards.sync_params()
+
+    def _finish_delayed(self, optimizer: torch.optim.Optimizer) -> None:
         """Wait for a delayed update still running and write it into the parameters
-        (all-gathered where sharded: every rank calls this); nothing when updates are not
-        delayed or none is running."""
+        (all-gathered where sharded); nothing when updates are not delayed or none runs."""
         if self.delayed and optimizer.finish_step():
             self.shards.sync_params()
+
+    def _after_local_step(self, optimizer: ZeroOneAdam) -> None:
+        exchange = self.reducer.compression
+        if exchange is not None and optimizer.steps_since_freeze == 1:
+            exchange.zero_errors()  # they held gradients' residue; displacements' from now
+        if optimizer.sync_due:
+            self._synchronise(optimizer)
+
+    @torch.no_grad()
+    def _synchronise(self, optimizer: ZeroOneAdam) -> None:
+        """Average the ranks' displacements since the last synchronisation, compressed, a
+        bucket at a time, and let the optimizer take them ([Note: 0/1 Adam's
+        synchronisation] in optim/zero_one.py). Zero stage 0: each slice is a whole bucket."""
+        exchange = self.reducer.compression
+        for index, owned in enumerate(self.shards.slices):
+            displacement = torch.zeros_like(owned.master)
+            averaged = {}
+            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
+                view = displacement[lo - owned.start : hi - owned.start]
+                averaged[piece] = torch.sub(optimizer.synced[piece], piece, out=view)
+            if exchange is not None:
+                exchange.launch(index, displacement, displacement).wait()
+            optimizer.synchronise(averaged)
+        optimizer.synchronised()
 
     def end_step(self) -> None:
         self.reducer.release_grads()
@@ -387,6 +425,8 @@ class FlatStore:
         extra = compression.errors + compression.previous if compression else []
         if isinstance(optimizer, OneBitAdam):
             extra += optimizer.denominators.values()
+        if isinstance(optimizer, ZeroOneAdam):
+            extra += optimizer.synced.values()
         return model_state_report(
             self.model, optimizer, grads, masters, [s.shard for s in slices], (), extra
         )

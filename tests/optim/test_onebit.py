@@ -1,6 +1,7 @@
 """1-bit Adam: the compression, the optimizer's formula, its exchange at 2 ranks (bytes, parity
 before the freeze, exact resume after it, fp16 loss scales and overflows) and the settings it
-refuses."""
+refuses; 0/1 Adam, its second policy: the variance's schedule, local steps and their
+synchronisation (formula, ranks agreeing bitwise after each, bytes, exact resume)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from shardwise.distributed.link import Link
 from shardwise.engine import initialize
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.optim.onebit import OneBitAdam
+from shardwise.optim.zero_one import ZeroOneAdam
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import (
@@ -425,3 +427,203 @@ def test_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_config(tmp_pa
     assert (resolved.train.global_batch, resolved.optim.variance_refresh) == (8, 0)
     final = out / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]
+
+
+# -- 0/1 Adam -----------------------------------------------------------------------------------
+
+ZERO_ONE = {"name": "zero_one_adam", "compression_chunk": 64}
+LOCAL_STEPS = {"sync_interval_doubles_after": 1, "sync_interval_max": 4}
+"""Synchronisations 1, 2, 4, 4 ... local steps apart."""
+
+
+def test_zero_one_schedules_the_variance_and_the_synchronisations():
+    cfg = Config().optim.model_copy(
+        update={
+            "variance_gap_doubles_after": 2,
+            "sync_interval_doubles_after": 2,
+            "sync_interval_max": 4,
+        }
+    )
+    optimizer = ZeroOneAdam([torch.nn.Parameter(torch.ones(2))], cfg, freeze_step=12)
+    # gaps 1, 1, 2, 2, 4, 4 ... up to the freeze
+    assert [s for s in range(1, 30) if optimizer._exact(s)] == [1, 2, 4, 6, 10]
+    due = []
+    for step in range(13, 30):
+        optimizer.param_groups[0]["step"] = step
+        due.append(optimizer.sync_due)
+    # intervals 1, 1, 2, 2, 4, 4, 4 ... (steps after the freeze: 1, 2, 4, 8, 12, 16)
+    assert [13 + i for i, d in enumerate(due) if d] == [13, 14, 16, 20, 24, 28]
+
+
+def test_zero_one_local_steps_and_synchronisation_follow_the_formula():
+    """Two ranks emulated in one process, their synchronisation averaged exactly (the
+    compressed exchange is the engine's, tested below): before the freeze both step on the
+    same gradients; after it each on its own, and a synchronisation leaves both with the
+    mean of their parameters and the momentum that moves the last synchronised parameters
+    there at the interval's learning rates ([Note: 0/1 Adam's synchronisation])."""
+    b1, b2, lr, eps, decay, freeze = 0.9, 0.99, 0.05, 1e-6, 0.1, 4
+    cfg = Config().optim.model_copy(
+        update={
+            "lr": lr,
+            "betas": (b1, b2),
+            "eps": eps,
+            "update_bound": 0,
+            "variance_gap_doubles_after": 2,
+            "sync_interval_doubles_after": 1,
+            "sync_interval_max": 4,
+        }
+    )
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(24, generator=gen)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    optimizers = [
+        ZeroOneAdam([{"params": [p], "weight_decay": decay}], cfg, freeze) for p in params
+    ]
+    p = [start.double()] * 2
+    m = [torch.zeros(24, dtype=torch.float64)] * 2
+    v = torch.zeros(24, dtype=torch.float64)
+    synced, variance_step, lr_sum, shrink, syncs = None, 0, 0.0, 1.0, 0
+    for step in range(1, 16):
+        grads = [torch.randn(24, generator=gen) for _ in range(2)]
+        for g in grads:
+            g[:3] = 0.0  # never a gradient: masked after the warm-up, decay only
+        if step <= freeze:  # one averaged gradient for both (the exchange's job)
+            grads = [(grads[0] + grads[1]) / 2] * 2
+        exact = optimizers[0]._exact(step)
+        for param, optimizer, grad in zip(params, optimizers, grads, strict=True):
+            param.grad = grad.clone()
+            optimizer.step()
+        if exact:
+            weight = b2 ** (step - variance_step)
+            v, variance_step = weight * v + (1 - weight) * grads[0].double() ** 2, step
+        denom = (v / (1 - b2**variance_step)).sqrt() + eps
+        scale = 1 / (1 - b1**step)
+        for r in range(2):
+            m[r] = b1 * m[r] + (1 - b1) * grads[r].double()
+            if step >= optimizers[0].stale_from and not exact:
+                m[r] = m[r] * (v > 0)
+            p[r] = p[r] * (1 - lr * decay) - lr * scale * m[r] / denom
+        if step == freeze:
+            synced = p[0]
+        if step > freeze:
+            lr_sum, shrink = lr_sum + lr * scale, shrink * (1 - lr * decay)
+        if optimizers[0].sync_due:
+            averaged = {}
+            for param, optimizer in zip(params, optimizers, strict=True):
+                averaged[param] = (optimizer.synced[param] - param.detach()).double()
+            mean = (averaged[params[0]] + averaged[params[1]]).float() / 2
+            for param, optimizer in zip(params, optimizers, strict=True):
+                optimizer.synchronise({param: mean.clone()})
+                optimizer.synchronised()
+            p = [(p[0] + p[1]) / 2] * 2
+            m = [(shrink * synced - p[0]) * denom / lr_sum * (v > 0)] * 2
+            synced, lr_sum, shrink, syncs = p[0], 0.0, 1.0, syncs + 1
+        for r in range(2):
+            torch.testing.assert_close(params[r].detach().double(), p[r], rtol=1e-5, atol=1e-6)
+            state = optimizers[r].state[params[r]]
+            torch.testing.assert_close(state["exp_avg"].double(), m[r], rtol=1e-4, atol=1e-6)
+    assert syncs == 4  # at steps 5, 6, 8 and 12: intervals 1, 2, 4, 4 after the freeze
+    torch.testing.assert_close(params[0].detach()[:3], start[:3] * (1 - lr * decay) ** 15)
+
+
+def test_zero_one_matches_adamw_while_it_updates_the_variance(pool2):
+    """Steps 1-5 each update the variance (the first gap is 1 for 8 updates): exact
+    gradients, AdamW's formula."""
+    cfg = make_config(micro_batch=1, global_batch=4).replace(
+        optim={**ZERO_ONE, "freeze_step": 5, "variance_gap_doubles_after": 8},
+        train={"steps": 6},
+    )
+    want = reference_run(cfg, freeze=True)
+    for got in pool2.run(engine_run, cfg, freeze=True):
+        assert_parity(got, want, rtol=1e-5)
+
+
+def _zero_one_steps() -> tuple[list, list, tuple]:
+    """Steps 1 and 3 update the variance, step 2 is compressed, then local steps synchronised
+    after steps 4, 5 and 7 (intervals 1, 2, 4): per step, every rank's parameter checksum,
+    whether it synchronised, the bytes of the step's collectives, and the errors' size when
+    the step's exchange began (if it had one)."""
+    cfg = make_config(micro_batch=1, global_batch=2).replace(
+        optim={**ZERO_ONE, **LOCAL_STEPS, "freeze_step": 3, "variance_gap_doubles_after": 1},
+        train={"steps": 8},
+    )
+    engine = initialize(build_model(cfg), None, cfg)
+    rank, world = comm.group_rank(None), comm.group_size(None)
+    exchange = engine.store.reducer.compression
+    launch, errors_at_launch = exchange.launch, []
+
+    def recording_launch(*args):
+        errors_at_launch.append(sum(e.abs().sum().item() for e in exchange.errors))
+        return launch(*args)
+
+    exchange.launch = recording_launch
+    steps = []
+    for inputs, targets in global_batches(cfg, steps=8):
+        errors_at_launch.clear()
+        with CommStats() as stats:
+            engine.train_step((inputs[rank : rank + 1], targets[rank : rank + 1]))
+        sent = {op: stats.total(op=op) for op in ("all_to_all", "all_gather")}
+        sent["all_reduce_payload"] = stats.total("payload_bytes", op="all_reduce")
+        checksum = torch.stack([p.detach().double().sum() for p in engine.params]).sum()
+        everyone = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        torch.distributed.all_gather(everyone, checksum.view(1))
+        errors = errors_at_launch[0] if errors_at_launch else None
+        steps.append(([t.item() for t in everyone], engine.optimizer.sync_due, sent, errors))
+    slices = [b.numel // world for b in engine.store.reducer.buckets]
+    message = [packed_bytes(n, 64) for n in slices]
+    closed_form = {
+        "all_to_all": sum((world - 1) / world * world * m for m in message),
+        "all_gather": sum((world - 1) * m for m in message),
+    }
+    memory = (sum(engine.memory_report().values()), sum(engine.plan.model_state_bytes().values()))
+    return steps, closed_form, memory
+
+
+def test_zero_one_ranks_agree_after_each_synchronisation_and_local_steps_send_nothing(pool2):
+    """... a compressed step and a synchronisation send the exchange's closed form, the
+    first synchronisation starts from zero errors (they held gradients until then), and
+    the plan counts the kept parameters and the errors."""
+    for steps, closed_form, (measured, predicted) in pool2.run(_zero_one_steps):
+        assert [due for _, due, _, _ in steps] == [False] * 3 + [True, True, False, True, False]
+        for step, (checksums, due, sent, _) in enumerate(steps, start=1):
+            assert all(math.isfinite(c) for c in checksums)
+            if step in (1, 3):  # exact gradients
+                assert checksums[0] == checksums[1] and sent["all_reduce_payload"] > 8
+                continue
+            assert sent["all_reduce_payload"] <= 4  # only the loss travels uncompressed
+            compressed = step == 2 or due
+            assert checksums[0] == checksums[1] if compressed else checksums[0] != checksums[1]
+            want = closed_form if compressed else {"all_to_all": 0, "all_gather": 0}
+            assert {op: sent[op] for op in want} == want
+        errors = [e for _, _, _, e in steps]
+        assert errors[:6] == [None, 0.0, None, 0.0, errors[4], None] and errors[4] > 0
+        assert measured == pytest.approx(predicted, rel=0.03)
+
+
+def test_zero_one_resumes_exactly_in_the_middle_of_a_local_interval(pool2, tmp_path):
+    """Local steps from step 2, synchronised after steps 2, 3 and 5; the save at step 4
+    synchronises first (in the uninterrupted run as well), so steps 5 and 6 are bitwise
+    the same."""
+    optim = {**ZERO_ONE, **LOCAL_STEPS, "freeze_step": 1}
+    for full, resumed in pool2.run(
+        train_then_resume, str(tmp_path), 0, "fp32", steps=6, every=4, optim=optim
+    ):
+        assert len(full) == 6 and resumed == full[4:]
+        assert all(math.isfinite(loss) for loss in full)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"zero": {"stage": 1}}, "set zero.stage=0 \\(local steps"),
+        ({"precision": {"dtype": "fp16"}}, "set precision.dtype='bf16' or 'fp32'"),
+        ({"parallel": {"tp": 2, "dp_shard": 1}}, "set parallel.tp=1"),
+        ({"optim": {"variance_refresh": 5}}, "optim.variance_refresh is 1-bit Adam's"),
+        ({"optim": {"freeze_step": 5}}, "optim.freeze_step=5 leaves no compressed step"),
+    ],
+)
+def test_zero_one_unsupported_settings_are_one_line_errors(settings, message):
+    cfg = make_config(micro_batch=1).replace(optim={"name": "zero_one_adam"}, train={"steps": 5})
+    with pytest.raises(ConfigError, match=message) as error:
+        resolve(cfg.replace(**settings), 2)
+    assert "\n" not in str(error.value)
