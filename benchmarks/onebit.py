@@ -1,6 +1,7 @@
-"""Benchmark ``onebit``: 1-bit Adam against AdamW at 2 ranks (data parallel, ZeRO stage 0, fp32).
+"""Benchmark ``onebit``: 1-bit Adam and 0/1 Adam against AdamW at 2 ranks (data parallel, ZeRO
+stage 0, fp32).
 
-Three figures, each against AdamW measured in the same run:
+Three figures for 1-bit Adam, each against AdamW measured in the same run:
 
 * ``bytes_vs_allreduce``: wire bytes one rank sends in a compressed step (the all-to-all and
   all-gather of packed signs and scales, plus the loss's scalar all-reduce) over those of an
@@ -17,6 +18,12 @@ Three figures, each against AdamW measured in the same run:
   over one refresh cycle (9 compressed steps and 1 exact one) over AdamW's mean; contenders
   interleaved step by step, a barrier before each step, a step timed on each rank. Target
   <= 0.5.
+
+The same for 0/1 Adam (``optim.name = zero_one_adam``, its defaults; docs/onebit_adam.md), keys
+prefixed ``zero_one_``: its loss on the same runs, its mean step time on the slow link over
+one interval of ``sync_interval_max`` local steps (their last one synchronises), and
+``zero_one_bytes_per_step_vs_allreduce``, the mean wire bytes per step over that interval over
+AdamW's step. Both are measured over 40 steps (4 refresh cycles, 5 intervals).
 """
 
 from __future__ import annotations
@@ -41,8 +48,23 @@ from shardwise.run_plan import resolve
 
 NPROC = 2
 LINK_GBPS = 1.0
-ONEBIT_KEYS = {"freeze_step", "compression_chunk", "variance_refresh"}
+ONEBIT_KEYS = {"freeze_step", "compression_chunk", "variance_refresh", "update_bound"}
 """The 1-bit Adam settings the JSON ``config`` records (defaults; freeze None = 20%)."""
+ZERO_ONE_KEYS = {
+    "freeze_step",
+    "compression_chunk",
+    "update_bound",
+    "variance_gap_doubles_after",
+    "sync_interval_doubles_after",
+    "sync_interval_max",
+}
+"""The 0/1 Adam settings the JSON ``config`` records."""
+CONTENDERS = ("adamw", "onebit_adam", "zero_one_adam")
+RATIO_KEYS = {
+    "onebit_adam": ("", "bytes_vs_allreduce"),
+    "zero_one_adam": ("zero_one_", "bytes_per_step_vs_allreduce"),
+}
+"""Each compressed optimizer's ratio key prefix and the name of its bytes figure."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +72,9 @@ class Settings:
     presets: tuple[str, ...]
     """Presets of the convergence runs (the default run's first)."""
     steps: int = 300
-    speed_iters: int = 10
-    """Measured steps per contender on the slow link (one refresh cycle of 1-bit Adam)."""
+    speed_iters: int = 40
+    """Measured steps per contender on the slow link: whole refresh cycles of 1-bit Adam
+    (10 steps) and intervals of 0/1 Adam's local steps (8)."""
     out: str = ""
     """Folder of the convergence runs (set by `run`)."""
 
@@ -69,21 +92,22 @@ def run(quick: bool) -> BenchResult:
 
 
 def summarise(settings: Settings, record: dict[str, Any]) -> BenchResult:
-    """The JSON ratios from rank 0's record: 1-bit Adam's figure over AdamW's, per key."""
+    """The JSON ratios from rank 0's record: each compressed optimizer's figure over AdamW's,
+    per key (0/1 Adam's prefixed ``zero_one_``)."""
     speed, losses = record["speed"], record["losses"]
-    peers = {
-        "bytes_vs_allreduce": speed["wire_bytes"]["adamw"],
-        "step_vs_adam_slow_link": speed["mean_step_s"]["adamw"],
-    }
-    ratio = {
-        "bytes_vs_allreduce": speed["wire_bytes"]["onebit_adam"] / peers["bytes_vs_allreduce"],
-        "step_vs_adam_slow_link": speed["mean_step_s"]["onebit_adam"]
-        / peers["step_vs_adam_slow_link"],
-    }
-    for preset in settings.presets:
-        key = "loss_vs_adam" if preset == settings.presets[0] else f"loss_vs_adam_{preset}"
-        peers[key] = losses[preset]["adamw"]
-        ratio[key] = losses[preset]["onebit_adam"] / losses[preset]["adamw"]
+    peers, ratio = {}, {}
+    for name, (prefix, bytes_key) in RATIO_KEYS.items():
+        figures = {
+            bytes_key: speed["wire_bytes"],
+            "step_vs_adam_slow_link": speed["mean_step_s"],
+            **{
+                "loss_vs_adam" if p == settings.presets[0] else f"loss_vs_adam_{p}": losses[p]
+                for p in settings.presets
+            },
+        }
+        for key, figure in figures.items():
+            peers[prefix + key] = figure["adamw"]
+            ratio[prefix + key] = figure[name] / figure["adamw"]
     config = {
         "ranks": NPROC,
         "precision": "fp32",
@@ -93,6 +117,7 @@ def summarise(settings: Settings, record: dict[str, Any]) -> BenchResult:
         "losses": losses,
         "steps": settings.steps,
         "onebit": Config().optim.model_dump(include=ONEBIT_KEYS),
+        "zero_one": Config().optim.model_dump(include=ZERO_ONE_KEYS),
     }
     return BenchResult(
         metric="onebit_over_adamw (bytes, loss, step time)",
@@ -113,7 +138,7 @@ def converge(settings: Settings, preset: str) -> dict[str, float]:
     from shardwise.trainer import train
 
     means = {}
-    for name in ("adamw", "onebit_adam"):
+    for name in CONTENDERS:
         cfg = Config().replace(
             model={"preset": preset},
             precision={"dtype": "fp32"},
@@ -130,15 +155,17 @@ def converge(settings: Settings, preset: str) -> dict[str, float]:
 
 
 def speed(settings: Settings) -> dict[str, Any]:
-    """Step times on the emulated 1 Gbit/s link and the bytes of one step of each."""
+    """Step times on the emulated 1 Gbit/s link and the bytes of a step of each: AdamW's, a
+    compressed step of 1-bit Adam, the mean over an interval of 0/1 Adam's local steps."""
     rank = dist.get_rank()
     engines = {}
-    for name in ("adamw", "onebit_adam"):
+    for name in CONTENDERS:
         cfg = Config().replace(
             model={"preset": "mini"},
             data={"seq_len": 64},
             precision={"dtype": "fp32"},
-            optim={"name": name, "freeze_step": 1},
+            optim={"name": name, "freeze_step": 1}
+            | ({"sync_interval_doubles_after": 1} if name == "zero_one_adam" else {}),
             train={"micro_batch": 1, "steps": 1000},
             distributed={"emulate_gbps": LINK_GBPS},
         )
@@ -155,11 +182,17 @@ def speed(settings: Settings) -> dict[str, Any]:
         return step
 
     wire = {}
-    for name in engines:  # step 1 (exact for both), then step 2 recorded
+    interval = Config().optim.sync_interval_max
+    for name in engines:  # step 1 (exact for all), 0/1 Adam then to its longest interval
         step_of(name)(0)
+        zero_one = name == "zero_one_adam"
+        for index in range(interval.bit_length() - 1 if zero_one else 0):
+            step_of(name)(index)  # intervals 1, 2, 4 ...
+        recorded = interval if zero_one else 1
         with CommStats() as stats:
-            step_of(name)(1)
-        wire[name] = stats.total("wire_bytes")
+            for index in range(recorded):
+                step_of(name)(index)
+        wire[name] = stats.total("wire_bytes") / recorded
     times = interleaved_step_times(
         {name: step_of(name) for name in engines},
         warmup=0,

@@ -36,15 +36,27 @@ AUTO = "auto"
 MIB = 2**20
 DEVICES = {"none": None, "cpu": "host", "nvme": "disk"}
 """DeepSpeed's offload devices -> shardwise's tiers (None: not offloaded)."""
-OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "onebitadam": "onebit_adam"}
+OPTIMIZERS = {
+    "adam": "adamw", "adamw": "adamw", "onebitadam": "onebit_adam", "zerooneadam": "zero_one_adam",
+}  # fmt: skip
 """DeepSpeed optimizer types (case-insensitive, as DeepSpeed reads them) -> `optim.name`.
 DeepSpeed's Adam is AdamW unless ``adam_w_mode`` is false."""
 OPTIMIZER_DEFAULTS = {
     "adamw": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
     "onebit_adam": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                     "freeze_step": 100000},
+    "zero_one_adam": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                      "var_freeze_step": 100000, "var_update_scaler": 16,
+                      "local_step_scaler": 32678, "local_step_clipper": 16},
 }  # fmt: skip
 """DeepSpeed's defaults of each optimizer's params (torch's Adam signature)."""
+OPTIMIZER_KEYS = {
+    "var_freeze_step": "freeze_step",
+    "var_update_scaler": "variance_gap_doubles_after",
+    "local_step_scaler": "sync_interval_doubles_after",
+    "local_step_clipper": "sync_interval_max",
+}
+"""DeepSpeed's names of 0/1 Adam's params -> `optim` keys (the others are the same)."""
 SCHEDULERS = {
     "WarmupLR": ({"warmup_min_lr": 0, "warmup_num_steps": 1000, "warmup_type": "log"},
                  {"min_lr_ratio": 1.0}),
@@ -392,7 +404,8 @@ def _optimizer(ds: DeepSpeedConfig, section: Any) -> None:
     kind = section.get("type")
     name = OPTIMIZERS.get(str(kind).lower())
     if name is None:
-        ds.refused.append(f"optimizer.type={kind!r} (supported: Adam, AdamW, OneBitAdam)")
+        supported = "Adam, AdamW, OneBitAdam, ZeroOneAdam"
+        ds.refused.append(f"optimizer.type={kind!r} (supported: {supported})")
         return
     ds.set("optim.name", name)
     if name == "onebit_adam":
@@ -401,9 +414,8 @@ def _optimizer(ds: DeepSpeedConfig, section: Any) -> None:
     if not isinstance(params, dict):
         ds.refused.append(f"optimizer.params={params!r} (expected a JSON object)")
         return
-    handlers = {
-        key: (lambda v, key=key: ds.set(f"optim.{key}", v)) for key in OPTIMIZER_DEFAULTS[name]
-    }
+    ours = {key: OPTIMIZER_KEYS.get(key, key) for key in OPTIMIZER_DEFAULTS[name]}
+    handlers = {key: (lambda v, to=to: ds.set(f"optim.{to}", v)) for key, to in ours.items()}
     handlers["adam_w_mode"] = lambda v: _refuse_unless(
         ds, v in (True, AUTO), "optimizer.params.adam_w_mode=false (Adam with L2 decay)"
     )

@@ -293,6 +293,21 @@ def test_one_bit_adam_keeps_its_variance_frozen(tmp_path):
     assert settings["precision"] == {"reduce_dtype": "fp32"}
 
 
+def test_zero_one_adam_takes_its_schedules_under_their_shardwise_names(tmp_path):
+    example = {
+        "optimizer": {
+            "type": "ZeroOneAdam",
+            "params": {"lr": 1e-3, "var_freeze_step": 100, "local_step_clipper": 4},
+        },
+    }
+    optim = translate(tmp_path, example)["optim"]
+    assert optim["name"] == "zero_one_adam"
+    assert (optim["freeze_step"], optim["sync_interval_max"]) == (100, 4)
+    assert optim["variance_gap_doubles_after"] == 16  # DeepSpeed's defaults
+    assert optim["sync_interval_doubles_after"] == 32678
+    Config.from_dict({"optim": optim})  # valid keys
+
+
 def test_log_warm_up_and_ignored_keys_are_one_warning_line(tmp_path, capsys):
     """Printed first, before the plan (here refused: heads that do not divide d_model)."""
     file = tmp_path / "ds.json"

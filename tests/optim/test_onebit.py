@@ -627,3 +627,35 @@ def test_zero_one_unsupported_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:
         resolve(cfg.replace(**settings), 2)
     assert "\n" not in str(error.value)
+
+
+def test_zero_one_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_config(
+    tmp_path, capsys
+):
+    """DeepSpeed's ZeroOneAdam params under their names; local steps from step 3, the
+    final save synchronises (its per-rank error buffers are in the checkpoint)."""
+    example = {
+        "train_batch_size": 4,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {
+            "type": "ZeroOneAdam",
+            "params": {
+                "lr": 1e-3,
+                "var_freeze_step": 2,
+                "var_update_scaler": 1,
+                "local_step_scaler": 1,
+                "local_step_clipper": 2,
+                "cuda_aware": False,
+            },
+        },
+    }
+    ds_config = tmp_path / "zero_one.json"
+    ds_config.write_text(json.dumps(example))
+    settings = [*TINY_RUN, "train.steps=6", "optim.compression_chunk=32"]
+    out = tmp_path / "run"
+    shows = "0/1 Adam: until step 2 the variance updated at gaps doubling every 1 updates"
+    options = ["--deepspeed-config", str(ds_config)]
+    losses = train_on_two_ranks(out, settings, capsys, shows, options)
+    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+    final = out / "checkpoints" / "step_00000006"
+    assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]
