@@ -415,18 +415,25 @@ def test_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_config(tmp_pa
             },
         },
     }
-    ds_config = tmp_path / "onebit.json"
-    ds_config.write_text(json.dumps(example))
-    settings = [*TINY_RUN, "train.steps=4", "optim.compression_chunk=32"]
-    out = tmp_path / "run"
     shows = "1-bit Adam: AdamW for 1 steps, then gradients at 1 bit"
-    options = ["--deepspeed-config", str(ds_config)]
-    losses = train_on_two_ranks(out, settings, capsys, shows, options)
-    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    out = _train_from_deepspeed_config(tmp_path, capsys, example, 4, shows)
     resolved = Config.from_file(out / "config.toml")
     assert (resolved.train.global_batch, resolved.optim.variance_refresh) == (8, 0)
-    final = out / "checkpoints" / "step_00000004"
+
+
+def _train_from_deepspeed_config(tmp_path, capsys, example: dict, steps: int, shows: str):
+    """`shardwise train --nproc 2` with DeepSpeed config `example` for `steps` steps: finite
+    losses, and the final checkpoint holds each rank's error buffers; the run's folder."""
+    ds_config = tmp_path / "deepspeed.json"
+    ds_config.write_text(json.dumps(example))
+    settings = [*TINY_RUN, f"train.steps={steps}", "optim.compression_chunk=32"]
+    out = tmp_path / "run"
+    options = ["--deepspeed-config", str(ds_config)]
+    losses = train_on_two_ranks(out, settings, capsys, shows, options)
+    assert len(losses) == steps and all(math.isfinite(loss) for loss in losses)
+    final = out / "checkpoints" / f"step_{steps:08d}"
     assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]
+    return out
 
 
 # -- 0/1 Adam -----------------------------------------------------------------------------------
@@ -652,13 +659,5 @@ def test_zero_one_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_conf
             },
         },
     }
-    ds_config = tmp_path / "zero_one.json"
-    ds_config.write_text(json.dumps(example))
-    settings = [*TINY_RUN, "train.steps=6", "optim.compression_chunk=32"]
-    out = tmp_path / "run"
     shows = "0/1 Adam: until step 2 the variance updated at gaps doubling every 1 updates"
-    options = ["--deepspeed-config", str(ds_config)]
-    losses = train_on_two_ranks(out, settings, capsys, shows, options)
-    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
-    final = out / "checkpoints" / "step_00000006"
-    assert sorted(p.name for p in final.glob("shards*")) == ["shards_rank0.bin", "shards_rank1.bin"]
+    _train_from_deepspeed_config(tmp_path, capsys, example, 6, shows)
