@@ -22,9 +22,9 @@ divided by P before it is sent. Where a bucket is all-reduced whole and in the p
 the first touch of the step's only backward writes grad / P into the bucket instead of a copy
 (one pass over the gradients where a copy and then a division over the bucket took two; torch
 DDP fuses them the same way; ~30 ms of backward a step for 23M parameters on one CPU core,
-the wide shape of bench dp). A gradient
-copied in by an accumulation micro-batch marks its bucket `undivided`, and the bucket is then
-divided whole at its launch, as every other path (reduce-scatter, compression) does.
+the wide shape of bench dp). A gradient copied in by an accumulation micro-batch marks its
+bucket `undivided`, and the bucket is then divided whole at its launch, as every other path
+(reduce-scatter, compression) does.
 
 [Note: shard layout] Buckets are padded to a multiple of the group size P; rank r owns the
 slice [r*n/P, (r+1)*n/P) of every bucket of n elements (`Bucket.shard`). In reduce-scatter

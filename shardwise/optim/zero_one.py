@@ -53,7 +53,8 @@ class ZeroOneAdam(OneBitAdam):
         self.interval_doubles_after = cfg.sync_interval_doubles_after
         self.interval_max = cfg.sync_interval_max
         for group in self.param_groups:
-            group.setdefault("lr_sum", 0.0)  # sum of lr c2 / c1 over the local steps
+            group.setdefault("local_steps", 0)  # since the last synchronisation
+            group.setdefault("lr_sum", 0.0)  # sum of lr c2 / c1 over them
             group.setdefault("decay", 1.0)  # product of their weight-decay factors
         self.synced: dict[torch.Tensor, torch.Tensor] = {}
         """Parameter -> its value at the last synchronisation, taken at the first local
@@ -97,13 +98,14 @@ class ZeroOneAdam(OneBitAdam):
     @property
     def unsynced(self) -> bool:
         """Whether local steps were taken since the last synchronisation."""
-        return any(group["lr_sum"] for group in self.param_groups)
+        return any(group["local_steps"] for group in self.param_groups)
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         if group["step"] > self.freeze_step:
             for p in params:
                 if p not in self.synced:
                     self.synced[p] = p.detach().clone()
+            group["local_steps"] += 1
             group["lr_sum"] += group["lr"] * self._scale(group)
             group["decay"] *= 1 - group["lr"] * group["weight_decay"]
         super()._step_group(group, params)
@@ -124,14 +126,17 @@ class ZeroOneAdam(OneBitAdam):
                 drift = averaged[p].sub_(synced, alpha=1 - decay)
                 drift.mul_(state["exp_avg_sq"] > 0)  # the momentum mask: decay only
                 p.copy_(synced).mul_(decay).sub_(drift)
-                denom = torch.sqrt(state["exp_avg_sq"]).add_(eps)
-                torch.mul(drift, denom, out=state["exp_avg"]).div_(lr_sum)
+                if lr_sum > 0:
+                    denom = torch.sqrt(state["exp_avg_sq"]).add_(eps)
+                    torch.mul(drift, denom, out=state["exp_avg"]).div_(lr_sum)
+                else:  # a learning rate of 0 all interval: no step to take a momentum from
+                    state["exp_avg"].zero_()
                 synced.copy_(p)
 
     def synchronised(self) -> None:
         """A synchronisation is complete: a new interval of local steps starts."""
         for group in self.param_groups:
-            group["lr_sum"], group["decay"] = 0.0, 1.0
+            group["local_steps"], group["lr_sum"], group["decay"] = 0, 0.0, 1.0
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -533,6 +533,23 @@ def test_zero_one_local_steps_and_synchronisation_follow_the_formula():
     torch.testing.assert_close(params[0].detach()[:3], start[:3] * (1 - lr * decay) ** 15)
 
 
+def test_zero_one_synchronises_an_interval_at_a_learning_rate_of_zero():
+    """A schedule that ends at lr 0 (optim.min_lr_ratio = 0): the interval moved nothing, so
+    the momentum is zero, not 0 / 0; the step still counts as one to synchronise."""
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = ZeroOneAdam([param], Config().optim, freeze_step=1)
+    for lr in (0.1, 0.0):
+        optimizer.param_groups[0]["lr"] = lr
+        param.grad = torch.full((4,), 0.5)
+        optimizer.step()
+    assert optimizer.unsynced and optimizer.sync_due
+    optimizer.synchronise({param: (optimizer.synced[param] - param).detach()})
+    optimizer.synchronised()
+    assert not optimizer.unsynced
+    assert torch.equal(optimizer.state[param]["exp_avg"], torch.zeros(4))
+    assert torch.isfinite(param).all()
+
+
 def test_zero_one_matches_adamw_while_it_updates_the_variance(pool2):
     """Steps 1-5 each update the variance (the first gap is 1 for 8 updates): exact
     gradients, AdamW's formula."""
