@@ -317,9 +317,9 @@ class ChunkedAdamW(OffloadedAdamW):
     so the state chunks (which never span two groups) stream in chunk order too: the disk
     tier's read-ahead of the next state chunk overlaps the update of the current one, and
     each parameter chunk is accessed once per step. The update itself is OffloadedAdamW's,
-    bit-identical to torch's fused AdamW. It hooks `OffloadedAdamW._streamed`, the one loop
-    that visits state chunks; state_dict and load_state_dict walk it too but touch no
-    parameter values, so they leave the parameter chunks where they are."""
+    bit-identical to torch's fused AdamW. It extends `OffloadedAdamW._stepped`, the loop
+    the update visits state chunks in; state_dict and load_state_dict walk `_streamed` and
+    touch no parameter values, so they leave the parameter chunks where they are."""
 
     def __init__(
         self,
@@ -333,22 +333,13 @@ class ChunkedAdamW(OffloadedAdamW):
         super().__init__(groups, **kw)
         self._group_chunks = list(group_chunks)
         self._open, self._close = open_chunk, close_chunk
-        self._stepping = False
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        self._stepping = True
-        try:
-            super().step(closure)
-        finally:
-            self._stepping = False
-
-    def _streamed(self) -> Iterator[Any]:
+    def _stepped(self) -> Iterator[Any]:
         current: Chunk | None = None
         try:
-            for state_chunk in super()._streamed():
+            for state_chunk in super()._stepped():
                 chunk = self._group_chunks[state_chunk.group]
-                if self._stepping and chunk is not current:
+                if chunk is not current:
                     if current is not None:
                         self._close(current)
                     self._open(chunk)

@@ -185,6 +185,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self._writes.clear()
             self.disk.flush()
 
+    def _stepped(self) -> Iterator[_StateChunk]:
+        """The state chunks as the update visits them (`_streamed`; a subclass may do more
+        around each, as `ChunkedAdamW` opens the parameter chunk it updates)."""
+        return self._streamed()
+
     # -- the update --------------------------------------------------------------------------
 
     def _needs_master(self, p: torch.Tensor) -> bool:
@@ -274,7 +279,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         ``.grad`` as its chunk comes in, each parameter written from its master then; returns
         the parameters updated through a master (delayed: for `finish_step` to write)."""
         written = []
-        for chunk in self._streamed():
+        for chunk in self._stepped():
             params, grads, exp_avgs, exp_avg_sqs, steps, updated = [], [], [], [], [], []
             for p, offset in zip(chunk.params, chunk.offsets, strict=True):
                 grad = p.grad if staged is None else staged.get(p)
