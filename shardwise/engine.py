@@ -116,7 +116,7 @@ class Engine:
     def run_backward(self, backward: Callable[[], None], sync: bool) -> None:
         """Run `backward` (a micro-batch's, a pipeline stage's or its weights' half) inside
         the store's bracket; `sync`: the rank's last backward of the step, which reduces."""
-        self.store.before_backward(sync)
+        self.store.before_backward(sync, self.optimizer)
         backward()
         self.store.after_backward(sync)
         self._micro_step += 1

@@ -139,10 +139,10 @@ def decompress_mean(message: torch.Tensor, n: int, chunk: int, out: torch.Tensor
 
 class OneBitExchange:
     """Averages flat gradient tensors over a group, compressed to one bit per element, with
-    worker and server error feedback ([Note: the compressed exchange]); `active()` says from
-    which step on. Tensor `index` is the same on every rank: the reducer's bucket `index`, or
-    with replicas of ZeRO shards, this rank's slice of that bucket ([Note: 1-bit Adam over
-    replicas] in reducer.py)."""
+    worker and server error feedback ([Note: the compressed exchange]), in the steps whose
+    gradients travel compressed (the reducer's `Exchange`). Tensor `index` is the same on
+    every rank: the reducer's bucket `index`, or with replicas of ZeRO shards, this rank's
+    slice of that bucket ([Note: 1-bit Adam over replicas] in reducer.py)."""
 
     def __init__(
         self,
@@ -176,8 +176,6 @@ class OneBitExchange:
         self.previous = [torch.empty_like(e) for e in self.errors] if loss_scale else []
         """fp16: each error as it was before this step's exchange changed it."""
         self.loss_scale = loss_scale or (lambda: 1.0)
-        self.active: Callable[[], bool] = lambda: False
-        """Whether this step's gradients travel compressed (set to the optimizer's freeze)."""
 
     @property
     def errors(self) -> list[torch.Tensor]:

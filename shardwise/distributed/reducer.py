@@ -45,6 +45,7 @@ replica. Without replicas the exchange replaces the bucket's own collective.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 
 from shardwise.distributed import comm
+from shardwise.distributed.compressed import OneBitExchange
 
 
 @dataclass
@@ -101,71 +103,76 @@ class Bucket:
         start = self.offsets[index]
         return buffer[start : start + param.numel()].view_as(param)
 
+    def reduced_range(self, start: int, end: int) -> torch.Tensor:
+        """The reduced gradient of flat range [start, end) (inside `shard`)."""
+        return self.reduced[start - self.shard[0] : end - self.shard[0]]
+
+
+class Exchange(enum.Enum):
+    """How a step's gradients travel between the ranks (1-bit and 0/1 Adam change it)."""
+
+    EXACT = "exact"
+    """All-reduced (or reduce-scattered) in the reduce dtype."""
+    COMPRESSED = "compressed"
+    """Through the 1-bit exchange ([Note: 1-bit Adam over replicas])."""
+    LOCAL = "local"
+    """Not at all: each rank steps on its own gradients (0/1 Adam's local steps)."""
+
 
 class GradReducer:
     """Averages gradients over a data-parallel group in buckets, overlapped with backward."""
 
     def __init__(
         self,
-        params: list[nn.Parameter],
+        buckets: list[Bucket],
         group: object | None,
-        bucket_bytes: int,
-        reduce_dtype: torch.dtype,
         scatter: bool = False,
-        bucket_groups: list[list[nn.Parameter]] | None = None,
         replicate_group: object | None = None,
-        device: torch.device | None = None,
-        align: int = 1,
-        alone: nn.Parameter | None = None,
+        compression: OneBitExchange | None = None,
+        on_bucket_complete: Callable[[Bucket], None] | None = None,
     ) -> None:
-        """`group` is a 1-D DeviceMesh (or None for one process); params in model order.
+        """`buckets` from `make_buckets`, in launch order; `group` is a 1-D DeviceMesh (or
+        None for one process).
 
-        Gradients are averaged in `reduce_dtype`; with `scatter` each rank keeps only the
-        reduced gradient of its shard of every bucket (ZeRO-2/3). `bucket_groups` replaces
-        size-based bucketing with explicit buckets, in launch order (ZeRO-3: one per unit).
-        `on_bucket_complete(bucket)`, when set, runs once every parameter of a bucket got
-        its gradient in a backward. With `replicate_group` (hierarchical data parallelism,
-        reduce-scatter only) the kept slices are then all-reduced across the replicas.
-        Buffers go on `device` (default: the first parameter's), so parameters may still be
-        on the meta device; hooks are registered at the first `prepare`, after whoever
-        materialises them (ZeRO, see zero/optimizer.py) has swapped them in. Each bucket's
-        slices are a multiple of `align` elements (1-bit compression packs 8 signs a byte and
-        scales whole chunks).
+        With `scatter` each rank keeps only the reduced gradient of its shard of every bucket
+        (ZeRO-2/3). With `replicate_group` (hierarchical data parallelism, reduce-scatter
+        only) the kept slices are then all-reduced across the replicas. Hooks are registered
+        at the first `prepare`, after whoever materialises the parameters (ZeRO, see
+        zero/optimizer.py) has swapped them in.
 
-        `compression`, when set (1-bit Adam's `OneBitExchange` over `compressed_sizes`),
-        replaces the collective of every bucket while it is active, or with `replicate_group`
-        the all-reduce across the replicas ([Note: 1-bit Adam over replicas]). `alone` gets a
-        bucket of its own, so that its reduced slices are the same on every rank holding a
-        copy of it (a pipeline's tied weight)."""
+        `compression` (1-bit Adam's `OneBitExchange` over `compressed_sizes`) replaces the
+        collective of every bucket in a step whose gradients travel compressed, or with
+        `replicate_group` the all-reduce across the replicas ([Note: 1-bit Adam over
+        replicas]). `on_bucket_complete(bucket)` runs once every parameter of a bucket got its
+        gradient in a backward."""
+        self.buckets = buckets
         self.group = group
         self.group_size = comm.group_size(group)
         self.replicate_group = replicate_group
         replicas = 1 if replicate_group is None else comm.group_size(replicate_group)
         self._ranks_averaged = self.group_size * replicas
         self.scatter = scatter
-        rank = comm.group_rank(group)
-        device = device or params[0].device
-        self.buckets = [
-            _make_bucket(group_params, reduce_dtype, self.group_size, rank, scatter, device, align)
-            for group_params in bucket_groups or _bucket_params(params, bucket_bytes, alone)
-        ]
-        self.on_bucket_complete = None
-        self.compression = None
-        self.local: Callable[[], bool] = lambda: False
-        """Whether this step's gradients stay on their rank (0/1 Adam's local steps)."""
+        self.compression = compression
+        self.on_bucket_complete = on_bucket_complete
+        self.exchange = Exchange.EXACT
+        """How this step's gradients travel (set by `prepare`)."""
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = False
         self._next_launch = 0
-        self._params = params
         self._handles: list = []
         self._in_flight: list[tuple[int, Bucket]] = []
 
-    def prepare(self, sync: bool) -> None:
-        """Arm (sync=True) or disarm the hooks for the next backward."""
+    def prepare(self, sync: bool, exchange: Exchange = Exchange.EXACT) -> None:
+        """Arm (sync=True) or disarm the hooks for the next backward; `exchange`: how this
+        step's gradients travel (COMPRESSED needs a `compression`)."""
+        if exchange is Exchange.COMPRESSED and self.compression is None:
+            raise ValueError("a compressed exchange needs the reducer's compression")
         if not self._handles:
             hook = self._on_grad_ready
-            self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._params]
+            params = [p for bucket in self.buckets for p in bucket.params]
+            self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         self._sync = sync
+        self.exchange = exchange
         for bucket in self.buckets:
             bucket.arrived = 0
 
@@ -197,19 +204,8 @@ class GradReducer:
                 return
             self._launch(bucket)
 
-    def compressed_sizes(self) -> list[tuple[int, int]]:
-        """(elements, of which used) of each tensor a compressed exchange averages: the
-        buckets, or with `replicate_group` this rank's reduced slice of each."""
-        if self.replicate_group is None:
-            return [(bucket.numel, bucket.used) for bucket in self.buckets]
-        return [
-            (end - start, min(max(bucket.used - start, 0), end - start))
-            for bucket in self.buckets
-            for start, end in [bucket.shard]
-        ]
-
     def _compressing(self) -> bool:
-        return self.compression is not None and self.compression.active()
+        return self.exchange is Exchange.COMPRESSED
 
     def _divides_on_arrival(self, bucket: Bucket) -> bool:
         """Whether a gradient's first touch divides it on its way into `bucket`: in the sync
@@ -221,8 +217,7 @@ class GradReducer:
             and not self.scatter
             and self.group_size > 1
             and bucket.reduced is bucket.grads
-            and not self._compressing()
-            and not self.local()
+            and self.exchange is Exchange.EXACT
         )
 
     def _launch(self, bucket: Bucket) -> None:
@@ -230,7 +225,7 @@ class GradReducer:
         # dividing first keeps fp16 sums in range.
         index = self._next_launch
         if self._compressing() and self.replicate_group is None:
-            out = self.reduced_range(bucket, *self.compression.owned_range(index))
+            out = bucket.reduced_range(*self.compression.owned_range(index))
             bucket.work = self.compression.launch(index, bucket.grads, out)
         elif self.scatter:
             # a compressed average over the replicas comes next: it divides by their number
@@ -240,7 +235,7 @@ class GradReducer:
         else:
             if bucket.reduced is not bucket.grads:
                 bucket.reduced.copy_(bucket.grads)
-            if self.group_size > 1 and not self.local():
+            if self.group_size > 1 and self.exchange is not Exchange.LOCAL:
                 if bucket.undivided:
                     bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
@@ -297,12 +292,6 @@ class GradReducer:
             raise ValueError("a reduce-scattered parameter's gradient needs a bucket of its own")
         return bucket.reduced
 
-    def reduced_range(self, bucket: Bucket, start: int, end: int) -> torch.Tensor:
-        """The reduced gradient of flat range [start, end) of `bucket` (inside its shard when
-        reduce-scattering)."""
-        base = bucket.shard[0] if self.scatter else 0
-        return bucket.reduced[start - base : end - base]
-
 
 def _new_grads(bucket: Bucket) -> torch.Tensor:
     """A full-size gradient buffer for a reduce-scatter step. Only the padding is zeroed:
@@ -339,6 +328,47 @@ def _bucket_params(
         current.append(param)
         size_by_dtype[param.dtype] += param.numel() * param.element_size()
     return groups
+
+
+def make_buckets(
+    params: list[nn.Parameter],
+    group: object | None,
+    reduce_dtype: torch.dtype,
+    bucket_bytes: int,
+    scatter: bool = False,
+    bucket_groups: list[list[nn.Parameter]] | None = None,
+    device: torch.device | None = None,
+    align: int = 1,
+    alone: nn.Parameter | None = None,
+) -> list[Bucket]:
+    """The flat buckets of `params` (in model order) over `group`, in launch order, with
+    their gradient buffers on `device` (default: the first parameter's, so parameters may
+    still be on the meta device). Gradients are averaged in `reduce_dtype`; with `scatter`
+    each rank keeps only its shard's (see [Note: shard layout]). `bucket_groups` replaces
+    size-based bucketing by `bucket_bytes` with explicit buckets (ZeRO-3: one per unit);
+    each bucket's slices are a multiple of `align` elements (1-bit compression packs 8
+    signs a byte and scales whole chunks); `alone` gets a bucket of its own, so that its
+    reduced slices are the same on every rank holding a copy of it (a pipeline's tied
+    weight)."""
+    size, rank = comm.group_size(group), comm.group_rank(group)
+    device = device or params[0].device
+    return [
+        _make_bucket(group_params, reduce_dtype, size, rank, scatter, device, align)
+        for group_params in bucket_groups or _bucket_params(params, bucket_bytes, alone)
+    ]
+
+
+def compressed_sizes(buckets: list[Bucket], replicated: bool) -> list[tuple[int, int]]:
+    """(elements, of which used) of each tensor a compressed exchange averages: the buckets,
+    or with replicas of ZeRO shards this rank's reduced slice of each ([Note: 1-bit Adam over
+    replicas])."""
+    if not replicated:
+        return [(bucket.numel, bucket.used) for bucket in buckets]
+    return [
+        (end - start, min(max(bucket.used - start, 0), end - start))
+        for bucket in buckets
+        for start, end in [bucket.shard]
+    ]
 
 
 def _make_bucket(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from shardwise.distributed import comm
-from shardwise.distributed.reducer import Bucket, GradReducer
+from shardwise.distributed.reducer import Bucket
 from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
 
@@ -98,7 +98,7 @@ class OptimizerShards:
     def __init__(
         self,
         model: nn.Module,
-        reducer: GradReducer,
+        buckets: list[Bucket],
         policy: MixedPrecisionPolicy,
         group: object | None,
         sharding: Sharding,
@@ -107,7 +107,6 @@ class OptimizerShards:
         """`sharding` says whether optimizer states (and parameters) are sharded over `group`;
         `param_init(name, tensor)` fills parameters still on the meta device, straight into
         their flat buffer (see [Note: building from the meta device])."""
-        self.reducer = reducer
         self.param_init = param_init
         self.policy = policy
         self.group = group
@@ -117,7 +116,7 @@ class OptimizerShards:
         rank, size = comm.group_rank(group), comm.group_size(group)
         self.slices = [
             self._own(bucket, names, rank if self.sharded else 0, size if self.sharded else 1)
-            for bucket in reducer.buckets
+            for bucket in buckets
         ]
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
         for owned in self.slices:
@@ -174,14 +173,14 @@ class OptimizerShards:
 
     def owned_grads(self) -> list[torch.Tensor]:
         """The reduced gradient of every owned slice (for clipping and loss-scale checks)."""
-        return [self.reducer.reduced_range(s.bucket, s.start, s.end) for s in self.slices]
+        return [s.bucket.reduced_range(s.start, s.end) for s in self.slices]
 
     def attach_grads(self) -> None:
         """Point each piece's ``.grad`` at its reduced gradient (upcast when the reduce dtype
         is not the master dtype; the copy lives until `release_grads`)."""
         for owned in self.slices:
             for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                grad = self.reducer.reduced_range(owned.bucket, lo, hi)
+                grad = owned.bucket.reduced_range(lo, hi)
                 piece.grad = grad if grad.dtype == piece.dtype else grad.to(piece.dtype)
 
     def release_grads(self) -> None:

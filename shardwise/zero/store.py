@@ -32,7 +32,7 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.distributed.compressed import OneBitExchange
 from shardwise.distributed.dims import grad_mesh, replica_mesh
-from shardwise.distributed.reducer import GradReducer
+from shardwise.distributed.reducer import Exchange, GradReducer, compressed_sizes, make_buckets
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models import ModelSpec
 from shardwise.optim import OptimizerFactory
@@ -59,7 +59,7 @@ class ParamStore(Protocol):
         self, given: OptimizerFactory | None, groups: list[dict], plan: RunPlan
     ) -> torch.optim.Optimizer: ...
     def before_forward(self) -> None: ...
-    def before_backward(self, sync: bool) -> None: ...
+    def before_backward(self, sync: bool, optimizer: torch.optim.Optimizer) -> None: ...
     def after_backward(self, sync: bool) -> None: ...
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool: ...
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor: ...
@@ -190,18 +190,18 @@ class FlatStore:
         onebit = plan.optimizer.onebit_freeze is not None and comm.group_size(exchange_group) > 1
         chunk = plan.config.optim.compression_chunk
         pieces = comm.group_size(exchange_group) if replicate_group is not None else 1
-        self.reducer = GradReducer(
+        buckets = make_buckets(
             self.params,
-            group=reduce_group,
+            reduce_group,
+            plan.precision.reduce_dtype,
             bucket_bytes=int(plan.config.distributed.bucket_mb * 2**20),
-            reduce_dtype=plan.precision.reduce_dtype,
             scatter=sharding.grads,
             bucket_groups=[params for *_, params in reversed(units)] if units else None,
-            replicate_group=replicate_group,
             device=device,
             align=math.lcm(8, chunk) * pieces if onebit else 1,
             alone=_stage_embedding(model, plan, spec),
         )
+        exchange = None
         if onebit:
             # the exchange's slices are the optimizer's only over the group it shards over
             owns_slices = (
@@ -209,8 +209,8 @@ class FlatStore:
                 and replicate_group is None
                 and comm.group_size(reduce_group) == shard_size
             )
-            self.reducer.compression = OneBitExchange(
-                self.reducer.compressed_sizes(),
+            exchange = OneBitExchange(
+                compressed_sizes(buckets, replicated=replicate_group is not None),
                 exchange_group,
                 chunk,
                 gather=not owns_slices,
@@ -218,7 +218,7 @@ class FlatStore:
                 loss_scale=(lambda: scaler.scale) if scaler is not None else None,
             )
         self.shards = OptimizerShards(
-            model, self.reducer, plan.precision, groups.shard, sharding, param_init
+            model, buckets, plan.precision, groups.shard, sharding, param_init
         )
         self.units = None
         if units:
@@ -229,7 +229,14 @@ class FlatStore:
                 sharding.reshard_after_forward,
                 sharding.prefetch,
             )
-            self.reducer.on_bucket_complete = self.units.on_bucket_complete
+        self.reducer = GradReducer(
+            buckets,
+            group=reduce_group,
+            scatter=sharding.grads,
+            replicate_group=replicate_group,
+            compression=exchange,
+            on_bucket_complete=self.units.on_bucket_complete if self.units else None,
+        )
         tp_group = tp.ctx.group("tp") if tp is not None else None
         self.norm_groups = [
             g
@@ -250,20 +257,27 @@ class FlatStore:
         if freeze is None:
             return (given or optimizer_factory(plan.config.optim, plan.offload))(groups)
         kind = ZeroOneAdam if plan.config.optim.name == "zero_one_adam" else OneBitAdam
-        optimizer = kind(groups, plan.config.optim, freeze)
-        if self.reducer.compression is not None:
-            self.reducer.compression.active = lambda: optimizer.frozen
-        if isinstance(optimizer, ZeroOneAdam):
-            self.reducer.local = lambda: optimizer.local
-        return optimizer
+        return kind(groups, plan.config.optim, freeze)
 
     # -- around forward and backward ---------------------------------------------------------
 
     def before_forward(self) -> None:
         pass
 
-    def before_backward(self, sync: bool) -> None:
-        self.reducer.prepare(sync=sync)
+    def before_backward(self, sync: bool, optimizer: torch.optim.Optimizer) -> None:
+        self.reducer.prepare(sync, self._exchange(optimizer))
+
+    def _exchange(self, optimizer: torch.optim.Optimizer) -> Exchange:
+        """How the next backward's gradients travel: 1-bit and 0/1 Adam's phases."""
+        if isinstance(optimizer, ZeroOneAdam) and optimizer.local:
+            return Exchange.LOCAL
+        if (
+            isinstance(optimizer, OneBitAdam)
+            and optimizer.frozen
+            and self.reducer.compression is not None
+        ):
+            return Exchange.COMPRESSED
+        return Exchange.EXACT
 
     def after_backward(self, sync: bool) -> None:
         if sync:
@@ -277,9 +291,8 @@ class FlatStore:
         found_inf = scaler.unscale_and_check_(
             self.shards.owned_grads(), self.norm_groups, self.device
         )
-        compression = self.reducer.compression
-        if found_inf and compression is not None and compression.active():
-            compression.restore_errors()  # they hold the residue of a discarded step
+        if found_inf and self.reducer.exchange is Exchange.COMPRESSED:
+            self.reducer.compression.restore_errors()  # the residue of a discarded step
         return found_inf
 
     def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from shardwise.accelerator import get_accelerator
 from shardwise.distributed.dims import ParallelDims, dp_mesh
-from shardwise.distributed.reducer import FIRST_BUCKET_BYTES, GradReducer
+from shardwise.distributed.reducer import FIRST_BUCKET_BYTES, GradReducer, make_buckets
 
 
 class TwoPaths(nn.Module):
@@ -27,7 +27,9 @@ class TwoPaths(nn.Module):
 
 
 def make(model: nn.Module, group=None, bucket_bytes: int = 64, scatter: bool = False):
-    return GradReducer(list(model.parameters()), group, bucket_bytes, torch.float32, scatter)
+    params = list(model.parameters())
+    buckets = make_buckets(params, group, torch.float32, bucket_bytes, scatter)
+    return GradReducer(buckets, group, scatter)
 
 
 def reduced_grad(reducer: GradReducer, param: nn.Parameter) -> torch.Tensor:
@@ -35,7 +37,7 @@ def reduced_grad(reducer: GradReducer, param: nn.Parameter) -> torch.Tensor:
     for bucket in reducer.buckets:
         for offset, p in zip(bucket.offsets, bucket.params, strict=True):
             if p is param:
-                flat = reducer.reduced_range(bucket, offset, offset + p.numel())
+                flat = bucket.reduced_range(offset, offset + p.numel())
                 return flat.view_as(p)
     raise KeyError(param)
 
@@ -166,7 +168,10 @@ def _alive_full_buffers_during_backward() -> tuple[int, bool]:
     torch.manual_seed(0)
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
     groups = [[layer.weight] for layer in reversed(layers)]
-    reducer = GradReducer(list(layers.parameters()), dp_mesh(mesh), 64, torch.float32, True, groups)
+    group = dp_mesh(mesh)
+    params = list(layers.parameters())
+    buckets = make_buckets(params, group, torch.float32, 64, scatter=True, bucket_groups=groups)
+    reducer = GradReducer(buckets, group, scatter=True)
     most = 0
 
     def count(_param) -> None:

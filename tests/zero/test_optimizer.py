@@ -196,7 +196,7 @@ def _compressed_average_over_replicas() -> tuple[list[tuple[torch.Tensor, torch.
         signs = torch.randint(0, 2, (bucket.numel // 64, 64), generator=gen) * 2.0 - 1
         patterns.append((chunks * signs).view(-1))
     with CommStats() as stats:
-        store.before_backward(sync=True)
+        store.before_backward(True, engine.optimizer)
         loss = sum(
             (param * bucket.view_of(pattern, i) * (rank + 1)).sum()
             for bucket, pattern in zip(store.reducer.buckets, patterns, strict=True)

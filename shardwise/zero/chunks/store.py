@@ -376,7 +376,7 @@ class ChunkStore:
             self._tracer = MemoryTracer(self.model, self.chunks, self.manager.device)
             self._tracer.__enter__()
 
-    def before_backward(self, sync: bool) -> None:
+    def before_backward(self, sync: bool, optimizer: torch.optim.Optimizer) -> None:
         pass
 
     def after_backward(self, sync: bool) -> None:
