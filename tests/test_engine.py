@@ -131,9 +131,9 @@ def test_master_weights_are_fp32_and_params_bf16():
     cfg = make_config(micro_batch=2, global_batch=4, dtype="bf16")
     engine = initialize(build_model(cfg), None, cfg)
     assert all(p.dtype == torch.bfloat16 for p in engine.params)
-    assert all(s.master.dtype == torch.float32 for s in engine.store.shards.slices)
+    assert all(s.master.dtype == torch.float32 for s in engine.store.shards.groups)
     engine.train_step(global_batches(cfg, 1)[0])
-    for owned in engine.store.shards.slices:
+    for owned in engine.store.shards.groups:
         torch.testing.assert_close(owned.flat_params.float(), owned.master, rtol=1e-2, atol=1e-3)
 
 

@@ -7,8 +7,9 @@ parameters and all-gathers the result; stage 2 also partitions the gradients
 16Ψ (DP), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2).
 
 [Note: flat buffers and pieces] Model parameters become views of one flat buffer per reducer
-bucket (the reducer's layout, padded to a multiple of N). A rank owns one contiguous slice
-of every bucket: all of it at stage 0, slice r at stages 1 and 2. The optimizer steps
+bucket (the reducer's layout, padded to a multiple of N), held by the bucket's `FlatGroup`
+(zero/flat_group.py). A rank owns one contiguous slice of every bucket: all of it at stage 0,
+slice r at stages 1-3. The optimizer steps
 *pieces*: the part of one parameter that falls in the owned slice, as a 1-D view of the
 owned master buffer (an fp32 copy when parameters are bf16/fp16, else the flat parameter
 buffer itself, so fp32 training keeps no second copy). Pieces keep per-parameter optimizer
@@ -19,7 +20,6 @@ which checkpoints save so that a later resharding can map them to any layout.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,54 +29,10 @@ from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
+from shardwise.zero.flat_group import FlatGroup, GroupState, PieceInfo, free_storage
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
-
-
-@dataclass(frozen=True)
-class PieceInfo:
-    """Which global slice of which parameter an optimizer piece holds."""
-
-    name: str
-    """Parameter name in the model (the first name of a tied parameter)."""
-    start: int
-    """First element of the slice, in the flattened parameter."""
-    end: int
-    """One past the last element of the slice."""
-
-
-@dataclass
-class OwnedSlice:
-    """The part of one bucket this rank's optimizer updates."""
-
-    bucket: Bucket
-    start: int
-    end: int
-    flat_params: torch.Tensor
-    """The whole bucket's parameters, in the parameter dtype; model parameters are views. At
-    stage 3 its storage is empty except while the unit is gathered (zero/params.py)."""
-    shard: torch.Tensor
-    """The owned parameters in the parameter dtype: a view of `flat_params`, or at stage 3
-    the only persistent copy."""
-    master: torch.Tensor
-    """The owned slice in the master dtype (a copy, or `shard` itself)."""
-    pieces: list[nn.Parameter]
-    owners: list[nn.Parameter]
-    """The model parameter each piece is a slice of."""
-    infos: list[PieceInfo]
-    grad_ranges: list[tuple[int, int]]
-    """Flat range of each piece, for finding its reduced gradient."""
-
-
-def free_storage(tensor: torch.Tensor) -> None:
-    """Release a tensor's memory but keep it (and every view of it) as a valid object."""
-    tensor.untyped_storage().resize_(0)
-
-
-def alloc_storage(tensor: torch.Tensor) -> None:
-    """Give a tensor freed by `free_storage` its memory back (contents undefined)."""
-    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
 
 
 ParamInit = Callable[[str, torch.Tensor], None]
@@ -93,7 +49,8 @@ ParamInit = Callable[[str, torch.Tensor], None]
 
 
 class OptimizerShards:
-    """Owns this rank's slice of every bucket: flat parameters, master weights, pieces."""
+    """Owns this rank's slice of every bucket: one `FlatGroup` per bucket (flat parameters,
+    master weights, pieces)."""
 
     def __init__(
         self,
@@ -103,10 +60,12 @@ class OptimizerShards:
         group: object | None,
         sharding: Sharding,
         param_init: ParamInit | None = None,
+        units: list[tuple[str, list[nn.Module]]] | None = None,
     ) -> None:
         """`sharding` says whether optimizer states (and parameters) are sharded over `group`;
         `param_init(name, tensor)` fills parameters still on the meta device, straight into
-        their flat buffer (see [Note: building from the meta device])."""
+        their flat buffer (see [Note: building from the meta device]); `units`: the name and
+        modules of each bucket's ZeRO-3 unit, in bucket order, when parameters are sharded."""
         self.param_init = param_init
         self.policy = policy
         self.group = group
@@ -114,16 +73,18 @@ class OptimizerShards:
         self.params_sharded = sharding.params
         names = {id(p): name for name, p in model.named_parameters()}
         rank, size = comm.group_rank(group), comm.group_size(group)
-        self.slices = [
+        self.groups = [
             self._own(bucket, names, rank if self.sharded else 0, size if self.sharded else 1)
             for bucket in buckets
         ]
+        for flat_group, (name, modules) in zip(self.groups, units or (), strict=bool(units)):
+            flat_group.name, flat_group.modules = name, modules
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
-        for owned in self.slices:
+        for owned in self.groups:
             for piece, owner in zip(owned.pieces, owned.owners, strict=True):
                 self._piece_of_param.setdefault(id(owner), []).append(piece)
 
-    def _own(self, bucket: Bucket, names: dict[int, str], rank: int, size: int) -> OwnedSlice:
+    def _own(self, bucket: Bucket, names: dict[int, str], rank: int, size: int) -> FlatGroup:
         flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         for index, param in enumerate(bucket.params):
             view = bucket.view_of(flat, index)
@@ -140,14 +101,18 @@ class OptimizerShards:
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
         shard = flat[start:end]
+        state = GroupState.GATHERED
         if self.params_sharded:
             shard = shard.clone()
             free_storage(flat)
+            state = GroupState.SHARDED
         if self.policy.needs_master_weights:
             master = shard.to(self.policy.master_dtype)
         else:
             master = shard
-        owned = OwnedSlice(bucket, start, end, flat, shard, master, [], [], [], [])
+        owned = FlatGroup(
+            bucket, self.sharded, self.params_sharded, start, end, flat, shard, master, state=state
+        )
         for offset, param in zip(bucket.offsets, bucket.params, strict=True):
             lo, hi = max(offset, start), min(offset + param.numel(), end)
             if lo < hi:
@@ -173,46 +138,43 @@ class OptimizerShards:
 
     def owned_grads(self) -> list[torch.Tensor]:
         """The reduced gradient of every owned slice (for clipping and loss-scale checks)."""
-        return [s.bucket.reduced_range(s.start, s.end) for s in self.slices]
+        return [owned.owned_grad() for owned in self.groups]
 
     def attach_grads(self) -> None:
         """Point each piece's ``.grad`` at its reduced gradient (upcast when the reduce dtype
         is not the master dtype; the copy lives until `release_grads`)."""
-        for owned in self.slices:
+        for owned in self.groups:
             for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
                 grad = owned.bucket.reduced_range(lo, hi)
                 piece.grad = grad if grad.dtype == piece.dtype else grad.to(piece.dtype)
 
     def release_grads(self) -> None:
-        for owned in self.slices:
+        for owned in self.groups:
             for piece in owned.pieces:
                 piece.grad = None
 
     def sync_params(self) -> None:
         """After the step: write the owned slice back into the parameters; all-gather the
         slices at stages 1 and 2 (stage 3 gathers each unit when it next runs)."""
-        for owned in self.slices:
-            if self.policy.needs_master_weights:
-                owned.shard.copy_(owned.master)
-            if self.sharded and not self.params_sharded:
-                comm.all_gather_(owned.flat_params, owned.shard, self.group)
+        for owned in self.groups:
+            owned.write_back(self.policy.needs_master_weights, self.group)
 
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Master slices (when kept) and the map of pieces to global parameter slices."""
         return {
-            "pieces": [info for owned in self.slices for info in owned.infos],
-            "masters": [owned.master.clone() for owned in self.slices]
+            "pieces": [info for owned in self.groups for info in owned.infos],
+            "masters": [owned.master.clone() for owned in self.groups]
             if self.policy.needs_master_weights
             else None,
-            "param_shards": [owned.shard.clone() for owned in self.slices]
+            "param_shards": [owned.shard.clone() for owned in self.groups]
             if self.params_sharded
             else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = [info for owned in self.slices for info in owned.infos]
+        mine = [info for owned in self.groups for info in owned.infos]
         if state["pieces"] != mine:
             raise CheckpointError(
                 "the checkpoint's optimizer shards hold other parameter slices than this "
@@ -222,5 +184,5 @@ class OptimizerShards:
         with torch.no_grad():
             for key, attr in (("masters", "master"), ("param_shards", "shard")):
                 if state[key] is not None:
-                    for owned, saved in zip(self.slices, state[key], strict=True):
+                    for owned, saved in zip(self.groups, state[key], strict=True):
                         getattr(owned, attr).copy_(saved)

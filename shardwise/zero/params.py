@@ -5,12 +5,9 @@ ZeRO paper section 5.3 (stage 3, P_os+g+p): each rank keeps 1/N of the parameter
 its forward and again before its backward, and released after each, so per-step communication is
 two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data parallelism.
 
-A unit's parameters are permanent views of its flat buffer (`OwnedSlice.flat_params`); only
-the buffer's storage comes and goes (`alloc_storage` / `free_storage`), so nothing is ever
-re-pointed. Unit states and their legal moves are the table `_MOVES`:
-
-    SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
-    SHARDED --gather(sync)---------------------->  GATHERED
+A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views
+of the group's flat buffer, whose storage comes only while it is gathered, along the group's
+table of moves.
 
 [Note: unit hooks] Forward pre-hook: gather this unit, start gathering the next one
 (prefetch). Forward post-hook: release it (``reshard_after_forward``), unless autograd is
@@ -24,54 +21,14 @@ gathered when backward ends (unused parameters) is released by `release_all`.
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.models.spec import ModelSpec
-from shardwise.zero.optimizer import OptimizerShards, OwnedSlice, alloc_storage, free_storage
-
-
-class UnitState(enum.Enum):
-    SHARDED = "sharded"
-    GATHERING = "gathering"
-    GATHERED = "gathered"
-
-
-_MOVES = {
-    (UnitState.SHARDED, UnitState.GATHERING),
-    (UnitState.SHARDED, UnitState.GATHERED),
-    (UnitState.GATHERING, UnitState.GATHERED),
-    (UnitState.GATHERED, UnitState.SHARDED),
-}
-
-
-class UnitStateError(RuntimeError):
-    """An illegal unit move: a bug in the hook logic, never a user error."""
-
-
-@dataclass
-class Unit:
-    """A module whose parameters are gathered and released together."""
-
-    name: str
-    modules: list[nn.Module]
-    """Whose calls gather the unit (see `zero3_units`)."""
-    owned: OwnedSlice
-    state: UnitState = UnitState.SHARDED
-    work: object | None = field(default=None, repr=False)
-
-    def move(self, to: UnitState) -> None:
-        if (self.state, to) not in _MOVES:
-            raise UnitStateError(
-                f"unit {self.name!r}: {self.state.name} -> {to.name} is not a legal move"
-            )
-        self.state = to
+from shardwise.zero.flat_group import FlatGroup, GroupState
 
 
 def output_tensors(output: object) -> list[torch.Tensor]:
@@ -133,21 +90,17 @@ class ShardedParams:
 
     def __init__(
         self,
-        units: list[tuple[str, list[nn.Module]]],
-        shards: OptimizerShards,
+        units: list[FlatGroup],
         group: object,
         reshard_after_forward: bool,
         prefetch: bool,
     ) -> None:
-        """`units` in forward order; `shards.slices` hold one bucket per unit in reverse."""
+        """`units`: released groups, each with its name and modules, in forward order."""
         self.group = group
         self.reshard_after_forward = reshard_after_forward
         self.prefetch = prefetch
-        slices = list(reversed(shards.slices))
-        self.units = [
-            Unit(name, modules, owned) for (name, modules), owned in zip(units, slices, strict=True)
-        ]
-        self._unit_of_bucket = {id(u.owned.bucket): u for u in self.units}
+        self.units = units
+        self._unit_of_bucket = {id(u.bucket): u for u in self.units}
         for index, unit in enumerate(self.units):
             for module in unit.modules:
                 module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i))
@@ -155,42 +108,17 @@ class ShardedParams:
                     lambda _module, _inputs, out, i=index: self._after_forward(i, out)
                 )
 
-    # -- moves ------------------------------------------------------------------------------
-
-    def _start_gather(self, unit: Unit, async_op: bool) -> None:
-        owned = unit.owned
-        alloc_storage(owned.flat_params)
-        work = comm.all_gather_(owned.flat_params, owned.shard, self.group, async_op=async_op)
-        if async_op:
-            unit.move(UnitState.GATHERING)
-            unit.work = work
-        else:
-            unit.move(UnitState.GATHERED)
-
-    def _ensure_gathered(self, unit: Unit) -> None:
-        if unit.state is UnitState.SHARDED:
-            self._start_gather(unit, async_op=False)
-        elif unit.state is UnitState.GATHERING:
-            unit.work.wait()
-            unit.work = None
-            unit.move(UnitState.GATHERED)
-
     def _prefetch(self, index: int) -> None:
         if self.prefetch and 0 <= index < len(self.units):
             unit = self.units[index]
-            if unit.state is UnitState.SHARDED:
-                self._start_gather(unit, async_op=True)
-
-    def _release(self, unit: Unit) -> None:
-        self._ensure_gathered(unit)  # a pending gather must land before its buffer goes
-        free_storage(unit.owned.flat_params)
-        unit.move(UnitState.SHARDED)
+            if unit.state is GroupState.SHARDED:
+                unit.start_gather(self.group, async_op=True)
 
     @contextlib.contextmanager
     def all_gathered(self) -> Iterator[None]:
         """Every unit gathered for the duration of the block (export, evaluation)."""
         for unit in self.units:
-            self._ensure_gathered(unit)
+            unit.ensure_gathered(self.group)
         try:
             yield
         finally:
@@ -199,13 +127,13 @@ class ShardedParams:
     def release_all(self) -> None:
         """After backward: every unit back to its shard."""
         for unit in self.units:
-            if unit.state is not UnitState.SHARDED:
-                self._release(unit)
+            if unit.state is not GroupState.SHARDED:
+                unit.release(self.group)
 
     # -- hooks (see [Note: unit hooks]) -----------------------------------------------------
 
     def _before_forward(self, index: int) -> None:
-        self._ensure_gathered(self.units[index])
+        self.units[index].ensure_gathered(self.group)
         if not _in_backward():
             self._prefetch(index + 1)
 
@@ -215,10 +143,10 @@ class ShardedParams:
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, i=index: self._before_backward(i))
         if self.reshard_after_forward and not _in_backward():
-            self._release(self.units[index])
+            self.units[index].release(self.group)
 
     def _before_backward(self, index: int) -> None:
-        self._ensure_gathered(self.units[index])
+        self.units[index].ensure_gathered(self.group)
         self._prefetch(index - 1)
 
     def on_bucket_complete(self, bucket: Bucket) -> None:
@@ -227,5 +155,5 @@ class ShardedParams:
         The root (index 0) spans the whole forward: its head's gradient arrives first in
         backward but its embedding's last, so it completes last and goes here too."""
         unit = self._unit_of_bucket[id(bucket)]
-        if unit.state is not UnitState.SHARDED:
-            self._release(unit)
+        if unit.state is not GroupState.SHARDED:
+            unit.release(self.group)

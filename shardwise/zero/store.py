@@ -42,8 +42,9 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
+from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
-from shardwise.zero.optimizer import OptimizerShards, ParamInit, PieceInfo
+from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import ShardedParams, zero3_units
 
 
@@ -218,13 +219,18 @@ class FlatStore:
                 loss_scale=(lambda: scaler.scale) if scaler is not None else None,
             )
         self.shards = OptimizerShards(
-            model, buckets, plan.precision, groups.shard, sharding, param_init
+            model,
+            buckets,
+            plan.precision,
+            groups.shard,
+            sharding,
+            param_init,
+            units=[(name, modules) for name, modules, _ in reversed(units)] if units else None,
         )
         self.units = None
         if units:
             self.units = ShardedParams(
-                [(name, modules) for name, modules, _ in units],
-                self.shards,
+                list(reversed(self.shards.groups)),  # forward order
                 groups.shard,
                 sharding.reshard_after_forward,
                 sharding.prefetch,
@@ -321,7 +327,7 @@ class FlatStore:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             return torch.stack(norms).square().sum()
         pieces, weights = [], []
-        for owned, grad in zip(self.shards.slices, grads, strict=True):
+        for owned, grad in zip(self.shards.groups, grads, strict=True):
             for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
                 pieces.append(grad[lo - owned.start : hi - owned.start])
                 share = 1.0 / self.tp.replicas[id(owner)] if self.tp is not None else 1.0
@@ -372,7 +378,7 @@ class FlatStore:
         bucket at a time, and let the optimizer take them ([Note: 0/1 Adam's
         synchronisation] in optim/zero_one.py). Zero stage 0: each slice is a whole bucket."""
         exchange = self.reducer.compression
-        for index, owned in enumerate(self.shards.slices):
+        for index, owned in enumerate(self.shards.groups):
             displacement = torch.zeros_like(owned.master)
             averaged = {}
             for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
@@ -402,7 +408,7 @@ class FlatStore:
         return holders is None or comm.group_rank(holders) == 0
 
     def owned(self) -> Iterator[OwnedPiece]:
-        for owned in self.shards.slices:
+        for owned in self.shards.groups:
             for info, owner, piece in zip(owned.infos, owned.owners, owned.pieces, strict=True):
                 yield OwnedPiece(info, owner, piece)
 
@@ -432,7 +438,7 @@ class FlatStore:
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         buckets = self.reducer.buckets
         grads = [b.grads for b in buckets if b.grads is not None] + [b.reduced for b in buckets]
-        slices = self.shards.slices
+        slices = self.shards.groups
         masters = [s.master for s in slices] if self.precision.needs_master_weights else []
         compression = self.reducer.compression
         extra = compression.errors + compression.previous if compression else []

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from shardwise.distributed.comm import CommStats
 from shardwise.engine import initialize
-from shardwise.zero.params import Unit, UnitState, UnitStateError
+from shardwise.zero.flat_group import FlatGroup, GroupState, GroupStateError
 from tests.parity import (
     BF16_RTOL,
     assert_parity,
@@ -67,7 +67,7 @@ def _stage3_state_between_steps(dtype: str) -> dict:
     psi = sum(p.numel() for p in engine.params)
     return {
         "bytes_per_param": sum(engine.memory_report().values()) / psi,
-        "all_sharded": all(u.state is UnitState.SHARDED for u in engine.store.units.units),
+        "all_sharded": all(u.state is GroupState.SHARDED for u in engine.store.units.units),
         "units": [u.name for u in engine.store.units.units],
     }
 
@@ -131,15 +131,17 @@ def test_stage3_resumes_exactly(pool2, tmp_path, async_save):
 
 
 def test_unit_moves_follow_the_table():
-    unit = Unit("blocks.0", torch.nn.Linear(1, 1), owned=None)
-    unit.move(UnitState.GATHERING)
-    unit.move(UnitState.GATHERED)
-    unit.move(UnitState.SHARDED)
-    with pytest.raises(UnitStateError, match="SHARDED -> SHARDED is not a legal move"):
-        unit.move(UnitState.SHARDED)
-    unit.move(UnitState.GATHERED)
-    with pytest.raises(UnitStateError, match="GATHERED -> GATHERING"):
-        unit.move(UnitState.GATHERING)
+    flat = torch.zeros(4)
+    unit = FlatGroup(None, True, True, 0, 2, flat, flat[:2], flat[:2], name="blocks.0")
+    unit.move(GroupState.SHARDED)
+    unit.move(GroupState.GATHERING)
+    unit.move(GroupState.GATHERED)
+    unit.move(GroupState.SHARDED)
+    with pytest.raises(GroupStateError, match="SHARDED -> SHARDED is not a legal move"):
+        unit.move(GroupState.SHARDED)
+    unit.move(GroupState.GATHERED)
+    with pytest.raises(GroupStateError, match="GATHERED -> GATHERING"):
+        unit.move(GroupState.GATHERING)
 
 
 def _meta_built_stage3(cfg) -> tuple[list[float], dict, dict]:

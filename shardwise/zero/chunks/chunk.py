@@ -57,7 +57,8 @@ from torch import nn
 
 from shardwise.accelerator import get_accelerator
 from shardwise.errors import ConfigError
-from shardwise.zero.optimizer import ParamInit, alloc_storage, free_storage
+from shardwise.zero.flat_group import alloc_storage, free_storage
+from shardwise.zero.optimizer import ParamInit
 
 
 class Tier(enum.Enum):

@@ -78,7 +78,8 @@ from shardwise.zero.chunks.chunk import (
 )
 from shardwise.zero.chunks.hooks import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.optimizer import ParamInit, alloc_storage
+from shardwise.zero.flat_group import alloc_storage
+from shardwise.zero.optimizer import ParamInit
 
 
 @dataclass(eq=False)

@@ -53,9 +53,10 @@ from shardwise.zero.chunks.placement import (
 )
 from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
+from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.offload.adam import offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
-from shardwise.zero.optimizer import ParamInit, PieceInfo
+from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
 
 log = logging.getLogger("shardwise")

@@ -1,0 +1,148 @@
+"""A flat group: parameters that are laid out, reduced, stepped and gathered as one.
+
+The flat store (zero/store.py) keeps every trainable parameter as a view of one flat buffer
+per group. A group's layout and gradient buffers are the reducer's `Bucket`; the group itself
+adds what this rank holds of the parameters and how they live, by two policies:
+
+* ``sharded``: this rank's optimizer steps one slice of the group (ZeRO 1-3), else all of it;
+* ``released``: the parameters are kept only as this rank's slice and gathered around the
+  compute that needs them (ZeRO-3: the group is a unit, a block of the `ModelSpec` or the
+  rest of the model), else kept whole.
+
+Its parameters are permanent views of `flat_params`; only the buffer's storage comes and goes
+(`alloc_storage` / `free_storage`), so nothing is ever re-pointed. A released group moves
+along the table `_MOVES`:
+
+    SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
+    SHARDED --gather(sync)---------------------->  GATHERED
+
+A group that is not released is always GATHERED.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shardwise.distributed import comm
+from shardwise.distributed.reducer import Bucket
+
+
+class GroupState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+_MOVES = {
+    (GroupState.SHARDED, GroupState.GATHERING),
+    (GroupState.SHARDED, GroupState.GATHERED),
+    (GroupState.GATHERING, GroupState.GATHERED),
+    (GroupState.GATHERED, GroupState.SHARDED),
+}
+
+
+class GroupStateError(RuntimeError):
+    """An illegal group move: a bug in the hook logic, never a user error."""
+
+
+@dataclass(frozen=True)
+class PieceInfo:
+    """Which global slice of which parameter an optimizer piece holds."""
+
+    name: str
+    """Parameter name in the model (the first name of a tied parameter)."""
+    start: int
+    """First element of the slice, in the flattened parameter."""
+    end: int
+    """One past the last element of the slice."""
+
+
+@dataclass(eq=False)
+class FlatGroup:
+    """One bucket's parameters as this rank holds and steps them (module docstring)."""
+
+    bucket: Bucket
+    """The layout and the gradient buffers."""
+    sharded: bool
+    released: bool
+    start: int
+    """First element of the slice this rank's optimizer owns (0 unless `sharded`)."""
+    end: int
+    flat_params: torch.Tensor
+    """The whole group's parameters, in the parameter dtype; model parameters are views. When
+    `released` its storage is empty except while the group is gathered."""
+    shard: torch.Tensor
+    """The owned parameters in the parameter dtype: a view of `flat_params`, or when
+    `released` the only persistent copy."""
+    master: torch.Tensor
+    """The owned slice in the master dtype (a copy, or `shard` itself)."""
+    pieces: list[nn.Parameter] = field(default_factory=list)
+    """What the optimizer steps: the part of each parameter inside the owned slice."""
+    owners: list[nn.Parameter] = field(default_factory=list)
+    """The model parameter each piece is a slice of."""
+    infos: list[PieceInfo] = field(default_factory=list)
+    grad_ranges: list[tuple[int, int]] = field(default_factory=list)
+    """Flat range of each piece, for finding its reduced gradient."""
+    name: str = ""
+    """A released group's unit name (``root``, a block's)."""
+    modules: list[nn.Module] = field(default_factory=list, repr=False)
+    """Whose calls gather a released group (see `zero3_units`)."""
+    state: GroupState = GroupState.GATHERED
+    work: object | None = field(default=None, repr=False)
+
+    def move(self, to: GroupState) -> None:
+        if (self.state, to) not in _MOVES:
+            raise GroupStateError(
+                f"group {self.name!r}: {self.state.name} -> {to.name} is not a legal move"
+            )
+        self.state = to
+
+    def owned_grad(self) -> torch.Tensor:
+        """The reduced gradient of the owned slice."""
+        return self.bucket.reduced_range(self.start, self.end)
+
+    # -- gathering a released group ------------------------------------------------------------
+
+    def start_gather(self, group: object, async_op: bool) -> None:
+        alloc_storage(self.flat_params)
+        work = comm.all_gather_(self.flat_params, self.shard, group, async_op=async_op)
+        if async_op:
+            self.move(GroupState.GATHERING)
+            self.work = work
+        else:
+            self.move(GroupState.GATHERED)
+
+    def ensure_gathered(self, group: object) -> None:
+        if self.state is GroupState.SHARDED:
+            self.start_gather(group, async_op=False)
+        elif self.state is GroupState.GATHERING:
+            self.work.wait()
+            self.work = None
+            self.move(GroupState.GATHERED)
+
+    def release(self, group: object) -> None:
+        self.ensure_gathered(group)  # a pending gather must land before its buffer goes
+        free_storage(self.flat_params)
+        self.move(GroupState.SHARDED)
+
+    def write_back(self, needs_master: bool, group: object) -> None:
+        """After a step: the owned slice into the parameters, all-gathered when only the
+        optimizer is sharded (a released group is gathered when it next runs)."""
+        if needs_master:
+            self.shard.copy_(self.master)
+        if self.sharded and not self.released:
+            comm.all_gather_(self.flat_params, self.shard, group)
+
+
+def free_storage(tensor: torch.Tensor) -> None:
+    """Release a tensor's memory but keep it (and every view of it) as a valid object."""
+    tensor.untyped_storage().resize_(0)
+
+
+def alloc_storage(tensor: torch.Tensor) -> None:
+    """Give a tensor freed by `free_storage` its memory back (contents undefined)."""
+    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
