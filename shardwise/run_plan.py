@@ -113,6 +113,12 @@ class RunPlan:
         """Parameters live in chunks placed on device, host and disk (Gemini)."""
         return self.offload.policy != "none"
 
+    @property
+    def static_placement(self) -> bool:
+        """The chunks' placement is fixed fractions (``offload.param_device_fraction``), not
+        measured in a warm-up."""
+        return self.offload.policy == "static"
+
     def layout(self) -> dict:
         """What fixes the shapes of each rank's saved state (checkpoints compare it)."""
         chunks = None

@@ -244,7 +244,7 @@ def _placed_states(plan: RunPlan, share: float, activations: float) -> dict[str,
     if plan.chunks:
         params = placed["params"]["device"]
         budget = offload.device_budget_mb * 2**20 if offload.device_budget_mb else float("inf")
-        if offload.policy == "static":
+        if plan.static_placement:
             kept = min(params * offload.param_device_fraction, budget)
         else:
             kept = min(params, max(budget - activations, 0.0))
