@@ -16,7 +16,7 @@ along the table `_MOVES`:
     SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
     SHARDED --gather(sync)---------------------->  GATHERED
 
-A group that is not released is always GATHERED.
+A group that is not released is always GATHERED and refuses every move.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class FlatGroup:
     work: object | None = field(default=None, repr=False)
 
     def move(self, to: GroupState) -> None:
+        if not self.released:
+            raise GroupStateError(f"group {self.name!r} is kept whole: it has no moves")
         if (self.state, to) not in _MOVES:
             raise GroupStateError(
                 f"group {self.name!r}: {self.state.name} -> {to.name} is not a legal move"

@@ -142,6 +142,9 @@ def test_unit_moves_follow_the_table():
     unit.move(GroupState.GATHERED)
     with pytest.raises(GroupStateError, match="GATHERED -> GATHERING"):
         unit.move(GroupState.GATHERING)
+    whole = FlatGroup(None, True, False, 0, 2, flat, flat[:2], flat[:2])
+    with pytest.raises(GroupStateError, match="kept whole: it has no moves"):
+        whole.move(GroupState.SHARDED)
 
 
 def _meta_built_stage3(cfg) -> tuple[list[float], dict, dict]:
