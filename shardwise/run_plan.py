@@ -69,6 +69,10 @@ class OptimizerUse:
     embeddings) with ``optim.weight_decay``."""
     onebit_freeze: int | None = None
     """1-bit Adam's freeze step (``optim.name = 'onebit_adam'``); None: AdamW."""
+    compressed_momentum: bool = False
+    """1-bit Adam compresses each rank's momentum, as its paper does (zero.stage 0: every rank
+    holds the whole momentum), not the gradient (stages 1-2, where a rank holds the momentum
+    of its slice only) ([Note: compressed momentum] in optim/onebit.py)."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,8 @@ class RunPlan:
             )
         refresh = optim.variance_refresh
         return (
-            f"1-bit Adam: AdamW for {self.optimizer.onebit_freeze} steps, then gradients at 1 "
+            f"1-bit Adam: AdamW for {self.optimizer.onebit_freeze} steps, then "
+            f"{'momenta' if self.optimizer.compressed_momentum else 'gradients'} at 1 "
             f"bit + 1 scale per {optim.compression_chunk} elements"
             + (" between replicas (exact within dp_shard)" if self._onebit_over_replicas else "")
             + (f", variance refreshed every {refresh} steps" if refresh else "")
@@ -606,6 +611,9 @@ def _optimizer_use(
         grad_clip=optim.grad_clip if "grad_clip" in explicit else 0.0,
         decay_groups="weight_decay" in explicit,
         onebit_freeze=onebit_freeze,
+        compressed_momentum=onebit_freeze is not None
+        and optim.name == "onebit_adam"
+        and config.zero.stage == 0,
     )
 
 

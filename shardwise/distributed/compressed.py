@@ -197,13 +197,16 @@ class OneBitExchange:
         slice_numel = numel // self.size
         return self.rank * slice_numel, (self.rank + 1) * slice_numel
 
-    def launch(self, index: int, local: torch.Tensor, out: torch.Tensor) -> _CompressedWork:
+    def launch(
+        self, index: int, local: torch.Tensor, out: torch.Tensor, scaled: bool = True
+    ) -> _CompressedWork:
         """Compress this rank's `local` tensor `index` and start the all-to-all; the returned
         work's `wait()` writes the average into `out` (its `owned_range`; `out` may be
-        `local`, which is read here)."""
+        `local`, which is read here). `scaled`: `local` is a gradient as backward left it
+        (times fp16's loss scale), not an optimizer's unscaled tensor."""
         error = self.worker_errors[index]
         self._keep(0, index)
-        scale = self.loss_scale()
+        scale = self.loss_scale() if scaled else 1.0
         corrected = error.add_(local, alpha=1 / scale).view(self.size, -1)  # c = g + e
         message = compress_(corrected, self.chunk)  # leaves e = c - C(c)
         error[self.sizes[index][1] :].zero_()  # padding carries no error

@@ -252,6 +252,8 @@ class FlatStore:
         """Groups whose ranks hold disjoint gradient slices: norms and overflow flags are
         summed over them."""
         self.groups = groups
+        self.compresses_momentum = plan.optimizer.compressed_momentum and exchange is not None
+        """1-bit Adam sends each rank's momentum instead of its gradient."""
         self.delayed = plan.offload.delayed_update > 0
         """Whether the optimizer (`OffloadedAdamW`) may step in the background."""
 
@@ -282,7 +284,8 @@ class FlatStore:
             and optimizer.frozen
             and self.reducer.compression is not None
         ):
-            return Exchange.COMPRESSED
+            # the momenta travel instead, in `update` ([Note: compressed momentum])
+            return Exchange.LOCAL if self.compresses_momentum else Exchange.COMPRESSED
         return Exchange.EXACT
 
     def after_backward(self, sync: bool) -> None:
@@ -294,9 +297,10 @@ class FlatStore:
     # -- the step ----------------------------------------------------------------------------
 
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool:
-        found_inf = scaler.unscale_and_check_(
-            self.shards.owned_grads(), self.norm_groups, self.device
-        )
+        groups = self.norm_groups
+        if self.reducer.exchange is Exchange.LOCAL and self.reducer.group_size > 1:
+            groups = [*groups, self.reducer.group]  # local gradients: every rank skips alike
+        found_inf = scaler.unscale_and_check_(self.shards.owned_grads(), groups, self.device)
         if found_inf and self.reducer.exchange is Exchange.COMPRESSED:
             self.reducer.compression.restore_errors()  # the residue of a discarded step
         return found_inf
@@ -342,6 +346,8 @@ class FlatStore:
         if clip_coef is not None:
             torch._foreach_mul_(self.shards.owned_grads(), clip_coef)
         self.shards.attach_grads()
+        if self.compresses_momentum and self.reducer.exchange is Exchange.LOCAL:
+            self._average_momenta(optimizer)
         self._finish_delayed(optimizer)  # the previous step's, before this one starts
         optimizer.step()
         if isinstance(optimizer, ZeroOneAdam):
@@ -349,6 +355,20 @@ class FlatStore:
         if not (self.delayed and optimizer.running):
             self.shards.sync_params()
         self.shards.release_grads()
+
+    @torch.no_grad()
+    def _average_momenta(self, optimizer: OneBitAdam) -> None:
+        """1-bit Adam at zero.stage 0: each rank's momentum on its own gradient, averaged
+        compressed a bucket at a time, becomes every rank's ([Note: compressed momentum] in
+        optim/onebit.py)."""
+        exchange = self.reducer.compression
+        for index, owned in enumerate(self.shards.groups):
+            momenta = torch.zeros_like(owned.master)
+            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
+                optimizer.local_momentum(piece, momenta[lo - owned.start : hi - owned.start])
+            exchange.launch(index, momenta, momenta, scaled=False).wait()
+            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
+                optimizer.take_momentum(piece, momenta[lo - owned.start : hi - owned.start])
 
     def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the parameters the one state every rank agrees on (every rank calls this,
@@ -385,7 +405,7 @@ class FlatStore:
                 view = displacement[lo - owned.start : hi - owned.start]
                 averaged[piece] = torch.sub(optimizer.synced[piece], piece, out=view)
             if exchange is not None:
-                exchange.launch(index, displacement, displacement).wait()
+                exchange.launch(index, displacement, displacement, scaled=False).wait()
             optimizer.synchronise(averaged)
         optimizer.synchronised()
 

@@ -263,6 +263,63 @@ def test_compressed_step_sends_the_closed_form_bytes(pool2, stage):
         assert all(math.isfinite(loss) for loss in losses)
 
 
+def _momenta_of_a_compressed_step() -> dict:
+    """Zero stage 0, one exact step, then a compressed one: what each bucket's exchange was
+    given and gave back, and the momenta the step ended with."""
+    cfg = make_config(micro_batch=1, global_batch=2).replace(optim={**ONEBIT, "freeze_step": 1})
+    engine = initialize(build_model(cfg), None, cfg)
+    rank = comm.group_rank(None)
+    batches = global_batches(cfg, steps=2)
+    engine.train_step(tuple(t[rank : rank + 1] for t in batches[0]))  # exact
+    optimizer, groups = engine.optimizer, engine.store.shards.groups
+    exchange = engine.store.reducer.compression
+    launch, given, averaged, expected = exchange.launch, [], [], []
+
+    def recording_launch(index, local, out, scaled=True):
+        owned = groups[index]
+        want = torch.zeros_like(local)
+        for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
+            m = optimizer.state[piece]["exp_avg"].flatten()
+            torch.lerp(m, piece.grad.flatten(), 0.1, out=want[lo - owned.start : hi - owned.start])
+        expected.append(want)  # b1 m + (1 - b1) g on this rank's own gradient (b1 = 0.9)
+        given.append((local.clone(), scaled))
+        averaged.append(out)
+        return launch(index, local, out, scaled)
+
+    exchange.launch = recording_launch
+    with CommStats() as stats:
+        engine.train_step(tuple(t[rank : rank + 1] for t in batches[1]))
+    momenta = [
+        torch.cat([optimizer.state[p]["exp_avg"].flatten() for p in owned.pieces])
+        for owned in groups
+    ]
+    return {
+        "given_is_local_momentum": all(
+            torch.equal(g, w) for (g, _), w in zip(given, expected, strict=True)
+        ),
+        "unscaled": not any(scaled for _, scaled in given),
+        "given": torch.cat([g for g, _ in given]),
+        "max_gap": max(
+            (m - a[: m.numel()]).abs().max().item() for m, a in zip(momenta, averaged, strict=True)
+        ),
+        "params": torch.cat([p.detach().flatten() for p in engine.params]),
+        "all_reduce_payload": stats.total("payload_bytes", op="all_reduce"),
+    }
+
+
+def test_stage0_averages_the_ranks_momenta_compressed(pool2):
+    """[Note: compressed momentum]: the exchange averages each rank's momentum on its own
+    gradient, the step ends with the average as every rank's momentum, and no gradient
+    travels."""
+    first, second = pool2.run(_momenta_of_a_compressed_step)
+    for result in (first, second):
+        assert result["given_is_local_momentum"] and result["unscaled"]
+        assert result["max_gap"] < 1e-7  # the average, up to (avg - b1 m) / (1 - b1) rounding
+        assert result["all_reduce_payload"] <= 8  # the loss and norm scalars
+    assert not torch.equal(first["given"], second["given"])  # gradients stayed local
+    assert torch.equal(first["params"], second["params"])
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resumes_exactly_after_the_freeze(pool2, tmp_path, stage):
     """fp32, freeze after step 1, checkpoint at step 2: steps 3 and 4 are bitwise the same
@@ -415,7 +472,7 @@ def test_trains_on_two_ranks_through_the_launcher_from_a_deepspeed_config(tmp_pa
             },
         },
     }
-    shows = "1-bit Adam: AdamW for 1 steps, then gradients at 1 bit"
+    shows = "1-bit Adam: AdamW for 1 steps, then momenta at 1 bit"
     out = _train_from_deepspeed_config(tmp_path, capsys, example, 4, shows)
     resolved = Config.from_file(out / "config.toml")
     assert (resolved.train.global_batch, resolved.optim.variance_refresh) == (8, 0)
@@ -576,9 +633,9 @@ def _zero_one_steps() -> tuple[list, list, tuple]:
     exchange = engine.store.reducer.compression
     launch, errors_at_launch = exchange.launch, []
 
-    def recording_launch(*args):
+    def recording_launch(*args, **kwargs):
         errors_at_launch.append(sum(e.abs().sum().item() for e in exchange.errors))
-        return launch(*args)
+        return launch(*args, **kwargs)
 
     exchange.launch = recording_launch
     steps = []
