@@ -226,9 +226,9 @@ class PrecisionConfig(_Section):
 class OptimConfig(_Section):
     name: Literal["adamw", "onebit_adam", "zero_one_adam"] = "adamw"
     """Optimizer: AdamW; 1-bit Adam (AdamW until freeze_step, then the variance frozen and
-    gradients exchanged at one bit per element); or 0/1 Adam (the variance updated at
-    doubling gaps until freeze_step, compressed gradients between, then local steps with
-    compressed synchronisations). docs/onebit_adam.md."""
+    momenta, or under ZeRO 1-2 gradients, exchanged at one bit per element); or 0/1 Adam
+    (the variance updated at doubling gaps until freeze_step, compressed gradients between,
+    then local steps with compressed synchronisations). docs/onebit_adam.md."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
