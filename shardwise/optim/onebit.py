@@ -115,10 +115,11 @@ class OneBitAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def take_momentum(self, p: torch.Tensor, averaged: torch.Tensor) -> None:
         """Make the next step's momentum `averaged` (flat): the gradient whose momentum update
-        b1 m + (1 - b1) g gives it, (averaged - b1 m) / (1 - b1), becomes ``p.grad``."""
+        b1 m + (1 - b1) g gives it, (averaged - b1 m) / (1 - b1), is written into ``p.grad``
+        (in place: the local gradient is not needed any more)."""
         beta1 = self._beta1[p]
         m = self.state[p]["exp_avg"]
-        p.grad = (averaged.view_as(p) - beta1 * m) / (1 - beta1)
+        p.grad.copy_((averaged.view_as(p) - beta1 * m) / (1 - beta1))
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
