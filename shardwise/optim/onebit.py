@@ -44,8 +44,8 @@ exchange averages these per bucket with error feedback, and the average becomes 
 momentum (`take_momentum` sets the gradient whose momentum update gives it, so the step
 itself is unchanged). The shared b1 m dominates what is compressed, so its signs and scales
 fit far better than a gradient's: on the default GPT run the final loss went from 1.013-1.017x
-AdamW's (gradients compressed) to 0.98x, and on preset mini from 1.036x to the figure in
-docs/onebit_adam.md. Each rank clips its own gradient (the norm of the local gradients), and
+AdamW's (gradients compressed) to 0.979x, and on preset mini from 1.036x to 1.009x
+(docs/onebit_adam.md). Each rank clips its own gradient (the norm of the local gradients), and
 fp16 overflow flags are all-reduced over the data-parallel ranks, so all skip alike. With ZeRO
 1-2 a rank holds the momentum of its slice only, so there the gradients travel compressed,
 to the slice owners.
