@@ -456,8 +456,9 @@ def join_launched_group(timeout_s: float) -> None:
     if launched and not dist.is_initialized():
         init_worker(timeout_s)
         # joined here, left here: a group still alive at interpreter exit is torn down with
-        # the rest of the process, and gloo then aborted a rank now and then (SIGABRT)
-        atexit.register(_destroy_process_group)
+        # the rest of the process, and gloo then aborted a rank now and then (SIGABRT). A
+        # script that raised leaves at once: the other ranks may be inside a collective.
+        atexit.register(lambda: _destroy_process_group(together=not hasattr(sys, "last_value")))
 
 
 def run_worker(main: Callable[[], None]) -> NoReturn:
@@ -468,6 +469,7 @@ def run_worker(main: Callable[[], None]) -> NoReturn:
     exception's traceback goes to a file named in that line; ``SHARDWISE_DEBUG=1`` prints
     every traceback. The process group is destroyed however ``main`` ends.
     """
+    code = 1
     try:
         main()
         code = 0
@@ -476,7 +478,7 @@ def run_worker(main: Callable[[], None]) -> NoReturn:
     except Exception as err:  # noqa: BLE001 - every failure is reported, then the rank exits
         code = _report_failure(err)
     finally:
-        _destroy_process_group()
+        _destroy_process_group(together=code == 0)
     sys.exit(code)
 
 
@@ -594,9 +596,16 @@ def _write_error_file(line: str, *, exit_code: int, peer_closed: bool, waited: b
         os.replace(partial, path)
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group(together: bool) -> None:
+    """Leave the process group. `together`: this rank ended normally, as every rank does,
+    so all meet at a barrier first. Without it gloo aborted a rank now and then (SIGABRT,
+    "terminate called without an active exception", 1 exit in 4-10 here): one rank closed its
+    connections while another was still tearing its own down. A rank that failed leaves at
+    once, since the others may be waiting inside a collective it never joins."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # the failure being reported matters more
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
