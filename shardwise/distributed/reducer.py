@@ -116,7 +116,8 @@ class Exchange(enum.Enum):
     COMPRESSED = "compressed"
     """Through the 1-bit exchange ([Note: 1-bit Adam over replicas])."""
     LOCAL = "local"
-    """Not at all: each rank steps on its own gradients (0/1 Adam's local steps)."""
+    """Not at all: each rank keeps its own gradients (0/1 Adam's local steps; 1-bit Adam's
+    compressed steps at zero.stage 0, whose momenta travel instead)."""
 
 
 class GradReducer:

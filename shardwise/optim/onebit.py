@@ -117,9 +117,9 @@ class OneBitAdam(torch.optim.Optimizer):
         """Make the next step's momentum `averaged` (flat): the gradient whose momentum update
         b1 m + (1 - b1) g gives it, (averaged - b1 m) / (1 - b1), is written into ``p.grad``
         (in place: the local gradient is not needed any more)."""
-        beta1 = self._beta1[p]
-        m = self.state[p]["exp_avg"]
-        p.grad.copy_((averaged.view_as(p) - beta1 * m) / (1 - beta1))
+        beta1, grad = self._beta1[p], p.grad
+        torch.mul(self.state[p]["exp_avg"], beta1, out=grad)
+        torch.sub(averaged.view_as(p), grad, out=grad).div_(1 - beta1)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

@@ -72,19 +72,24 @@ class OptimizerShards:
         self.sharded = sharding.optimizer
         self.params_sharded = sharding.params
         names = {id(p): name for name, p in model.named_parameters()}
-        rank, size = comm.group_rank(group), comm.group_size(group)
+        rank, size = (comm.group_rank(group), comm.group_size(group)) if self.sharded else (0, 1)
         self.groups = [
-            self._own(bucket, names, rank if self.sharded else 0, size if self.sharded else 1)
-            for bucket in buckets
+            self._own(bucket, names, rank, size, unit)
+            for bucket, unit in zip(buckets, units or [("", [])] * len(buckets), strict=True)
         ]
-        for flat_group, (name, modules) in zip(self.groups, units or (), strict=bool(units)):
-            flat_group.name, flat_group.modules = name, modules
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
         for owned in self.groups:
             for piece, owner in zip(owned.pieces, owned.owners, strict=True):
                 self._piece_of_param.setdefault(id(owner), []).append(piece)
 
-    def _own(self, bucket: Bucket, names: dict[int, str], rank: int, size: int) -> FlatGroup:
+    def _own(
+        self,
+        bucket: Bucket,
+        names: dict[int, str],
+        rank: int,
+        size: int,
+        unit: tuple[str, list[nn.Module]],
+    ) -> FlatGroup:
         flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         for index, param in enumerate(bucket.params):
             view = bucket.view_of(flat, index)
@@ -110,8 +115,19 @@ class OptimizerShards:
             master = shard.to(self.policy.master_dtype)
         else:
             master = shard
+        name, modules = unit
         owned = FlatGroup(
-            bucket, self.sharded, self.params_sharded, start, end, flat, shard, master, state=state
+            bucket,
+            self.sharded,
+            self.params_sharded,
+            start,
+            end,
+            flat,
+            shard,
+            master,
+            name=name,
+            modules=modules,
+            state=state,
         )
         for offset, param in zip(bucket.offsets, bucket.params, strict=True):
             lo, hi = max(offset, start), min(offset + param.numel(), end)

@@ -359,16 +359,27 @@ class FlatStore:
     @torch.no_grad()
     def _average_momenta(self, optimizer: OneBitAdam) -> None:
         """1-bit Adam at zero.stage 0: each rank's momentum on its own gradient, averaged
-        compressed a bucket at a time, becomes every rank's ([Note: compressed momentum] in
-        optim/onebit.py)."""
+        compressed, becomes every rank's ([Note: compressed momentum] in optim/onebit.py)."""
+        for averaged in self._averaged_pieces(optimizer.local_momentum):
+            for piece, view in averaged.items():
+                optimizer.take_momentum(piece, view)
+
+    def _averaged_pieces(
+        self, fill: Callable[[nn.Parameter, torch.Tensor], object]
+    ) -> Iterator[dict[nn.Parameter, torch.Tensor]]:
+        """A bucket at a time: `fill(piece, out)` writes this rank's value for each optimizer
+        piece of the bucket into a flat tensor, the compressed exchange averages it over the
+        ranks (where there is one), and each piece's (flat) average is yielded."""
         exchange = self.reducer.compression
         for index, owned in enumerate(self.shards.groups):
-            momenta = torch.zeros_like(owned.master)
+            flat = torch.zeros_like(owned.master)  # the padding stays zero
+            averaged = {}
             for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                optimizer.local_momentum(piece, momenta[lo - owned.start : hi - owned.start])
-            exchange.launch(index, momenta, momenta, scaled=False).wait()
-            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                optimizer.take_momentum(piece, momenta[lo - owned.start : hi - owned.start])
+                averaged[piece] = flat[lo - owned.start : hi - owned.start]
+                fill(piece, averaged[piece])
+            if exchange is not None:
+                exchange.launch(index, flat, flat, scaled=False).wait()
+            yield averaged
 
     def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the parameters the one state every rank agrees on (every rank calls this,
@@ -397,15 +408,10 @@ class FlatStore:
         """Average the ranks' displacements since the last synchronisation, compressed, a
         bucket at a time, and let the optimizer take them ([Note: 0/1 Adam's
         synchronisation] in optim/zero_one.py). Zero stage 0: each slice is a whole bucket."""
-        exchange = self.reducer.compression
-        for index, owned in enumerate(self.shards.groups):
-            displacement = torch.zeros_like(owned.master)
-            averaged = {}
-            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                view = displacement[lo - owned.start : hi - owned.start]
-                averaged[piece] = torch.sub(optimizer.synced[piece], piece, out=view)
-            if exchange is not None:
-                exchange.launch(index, displacement, displacement, scaled=False).wait()
+        displacements = self._averaged_pieces(
+            lambda piece, out: torch.sub(optimizer.synced[piece], piece, out=out)
+        )
+        for averaged in displacements:
             optimizer.synchronise(averaged)
         optimizer.synchronised()
 
