@@ -46,7 +46,6 @@ replica. Without replicas the exchange replaces the bucket's own collective.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,8 +79,6 @@ class Bucket:
     undivided: bool = False
     """Whether some gradient in `grads` was copied in as it came, not divided by the ranks
     averaged ([Note: division on arrival]); reset at each step's end."""
-    arrived: int = 0
-    """Parameters whose gradient arrived in the current backward (any micro-batch)."""
     work: object | None = field(default=None, repr=False)
 
     @property
@@ -130,7 +127,6 @@ class GradReducer:
         scatter: bool = False,
         replicate_group: object | None = None,
         compression: OneBitExchange | None = None,
-        on_bucket_complete: Callable[[Bucket], None] | None = None,
     ) -> None:
         """`buckets` from `make_buckets`, in launch order; `group` is a 1-D DeviceMesh (or
         None for one process).
@@ -144,8 +140,7 @@ class GradReducer:
         `compression` (1-bit Adam's `OneBitExchange` over `compressed_sizes`) replaces the
         collective of every bucket in a step whose gradients travel compressed, or with
         `replicate_group` the all-reduce across the replicas ([Note: 1-bit Adam over
-        replicas]). `on_bucket_complete(bucket)` runs once every parameter of a bucket got its
-        gradient in a backward."""
+        replicas])."""
         self.buckets = buckets
         self.group = group
         self.group_size = comm.group_size(group)
@@ -154,7 +149,6 @@ class GradReducer:
         self._ranks_averaged = self.group_size * replicas
         self.scatter = scatter
         self.compression = compression
-        self.on_bucket_complete = on_bucket_complete
         self.exchange = Exchange.EXACT
         """How this step's gradients travel (set by `prepare`)."""
         self._slot = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
@@ -174,8 +168,6 @@ class GradReducer:
             self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         self._sync = sync
         self.exchange = exchange
-        for bucket in self.buckets:
-            bucket.arrived = 0
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
@@ -189,9 +181,6 @@ class GradReducer:
                 view.copy_(param.grad)
                 bucket.undivided = True
             param.grad = view
-        bucket.arrived += 1
-        if bucket.arrived == len(bucket.params) and self.on_bucket_complete is not None:
-            self.on_bucket_complete(bucket)
         if not self._sync:
             return  # accumulation micro-batch: gradients stay local
         bucket.ready += 1

@@ -7,43 +7,26 @@ two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data par
 
 A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views
 of the group's flat buffer, whose storage comes only while it is gathered, along the group's
-table of moves.
-
-[Note: unit hooks] Forward pre-hook: gather this unit, start gathering the next one
-(prefetch). Forward post-hook: release it (``reshard_after_forward``), unless autograd is
-running — activation checkpointing re-runs forwards inside backward, where the unit must
-stay. A hook on the unit's output gradient (it arrives just before the unit's backward): gather it
-again, start gathering the previous one. When all of a
-unit's gradients exist (the reducer's `on_bucket_complete`), release it; whatever is still
-gathered when backward ends (unused parameters) is released by `release_all`.
+table of moves. Each unit is a site of `ModuleHooks` (zero/module_hooks.py, [Note: the hook
+protocol]), with `GatherOnUse` as the residency: the forward pre-hook gathers the unit and
+starts gathering the next one (prefetch); the forward hook releases it with
+``reshard_after_forward``, unless autograd is running (activation checkpointing re-runs
+forwards inside backward, where the unit must stay for its backward); the hook on its output
+gradient gathers it again and starts gathering the previous one; once all its gradients exist
+it is released. Whatever is still gathered when backward ends is released by `release_all`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
-import torch
 from torch import nn
 
-from shardwise.distributed.reducer import Bucket
 from shardwise.models.spec import ModelSpec
 from shardwise.zero.flat_group import FlatGroup, GroupState
-
-
-def output_tensors(output: object) -> list[torch.Tensor]:
-    """The tensors of a module's output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in output_tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in output_tensors(item)]
-    return []
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+from shardwise.zero.module_hooks import Site, in_backward
 
 
 def zero3_units(
@@ -85,34 +68,43 @@ def _module_units(
     return result
 
 
-class ShardedParams:
-    """Gathers and releases the parameters of each unit around its forward and backward."""
+def unit_sites(units: list[FlatGroup]) -> list[Site]:
+    """Each unit (in forward order) as a site of the module hooks: its modules, itself, and
+    its parameters."""
+    return [
+        Site(unit.name, tuple(unit.modules), (index,), tuple(unit.bucket.params))
+        for index, unit in enumerate(units)
+    ]
 
-    def __init__(
-        self,
-        units: list[FlatGroup],
-        group: object,
-        reshard_after_forward: bool,
-        prefetch: bool,
-    ) -> None:
-        """`units`: released groups, each with its name and modules, in forward order."""
+
+class GatherOnUse:
+    """ZeRO-3's `Residency`: a unit is gathered while a site uses it and released when none
+    does (module docstring)."""
+
+    def __init__(self, units: list[FlatGroup], group: object, reshard_after_forward: bool) -> None:
+        self.units = units
         self.group = group
         self.reshard_after_forward = reshard_after_forward
-        self.prefetch = prefetch
-        self.units = units
-        self._unit_of_bucket = {id(u.bucket): u for u in self.units}
-        for index, unit in enumerate(self.units):
-            for module in unit.modules:
-                module.register_forward_pre_hook(lambda *_, i=index: self._before_forward(i))
-                module.register_forward_hook(
-                    lambda _module, _inputs, out, i=index: self._after_forward(i, out)
-                )
+        self._users: dict[int, int] = {}
+        """Id of a unit -> the sites using it now."""
 
-    def _prefetch(self, index: int) -> None:
-        if self.prefetch and 0 <= index < len(self.units):
-            unit = self.units[index]
-            if unit.state is GroupState.SHARDED:
-                unit.start_gather(self.group, async_op=True)
+    def access(self, unit: FlatGroup, read_only: bool = False) -> None:
+        unit.ensure_gathered(self.group)
+        self._users[id(unit)] = self._users.get(id(unit), 0) + 1
+
+    def release(self, unit: FlatGroup, after: Literal["forward", "backward"]) -> None:
+        users = self._users[id(unit)] - 1
+        self._users[id(unit)] = users
+        if users == 0 and (
+            after == "backward" or (self.reshard_after_forward and not in_backward())
+        ):
+            unit.release(self.group)
+
+    def prefetch(self, unit: FlatGroup) -> bool:
+        if unit.state is not GroupState.SHARDED:
+            return False
+        unit.start_gather(self.group, async_op=True)
+        return True
 
     @contextlib.contextmanager
     def all_gathered(self) -> Iterator[None]:
@@ -125,35 +117,7 @@ class ShardedParams:
             self.release_all()
 
     def release_all(self) -> None:
-        """After backward: every unit back to its shard."""
+        """After backward: every unit no site uses back to its shard."""
         for unit in self.units:
-            if unit.state is not GroupState.SHARDED:
+            if unit.state is not GroupState.SHARDED and not self._users.get(id(unit)):
                 unit.release(self.group)
-
-    # -- hooks (see [Note: unit hooks]) -----------------------------------------------------
-
-    def _before_forward(self, index: int) -> None:
-        self.units[index].ensure_gathered(self.group)
-        if not _in_backward():
-            self._prefetch(index + 1)
-
-    def _after_forward(self, index: int, output: object) -> None:
-        # The gradient of the unit's output arrives just before the unit's own backward.
-        for tensor in output_tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(lambda grad, i=index: self._before_backward(i))
-        if self.reshard_after_forward and not _in_backward():
-            self.units[index].release(self.group)
-
-    def _before_backward(self, index: int) -> None:
-        self.units[index].ensure_gathered(self.group)
-        self._prefetch(index - 1)
-
-    def on_bucket_complete(self, bucket: Bucket) -> None:
-        """The reducer's callback: a unit's gradients all exist, so its parameters can go.
-
-        The root (index 0) spans the whole forward: its head's gradient arrives first in
-        backward but its embedding's last, so it completes last and goes here too."""
-        unit = self._unit_of_bucket[id(bucket)]
-        if unit.state is not GroupState.SHARDED:
-            unit.release(self.group)

@@ -43,9 +43,10 @@ from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.flat_group import PieceInfo
+from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
-from shardwise.zero.params import ShardedParams, zero3_units
+from shardwise.zero.params import GatherOnUse, unit_sites, zero3_units
 
 
 class ParamStore(Protocol):
@@ -227,13 +228,14 @@ class FlatStore:
             param_init,
             units=[(name, modules) for name, modules, _ in reversed(units)] if units else None,
         )
-        self.units = None
+        self.gathering: GatherOnUse | None = None
+        """ZeRO-3: the units, gathered around their use by `hooks`."""
+        self.hooks: ModuleHooks | None = None
         if units:
-            self.units = ShardedParams(
-                list(reversed(self.shards.groups)),  # forward order
-                groups.shard,
-                sharding.reshard_after_forward,
-                sharding.prefetch,
+            released = list(reversed(self.shards.groups))  # forward order
+            self.gathering = GatherOnUse(released, groups.shard, sharding.reshard_after_forward)
+            self.hooks = ModuleHooks(
+                unit_sites(released), released, self.gathering, prefetch=sharding.prefetch
             )
         self.reducer = GradReducer(
             buckets,
@@ -241,7 +243,6 @@ class FlatStore:
             scatter=sharding.grads,
             replicate_group=replicate_group,
             compression=exchange,
-            on_bucket_complete=self.units.on_bucket_complete if self.units else None,
         )
         tp_group = tp.ctx.group("tp") if tp is not None else None
         self.norm_groups = [
@@ -291,8 +292,9 @@ class FlatStore:
     def after_backward(self, sync: bool) -> None:
         if sync:
             self.reducer.finish()
-        if self.units is not None:
-            self.units.release_all()
+        if self.hooks is not None:
+            self.hooks.finish_backward()
+            self.gathering.release_all()
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -423,7 +425,7 @@ class FlatStore:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the whole model's state (units gathered for it; tensor-parallel shards
         stay this rank's)."""
-        gathered = self.units.all_gathered() if self.units is not None else nullcontext()
+        gathered = self.gathering.all_gathered() if self.gathering else nullcontext()
         with gathered:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

@@ -1,4 +1,4 @@
-"""Parameters in chunks through the engine (``offload.policy``, zero/chunks/hooks.py), one process.
+"""Parameters in chunks through the engine (``offload.policy``, zero/module_hooks.py), one process.
 
 Parity is bit-exact against plain torch (tests/parity.py `reference_run`): the forward and
 backward read the same values from chunk payloads, the global norm is computed as
@@ -20,10 +20,10 @@ from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.metrics import TIER_KEYS
 from shardwise.zero.chunks.chunk import ChunkState, Tier
-from shardwise.zero.chunks.hooks import ChunkHooks, held_chunks
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.chunks.packing import build_chunks
+from shardwise.zero.chunks.packing import build_chunks, chunk_sites, held_chunks
 from shardwise.zero.chunks.tracer import MemoryTracer
+from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.store import memory_tiers
 from tests.cli_runs import logged_losses, run_cli, settings_args
 from tests.parity import BF16_RTOL, build_model, global_batches, make_config, reference_run
@@ -320,7 +320,7 @@ def test_hooks_release_a_module_called_twice_and_one_whose_parameter_got_no_grad
     manager = ChunkManager(chunks, "cpu", device_budget=None, host_budget=None)
     for chunk in chunks:
         manager.place(chunk, Tier.DEVICE)
-    hooks = ChunkHooks(model, manager, chunks)
+    hooks = ModuleHooks(chunk_sites(model, chunks), chunks, manager)
     x = torch.randn(2, 8, requires_grad=True)
     model["half_used"](model["shared"](model["shared"](x))).sum().backward()
     shared, half = chunks

@@ -67,8 +67,8 @@ def _stage3_state_between_steps(dtype: str) -> dict:
     psi = sum(p.numel() for p in engine.params)
     return {
         "bytes_per_param": sum(engine.memory_report().values()) / psi,
-        "all_sharded": all(u.state is GroupState.SHARDED for u in engine.store.units.units),
-        "units": [u.name for u in engine.store.units.units],
+        "all_sharded": all(u.state is GroupState.SHARDED for u in engine.store.gathering.units),
+        "units": [u.name for u in engine.store.gathering.units],
     }
 
 
@@ -81,8 +81,10 @@ def test_stage3_model_states_are_16_psi_over_n(pool4, dtype):
         assert result["bytes_per_param"] == pytest.approx(16 / 4, rel=0.02)
 
 
-def _bytes_of_one_step(stage: int) -> dict:
-    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=stage)
+def _bytes_of_one_step(stage: int, checkpointing: str = "none") -> dict:
+    cfg = make_config(
+        micro_batch=2, global_batch=4, zero_stage=stage, activation_checkpointing=checkpointing
+    )
     engine = initialize(build_model(cfg), None, cfg)
     batches = global_batches(cfg, 2)
     rank = dist.get_rank()
@@ -120,6 +122,16 @@ def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(pool2):
     padding = units / sum(stage0["bucket_bytes"])  # units pad separately from size buckets
     assert moved3 / moved0 == pytest.approx(1.5 * padding, rel=1e-12)
     assert padding == pytest.approx(1.0, abs=1e-3)
+
+
+def test_stage3_recomputation_gathers_nothing_more(pool2):
+    """Activation checkpointing re-runs each block's forward inside backward: the unit is
+    gathered already (for its backward), and the next unit in forward order, whose backward
+    is done, is not prefetched ([Note: the hook protocol])."""
+    plain = pool2.run(_bytes_of_one_step, 3)[0]
+    recomputed = pool2.run(_bytes_of_one_step, 3, "full")[0]
+    assert recomputed["by_op"] == plain["by_op"]
+    assert recomputed["by_op"]["all_gather"] > 0
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["save", "async-save"])

@@ -412,7 +412,7 @@ class Chunk:
 class GradChunk(Chunk):
     """The gradients of one parameter chunk: the same slots (offsets, shapes), its own bytes.
 
-    Parameters are not views of it: gradients are copied in (`ChunkHooks`) and attached as
+    Parameters are not views of it: gradients are copied in (`GradChunks`) and attached as
     ``param.grad`` views only while the optimizer updates the chunk. Its contents are
     undefined until written and dead after the update, so it is built without filling and
     `discard`-ed after each step rather than kept."""

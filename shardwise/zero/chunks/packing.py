@@ -17,6 +17,7 @@ from torch import nn
 
 from shardwise.errors import ConfigError
 from shardwise.zero.chunks.chunk import Chunk, Slot
+from shardwise.zero.module_hooks import Site
 
 
 def pack(sizes: Sequence[int], capacity: int) -> list[list[int]]:
@@ -134,3 +135,35 @@ def chunks_of_modules(model: nn.Module, chunks: Sequence[Chunk]) -> dict[str, tu
         if used:
             result[name] = tuple(sorted(used))
     return result
+
+
+def chunk_sites(model: nn.Module, chunks: Sequence[Chunk]) -> list[Site]:
+    """Every module that owns chunked parameters (non-recursively) as a site of the module
+    hooks: the chunks holding them, and those parameters."""
+    used = chunks_of_modules(model, chunks)
+    chunked = {id(slot.param) for chunk in chunks for slot in chunk.slots}
+    return [
+        Site(
+            name,
+            (module,),
+            used[name],
+            tuple(p for p in module.parameters(recurse=False) if id(p) in chunked),
+        )
+        for name, module in model.named_modules()
+        if name in used
+    ]
+
+
+def held_chunks(model: nn.Module, chunks: Sequence[Chunk]) -> frozenset[int]:
+    """Chunks holding a parameter that several modules own (a tied weight): its gradient is
+    accumulated after its last use, so the chunk stays in use from the first of those modules'
+    backward to the last (see [Note: the hook protocol] in zero/module_hooks.py)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return frozenset(
+        chunk.index
+        for chunk in chunks
+        if any(owners.get(id(slot.param), 0) > 1 for slot in chunk.slots)
+    )

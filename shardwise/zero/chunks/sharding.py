@@ -76,7 +76,7 @@ from shardwise.zero.chunks.chunk import (
     Tier,
     TierIO,
 )
-from shardwise.zero.chunks.hooks import GradChunks, grad_norms
+from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.flat_group import alloc_storage
 from shardwise.zero.optimizer import ParamInit

@@ -1,6 +1,6 @@
 """The engine's trainable parameters in chunks (``offload.policy`` static or auto).
 
-`ChunkStore` puts hooks.py together for the engine: it builds the chunks (size
+`ChunkStore` puts the chunks together for the engine: it builds the chunks (size
 searched for the least padding), the `ChunkManager` within the device and host budgets (and
 the disk tier), the policy's placement, the hooks on the model, the warm-up trace of the auto
 policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
@@ -30,17 +30,13 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier, TierIO, build_grad_chunks
-from shardwise.zero.chunks.hooks import (
-    ChunkedAdamW,
-    ChunkHooks,
-    GradChunks,
-    grad_norms,
-    held_chunks,
-)
+from shardwise.zero.chunks.grads import ChunkedAdamW, GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import (
     build_chunks,
+    chunk_sites,
     chunks_of_modules,
+    held_chunks,
     params_in_execution_order,
     search_chunk_size,
 )
@@ -54,6 +50,7 @@ from shardwise.zero.chunks.placement import (
 from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
 from shardwise.zero.flat_group import PieceInfo
+from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
 from shardwise.zero.optimizer import ParamInit
@@ -71,7 +68,7 @@ class ChunkStore:
     Built from the model (on the meta device, filled by `param_init`, or materialised
     anywhere): parameters in execution order (`run_forward` runs once under no_grad to record
     it), the chunk size searched for the least padding, a `ChunkManager` within the budgets,
-    the placement of the policy, and `ChunkHooks` on the model."""
+    the placement of the policy, and the module hooks (`ModuleHooks`, the manager as residency)."""
 
     def __init__(
         self,
@@ -159,7 +156,9 @@ class ChunkStore:
             )
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
-        self.hooks = ChunkHooks(model, self.manager, self.chunks, self.grads)
+        self.hooks = ModuleHooks(
+            chunk_sites(model, self.chunks), self.chunks, self.manager, self.grads.accumulate
+        )
         self._clip_coef: torch.Tensor | None = None
         """What the optimizer pass multiplies gradients by (clipping), while it runs."""
         self._visited = 0

@@ -33,7 +33,7 @@ from torch import nn
 
 from shardwise.zero.chunks.chunk import Chunk, Tier
 from shardwise.zero.chunks.packing import chunks_of_modules
-from shardwise.zero.params import output_tensors
+from shardwise.zero.module_hooks import output_tensors
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class MemoryTracer:
     def _after_forward(self, name: str, output: object) -> None:
         # Modules nest: the innermost open moment of this module just finished. Searched by
         # name, as a recomputation that activation checkpointing stopped early leaves a
-        # module opened and never finished (see hooks.py).
+        # module opened and never finished (see zero/module_hooks.py).
         position = max(i for i, t in enumerate(self._open) if self._moments[t].module == name)
         index = self._open.pop(position)
         before = self._moments[index]

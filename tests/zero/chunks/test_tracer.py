@@ -1,8 +1,9 @@
 """Memory tracer (zero/chunks/tracer.py) and auto placement, on a tiny GPT run through the manager.
 
-`ChunkHooks` (zero/chunks/hooks.py) is how the engine drives the manager: access a module's
-chunks before its forward and before its backward, release them after its forward and once all
-of its parameters' gradients are accumulated, prefetch the neighbouring chunk, end the step.
+`ModuleHooks` (zero/module_hooks.py) over `chunk_sites` is how the engine drives the manager:
+access a module's chunks before its forward and before its backward, release them after its
+forward and once all of its parameters' gradients are accumulated, prefetch the neighbouring
+chunk, end the step.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from shardwise.config import ModelConfig
 from shardwise.errors import ConfigError
 from shardwise.models.gpt import build_gpt
 from shardwise.zero.chunks.chunk import Chunk, Tier, TierIO
-from shardwise.zero.chunks.hooks import ChunkHooks
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.chunks.packing import build_chunks, params_in_execution_order, search_chunk_size
+from shardwise.zero.chunks.packing import (
+    build_chunks,
+    chunk_sites,
+    params_in_execution_order,
+    search_chunk_size,
+)
 from shardwise.zero.chunks.placement import apply_placement, auto_placement, placement_summary
 from shardwise.zero.chunks.tracer import MemoryTracer
+from shardwise.zero.module_hooks import ModuleHooks
 from tests.zero.chunks.test_manager import open_disk
 
 SEQ_LEN, SEED = 16, 0
@@ -131,7 +137,7 @@ def run_under_budget(reference, disk) -> None:
         disk=disk,
         param_init=lambda name, t: model.init_parameter(name, t, SEED),
     )
-    ChunkHooks(model, manager, chunks)
+    ModuleHooks(chunk_sites(model, chunks), chunks, manager)
     for _ in range(2):
         loss = train_step(model)
         manager.end_step()
@@ -154,7 +160,7 @@ def test_auto_placement_from_a_warm_up_trace(reference):
     init = lambda name, t: model.init_parameter(name, t, SEED)  # noqa: E731
     # Generous for the warm-up, whose non-model bytes are not known yet.
     manager = ChunkManager(chunks, CPU, device_budget=1 << 30, host_budget=None, param_init=init)
-    hooks = ChunkHooks(model, manager, chunks)
+    hooks = ModuleHooks(chunk_sites(model, chunks), chunks, manager)
     with MemoryTracer(model, chunks, CPU) as tracer:
         train_step(model)
     manager.end_step()
@@ -198,7 +204,7 @@ def test_tracer_reports_backward_moments_with_a_manager_running():
         host_budget=None,
         param_init=lambda name, t: model.init_parameter(name, t, SEED),
     )
-    ChunkHooks(model, manager, chunks)
+    ModuleHooks(chunk_sites(model, chunks), chunks, manager)
     with MemoryTracer(model, chunks, CPU) as tracer:
         train_step(model)
     manager.end_step()

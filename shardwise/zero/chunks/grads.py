@@ -1,34 +1,10 @@
-"""Parameters in chunks, driven by module hooks: access before compute, release after.
+"""Gradients in chunks, and the chunk-wise optimizer pass.
 
-PatrickStar / Colossal-AI Gemini: a module's parameter chunks are brought to the device just
-before it computes and may leave once it is done; the optimizer then visits the chunks one at
-a time. `ChunkHooks` turns module hooks into the manager's `access` / `release` calls,
-`GradChunks` keeps the gradients in chunks of their own, and `ChunkedAdamW` updates chunk by
-chunk; `ChunkStore` (store.py) puts them together for the engine.
-
-[Note: the hook protocol] For every module that owns chunked parameters (non-recursively):
-
-    forward pre-hook       access its chunks; prefetch the chunk after its last one
-    forward hook           release them ("forward"); hook every output that requires grad
-    output-gradient hook   (the gradient arrives just before the module's backward)
-                           access its chunks again; prefetch the chunk before its first
-    post-accumulate-grad   move the gradient into its gradient chunk ([Note: gradient
-      hook of a parameter  chunks]); once every chunked parameter of the module has its
-                           gradient for this backward, release the chunks ("backward") as
-                           many times as the backward accessed them (a module called twice)
-    finish_backward()      release what is still in use: modules some of whose parameters
-                           got no gradient
-
-Activation checkpointing recomputes a block's forward inside backward, and torch stops the
-recomputation as soon as the tensors backward needs exist (non-reentrant checkpoint's early
-stop): the last module of the block then had its pre-hook but never its forward hook. Such an
-unclosed forward access is released with the module's backward accesses (its backward follows
-the recomputation), or at `finish_backward` at the latest.
-
-A tied parameter belongs to every module that owns it, and its gradient is accumulated once,
-after its last use in backward, so its chunk stays in use from the first of those modules'
-backward to the last. Parameter hooks go on at the first backward: materialising a meta
-parameter swaps it (`torch.utils.swap_tensors`), which drops hooks registered before.
+PatrickStar / Colossal-AI Gemini: the module hooks (zero/module_hooks.py, with the
+`ChunkManager` as the residency) bring a module's parameter chunks to the device just before
+it computes and let them leave once it is done; `GradChunks` keeps the gradients in chunks of
+their own, filled from the hooks (`ModuleHooks.on_grad`), and `ChunkedAdamW` updates chunk by
+chunk. `ChunkStore` (store.py) puts them together for the engine.
 
 [Note: gradient chunks] Gradients live in a second chunk group (`GradChunk`, the same slots
 and offsets as the parameter chunks) in the same `ChunkManager`, under the same device and
@@ -62,9 +38,7 @@ from torch.utils._foreach_utils import _has_foreach_support
 from shardwise.precision import DynamicLossScaler
 from shardwise.zero.chunks.chunk import Chunk, ChunkState, GradChunk, Tier
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.chunks.packing import chunks_of_modules
 from shardwise.zero.offload.adam import OffloadedAdamW
-from shardwise.zero.params import output_tensors
 
 
 def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -181,134 +155,6 @@ class GradChunks:
         return [s for s in chunk.slots if id(s.param) in self.written]
 
 
-class ChunkHooks:
-    """Drives a `ChunkManager` from module hooks; see [Note: the hook protocol]. `chunks` are
-    the chunks the model's parameters view (the first in the manager's list, so index =
-    position). With `grads`, gradients go into their gradient chunks ([Note: gradient
-    chunks]); without, they stay in ``param.grad``."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        manager: ChunkManager,
-        chunks: Sequence[Chunk],
-        grads: GradChunks | None = None,
-        prefetch: bool = True,
-    ) -> None:
-        self.manager = manager
-        self.grads = grads
-        self.prefetch = prefetch
-        self.chunks = list(chunks)
-        self.used = chunks_of_modules(model, self.chunks)
-        """Module name -> indices of the chunks holding its own parameters."""
-        self.modules = dict(model.named_modules())
-        chunked = {id(slot.param) for chunk in self.chunks for slot in chunk.slots}
-        self.owned: dict[str, frozenset[int]] = {}
-        """Module name -> ids of its own chunked parameters."""
-        self.owners: dict[int, list[str]] = {}
-        """Parameter id -> the modules owning it (several for a tied weight)."""
-        self.prefetched = 0
-        """Prefetches started (moves that `access` then found under way or done)."""
-        self._handles: list[Any] = []
-        self._grad_hooked: set[int] = set()
-        self._accesses: dict[str, int] = {}
-        """Module -> backward accesses not yet released."""
-        self._forwards: dict[str, int] = {}
-        """Module -> forward accesses whose forward hook has not run (yet, or ever: a
-        recomputation stopped early)."""
-        self._pending: dict[str, set[int]] = {}
-        """Module -> its parameters whose gradient this backward has not accumulated yet."""
-        for name, module in model.named_modules():
-            if name not in self.used:
-                continue
-            self._handles.append(
-                module.register_forward_pre_hook(lambda *_, n=name: self.before_forward(n))
-            )
-            self._handles.append(
-                module.register_forward_hook(lambda _m, _i, out, n=name: self.after_forward(n, out))
-            )
-            self.owned[name] = frozenset(
-                id(p) for p in module.parameters(recurse=False) if id(p) in chunked
-            )
-            for key in self.owned[name]:
-                self.owners.setdefault(key, []).append(name)
-
-    def remove(self) -> None:
-        """Take every hook off the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._grad_hooked.clear()
-
-    def _chunks(self, name: str) -> list[Chunk]:
-        return [self.manager.chunks[i] for i in self.used[name]]
-
-    def _prefetch(self, index: int) -> None:
-        if self.prefetch and 0 <= index < len(self.chunks):
-            self.prefetched += self.manager.prefetch(self.chunks[index])
-
-    # -- forward -----------------------------------------------------------------------------
-
-    def before_forward(self, name: str) -> None:
-        for chunk in self._chunks(name):
-            self.manager.access(chunk, read_only=True)
-        self._forwards[name] = self._forwards.get(name, 0) + 1
-        self._prefetch(max(self.used[name]) + 1)  # chunks are in execution order
-
-    def after_forward(self, name: str, output: object) -> None:
-        self._release_forward(name, 1)
-        for tensor in output_tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(lambda _grad, n=name: self.before_backward(n))
-
-    # -- backward ----------------------------------------------------------------------------
-
-    def before_backward(self, name: str) -> None:
-        for chunk in self._chunks(name):
-            self.manager.access(chunk, read_only=True)
-        for param in self.modules[name].parameters(recurse=False):
-            if id(param) in self.owners and id(param) not in self._grad_hooked:
-                self._grad_hooked.add(id(param))
-                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_ready))
-        self._accesses[name] = self._accesses.get(name, 0) + 1
-        self._pending.setdefault(name, set(self.owned[name]))
-        self._prefetch(min(self.used[name]) - 1)
-
-    def _grad_ready(self, param: nn.Parameter) -> None:
-        if self.grads is not None and param.grad is not None:
-            self.grads.accumulate(param)
-        for name in self.owners[id(param)]:
-            pending = self._pending.get(name)
-            if pending is None:
-                continue
-            pending.discard(id(param))
-            if not pending:
-                del self._pending[name]
-                self._release_backward(name)
-
-    def _release_forward(self, name: str, times: int) -> None:
-        self._forwards[name] -= times
-        for _ in range(times):
-            for chunk in self._chunks(name):
-                self.manager.release(chunk, "forward")
-
-    def _release_backward(self, name: str) -> None:
-        self._release_forward(name, self._forwards.get(name, 0))  # a stopped recomputation
-        for _ in range(self._accesses.pop(name)):
-            for chunk in self._chunks(name):
-                self.manager.release(chunk, "backward")
-
-    def finish_backward(self) -> None:
-        """After a backward: release the chunks of modules still waiting for a gradient, and
-        of forwards left open by a stopped recomputation."""
-        for name in list(self._accesses):
-            self._pending.pop(name, None)
-            self._release_backward(name)
-        for name, times in self._forwards.items():
-            if times:
-                self._release_forward(name, times)
-
-
 class ChunkedAdamW(OffloadedAdamW):
     """`OffloadedAdamW` whose step opens each parameter chunk (`open_chunk`: on the device,
     gradients attached) for the state chunks that update it, and closes it after.
@@ -348,18 +194,3 @@ class ChunkedAdamW(OffloadedAdamW):
         finally:
             if current is not None:
                 self._close(current)
-
-
-def held_chunks(model: nn.Module, chunks: Sequence[Chunk]) -> frozenset[int]:
-    """Chunks holding a parameter that several modules own (a tied weight): its gradient is
-    accumulated after its last use, so the chunk stays in use from the first of those modules'
-    backward to the last (see [Note: the hook protocol])."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
-    return frozenset(
-        chunk.index
-        for chunk in chunks
-        if any(owners.get(id(slot.param), 0) > 1 for slot in chunk.slots)
-    )
