@@ -22,6 +22,7 @@ A group that is not released is always GATHERED and refuses every move.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,19 @@ class FlatGroup:
             self.shard.copy_(self.master)
         if self.sharded and not self.released:
             comm.all_gather_(self.flat_params, self.shard, group)
+
+
+def overlaps(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
+    """``(index, lo, hi)`` for each span ``(offset, numel)`` of a flat layout that overlaps
+    the slice [start, end): the flat range [lo, hi) of its part inside the slice. How a
+    rank's slice of a flat group, or of a chunk (zero/chunks/sharding.py), cuts parameters
+    into the pieces its optimizer steps."""
+    result = []
+    for index, (offset, numel) in enumerate(spans):
+        lo, hi = max(offset, start), min(offset + numel, end)
+        if lo < hi:
+            result.append((index, lo, hi))
+    return result
 
 
 def free_storage(tensor: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
-from shardwise.zero.flat_group import FlatGroup, GroupState, PieceInfo, free_storage
+from shardwise.zero.flat_group import FlatGroup, GroupState, PieceInfo, free_storage, overlaps
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
@@ -129,13 +129,13 @@ class OptimizerShards:
             modules=modules,
             state=state,
         )
-        for offset, param in zip(bucket.offsets, bucket.params, strict=True):
-            lo, hi = max(offset, start), min(offset + param.numel(), end)
-            if lo < hi:
-                owned.pieces.append(nn.Parameter(master[lo - start : hi - start]))
-                owned.owners.append(param)
-                owned.infos.append(PieceInfo(names[id(param)], lo - offset, hi - offset))
-                owned.grad_ranges.append((lo, hi))
+        spans = [(o, p.numel()) for o, p in zip(bucket.offsets, bucket.params, strict=True)]
+        for index, lo, hi in overlaps(spans, start, end):
+            param, offset = bucket.params[index], bucket.offsets[index]
+            owned.pieces.append(nn.Parameter(master[lo - start : hi - start]))
+            owned.owners.append(param)
+            owned.infos.append(PieceInfo(names[id(param)], lo - offset, hi - offset))
+            owned.grad_ranges.append((lo, hi))
         return owned
 
     # -- the optimizer's view ------------------------------------------------------------

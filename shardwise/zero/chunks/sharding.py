@@ -78,7 +78,7 @@ from shardwise.zero.chunks.chunk import (
 )
 from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.flat_group import alloc_storage
+from shardwise.zero.flat_group import alloc_storage, overlaps
 from shardwise.zero.optimizer import ParamInit
 
 
@@ -156,13 +156,12 @@ def shard_chunks(
         numel = chunk.numel // size
         lo, hi = rank * numel, (rank + 1) * numel
         pieces, owners = [], []
-        for slot in chunk.slots:
-            start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
-            if start < end:
-                piece = nn.Parameter(torch.empty(end - start, dtype=chunk.dtype, device="meta"))
-                name = f"{slot.name}[{start - slot.offset}:{end - slot.offset}]"
-                pieces.append(Slot(name, piece, start - lo, end - start))
-                owners.append(slot)
+        for index, start, end in overlaps([(s.offset, s.numel) for s in chunk.slots], lo, hi):
+            slot = chunk.slots[index]
+            piece = nn.Parameter(torch.empty(end - start, dtype=chunk.dtype, device="meta"))
+            name = f"{slot.name}[{start - slot.offset}:{end - slot.offset}]"
+            pieces.append(Slot(name, piece, start - lo, end - start))
+            owners.append(slot)
         shard = ShardChunk(
             2 * n + chunk.index,
             f"shard.{chunk.index}",
