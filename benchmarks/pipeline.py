@@ -19,6 +19,14 @@ work for all; clipping would add a global norm to ours only).
   (embedding + blocks 0-3, blocks 4-7 + head; the head untied, so the peer skips the tied
   gradient's all-reduce), ``Schedule1F1B`` with 8 micro-batches, then fused AdamW.
 
+The formulas assume stages of equal cost; here the last stage also runs the head, the final
+norm and the loss (~4% more per forward), and every rank's extra wait for it counts as idle
+in the measure above. So the JSON config also gives each rank's busy seconds over the ranks'
+mean (``busy_per_rank_over_mean``) and the idle fraction of the slowest rank alone over the
+theory (``slowest_rank_bubble_over_theory``: ``1 - its busy / the step``, which is the
+formula's quantity when the stages are equal and leaves the imbalance out otherwise). The
+ratio keys keep the all-ranks measure.
+
 The JSON ``ratio`` keys: ``bubble_<schedule>`` = measured idle fraction / the schedule's
 theoretical bubble (`theoretical_bubble`: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(vm+p-1)
 interleaved, the zero-bubble paper's for ZB-H1 and ZB-V at F = I = W); ``zb_vs_1f1b`` = ZB-H1
@@ -110,6 +118,10 @@ def run(quick: bool) -> BenchResult:
     config = {
         **record["config"],
         "measured_bubble": bubbles,
+        "slowest_rank_bubble_over_theory": {
+            name: record["bubble_slowest_rank"][name] / theory[name] for name in SCHEDULES
+        },
+        "busy_per_rank_over_mean": record["busy_over_mean"],
         "peak_bytes_per_rank": record["peak_bytes"],
         "theoretical_bubble": theory,
         "peers": "bubble_<schedule>: the theoretical bubble (ratio measured / theory); "
@@ -250,15 +262,21 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         mine[rank] = tracker.peak
         dist.all_reduce(mine)
         peak_bytes[name] = mine.tolist()
-    bubble = {}
+    bubble, slowest_rank, busy_share = {}, {}, {}
     for name, values in spans.items():
-        busy, span = (t.contiguous() for t in torch.tensor(values, dtype=torch.float64).T)
+        mine, span = (t.contiguous() for t in torch.tensor(values, dtype=torch.float64).T)
+        busy = torch.zeros(NPROC, len(values), dtype=torch.float64)
+        busy[rank] = mine
         dist.all_reduce(busy)
         dist.all_reduce(span, op=dist.ReduceOp.MAX)
-        bubble[name] = (1 - busy / (NPROC * span)).mean().item()
+        bubble[name] = (1 - busy.sum(0) / (NPROC * span)).mean().item()
+        slowest_rank[name] = (1 - busy.max(0).values / span).mean().item()
+        busy_share[name] = (busy.mean(1) / busy.mean()).tolist()
     return {
         "median_s": slowest,
         "bubble": bubble,
+        "bubble_slowest_rank": slowest_rank,
+        "busy_over_mean": busy_share,
         "peak_bytes": peak_bytes,
         "config": {
             **asdict(settings),
