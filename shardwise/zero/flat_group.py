@@ -111,8 +111,7 @@ class FlatGroup:
     # -- gathering a released group ------------------------------------------------------------
 
     def start_gather(self, group: object, async_op: bool) -> None:
-        alloc_storage(self.flat_params)
-        work = comm.all_gather_(self.flat_params, self.shard, group, async_op=async_op)
+        work = gather_into(self.flat_params, self.shard, group, async_op)
         if async_op:
             self.move(GroupState.GATHERING)
             self.work = work
@@ -152,6 +151,17 @@ def overlaps(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tup
         if lo < hi:
             result.append((index, lo, hi))
     return result
+
+
+def gather_into(
+    flat: torch.Tensor, shard: torch.Tensor, group: object, async_op: bool = False
+) -> object | None:
+    """Give `flat` (freed by `free_storage`) its memory back and all-gather every rank's
+    `shard` into it: a released flat group, or a gathered chunk (zero/chunks/sharding.py).
+    The write goes through ``.data``: autograd saved the parameters viewing `flat` in forward,
+    and the same values gathered again for backward must not look like an in-place change."""
+    alloc_storage(flat)
+    return comm.all_gather_(flat.data, shard, group, async_op=async_op)
 
 
 def free_storage(tensor: torch.Tensor) -> None:

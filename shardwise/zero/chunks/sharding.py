@@ -78,7 +78,7 @@ from shardwise.zero.chunks.chunk import (
 )
 from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.flat_group import alloc_storage, overlaps
+from shardwise.zero.flat_group import gather_into, overlaps
 from shardwise.zero.optimizer import ParamInit
 
 
@@ -127,9 +127,7 @@ class GatheredChunk(Chunk):
         if tier is not Tier.DEVICE:
             raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
         self.apply(ChunkEvent.MATERIALIZE)
-        alloc_storage(self.payload)
-        # into .data: see [Note: refilling keeps the version] (chunk.py)
-        comm.all_gather_(self.payload.data, self.shard.payload, self.group)
+        gather_into(self.payload, self.shard.payload, self.group)
         self.tier = Tier.DEVICE
 
 
