@@ -466,9 +466,8 @@ def _pipeline(
         return None, ()
     pipe = config.pipeline
     limits = {
-        # 2D/2.5D/3D layouts keep the hidden states split between blocks; stages send whole
-        # ones
-        "parallel.tp_mode='1d'": dims.tp > 1 and dims.tp_mode != "1d",
+        # 2.5D needs 2 x 8 ranks and 3D 2 x 8 with two stages: never run with stages here
+        "parallel.tp_mode='1d' or '2d'": dims.tp > 1 and dims.tp_mode in ("2.5d", "3d"),
     }
     _refuse_combinations(f"parallel.pp={dims.pp}", limits)
     if spec.pipeline is None:

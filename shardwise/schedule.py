@@ -87,6 +87,7 @@ def build_schedule(
         device,
         plan.precision.param_dtype,
         cut,
+        plan.dims.hidden_split(plan.config.parallel.tp_sequence_parallel),
     )
 
 

@@ -154,6 +154,18 @@ class ParallelDims:
         q = round(self.tp ** (1 / 3))
         return (q, q, q)
 
+    def hidden_split(self, sequence_split: bool = False) -> tuple[int, int, int]:
+        """Into how many parts one tp rank's share of a hidden state [B, T, h] between layers
+        divides each dimension: 1d keeps it whole (with Megatron-SP, `sequence_split`, the
+        sequence over the tp ranks); 2d and 2.5d hold a batch block of depth x q and a hidden
+        block of q ([Note: summa layout]); 3d a batch block of q^2 and a hidden block of q (its
+        layout P)."""
+        if self.tp_mode == "1d":
+            return (1, self.tp if sequence_split else 1, 1)
+        *_, q = self.tp_shape
+        rows = q * q if self.tp_mode == "3d" else self.tp_depth * q
+        return (rows, 1, q)
+
     @property
     def mesh_shape(self) -> tuple[int, ...]:
         """Degrees in `axis_names` order."""

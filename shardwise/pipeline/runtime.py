@@ -30,7 +30,10 @@ where the backend serves receives apart from sends
 behind the posted receive, so there each receive is posted where it is waited for.
 
 Activations between stages have the shape ``[rows, T, hidden]`` of the micro-batch and the
-compute dtype, known to both sides. Under sequence parallelism every stage takes the same
+compute dtype, known to both sides; under tensor parallelism each rank sends its share, as
+the tp layout splits the residual stream (`hidden_split`: 2D/2.5D/3D a batch and a hidden
+block, Megatron-SP a sequence block) to the rank of the same tp coordinates on the next
+stage. Under sequence parallelism every stage takes the same
 `cut` of the micro-batch's token ids (T is this rank's part) and passes its keywords (the
 positions) to its part.
 
@@ -78,9 +81,14 @@ class PipelineSchedule:
         device: torch.device,
         dtype: torch.dtype,
         cut: SequenceCut | None = None,
+        hidden_split: tuple[int, int, int] = (1, 1, 1),
     ) -> None:
+        """`hidden_split`: into how many parts this rank's share of the hidden states between
+        stages divides rows, sequence and width (`ParallelDims.hidden_split`: tensor
+        parallelism's layout of the residual stream)."""
         self.schedule = schedule
         self.cut = cut
+        self.hidden_split = hidden_split
         self.stages = stages
         self.device = device
         self.dtype = dtype
@@ -125,10 +133,11 @@ class PipelineSchedule:
         device: torch.device,
         dtype: torch.dtype,
         cut: SequenceCut | None = None,
+        hidden_split: tuple[int, int, int] = (1, 1, 1),
     ) -> PipelineSchedule:
         """Cut `model` to this rank's stages (in place) and schedule them."""
         stages = build_stages(model, spec, schedule, split, mesh)
-        return cls(schedule, stages, device, dtype, cut)
+        return cls(schedule, stages, device, dtype, cut, hidden_split)
 
     def __len__(self) -> int:
         return self.schedule.micro_batches
@@ -177,11 +186,17 @@ class PipelineSchedule:
         if self.cut is not None:
             sample, keywords = self.cut(sample)
         device = next(model.parameters()).device
-        shape = (*sample.shape[:2], self.stages.hidden_size)
-        hidden = torch.zeros(shape, dtype=self.dtype, device=device)
+        hidden = torch.zeros(self.hidden_shape(sample), dtype=self.dtype, device=device)
         for stage in sorted(self.stages.parts):
             part = self.stages.parts[stage]
             part(sample if part.first else hidden, **keywords)
+
+    def hidden_shape(self, inputs: torch.Tensor) -> tuple[int, int, int]:
+        """This rank's share of the hidden states of a micro-batch of token ids `inputs`
+        ([rows, T], T this rank's part under sequence parallelism)."""
+        rows, seq = inputs.shape[:2]
+        split_rows, split_seq, split_width = self.hidden_split
+        return (rows // split_rows, seq // split_seq, self.stages.hidden_size // split_width)
 
     @property
     def uncounted(self) -> nn.Parameter | None:
@@ -220,12 +235,9 @@ class _Step:
         self.posted: dict[int, tuple[object, torch.Tensor]] = {}
         """Index of a receive action -> (work, buffer) of its irecv, posted ahead."""
 
-    def _shape(self, micro: int) -> tuple[int, ...]:
-        rows, seq = self.inputs[micro].shape[:2]
-        return (rows, seq, self.runner.stages.hidden_size)
-
     def _receive(self, micro: int) -> torch.Tensor:
-        return torch.empty(self._shape(micro), dtype=self.runner.dtype, device=self.runner.device)
+        shape = self.runner.hidden_shape(self.inputs[micro])
+        return torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device)
 
     def post(self, index: int) -> None:
         """Post the receive of action `index` ([Note: receives posted ahead])."""

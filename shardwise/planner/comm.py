@@ -26,6 +26,8 @@ The step's two fp32 scalars (the loss, the gradient norm) are left out.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from shardwise.distributed.cost import WireBytes, ring_wire_bytes, wire_sum, wire_table
@@ -68,7 +70,9 @@ def step_wire_bytes(plan: RunPlan, gpt: GPTConfig | None) -> dict[str, dict[str,
         return table
     if dims.pp > 1:  # a middle stage sends both ways (interleaved: every chunk of the rank)
         sends = 2 * micro * len(plan.pipeline.stages_of(0))
-        table["pp"] = {"send": float(sends * batch * seq * gpt.d_model * param)}
+        # this rank's share of the hidden states: its sequence part under sp, its tp block
+        share = math.prod(dims.hidden_split(config.parallel.tp_sequence_parallel)) * dims.sp
+        table["pp"] = {"send": float(sends * batch * seq * gpt.d_model * param / share)}
     if dims.tp > 1:
         costs = tp_wire_bytes(gpt, batch, dims, param)
         for phase in costs.values():

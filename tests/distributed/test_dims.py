@@ -105,6 +105,22 @@ def test_valid_tp_degrees():
     assert valid_tp_degrees("3d", 1, 63) == [1, 8, 27]
 
 
+@pytest.mark.parametrize(
+    ("degrees", "split"),
+    [
+        ({"tp": 4}, (1, 1, 1)),
+        ({"tp": 4, "tp_sequence_parallel": True}, (1, 4, 1)),
+        ({"tp": 9, "tp_mode": "2d"}, (3, 1, 3)),
+        ({"tp": 18, "tp_mode": "2.5d", "tp_depth": 2}, (6, 1, 3)),
+        ({"tp": 27, "tp_mode": "3d"}, (9, 1, 3)),
+    ],
+)
+def test_hidden_split_follows_each_layout(degrees, split):
+    """A tp rank's share of a hidden state [B, T, h] between layers, per dimension."""
+    sequence = degrees.pop("tp_sequence_parallel", False)
+    assert _dims(degrees["tp"], **degrees).hidden_split(sequence) == split
+
+
 # --- meshes (4 gloo ranks) -------------------------------------------------------------------
 
 
