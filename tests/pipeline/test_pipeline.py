@@ -335,8 +335,12 @@ def test_two_stages_resume_exactly(pool2, tmp_path):
 
 @pytest.mark.parametrize(
     ("stage", "parallel"),
-    [(2, {"pp": 2, "dp_shard": 2}), (0, {"pp": 2, "tp": 2})],
-    ids=["pp2-dp2-zero2", "pp2-tp2"],
+    [
+        (2, {"pp": 2, "dp_shard": 2}),
+        (0, {"pp": 2, "tp": 2}),
+        (0, {"pp": 2, "tp": 2, "tp_sequence_parallel": True}),
+    ],
+    ids=["pp2-dp2-zero2", "pp2-tp2", "pp2-tp2-megatron-sp"],
 )
 def test_hybrid_stages_resume_exactly(pool4, tmp_path, stage, parallel):
     """bf16, 4 ranks: the hybrids' per-stage checkpoints (ZeRO-2 slices of the tied weight's
