@@ -465,11 +465,6 @@ def _pipeline(
     if dims.pp == 1:
         return None, ()
     pipe = config.pipeline
-    limits = {
-        # 2.5D needs 2 x 8 ranks and 3D 2 x 8 with two stages: never run with stages here
-        "parallel.tp_mode='1d' or '2d'": dims.tp > 1 and dims.tp_mode in ("2.5d", "3d"),
-    }
-    _refuse_combinations(f"parallel.pp={dims.pp}", limits)
     if spec.pipeline is None:
         raise ConfigError(
             f"parallel.pp={dims.pp} needs to know how {type(model).__name__}'s forward splits "

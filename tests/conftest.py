@@ -30,6 +30,15 @@ def pool8():
     pool.close()
 
 
+@pytest.fixture(scope="module")
+def pool16():
+    """Sixteen ranks: two pipeline stages of a 2.5D or 3D grid (q=2). Only
+    tests/pipeline/test_deep_grids.py uses them."""
+    pool = DistributedPool(16)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
 def no_ranks_started(monkeypatch):
     """Fails the test if ``shardwise train`` gets as far as starting ranks (or training in

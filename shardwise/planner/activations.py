@@ -115,9 +115,9 @@ def grid(dims: ParallelDims) -> tuple[int, int]:
 
 
 def token_split(dims: ParallelDims) -> int:
-    """How many ways a tensor-parallel layout splits a micro-batch's tokens."""
-    q, d = grid(dims)
-    return {"1d": 1, "2d": q, "2.5d": d * q, "3d": q * q}[dims.tp_mode] if dims.tp > 1 else 1
+    """How many ways a tensor-parallel layout splits a micro-batch's tokens: its batch blocks
+    (`ParallelDims.hidden_split`; Megatron-SP's sequence split is per region, below)."""
+    return dims.hidden_split()[0]
 
 
 def activation_fraction(

@@ -406,15 +406,6 @@ def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("tp", "mode", "depth"), [(8, "3d", 1), (8, "2.5d", 2)])
-def test_pipeline_with_untested_tensor_parallel_layouts_is_refused(tp, mode, depth):
-    """2.5D and 3D with two stages need 16 ranks, more than a test here runs: refused."""
-    cfg = config(2, "1f1b", tp=tp, tp_mode=mode, tp_depth=depth)
-    with pytest.raises(ConfigError, match="set parallel.tp_mode='1d' or '2d'") as info:
-        resolve(cfg, 16)
-    assert "\n" not in str(info.value)
-
-
 def test_a_model_without_pipeline_calls_is_one_line_error():
     """Its blocks are found (the largest list of like modules), how its forward splits is
     not."""
