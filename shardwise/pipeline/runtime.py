@@ -7,9 +7,11 @@
                            same peer completed, or at the step's start, so the transfer runs
                            while this rank computes ([Note: receives posted ahead])
     F                      the stage part's forward; the last stage's loss
-    SEND_ACT / SEND_GRAD   a non-blocking send (isend); every send is waited for at the end
-                           of the step, so a rank never blocks on a send while its peer
-                           waits for something it has yet to compute
+    SEND_ACT / SEND_GRAD   a non-blocking send (isend), waited for once a message the peer
+                           sent after receiving it has arrived ([Note: sends complete
+                           early], schedules.py), the rest at the end of the step: a rank
+                           never blocks on a send while its peer waits for something it has
+                           yet to compute
     B                      the backward of the stage's output with the received gradient (the
                            last stage: of its scaled loss); the input's gradient is what
                            SEND_GRAD sends
@@ -60,7 +62,7 @@ from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.models import ModelSpec
 from shardwise.pipeline.backward import WeightGradients, backward_input
-from shardwise.pipeline.schedules import Action, Kind, Schedule
+from shardwise.pipeline.schedules import Action, Kind, Schedule, sends_complete_at
 from shardwise.pipeline.stage import PipelineStages, build_stages
 from shardwise.schedule import GradientAccumulation, StepOps
 from shardwise.sequence_parallel.model import SequenceCut
@@ -92,7 +94,10 @@ class PipelineSchedule:
         self.stages = stages
         self.device = device
         self.dtype = dtype
-        self.actions = schedule.actions(comm.group_rank(stages.group))
+        rank = comm.group_rank(stages.group)
+        self.actions = schedule.actions(rank)
+        self.sends_complete = sends_complete_at(schedule, rank)
+        """Index of a receive -> the sends it shows complete ([Note: sends complete early])."""
         self._micro_batches = GradientAccumulation(schedule.micro_batches)
         """Splits a step's batch (the rule every schedule uses)."""
         self.first_receives: list[int] = []
@@ -164,7 +169,7 @@ class PipelineSchedule:
             step.do(index, action, sync=index == self._last_backward)
             if action.kind in _COMPUTE:
                 busy += time.perf_counter() - before
-        for work, _tensor in step.sends:
+        for work, _tensor in step.sends.values():
             work.wait()
         end = time.perf_counter()
         self.busy_s, self.step_s = busy - start, end - start
@@ -230,8 +235,9 @@ class _Step:
         self.weight_grads: dict[tuple[int, int], WeightGradients] = {}
         """(micro, stage) -> what the stage's I left for its W."""
         self.losses: list[torch.Tensor] = []
-        self.sends: list[tuple[object, torch.Tensor]] = []
-        """(work, tensor) of every isend: the tensor stays alive until the work is done."""
+        self.sends: dict[int, tuple[object, torch.Tensor]] = {}
+        """Index of a send action -> (work, tensor) of its isend, until it is known complete:
+        the tensor stays alive until then."""
         self.posted: dict[int, tuple[object, torch.Tensor]] = {}
         """Index of a receive action -> (work, buffer) of its irecv, posted ahead."""
 
@@ -253,6 +259,8 @@ class _Step:
             self.post(index)
         work, buffer = self.posted.pop(index)
         work.wait()
+        for send in self.runner.sends_complete.get(index, ()):
+            self.sends.pop(send)[0].wait()  # done: its bytes have arrived
         following = self.runner.next_receive[index]
         if following is not None and self.runner.receives_ahead:
             self.post(following)
@@ -270,7 +278,7 @@ class _Step:
             tensor = (
                 self.outputs[key].detach() if kind is Kind.SEND_ACT else self.input_grads.pop(key)
             )
-            self.sends.append((comm.send(tensor, action.peer, group, async_op=True), tensor))
+            self.sends[index] = (comm.send(tensor, action.peer, group, async_op=True), tensor)
         elif kind is Kind.FORWARD:
             self._forward(action)
         elif kind is Kind.BACKWARD_INPUT:

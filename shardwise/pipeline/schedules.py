@@ -543,6 +543,34 @@ def _require_local_inputs(
             raise ScheduleError(f"rank {rank}: {action} runs before {needed}, which it needs")
 
 
+def sends_complete_at(schedule: Schedule, rank: int) -> dict[int, list[int]]:
+    """[Note: sends complete early] Index of a receive in `rank`'s `actions` -> the indices of
+    its earlier sends that are complete once that receive is: the peer sent the received
+    message after its receive of theirs had completed, so their bytes have all arrived. The
+    runtime then lets their tensors go instead of holding every send of the step to its end
+    (m activations, or input gradients, alive beside the in-flight ones). Sends that no later
+    message vouches for (the step's last few) are waited for at the step's end. Channels are
+    FIFO (`check`), so the k-th send to a peer is its k-th receive from this rank."""
+    mine = schedule.actions(rank)
+    complete: dict[int, list[int]] = {}
+    for peer in {a.peer for a in mine if a.peer is not None}:
+        theirs = schedule.actions(peer)
+        sends, receives = _messages(mine, peer)
+        their_sends, their_receives = _messages(theirs, rank)
+        for send, their_receive in zip(sends, their_receives, strict=True):
+            later = next((j for j, i in enumerate(their_sends) if i > their_receive), None)
+            if later is not None:
+                complete.setdefault(receives[later], []).append(send)
+    return complete
+
+
+def _messages(program: tuple[Action, ...], peer: int) -> tuple[list[int], list[int]]:
+    """Indices in `program` of its sends to `peer` and of its receives from it, in order."""
+    sends = [i for i, a in enumerate(program) if a.peer == peer and a.kind in _RECV_OF_SEND]
+    receives = [i for i, a in enumerate(program) if a.peer == peer and a.kind not in _RECV_OF_SEND]
+    return sends, receives
+
+
 def check(schedule: Schedule) -> None:
     """Raise ScheduleError, one line naming the rank and action, unless the schedule
     1. runs each (micro-batch, stage) once forward and once backward (B, or I and W) on

@@ -16,6 +16,7 @@ from shardwise.pipeline.schedules import (
     ScheduleError,
     build_schedule,
     check,
+    sends_complete_at,
     simulate,
     theoretical_bubble,
 )
@@ -56,6 +57,32 @@ def test_built_schedules_pass_check_within_their_memory_bound(name, p, m, v):
     assert all(peak <= bound for peak, bound in zip(peaks, bounds, strict=True)), (peaks, bounds)
     if name != "zbv":  # the bound is what the schedule holds
         assert peaks == bounds
+
+
+def _sends_held(schedule: Schedule, rank: int) -> int:
+    """The most isends `rank` holds at once: each from its action until the receive that
+    shows it complete (`sends_complete_at`), or the step's end."""
+    complete = sends_complete_at(schedule, rank)
+    held = most = 0
+    for index, action in enumerate(schedule.actions(rank)):
+        held += action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD)
+        held -= len(complete.get(index, ()))
+        most = max(most, held)
+    return most
+
+
+@pytest.mark.parametrize(("name", "p", "m", "v"), CASES)
+def test_sends_are_let_go_once_a_later_receive_shows_them_complete(name, p, m, v):
+    """No rank holds more sent tensors than the schedule's largest count of activations in
+    flight (held until the step's end, they were every send of the step: ~m per stage), and a
+    receive vouches only for earlier sends to the rank it receives from."""
+    schedule = build_schedule(name, p, m, v)
+    bound = max(schedule.in_flight_peak())
+    assert all(_sends_held(schedule, rank) <= bound for rank in range(p))
+    for rank in range(p):
+        actions = schedule.actions(rank)
+        for receive, sends in sends_complete_at(schedule, rank).items():
+            assert all(s < receive and actions[s].peer == actions[receive].peer for s in sends)
 
 
 @pytest.mark.parametrize(("name", "p", "m", "v"), CASES)
