@@ -35,9 +35,8 @@ Activations between stages have the shape ``[rows, T, hidden]`` of the micro-bat
 compute dtype, known to both sides; under tensor parallelism each rank sends its share, as
 the tp layout splits the residual stream (`hidden_split`: 2D/2.5D/3D a batch and a hidden
 block, Megatron-SP a sequence block) to the rank of the same tp coordinates on the next
-stage. Under sequence parallelism every stage takes the same
-`cut` of the micro-batch's token ids (T is this rank's part) and passes its keywords (the
-positions) to its part.
+stage. Under sequence parallelism every stage takes the same `cut` of the micro-batch's
+token ids (T is this rank's part) and passes its keywords (the positions) to its part.
 
 A stage's input is a leaf that requires grad, so the backward of one stage stops at its
 input and the gradient crosses to the previous stage explicitly (between ranks, or within one
