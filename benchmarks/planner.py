@@ -69,6 +69,7 @@ CASES: dict[str, tuple[int, dict[str, dict]]] = {
     "ring-sp2": (2, {"parallel": {"sp": 2}}),
     "tp4-2d": (4, {"parallel": {"tp": 4, "tp_mode": "2d"}}),
     "tp2-dp2-zero1": (4, {"parallel": {"tp": 2, "dp_shard": 2}, "zero": {"stage": 1}}),
+    "pipeline-tp2": (4, {"parallel": {"pp": 2, "tp": 2}, "train": {"global_batch": 16}}),
     "tp8-2p5d": (8, {"parallel": {"tp": 8, "tp_mode": "2.5d", "tp_depth": 2}}),
     "tp8-3d": (8, {"parallel": {"tp": 8, "tp_mode": "3d"}}),
     "tp4-2d-dp2-zero2": (8, {"parallel": {"tp": 4, "tp_mode": "2d"}, "zero": {"stage": 2}}),

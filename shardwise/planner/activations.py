@@ -18,6 +18,7 @@ traced once and scaled.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -156,17 +157,24 @@ class Trace:
     ops: int = 0
     """Operators the pass dispatches (each costs the framework's per-operator time)."""
 
-    def scaled(self, dims: ParallelDims, sequence_parallel: bool = False) -> Trace:
+    def scaled(
+        self, dims: ParallelDims, sequence_parallel: bool = False, ends_in_loss: bool = True
+    ) -> Trace:
         """What one tensor-parallel rank of `dims` holds: each saved tensor by
         `activation_fraction`, the rest (gradients of activations, the loss's temporaries)
-        like the logits."""
+        like the logits; for a pipeline stage before the last (not `ends_in_loss`) like the
+        hidden states it sends and the gradients it receives for them, which the layout
+        splits as `ParallelDims.hidden_split` says (whole in 1D)."""
         if dims.tp == 1:
             return self
         saved = {
             key: int(nbytes * activation_fraction(dims, *key.rsplit("/", 1), sequence_parallel))
             for key, nbytes in self.saved.items()
         }
-        rest = activation_fraction(dims, "loss", "activation")
+        if ends_in_loss:
+            rest = activation_fraction(dims, "loss", "activation")
+        else:
+            rest = 1 / math.prod(dims.hidden_split(sequence_parallel))
         dense_saved, local_saved = sum(self.saved.values()), sum(saved.values())
         return Trace(
             saved=saved,

@@ -96,7 +96,8 @@ def predict_memory(plan: RunPlan, traces: dict | None = None) -> MemoryPredictio
         shape = (key, config.train.micro_batch, sequence, dtype, checkpointing, blocks)
         if shape not in traces:
             traces[shape] = _trace(plan, model, spec, blocks)
-        return traces[shape].scaled(plan.dims, config.parallel.tp_sequence_parallel)
+        last = blocks is None or blocks.stop == len(spec.named_blocks(model, "pipelines"))
+        return traces[shape].scaled(plan.dims, config.parallel.tp_sequence_parallel, last)
 
     if plan.pipeline is None:
         return _prediction(plan, model, spec, 1.0, [trace(None)], 1)
