@@ -96,7 +96,9 @@ def predict_memory(plan: RunPlan, traces: dict | None = None) -> MemoryPredictio
         shape = (key, config.train.micro_batch, sequence, dtype, checkpointing, blocks)
         if shape not in traces:
             traces[shape] = _trace(plan, model, spec, blocks)
-        last = blocks is None or blocks.stop == len(spec.named_blocks(model, "pipelines"))
+        last = blocks is None or blocks.stop == len(
+            spec.named_blocks(model, "pipeline parallelism")
+        )
         return traces[shape].scaled(plan.dims, config.parallel.tp_sequence_parallel, last)
 
     if plan.pipeline is None:
