@@ -16,8 +16,10 @@ work for all; clipping would add a global norm to ours only).
   the last one does: the last stage's wait for the first stage's final backward is idle
   too), averaged over steps.
 - torch_pipelining: the same blocks split the same way into two ``PipelineStage`` modules
-  (embedding + blocks 0-3, blocks 4-7 + head; the head untied, so the peer skips the tied
-  gradient's all-reduce), ``Schedule1F1B`` with 8 micro-batches, then fused AdamW.
+  (embedding + blocks 0-3, blocks 4-7 + head), ``Schedule1F1B`` with 8 micro-batches, then
+  fused AdamW. torch's stages share no weight, so the pair runs the GPT with its head untied
+  (``model.tie_embeddings = false``) on both sides: one model, and neither sums a tied
+  gradient across the stages (our other engines keep the tie).
 
 The formulas assume stages of equal cost; here the last stage also runs the head, the final
 norm and the loss (~4% more per forward), and every rank's extra wait for it counts as idle
@@ -41,7 +43,8 @@ holds half a stage); the largest over the ranks. ``memory_partition`` = the larg
 peak (the same count) under 1F1B with ``pipeline.partition = "memory"`` / with the default
 ``"layers"`` (below 1: the split by held activations lowers the peak). Step times are
 the slowest rank's medians, contenders interleaved one step each per round (rotating order):
-our five schedules in one rotation, then our 1F1B and the peer in a pair of their own.
+our five schedules in one rotation, then our 1F1B (untied) and the peer in a pair of their
+own.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def run(quick: bool) -> BenchResult:
     )
 
 
-def engine_config(settings: Settings, schedule: str, chunks: int) -> Config:
+def engine_config(settings: Settings, schedule: str, chunks: int, tied: bool = True) -> Config:
     return Config.from_dict(
         {
             "model": {
@@ -143,6 +146,7 @@ def engine_config(settings: Settings, schedule: str, chunks: int) -> Config:
                 "d_model": settings.d_model,
                 "n_heads": settings.n_heads,
                 "vocab_size": 256,
+                "tie_embeddings": tied,
             },
             "data": {"seq_len": settings.seq_len},
             "parallel": {"pp": NPROC},
@@ -181,12 +185,11 @@ class _TorchStage(nn.Module):
 
 
 def torch_pipelining_step(cfg: Config, settings: Settings, batches: list, rank: int):
-    """The peer: torch.distributed.pipelining's Schedule1F1B on the same split, fused AdamW."""
+    """The peer: torch.distributed.pipelining's Schedule1F1B on the same split, fused AdamW
+    (`cfg`'s model untied: torch's stages share no weight)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     model = build_gpt(cfg.model, cfg.data.seq_len, device="cpu", seed=cfg.train.seed)
-    if rank == 1:  # the head's own copy of the tied weight
-        model.head.weight = nn.Parameter(model.head.weight.detach().clone())
     half = settings.n_layers // NPROC
     part = _TorchStage(model, range(rank * half, (rank + 1) * half), rank == 0, rank == 1)
     stage = PipelineStage(part, rank, NPROC, torch.device("cpu"))
@@ -221,8 +224,13 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
         engine = initialize(model, None, cfg)
         engines[name] = engine
         steps[name] = lambda i, e=engine: e.train_step(batches[i])
-    cfg = engine_config(settings, "1f1b", 1)
-    steps["torch_pipelining"] = torch_pipelining_step(cfg, settings, batches, rank)
+    untied = engine_config(settings, "1f1b", 1, tied=False)
+    model = build_gpt(untied.model, untied.data.seq_len, device="cpu", seed=untied.train.seed)
+    pair_engine = initialize(model, None, untied)
+    peer = {
+        "1f1b_pair": lambda i: pair_engine.train_step(batches[i]),
+        "torch_pipelining": torch_pipelining_step(untied, settings, batches, rank),
+    }
     spans: dict[str, list[tuple[float, float]]] = {name: [] for name in SCHEDULES}
     """Per schedule, (busy_s, step_s) of each measured step on this rank."""
 
@@ -232,7 +240,6 @@ def measure(settings: Settings, rank: int, local_rank: int, world_size: int) -> 
             spans[name].append((runner.busy_s, runner.step_s))
         print(f"rank {rank} {name} step {index}: {seconds:.3f} s", file=sys.stderr)
 
-    peer = {"1f1b_pair": steps["1f1b"], "torch_pipelining": steps.pop("torch_pipelining")}
     times = interleaved_step_times(
         steps,
         warmup=settings.warmup,
