@@ -51,9 +51,10 @@ def build_engine(plan: RunPlan) -> tuple[Engine, int]:
     mesh = dims.build_mesh(accel.device_type) if plan.world_size > 1 else None
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Sharded parameters (ZeRO-3, chunks) are built on the meta device and filled shard by
-    # shard or chunk by chunk; tensor parallelism splits a materialised model. A builder that
-    # cannot build in pieces returns a materialised model even so.
-    on_meta = (plan.sharding.params and dims.tp == 1) or plan.chunks
+    # shard or chunk by chunk, unless tensor parallelism splits the model: it splits a
+    # materialised one. A builder that cannot build in pieces returns a materialised model
+    # even so.
+    on_meta = (plan.sharding.params or plan.chunks) and dims.tp == 1
     device = "meta" if on_meta else accel.device(rank)
     model = MODELS.get(cfg.model.name)(
         cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed

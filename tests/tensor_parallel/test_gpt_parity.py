@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from shardwise.config import Config
-from shardwise.distributed.dims import ParallelDims
-from shardwise.engine import initialize
 from shardwise.run_plan import resolve
 from shardwise.tensor_parallel import apply_tensor_parallel
+from shardwise.trainer import build_engine
 from tests.parity import (
     BF16_RTOL,
     assert_parity,
@@ -38,20 +37,18 @@ def _tp_config(micro_batch: int, **parallel) -> Config:
 
 
 def tp_engine_losses(cfg: Config, world: int) -> tuple[list[float], dict, object, object]:
-    """On every rank: train through the engine on this dp rank's rows; the losses, this
-    rank's state, and the mesh and plan it used."""
-    dims = ParallelDims.from_config(cfg.parallel, world)
-    mesh = dims.build_mesh("cpu")
-    plan = resolve(cfg, world).tp_plan
-    engine = initialize(build_model(cfg), None, cfg, mesh=mesh, tp_plan=plan)
-    dp_rank, dp = dims.dp_rank(mesh), dims.dp
+    """On every rank: train the engine `shardwise train` builds (`build_engine`) on this dp
+    rank's rows; the losses, this rank's state, and the mesh and plan it used."""
+    plan = resolve(cfg, world)
+    engine, dp_rank = build_engine(plan)
+    dp = plan.dims.dp
     losses = []
     for inputs, targets in global_batches(cfg):
         rows = inputs.shape[0] // dp
         part = slice(dp_rank * rows, (dp_rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
     state = {k: v.float() for k, v in engine.full_state_dict().items()}
-    return losses, state, mesh, plan
+    return losses, state, plan.dims.build_mesh("cpu"), plan.tp_plan
 
 
 def tp_engine_run(cfg: Config, world: int) -> list[str]:
