@@ -376,9 +376,10 @@ def _describe_failure(rank: int, failure: object, data: dict) -> str:
     if isinstance(message, dict):  # written by torch's @record: first line + where the rest is
         first = (str(message.get("message", "")).strip().splitlines() or ["?"])[0]
         message = f"{first} (traceback in {failure.error_file})"
-    if failure.exitcode in _STOP_SIGNALS and message:
-        # The rank had reported its failure and was stopped while exiting: its own code.
-        code = data.get("exit_code")
+    code = data.get("exit_code")
+    if message and failure.exitcode < 0 and (code or failure.exitcode in _STOP_SIGNALS):
+        # The rank had reported its failure and was stopped, or died (gloo's teardown has
+        # aborted a rank whose peer had left: SIGABRT), while exiting: its own code.
         head = f"rank {rank} exited with code {code}" if code else f"rank {rank} failed"
         return f"{head}: {message}"
     if failure.exitcode < 0:

@@ -225,6 +225,7 @@ def test_summary_of_ranks_without_a_message():
             0: failure(-signal.SIGSEGV),
             2: failure(-signal.SIGTERM, "lost a peer"),  # stopped while exiting after a failure
             4: failure(-signal.SIGTERM, "config is wrong", 101.0, exit_code=2),
+            5: failure(-signal.SIGABRT, "config is wrong", 101.2, exit_code=2),  # died exiting
             3: failure(1, {"message": "ValueError: bad\nmore", "extraInfo": {"timestamp": "100"}}),
         }
     ).splitlines()
@@ -233,7 +234,7 @@ def test_summary_of_ranks_without_a_message():
         "rank 1 exited with code 3 without an error message (see its output)",
         "rank 2 failed: lost a peer",
         "rank 3 exited with code 1: ValueError: bad (traceback in /logs/0/error.json)",
-        "rank 4 exited with code 2: config is wrong",
+        "ranks 4, 5 exited with code 2: config is wrong",
     ]
     only_stopped = launch_mod._summarize({0: failure(-signal.SIGTERM)})
     assert only_stopped == "rank 0 was stopped by SIGTERM"
