@@ -10,18 +10,13 @@ adds what this rank holds of the parameters and how they live, by two policies:
   rest of the model), else kept whole.
 
 Its parameters are permanent views of `flat_params`; only the buffer's storage comes and goes
-(`alloc_storage` / `free_storage`), so nothing is ever re-pointed. A released group moves
-along the table `_MOVES`:
-
-    SHARDED --gather(async)--> GATHERING --wait--> GATHERED --release--> SHARDED
-    SHARDED --gather(sync)---------------------->  GATHERED
-
-A group that is not released is always GATHERED and refuses every move.
+(`alloc_storage` / `free_storage`), so nothing is ever re-pointed. A released group's buffer
+is gathered and freed as a `GatheredChunk` of the chunk manager (zero/params.py
+`unit_chunks`); a group that is not released keeps it for good.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,24 +25,6 @@ from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
-
-
-class GroupState(enum.Enum):
-    SHARDED = "sharded"
-    GATHERING = "gathering"
-    GATHERED = "gathered"
-
-
-_MOVES = {
-    (GroupState.SHARDED, GroupState.GATHERING),
-    (GroupState.SHARDED, GroupState.GATHERED),
-    (GroupState.GATHERING, GroupState.GATHERED),
-    (GroupState.GATHERED, GroupState.SHARDED),
-}
-
-
-class GroupStateError(RuntimeError):
-    """An illegal group move: a bug in the hook logic, never a user error."""
 
 
 @dataclass(frozen=True)
@@ -92,44 +69,10 @@ class FlatGroup:
     """A released group's unit name (``root``, a block's)."""
     modules: list[nn.Module] = field(default_factory=list, repr=False)
     """Whose calls gather a released group (see `zero3_units`)."""
-    state: GroupState = GroupState.GATHERED
-    work: object | None = field(default=None, repr=False)
-
-    def move(self, to: GroupState) -> None:
-        if not self.released:
-            raise GroupStateError(f"group {self.name!r} is kept whole: it has no moves")
-        if (self.state, to) not in _MOVES:
-            raise GroupStateError(
-                f"group {self.name!r}: {self.state.name} -> {to.name} is not a legal move"
-            )
-        self.state = to
 
     def owned_grad(self) -> torch.Tensor:
         """The reduced gradient of the owned slice."""
         return self.bucket.reduced_range(self.start, self.end)
-
-    # -- gathering a released group ------------------------------------------------------------
-
-    def start_gather(self, group: object, async_op: bool) -> None:
-        work = gather_into(self.flat_params, self.shard, group, async_op)
-        if async_op:
-            self.move(GroupState.GATHERING)
-            self.work = work
-        else:
-            self.move(GroupState.GATHERED)
-
-    def ensure_gathered(self, group: object) -> None:
-        if self.state is GroupState.SHARDED:
-            self.start_gather(group, async_op=False)
-        elif self.state is GroupState.GATHERING:
-            self.work.wait()
-            self.work = None
-            self.move(GroupState.GATHERED)
-
-    def release(self, group: object) -> None:
-        self.ensure_gathered(group)  # a pending gather must land before its buffer goes
-        free_storage(self.flat_params)
-        self.move(GroupState.SHARDED)
 
     def write_back(self, needs_master: bool, group: object) -> None:
         """After a step: the owned slice into the parameters, all-gathered when only the
@@ -151,17 +94,6 @@ def overlaps(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tup
         if lo < hi:
             result.append((index, lo, hi))
     return result
-
-
-def gather_into(
-    flat: torch.Tensor, shard: torch.Tensor, group: object, async_op: bool = False
-) -> object | None:
-    """Give `flat` (freed by `free_storage`) its memory back and all-gather every rank's
-    `shard` into it: a released flat group, or a gathered chunk (zero/chunks/sharding.py).
-    The write goes through ``.data``: autograd saved the parameters viewing `flat` in forward,
-    and the same values gathered again for backward must not look like an in-place change."""
-    alloc_storage(flat)
-    return comm.all_gather_(flat.data, shard, group, async_op=async_op)
 
 
 def free_storage(tensor: torch.Tensor) -> None:

@@ -2,16 +2,16 @@
 for the chunks of ``offload.policy``.
 
 A *site* is one place parameters are used: the modules whose calls need them, the groups that
-hold them (released flat groups, or chunks) and the parameters whose gradients end the site's
-backward. `ModuleHooks` turns the modules' hooks into calls of a `Residency`, and the
-residency decides what they mean:
+hold them (chunks) and the parameters whose gradients end the site's backward. `ModuleHooks`
+turns the modules' hooks into calls of a `Residency`: the chunk manager
+(zero/chunks/manager.py), which decides what they mean per chunk:
 
-    GatherOnUse (zero/params.py)    ZeRO-3 units: an access all-gathers a released group; a
-                                    release with no user left frees it at once (after
-                                    backward, and after forward with reshard_after_forward)
-    ChunkManager (zero/chunks/)     Gemini chunks: an access brings a chunk to the device; a
-                                    release leaves it evictable where it is, ranked by its
-                                    next use
+    ZeRO-3 unit (zero/params.py)    an access all-gathers it; the last release frees it at
+                                    once (after backward, and after forward with
+                                    reshard_after_forward); a prefetch starts the all-gather
+    chunk of offload.policy         an access brings it to the device (a gathered chunk:
+                                    gathers it); a release leaves it evictable where it is,
+                                    ranked by its next use
 
 [Note: the hook protocol] For every site:
 

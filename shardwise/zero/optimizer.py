@@ -29,7 +29,7 @@ from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
-from shardwise.zero.flat_group import FlatGroup, GroupState, PieceInfo, free_storage, overlaps
+from shardwise.zero.flat_group import FlatGroup, PieceInfo, free_storage, overlaps
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
@@ -106,11 +106,9 @@ class OptimizerShards:
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
         shard = flat[start:end]
-        state = GroupState.GATHERED
-        if self.params_sharded:
+        if self.params_sharded:  # gathered around its use (zero/params.py)
             shard = shard.clone()
             free_storage(flat)
-            state = GroupState.SHARDED
         if self.policy.needs_master_weights:
             master = shard.to(self.policy.master_dtype)
         else:
@@ -127,7 +125,6 @@ class OptimizerShards:
             master,
             name=name,
             modules=modules,
-            state=state,
         )
         spans = [(o, p.numel()) for o, p in zip(bucket.offsets, bucket.params, strict=True)]
         for index, lo, hi in overlaps(spans, start, end):

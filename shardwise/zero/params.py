@@ -5,28 +5,27 @@ ZeRO paper section 5.3 (stage 3, P_os+g+p): each rank keeps 1/N of the parameter
 its forward and again before its backward, and released after each, so per-step communication is
 two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data parallelism.
 
-A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views
-of the group's flat buffer, whose storage comes only while it is gathered, along the group's
-table of moves. Each unit is a site of `ModuleHooks` (zero/module_hooks.py, [Note: the hook
-protocol]), with `GatherOnUse` as the residency: the forward pre-hook gathers the unit and
-starts gathering the next one (prefetch); the forward hook releases it with
-``reshard_after_forward``, unless autograd is running (activation checkpointing re-runs
-forwards inside backward, where the unit must stay for its backward); the hook on its output
-gradient gathers it again and starts gathering the previous one; once all its gradients exist
-it is released. Whatever is still gathered when backward ends is released by `release_all`.
+A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views of
+the group's flat buffer, whose storage comes only while it is gathered. The gathered buffer is
+a `GatheredChunk` (zero/chunks/chunk.py) in a `ChunkManager` without a budget, the same
+residency that moves the chunks of ``offload.policy``; each unit is a site of `ModuleHooks`
+(zero/module_hooks.py, [Note: the hook protocol]). The forward pre-hook gathers the unit and
+starts gathering the next one (prefetch: the manager starts the all-gather, the access waits
+for it); its last release after forward frees it with ``reshard_after_forward``, unless
+autograd is running (activation checkpointing re-runs forwards inside backward, where the unit
+must stay for its backward); the hook on its output gradient gathers it again and starts
+gathering the previous one; once all its gradients exist it is released, and so freed.
+Whatever is still gathered when backward ends is freed by the store.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Literal
-
 from torch import nn
 
 from shardwise.models.spec import ModelSpec
-from shardwise.zero.flat_group import FlatGroup, GroupState
-from shardwise.zero.module_hooks import Site, in_backward
+from shardwise.zero.chunks.chunk import GatheredChunk, Slot
+from shardwise.zero.flat_group import FlatGroup
+from shardwise.zero.module_hooks import Site
 
 
 def zero3_units(
@@ -77,47 +76,30 @@ def unit_sites(units: list[FlatGroup]) -> list[Site]:
     ]
 
 
-class GatherOnUse:
-    """ZeRO-3's `Residency`: a unit is gathered while a site uses it and released when none
-    does (module docstring)."""
+def unit_chunks(
+    units: list[FlatGroup], group: object, reshard_after_forward: bool
+) -> list[GatheredChunk]:
+    """Each unit's gathered buffer (in the order of `units`) as a chunk of the manager: its
+    `flat_params` all-gathered from every rank's `shard` over `group`, freed by the last
+    release after backward, and after forward too with `reshard_after_forward`."""
+    frees_after = frozenset({"forward", "backward"} if reshard_after_forward else {"backward"})
+    return [
+        GatheredChunk(
+            index,
+            unit.name,
+            unit.bucket.numel,
+            unit.flat_params.dtype,
+            _slots(unit),
+            payload=unit.flat_params,
+            shard=unit.shard,
+            group=group,
+            frees_after=frees_after,
+        )
+        for index, unit in enumerate(units)
+    ]
 
-    def __init__(self, units: list[FlatGroup], group: object, reshard_after_forward: bool) -> None:
-        self.units = units
-        self.group = group
-        self.reshard_after_forward = reshard_after_forward
-        self._users: dict[int, int] = {}
-        """Id of a unit -> the sites using it now."""
 
-    def access(self, unit: FlatGroup, read_only: bool = False) -> None:
-        unit.ensure_gathered(self.group)
-        self._users[id(unit)] = self._users.get(id(unit), 0) + 1
-
-    def release(self, unit: FlatGroup, after: Literal["forward", "backward"]) -> None:
-        users = self._users[id(unit)] - 1
-        self._users[id(unit)] = users
-        if users == 0 and (
-            after == "backward" or (self.reshard_after_forward and not in_backward())
-        ):
-            unit.release(self.group)
-
-    def prefetch(self, unit: FlatGroup) -> bool:
-        if unit.state is not GroupState.SHARDED:
-            return False
-        unit.start_gather(self.group, async_op=True)
-        return True
-
-    @contextlib.contextmanager
-    def all_gathered(self) -> Iterator[None]:
-        """Every unit gathered for the duration of the block (export, evaluation)."""
-        for unit in self.units:
-            unit.ensure_gathered(self.group)
-        try:
-            yield
-        finally:
-            self.release_all()
-
-    def release_all(self) -> None:
-        """After backward: every unit no site uses back to its shard."""
-        for unit in self.units:
-            if unit.state is not GroupState.SHARDED and not self._users.get(id(unit)):
-                unit.release(self.group)
+def _slots(unit: FlatGroup) -> list[Slot]:
+    """Where each parameter of `unit` sits in its flat buffer (named by unit and position)."""
+    layout = zip(unit.bucket.params, unit.bucket.offsets, strict=True)
+    return [Slot(f"{unit.name}[{i}]", p, offset, p.numel()) for i, (p, offset) in enumerate(layout)]

@@ -18,6 +18,7 @@ optimizer, a loss scaler and a schedule, and clips with the norm the store repor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -42,11 +43,13 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
+from shardwise.zero.chunks.chunk import ChunkState, GatheredChunk
+from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
-from shardwise.zero.params import GatherOnUse, unit_sites, zero3_units
+from shardwise.zero.params import unit_chunks, unit_sites, zero3_units
 
 
 class ParamStore(Protocol):
@@ -228,14 +231,17 @@ class FlatStore:
             param_init,
             units=[(name, modules) for name, modules, _ in reversed(units)] if units else None,
         )
-        self.gathering: GatherOnUse | None = None
-        """ZeRO-3: the units, gathered around their use by `hooks`."""
+        self.units: list[GatheredChunk] = []
+        """ZeRO-3: each unit's gathered parameters, in forward order (zero/params.py)."""
+        self.gathering: ChunkManager | None = None
+        """ZeRO-3: gathers and frees the units around their use by `hooks` (no budget)."""
         self.hooks: ModuleHooks | None = None
         if units:
             released = list(reversed(self.shards.groups))  # forward order
-            self.gathering = GatherOnUse(released, groups.shard, sharding.reshard_after_forward)
+            self.units = unit_chunks(released, groups.shard, sharding.reshard_after_forward)
+            self.gathering = ChunkManager(self.units, device, None, None)
             self.hooks = ModuleHooks(
-                unit_sites(released), released, self.gathering, prefetch=sharding.prefetch
+                unit_sites(released), self.units, self.gathering, prefetch=sharding.prefetch
             )
         self.reducer = GradReducer(
             buckets,
@@ -294,7 +300,25 @@ class FlatStore:
             self.reducer.finish()
         if self.hooks is not None:
             self.hooks.finish_backward()
-            self.gathering.release_all()
+            self._free_units()
+
+    def _free_units(self) -> None:
+        """Every unit no module uses back to its shard (gathered and never released: a
+        prefetch, or a forward without backward and ``reshard_after_forward`` off)."""
+        for unit in self.units:
+            if unit.state is not ChunkState.FREE and not unit.users:
+                self.gathering.discard(unit)
+
+    @contextlib.contextmanager
+    def _all_gathered(self) -> Iterator[None]:
+        """Every unit gathered for the duration of the block (a full state dict)."""
+        for unit in self.units:
+            self.gathering.access(unit, read_only=True)
+        try:
+            yield
+        finally:
+            for unit in self.units:
+                self.gathering.release(unit, "backward")
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -425,7 +449,7 @@ class FlatStore:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the whole model's state (units gathered for it; tensor-parallel shards
         stay this rank's)."""
-        gathered = self.gathering.all_gathered() if self.gathering else nullcontext()
+        gathered = self._all_gathered() if self.units else nullcontext()
         with gathered:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

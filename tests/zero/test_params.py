@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from shardwise.distributed.comm import CommStats
 from shardwise.engine import initialize
-from shardwise.zero.flat_group import FlatGroup, GroupState, GroupStateError
+from shardwise.zero.chunks.chunk import ChunkState, GatheredChunk
 from tests.parity import (
     BF16_RTOL,
     assert_parity,
@@ -67,8 +67,8 @@ def _stage3_state_between_steps(dtype: str) -> dict:
     psi = sum(p.numel() for p in engine.params)
     return {
         "bytes_per_param": sum(engine.memory_report().values()) / psi,
-        "all_sharded": all(u.state is GroupState.SHARDED for u in engine.store.gathering.units),
-        "units": [u.name for u in engine.store.gathering.units],
+        "all_sharded": all(u.state is ChunkState.FREE for u in engine.store.units),
+        "units": [u.key for u in engine.store.units],
     }
 
 
@@ -142,21 +142,41 @@ def test_stage3_resumes_exactly(pool2, tmp_path, async_save):
         assert resumed == full[2:]
 
 
-def test_unit_moves_follow_the_table():
+def test_a_unit_is_freed_after_the_phases_it_names():
+    """The manager drops a unit its last user released after forward only with
+    ``reshard_after_forward``, and never for a forward re-run inside backward (activation
+    checkpointing), whose backward follows; after backward always."""
     flat = torch.zeros(4)
-    unit = FlatGroup(None, True, True, 0, 2, flat, flat[:2], flat[:2], name="blocks.0")
-    unit.move(GroupState.SHARDED)
-    unit.move(GroupState.GATHERING)
-    unit.move(GroupState.GATHERED)
-    unit.move(GroupState.SHARDED)
-    with pytest.raises(GroupStateError, match="SHARDED -> SHARDED is not a legal move"):
-        unit.move(GroupState.SHARDED)
-    unit.move(GroupState.GATHERED)
-    with pytest.raises(GroupStateError, match="GATHERED -> GATHERING"):
-        unit.move(GroupState.GATHERING)
-    whole = FlatGroup(None, True, False, 0, 2, flat, flat[:2], flat[:2])
-    with pytest.raises(GroupStateError, match="kept whole: it has no moves"):
-        whole.move(GroupState.SHARDED)
+
+    def unit(frees_after: set[str]) -> GatheredChunk:
+        return GatheredChunk(
+            0,
+            "blocks.0",
+            4,
+            torch.float32,
+            [],
+            payload=flat,
+            shard=flat[:2],
+            frees_after=frozenset(frees_after),
+        )
+
+    resharded, kept = unit({"forward", "backward"}), unit({"backward"})
+    assert resharded.frees_on_release("forward") and resharded.frees_on_release("backward")
+    assert not kept.frees_on_release("forward") and kept.frees_on_release("backward")
+    seen = []
+
+    class Recomputed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(resharded.frees_on_release("forward"))
+            return grad
+
+    Recomputed.apply(torch.ones(1, requires_grad=True)).sum().backward()
+    assert seen == [False]
 
 
 def _meta_built_stage3(cfg) -> tuple[list[float], dict, dict]:

@@ -56,8 +56,10 @@ import torch
 from torch import nn
 
 from shardwise.accelerator import get_accelerator
+from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.zero.flat_group import alloc_storage, free_storage
+from shardwise.zero.module_hooks import in_backward
 from shardwise.zero.optimizer import ParamInit
 
 
@@ -175,6 +177,8 @@ class PendingMove:
 
     future: Future | None = None
     """The disk tier's read, if the bytes come from disk."""
+    work: object | None = None
+    """The all-gather filling a gathered chunk, if it runs asynchronously."""
     event: object | None = None
     """Recorded on the copy stream after an asynchronous host-to-device copy."""
     finish: Callable[[], None] | None = None
@@ -183,6 +187,8 @@ class PendingMove:
     def wait(self, device: torch.device) -> None:
         if self.future is not None:
             self.future.result()
+        if self.work is not None:
+            self.work.wait()
         if self.event is not None:
             torch.get_device_module(device).current_stream().wait_event(self.event)
         if self.finish is not None:
@@ -302,6 +308,11 @@ class Chunk:
         """The chunk whose bytes `materialize` reads (a gathered chunk's shard), if any: the
         manager brings it to the device first."""
         return None
+
+    def frees_on_release(self, after: str) -> bool:
+        """Whether the manager drops the chunk as soon as its last user releases it after
+        `after` ("forward", "backward"), instead of leaving it until room is needed."""
+        return False
 
     def move(self, to: Tier, io: TierIO, non_blocking: bool = False) -> None:
         """Move the bytes to `to`. Moves off the device free its memory before returning. With
@@ -444,6 +455,55 @@ class GradChunk(Chunk):
     def grad_view(self, slot: Slot) -> torch.Tensor:
         """The gradient of `slot`'s parameter: a view of the payload (on the device)."""
         return self.payload[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+
+
+@dataclass(eq=False)
+class GatheredChunk(Chunk):
+    """Parameters whose bytes are the all-gather of every data-parallel rank's shard
+    (ZeRO-3), on the device only: materialising gathers, discarding frees. Two kinds:
+
+    - a unit of the flat store (zero/params.py): its `shard` is a tensor that stays on the
+      device, and its last release after a phase in `frees_after` frees it at once
+      (``zero.reshard_after_forward``; never after a forward re-run inside backward, whose
+      backward follows);
+    - a full chunk of ``offload.policy`` (sharding.py): its shard is a chunk of its own
+      (`home`, the `source` the manager brings to the device first), and it stays until the
+      manager needs the room, which drops it ([Note: chunks with a source], manager.py).
+    """
+
+    shard: torch.Tensor | None = field(default=None, repr=False)
+    """This rank's part, where it is not a chunk (`home`)."""
+    home: Chunk | None = field(default=None, repr=False)
+    group: object = field(default=None, repr=False)
+    frees_after: frozenset[str] = frozenset()
+    """Phases after which the last release frees the chunk (a unit's)."""
+
+    @property
+    def source(self) -> Chunk | None:
+        return self.home
+
+    def frees_on_release(self, after: str) -> bool:
+        return after in self.frees_after and not (after == "forward" and in_backward())
+
+    def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
+        """FREE -> HOLD on the device: all-gather the shards (a `home` is on the device)."""
+        self._gather(tier, async_op=False)
+
+    def start_gather(self) -> None:
+        """FREE -> HOLD on the device with the all-gather still running (a prefetch); `wait`
+        completes it."""
+        self.pending = PendingMove(work=self._gather(Tier.DEVICE, async_op=True))
+
+    def _gather(self, tier: Tier, async_op: bool) -> object | None:
+        if tier is not Tier.DEVICE:
+            raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
+        self.apply(ChunkEvent.MATERIALIZE)
+        shard = self.home.payload if self.home is not None else self.shard
+        # into .data: see [Note: refilling keeps the version]
+        alloc_storage(self.payload)
+        work = comm.all_gather_(self.payload.data, shard, self.group, async_op=async_op)
+        self.tier = Tier.DEVICE
+        return work
 
 
 def build_grad_chunks(chunks: Sequence[Chunk], zeroed: bool = False) -> list[GradChunk]:

@@ -25,10 +25,15 @@ a move off the device frees its memory before it returns. `device_peak_bytes` is
 high-water mark of that count. The transient host buffers of moves to and from disk are not
 counted: one per read, and one per write behind (at most `MAX_WRITES_BEHIND` in flight).
 
-[Note: chunks with a source] A chunk may be rebuilt from another one (`Chunk.source`: the
-full chunk gathered from this rank's shard, zero/chunks/sharding.py). Accessing it while FREE
-accesses the source first, evicting it drops its bytes (no copy leaves the device), and
-prefetching it prefetches the source.
+[Note: chunks with a source] A gathered chunk (`GatheredChunk`: ZeRO-3's parameters
+all-gathered from every rank's shard) is never copied off the device: evicting it drops its
+bytes, and accessing it while FREE gathers it again. Where its shard is a chunk of its own
+(`Chunk.source`: a full chunk of ``offload.policy``, zero/chunks/sharding.py) accessing it
+accesses the source first and prefetching it prefetches the source; where the shard stays on
+the device (a unit of the flat store, zero/params.py) prefetching it starts the all-gather,
+which its access waits for. A chunk may also ask to be dropped as soon as its last user
+releases it (`Chunk.frees_on_release`: a unit after its backward, and after its forward with
+``zero.reshard_after_forward``) instead of staying until room is needed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from shardwise.zero.chunks.chunk import (
     ChunkEvent,
     ChunkState,
     DiskTierLike,
+    GatheredChunk,
     Tier,
     TierIO,
 )
@@ -235,20 +241,25 @@ class ChunkManager:
         chunk.apply(ChunkEvent.ACCESS)
 
     def release(self, chunk: Chunk, after: Literal["forward", "backward"]) -> None:
-        """After a module computes; the chunk stays where it is until room is needed."""
+        """After a module computes; the chunk stays where it is until room is needed, or,
+        released by its last user, is dropped if it asks to be ([Note: chunks with a
+        source])."""
         events = {"forward": ChunkEvent.RELEASE_FWD, "backward": ChunkEvent.RELEASE_BWD}
         if after not in events:
             raise ValueError(f"release(after={after!r}): use 'forward' or 'backward'")
         chunk.apply(events[after])
+        if not chunk.users and chunk.frees_on_release(after):
+            self.discard(chunk)
 
     def prefetch(self, chunk: Chunk) -> bool:
         """Start bringing `chunk` to the device while the current module computes (the disk
-        read or the copy-stream copy runs in the background; `access` waits for it). Only
-        evicts chunks needed later than `chunk`; returns False when that leaves no room. A
-        FREE chunk with a source prefetches the source."""
+        read, the copy-stream copy or the all-gather runs in the background; `access` waits
+        for it). Only evicts chunks needed later than `chunk`; returns False when that leaves
+        no room. A FREE chunk with a source prefetches the source."""
         if chunk.state is ChunkState.FREE and chunk.source is not None:
             return self.prefetch(chunk.source)
-        if chunk.state is ChunkState.FREE or chunk.tier is Tier.DEVICE:
+        gathers = chunk.state is ChunkState.FREE and isinstance(chunk, GatheredChunk)
+        if (chunk.state is ChunkState.FREE and not gathers) or chunk.tier is Tier.DEVICE:
             return False
         budget = self._budget_at(self._moment)
         if budget is not None:
@@ -264,7 +275,11 @@ class ChunkManager:
                 return False
             for victim in chosen:
                 self._evict(victim)
-        self._move(chunk, Tier.DEVICE, non_blocking=True)
+        if gathers:
+            chunk.start_gather()
+            self._count(chunk, None, Tier.DEVICE)
+        else:
+            self._move(chunk, Tier.DEVICE, non_blocking=True)
         return True
 
     def end_step(self) -> None:
@@ -332,9 +347,9 @@ class ChunkManager:
 
     def _evict(self, chunk: Chunk) -> None:
         """Off the device: to host memory, spilling host chunks needed later than `chunk` to
-        disk when the host budget is full, or straight to disk if that is not enough. A chunk
-        with a source is dropped instead: `access` rebuilds it from the source."""
-        if chunk.source is not None:
+        disk when the host budget is full, or straight to disk if that is not enough. A
+        gathered chunk is dropped instead: `access` gathers it again."""
+        if isinstance(chunk, GatheredChunk):
             self.discard(chunk)
             return
         self._move(chunk, self._host_or_disk(chunk), non_blocking=True)

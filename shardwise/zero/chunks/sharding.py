@@ -68,9 +68,8 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.zero.chunks.chunk import (
     Chunk,
-    ChunkEvent,
     ChunkState,
-    ChunkStateError,
+    GatheredChunk,
     GradChunk,
     Slot,
     Tier,
@@ -78,7 +77,7 @@ from shardwise.zero.chunks.chunk import (
 )
 from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.flat_group import gather_into, overlaps
+from shardwise.zero.flat_group import overlaps
 from shardwise.zero.optimizer import ParamInit
 
 
@@ -108,27 +107,6 @@ class ReplicaChunk(SeededChunk):
     """A full parameter chunk every rank keeps whole (ZeRO stages 1 and 2): placed and moved
     like a chunk of one process, with no collective to bring it in; after each update its
     bytes are all-gathered from the ranks' updated shards (`ChunkStore.update`)."""
-
-
-@dataclass(eq=False)
-class GatheredChunk(Chunk):
-    """A full parameter chunk whose bytes are the all-gather of its N shards (ZeRO-3): the
-    model's parameters view it while it is on the device; it is never on the host or disk."""
-
-    shard: ShardChunk | None = field(default=None, repr=False)
-    group: object = field(default=None, repr=False)
-
-    @property
-    def source(self) -> Chunk | None:
-        return self.shard
-
-    def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
-        """FREE -> HOLD on the device: all-gather the shards (the shard is on the device)."""
-        if tier is not Tier.DEVICE:
-            raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
-        self.apply(ChunkEvent.MATERIALIZE)
-        gather_into(self.payload, self.shard.payload, self.group)
-        self.tier = Tier.DEVICE
 
 
 def shard_chunks(
@@ -171,7 +149,7 @@ def shard_chunks(
         )
         fields = (chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots)
         if gathered:  # refilled in place: the parameters view this payload
-            fulls.append(GatheredChunk(*fields, payload=chunk.payload, shard=shard, group=group))
+            fulls.append(GatheredChunk(*fields, payload=chunk.payload, home=shard, group=group))
         else:
             fulls.append(ReplicaChunk(*fields, initial=values))
         shards.append(shard)
