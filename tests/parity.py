@@ -9,6 +9,7 @@ a test pool, each rank training on its rows of the same global batches.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,10 @@ different summation order. Measured: up to 1.2e-5 for hierarchical ZeRO-2 (reduc
 all-reduce across replicas) on an AVX2 AMD EPYC; ~1e-7 for most layouts."""
 SEQ = 16
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 4}
+
+NO_CORE_MODEL = Path(__file__).parent / "models" / "gpt_neox_tiny.json"
+"""A Hugging Face config (``model.hf_config``) of GPT-NeoX, whose spec is discovered: it has
+no attention core and no positions keyword."""
 
 
 def make_config(**train) -> Config:

@@ -5,6 +5,17 @@ below name their modules and split them from outside (`shardwise.tensor_parallel
 reference GPT's. transformers is an optional extra (``pip install 'shardwise[hf]'``): it is
 imported inside the functions, never by importing this module.
 
+[Note: hf attention cores] Sequence parallelism and block-sparse attention replace a model's
+attention *core*, the parameter-free module mapping (q, k, v) to the output (`ModelSpec.
+attention`). HF's attention modules have none: they call an attention function picked by
+name (``config._attn_implementation``). `build_hf` gives each attention module a `core`
+(the reference GPT's `AttentionCore`) and builds the model with `ATTN_IMPLEMENTATION`, a
+function registered with transformers' `AttentionInterface`: while the module's core is the
+plain one it runs HF's own sdpa attention (masks and all, the numbers of ``"sdpa"``, whose
+mask builder it registers too); once replaced, it calls the core on q, k, v (key/value heads
+repeated to the query heads) and ignores HF's mask, which sequence parallelism's cores make
+no use of (they are causal over the whole sequence, whose positions HF sees only in part).
+
 [Note: hf loss] The plans gather the head's output (``lm_head`` column-parallel with
 ``gather_output``): every tp rank holds the full logits, so the model's own forward computes
 its loss from ``labels=`` and ``output.logits`` is whole. The plans therefore bring no loss
@@ -14,6 +25,7 @@ all-gather per step that the reference GPT's vocab-parallel loss avoids.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from functools import partial
 from pathlib import Path
@@ -25,6 +37,7 @@ from torch import nn
 from shardwise.config import ModelConfig
 from shardwise.distributed.dims import ParallelDims, fitting_tp_degrees
 from shardwise.errors import ConfigError
+from shardwise.models.gpt import AttentionCore
 from shardwise.models.spec import ModelSpec, PipelineCalls, SpecBuilder
 from shardwise.tensor_parallel.conv1d import ColwiseParallelConv1D, RowwiseParallelConv1D
 from shardwise.tensor_parallel.one_d import (
@@ -64,9 +77,12 @@ HF_PRESETS: dict[str, dict[str, Any]] = {
 }
 """Built-in tiny configs (``model.hf_config``), as config.json would hold them."""
 
-ATTN_IMPLEMENTATION = "sdpa"
-"""Set explicitly, not left to HF's choice: torch's scaled_dot_product_attention, as the
-reference GPT uses (deterministic on CPU, differentiable; ``"eager"`` is HF's fallback)."""
+ATTN_IMPLEMENTATION = "shardwise"
+"""The attention function the models are built with, registered by `build_hf` ([Note: hf
+attention cores]); set explicitly, not left to HF's choice."""
+
+ATTENTION_MODULES = {"gpt2": "transformer.h.*.attn", "llama": "model.layers.*.self_attn"}
+"""``model_type`` -> the pattern of its attention modules, each given a `core`."""
 
 HF_MISSING = "model.name='hf' needs transformers: pip install 'shardwise[hf]'"
 
@@ -118,8 +134,9 @@ def build_hf(
     RNG state is restored after), then moved to `device`. HF initialises per module, not per
     parameter name, so the model cannot be filled shard by shard: with `device` "meta" it is
     built on the CPU all the same. The HF config decides the vocabulary (``model.vocab_size``
-    is not read); it must cover the tokenizer's ids. The KV cache is off (training), the
-    attention is `ATTN_IMPLEMENTATION`.
+    is not read); it must cover the tokenizer's ids. The KV cache is off (training); the
+    attention is `ATTN_IMPLEMENTATION` with a `core` per attention module for the model types
+    of `ATTENTION_MODULES` ([Note: hf attention cores]), HF's sdpa otherwise.
     """
     transformers = _transformers()
     fields = hf_config_dict(model_cfg.hf_config)
@@ -137,17 +154,52 @@ def build_hf(
             f"data.seq_len={seq_len} exceeds the {limit} positions of {where}; "
             f"use data.seq_len <= {limit}"
         )
+    pattern = ATTENTION_MODULES.get(model_type)
+    if pattern is not None:
+        _register_attention(transformers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             model = transformers.AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTN_IMPLEMENTATION
+                config, attn_implementation=ATTN_IMPLEMENTATION if pattern else "sdpa"
             )
         except ValueError as err:
             raise ConfigError(f"{where}: {_first_line(err)}") from None
+    dropout = getattr(config, "attn_pdrop", getattr(config, "attention_dropout", 0.0))
+    for name, module in model.named_modules():
+        if pattern is not None and fnmatch.fnmatchcase(name, pattern):
+            module.core = AttentionCore(dropout)  # the dropout SDPA applies (the checks read it)
     if torch.device(device).type != "meta":
         model.to(device)
     return model
+
+
+def _register_attention(transformers: Any) -> None:
+    """`ATTN_IMPLEMENTATION` in transformers' registries ([Note: hf attention cores])."""
+    from transformers.masking_utils import sdpa_mask
+
+    transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, _core_attention)
+    transformers.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _core_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HF's attention function for `ATTN_IMPLEMENTATION`: q, k, v [B, heads, T, head_dim] ->
+    ([B, T, heads, head_dim], no weights) ([Note: hf attention cores])."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    core = getattr(module, "core", None)  # none: a model built elsewhere, then given ours
+    if core is None or type(core) is AttentionCore:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return core(query, key, value).transpose(1, 2).contiguous(), None
 
 
 def max_positions(config: Any) -> int | None:
@@ -243,12 +295,19 @@ def llama_tp_plan(
 
 
 def gpt2_spec(model: nn.Module) -> ModelSpec:
-    """``GPT2LMHeadModel``'s structure and plans."""
+    """``GPT2LMHeadModel``'s structure and plans. Its attention cores ([Note: hf attention
+    cores]) only where it scales scores as SDPA does (by 1/sqrt(head_dim)), which the cores
+    replacing them do."""
+    config = model.config
+    sdpa_scale = config.scale_attn_weights and not config.scale_attn_by_inverse_layer_idx
     return ModelSpec(
         blocks="transformer.h",
         embedding="transformer.wte",
         head="lm_head",
-        attention="transformer.h.*.attn",
+        attention=f"{ATTENTION_MODULES['gpt2']}.core" if sdpa_scale else None,
+        heads=config.n_head,
+        positions="position_ids",
+        positions_rows=True,
         max_seq_len=max_positions(model.config),
         tp_plan=partial(gpt2_tp_plan, model.config),
         pipeline=PipelineCalls(
@@ -261,11 +320,16 @@ def gpt2_spec(model: nn.Module) -> ModelSpec:
     )
 
 
-def _gpt2_embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _gpt2_embed(
+    model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """What ``GPT2Model.forward`` does before its blocks, without a cache or masks (the blocks
-    then attend causally, as the whole model does without an attention mask)."""
+    then attend causally, as the whole model does without an attention mask); `position_ids`
+    [1, T]: the tokens' positions (this rank's under sequence parallelism), else 0..T-1."""
     t = model.transformer
-    return t.drop(t.wte(ids) + t.wpe(torch.arange(ids.shape[1], device=ids.device)))
+    if position_ids is None:
+        position_ids = torch.arange(ids.shape[1], device=ids.device)
+    return t.drop(t.wte(ids) + t.wpe(position_ids))
 
 
 def llama_spec(model: nn.Module) -> ModelSpec:
@@ -274,11 +338,14 @@ def llama_spec(model: nn.Module) -> ModelSpec:
         blocks="model.layers",
         embedding="model.embed_tokens",
         head="lm_head",
-        attention="model.layers.*.self_attn",
+        attention=f"{ATTENTION_MODULES['llama']}.core",
+        heads=model.config.num_attention_heads,
+        positions="position_ids",
+        positions_rows=True,
         max_seq_len=max_positions(model.config),
         tp_plan=partial(llama_tp_plan, model.config),
         pipeline=PipelineCalls(
-            embed=lambda m, ids: m.model.embed_tokens(ids),
+            embed=lambda m, ids, position_ids=None: m.model.embed_tokens(ids),
             finish=lambda m, x: m.lm_head(m.model.norm(x)),
             first=("model.embed_tokens",),
             last=("model.norm", "lm_head"),
@@ -288,11 +355,15 @@ def llama_spec(model: nn.Module) -> ModelSpec:
     )
 
 
-def _llama_block(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A decoder layer as ``LlamaModel.forward`` runs it: with the rotary tables of positions
-    0..T-1 (the parameter-free ``rotary_emb`` stays on every stage)."""
-    positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-    return layer(x, position_embeddings=model.model.rotary_emb(x, positions))
+def _llama_block(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A decoder layer as ``LlamaModel.forward`` runs it: with the rotary tables of
+    `position_ids` [1, T] (this rank's under sequence parallelism), else of 0..T-1 (the
+    parameter-free ``rotary_emb`` stays on every stage)."""
+    if position_ids is None:
+        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    return layer(x, position_embeddings=model.model.rotary_emb(x, position_ids))
 
 
 HF_SPECS: dict[str, SpecBuilder] = {

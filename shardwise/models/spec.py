@@ -78,6 +78,9 @@ class ModelSpec:
     positions: str | None = None
     """Keyword of the model's forward that takes each token's position in the whole sequence
     ([T]): sequence parallelism gives each rank a part of the sequence. None: it has none."""
+    positions_rows: bool = False
+    """The `positions` keyword takes them as one row, [1, T] (Hugging Face's
+    ``position_ids``), not [T]."""
     documents: str | None = None
     """Keyword of the model's forward that takes each token's document ([B, T] by position,
     packed sequences: ``data.pack_documents``), its attention cores passing them on as their

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.distributed import comm
+from shardwise.errors import ConfigError
 from shardwise.models.spec import ModelSpec
 from shardwise.sequence_parallel.hybrid import hybrid_attention, hybrid_positions
 from shardwise.sequence_parallel.masks import contiguous_positions, zigzag_positions
@@ -112,9 +113,15 @@ def apply_sequence_parallel(
 
     def cut(ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         positions = mine(ids)
-        return ids[:, positions], {spec.positions: positions}
+        keyword = positions[None] if spec.positions_rows else positions
+        return ids[:, positions], {spec.positions: keyword}
 
     def cut_inputs(module, args, kwargs):
+        if not args:
+            raise ConfigError(
+                "parallel.sp > 1 takes (inputs, targets) batches: a dict batch's labels "
+                "would be shifted by the model within each rank's part of the sequence"
+            )
         ids, keywords = cut(args[0])
         return (ids, *args[1:]), {**kwargs, **keywords}
 

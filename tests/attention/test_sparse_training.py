@@ -18,6 +18,7 @@ from shardwise.models import spec_of
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import (
+    NO_CORE_MODEL,
     SEQ,
     assert_parity,
     build_model,
@@ -97,8 +98,8 @@ def test_tp2_with_activation_checkpointing_matches_single_process(pool2):
             "attention.per_head=true with parallel.tp=2",
         ),
         (
-            {"model": {"name": "hf", "hf_config": "gpt2-tiny"}},
-            "ModelSpec.attention ('transformer.h.*.attn') names none",
+            {"model": {"name": "hf", "hf_config": str(NO_CORE_MODEL)}},
+            "ModelSpec.attention (None) names none",
         ),
     ],
     ids=["block", "layout", "dropout", "per-head-tp", "hf"],

@@ -54,11 +54,15 @@ def tokens(batch: int = 2, seq: int = SEQ_LEN, seed: int = 0) -> torch.Tensor:
 def test_build_from_preset(preset: str, kind: str) -> None:
     model = MODELS.get("hf")(hf_cfg(preset), SEQ_LEN)
     assert type(model).__name__ == kind
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "shardwise"
     ids = tokens()
     out = model(input_ids=ids, labels=ids)
     assert out.logits.shape == (2, SEQ_LEN, 256)
     assert torch.isfinite(out.loss)
+    # While its cores are the plain ones, the registered attention is HF's sdpa, bit for bit.
+    plain = MODELS.get("hf")(hf_cfg(preset), SEQ_LEN)
+    plain.set_attn_implementation("sdpa")
+    assert torch.equal(plain(input_ids=ids, labels=ids).logits, out.logits)
 
 
 def test_build_is_seeded_and_leaves_the_callers_rng_alone() -> None:
@@ -132,12 +136,12 @@ def test_missing_transformers(monkeypatch) -> None:
 
 
 SPEC_FIELDS = {
-    "gpt2-tiny": ("transformer.h", "transformer.wte", "lm_head", "transformer.h.*.attn", True),
+    "gpt2-tiny": ("transformer.h", "transformer.wte", "lm_head", "transformer.h.*.attn.core", True),
     "llama-tiny": (
         "model.layers",
         "model.embed_tokens",
         "lm_head",
-        "model.layers.*.self_attn",
+        "model.layers.*.self_attn.core",
         False,
     ),
 }
@@ -156,6 +160,8 @@ def test_declared_specs(preset: str) -> None:
         attention,
     )
     assert spec.tied(model) is tied
+    assert len(spec.attention_cores(model, "this test")) == 2  # one per layer
+    assert (spec.positions, spec.positions_rows) == ("position_ids", True)
     assert spec.max_seq_len == 64
     assert len(spec.named_blocks(model, "this test")) == 2
     assert spec.tp_plan is not None

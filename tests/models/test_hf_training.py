@@ -56,8 +56,16 @@ def comparable(state: dict) -> dict:
     return out
 
 
-def reference_run(preset: str) -> tuple[list[float], dict]:
+def plain_hf(preset: str) -> torch.nn.Module:
+    """The model as HF builds it: its own sdpa attention, not the function shardwise
+    registers ([Note: hf attention cores])."""
     model = build_hf(ModelConfig(name="hf", hf_config=preset), SEQ, seed=0)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def reference_run(preset: str) -> tuple[list[float], dict]:
+    model = plain_hf(preset)
     optimizer = adamw(model.parameters())
     losses = []
     for ids in batches():
@@ -151,3 +159,69 @@ def test_one_process_traces_within_the_position_table_and_checkpoints_its_layers
     torch.testing.assert_close(
         torch.tensor(losses), torch.tensor(references["gpt2-tiny"][0]), rtol=1e-5, atol=0
     )
+
+
+def shifted_reference(preset: str) -> list[float]:
+    """Plain HF training on (inputs, targets) batches: the mean cross-entropy of the logits."""
+    model = plain_hf(preset)
+    optimizer = adamw(model.parameters())
+    losses = []
+    for tokens in shifted_batches():
+        optimizer.zero_grad()
+        logits = model(input_ids=tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def shifted_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return [torch.randint(0, 256, (ROWS, SEQ + 1), generator=generator) for _ in range(STEPS)]
+
+
+def shifted_run(cfg: Config) -> list[float]:
+    """On every rank: the whole batch as (inputs, targets) (under sequence parallelism each
+    rank computes its part of every sequence)."""
+    engine = initialize(build_hf(cfg.model, SEQ, seed=0), adamw, cfg)
+    return [engine.train_step((t[:, :-1], t[:, 1:])) for t in shifted_batches()]
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+@pytest.mark.parametrize("preset", MODELS)
+def test_sequence_parallel_replaces_the_attention_core(pool2, preset, kind):
+    """parallel.sp=2: each attention module's core (which HF's attention function calls,
+    [Note: hf attention cores]) becomes ring or Ulysses attention; positions reach the model
+    as ``position_ids`` [1, T]. LLaMA's key/value heads are repeated to its query heads."""
+    want = shifted_reference(preset)
+    cfg = hf_config(preset, "parallel.sp=2", f"attention.sequence_parallel={kind}")
+    for got in pool2.run(shifted_run, cfg):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+
+
+def dict_batch_under_sequence_parallelism(cfg: Config) -> str:
+    engine = initialize(build_hf(cfg.model, SEQ, seed=0), adamw, cfg)
+    ids = shifted_batches()[0][:, :SEQ]
+    with pytest.raises(ConfigError) as error:
+        engine.train_step({"input_ids": ids, "labels": ids})
+    return str(error.value)
+
+
+def test_a_dict_batch_under_sequence_parallelism_is_one_line(pool2):
+    cfg = hf_config("gpt2-tiny", "parallel.sp=2")
+    for message in pool2.run(dict_batch_under_sequence_parallelism, cfg):
+        assert message.startswith("parallel.sp > 1 takes (inputs, targets) batches")
+
+
+def test_block_sparse_attention_replaces_the_core():
+    """attention.kind=sparse: the cores become block-sparse attention. With every block
+    kept it trains as dense HF does; a window of one block (each query block sees only
+    itself) trains otherwise."""
+    want = shifted_reference("llama-tiny")
+    sparse = ["attention.kind=sparse", "attention.block=4"]
+    every_block = shifted_run(hf_config("llama-tiny", *sparse, "attention.layout=dense"))
+    torch.testing.assert_close(torch.tensor(every_block), torch.tensor(want), rtol=1e-5, atol=0)
+    window = ["attention.layout=sliding_window", "attention.window=1"]
+    diagonal = shifted_run(hf_config("llama-tiny", *sparse, *window))
+    assert abs(diagonal[-1] - want[-1]) > 1e-3

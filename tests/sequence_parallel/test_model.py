@@ -18,7 +18,14 @@ from shardwise.engine import initialize
 from shardwise.errors import ConfigError
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
-from tests.parity import assert_parity, build_model, global_batches, make_config, reference_run
+from tests.parity import (
+    NO_CORE_MODEL,
+    assert_parity,
+    build_model,
+    global_batches,
+    make_config,
+    reference_run,
+)
 from tests.tensor_parallel.test_gpt_parity import tp_engine_run
 
 SP_PARAM_RTOL = 2e-4
@@ -171,7 +178,7 @@ def test_hybrid_two_by_two_matches_single_process(pool4):
         ({"attention": {"kind": "sparse", "block": 2}}, "set attention.kind='dense'"),
         ({"model": {"dropout": 0.1}}, "no dropout on attention weights"),
         (
-            {"model": {"name": "hf", "hf_config": "gpt2-tiny"}},
+            {"model": {"name": "hf", "hf_config": str(NO_CORE_MODEL)}},
             "forward must take the tokens' positions",
         ),
     ],
