@@ -303,8 +303,9 @@ class FlatStore:
             self._free_units()
 
     def _free_units(self) -> None:
-        """Every unit no module uses back to its shard (gathered and never released: a
-        prefetch, or a forward without backward and ``reshard_after_forward`` off)."""
+        """After backward, every unit no module uses back to its shard: a prefetch nothing
+        used, or, with ``reshard_after_forward`` off, a unit kept after its forward whose
+        backward never ran (parameters that got no gradient)."""
         for unit in self.units:
             if unit.state is not ChunkState.FREE and not unit.users:
                 self.gathering.discard(unit)
