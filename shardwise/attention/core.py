@@ -99,6 +99,11 @@ def apply_document_masks(model: nn.Module, spec: ModelSpec) -> None:
     inputs, so the documents are those of the whole sequence."""
 
     def with_documents(module, args, kwargs):
+        if not args:
+            raise ConfigError(
+                "data.pack_documents=true takes (inputs, targets) batches: the documents are "
+                "read from the token ids"
+            )
         return args, {**kwargs, spec.documents: document_ids(args[0])}
 
     model.register_forward_pre_hook(with_documents, with_kwargs=True)

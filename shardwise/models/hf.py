@@ -12,9 +12,12 @@ name (``config._attn_implementation``). `build_hf` gives each attention module a
 (the reference GPT's `AttentionCore`) and builds the model with `ATTN_IMPLEMENTATION`, a
 function registered with transformers' `AttentionInterface`: while the module's core is the
 plain one it runs HF's own sdpa attention (masks and all, the numbers of ``"sdpa"``, whose
-mask builder it registers too); once replaced, it calls the core on q, k, v (key/value heads
-repeated to the query heads) and ignores HF's mask, which sequence parallelism's cores make
-no use of (they are causal over the whole sequence, whose positions HF sees only in part).
+mask builder it registers too); once replaced, or given packed sequences' documents (the
+``documents`` keyword of the model's forward, which HF passes down to its attention
+function), it calls the core on q, k, v (key/value heads repeated to the query heads) and
+the documents, and ignores HF's mask: the cores are causal (and keep to documents) over the
+whole sequence, whose positions HF sees only in part under sequence parallelism. A model
+built elsewhere has no cores, and its spec declares no documents.
 
 [Note: hf loss] The plans gather the head's output (``lm_head`` column-parallel with
 ``gather_output``): every tp rank holds the full logits, so the model's own forward computes
@@ -194,12 +197,13 @@ def _core_attention(
     ([B, T, heads, head_dim], no weights) ([Note: hf attention cores])."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    documents = kwargs.pop("documents", None)  # [B, T]: packed sequences' documents
     core = getattr(module, "core", None)  # none: a model built elsewhere, then given ours
-    if core is None or type(core) is AttentionCore:
+    if core is None or (type(core) is AttentionCore and documents is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    return core(query, key, value).transpose(1, 2).contiguous(), None
+    return core(query, key, value, documents).transpose(1, 2).contiguous(), None
 
 
 def max_positions(config: Any) -> int | None:
@@ -308,6 +312,7 @@ def gpt2_spec(model: nn.Module) -> ModelSpec:
         heads=config.n_head,
         positions="position_ids",
         positions_rows=True,
+        documents="documents" if _has_cores(model) else None,
         max_seq_len=max_positions(model.config),
         tp_plan=partial(gpt2_tp_plan, model.config),
         pipeline=PipelineCalls(
@@ -318,6 +323,13 @@ def gpt2_spec(model: nn.Module) -> ModelSpec:
             hidden_size=model.config.n_embd,
         ),
     )
+
+
+def _has_cores(model: nn.Module) -> bool:
+    """Whether `build_hf` built `model`: its attention modules have cores, which its
+    attention function hands the documents of packed sequences ([Note: hf attention
+    cores])."""
+    return model.config._attn_implementation == ATTN_IMPLEMENTATION
 
 
 def _gpt2_embed(
@@ -342,6 +354,7 @@ def llama_spec(model: nn.Module) -> ModelSpec:
         heads=model.config.num_attention_heads,
         positions="position_ids",
         positions_rows=True,
+        documents="documents" if _has_cores(model) else None,
         max_seq_len=max_positions(model.config),
         tp_plan=partial(llama_tp_plan, model.config),
         pipeline=PipelineCalls(

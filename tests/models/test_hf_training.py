@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.config import Config, ModelConfig
+from shardwise.data.tokenizer import DOCUMENT_TOKEN, document_ids
 from shardwise.distributed import comm
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
@@ -181,11 +182,20 @@ def shifted_batches() -> list[torch.Tensor]:
     return [torch.randint(0, 256, (ROWS, SEQ + 1), generator=generator) for _ in range(STEPS)]
 
 
-def shifted_run(cfg: Config) -> list[float]:
-    """On every rank: the whole batch as (inputs, targets) (under sequence parallelism each
-    rank computes its part of every sequence)."""
+def shifted_run(cfg: Config, batches: list[torch.Tensor] | None = None) -> list[float]:
+    """On every rank: each of `batches` (`shifted_batches` by default) whole, as (inputs,
+    targets); under sequence parallelism each rank computes its part of every sequence."""
     engine = initialize(build_hf(cfg.model, SEQ, seed=0), adamw, cfg)
-    return [engine.train_step((t[:, :-1], t[:, 1:])) for t in shifted_batches()]
+    batches = shifted_batches() if batches is None else batches
+    return [engine.train_step((t[:, :-1], t[:, 1:])) for t in batches]
+
+
+def packed_batches() -> list[torch.Tensor]:
+    """`shifted_batches` with two documents per row, started by token 0 at 0 and 9."""
+    batches = shifted_batches()
+    for tokens in batches:
+        tokens[:, [0, SEQ // 2 + 1]] = DOCUMENT_TOKEN
+    return batches
 
 
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
@@ -225,3 +235,30 @@ def test_block_sparse_attention_replaces_the_core():
     window = ["attention.layout=sliding_window", "attention.window=1"]
     diagonal = shifted_run(hf_config("llama-tiny", *sparse, *window))
     assert abs(diagonal[-1] - want[-1]) > 1e-3
+
+
+def test_packed_documents_attend_within_their_own_document():
+    """``documents=`` reaches the attention function ([Note: hf attention cores]): in a row
+    packing two documents, LLaMA's logits for the second (rotary positions, so relative) are
+    those it has alone; without the documents they are not."""
+    model = build_hf(ModelConfig(name="hf", hf_config="llama-tiny"), SEQ, seed=0)
+    first, second = torch.randint(1, 256, (1, 7)), torch.randint(1, 256, (1, 9))
+    first[:, 0] = second[:, 0] = DOCUMENT_TOKEN
+    packed = torch.cat([first, second], dim=1)
+    alone = model(input_ids=second).logits
+    with torch.no_grad():
+        kept = model(input_ids=packed, documents=document_ids(packed)).logits[:, 7:]
+        mixed = model(input_ids=packed).logits[:, 7:]
+    torch.testing.assert_close(kept, alone.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed, alone.detach(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", MODELS)
+def test_packed_documents_under_sequence_parallelism(pool2, preset):
+    """data.pack_documents with ring attention at sp=2 trains as the one-process run with
+    the same documents, which trains otherwise than without them."""
+    packed = hf_config(preset, "data.pack_documents=true")
+    want = shifted_run(packed, packed_batches())
+    assert abs(want[-1] - shifted_run(hf_config(preset), packed_batches())[-1]) > 1e-4
+    for got in pool2.run(shifted_run, packed.replace(parallel={"sp": 2}), packed_batches()):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
