@@ -13,6 +13,7 @@ import pytest
 from shardwise.cli import main
 from shardwise.config import Config
 from tests.cli_runs import logged_losses, run_cli, settings_args
+from tests.parity import NO_CORE_MODEL
 
 TINY = [
     "--set",
@@ -190,7 +191,7 @@ BAD_SETS = {
     ),
     "pack-documents-hf": (
         ["--set", "data.pack_documents=true", "--set", "model.name=hf"]
-        + ["--set", "model.hf_config=gpt2-tiny", "--set", "data.seq_len=64"],
+        + ["--set", f"model.hf_config={NO_CORE_MODEL}", "--set", "data.seq_len=64"],
         "forward must take each token's document; declare ModelSpec(documents=",
     ),
     "micro-batch-zero": (
