@@ -30,6 +30,9 @@ carrying every failed rank's exit code and error file; `_summarize` turns that i
 `LaunchError`. A rank that died without writing a file (``os._exit``, a signal, a script not
 wrapped by `run_worker`) is described by its exit code or signal alone. torch's own logging
 and its framed ``ChildFailedError`` report are silenced for the duration of the launch.
+A rank that ended normally meets the others at a final barrier and writes ``finished`` to
+its error file before leaving the group; if some rank then dies in gloo's teardown, every
+rank had done its work, and the launch succeeds (`_finished`).
 """
 
 from __future__ import annotations
@@ -219,7 +222,8 @@ def _agent_scope(rank_env: dict[str, str], grace_s: int | None) -> Iterator[None
         with _quiet_torch_logging(), _grace_before_kill(grace_s):
             yield
     except ChildFailedError as err:
-        raise LaunchError(_summarize(err.failures)) from None
+        if not _finished(err.failures):
+            raise LaunchError(_summarize(err.failures)) from None
     except RendezvousError as err:
         raise LaunchError(f"rendezvous failed: {type(err).__name__}: {err}") from None
     except SignalException as err:
@@ -343,6 +347,13 @@ def _summarize(failures: dict) -> str:
                 else f"ranks {ranks} were still running; the launcher stopped them"
             )
     return "\n".join(lines)
+
+
+def _finished(failures: dict) -> bool:
+    """Whether a failed rank had passed the final barrier (``finished`` in its error file,
+    `_destroy_process_group`): then every rank had done its work, and the failure is gloo's
+    teardown (a rank aborted while the others closed their connections), not the job's."""
+    return any(_error_data(failure).get("finished") for failure in failures.values())
 
 
 def _merge_ranks(lines: list[str]) -> list[str]:
@@ -572,13 +583,15 @@ def _write_traceback(rank: str, err: BaseException) -> str:
     return path
 
 
-def _write_error_file(line: str, *, exit_code: int, peer_closed: bool, waited: bool) -> None:
+def _write_error_file(
+    line: str, *, exit_code: int, peer_closed: bool, waited: bool, finished: bool = False
+) -> None:
     """Hand the line to the agent in torch's string-message error-file format.
 
-    Three fields are ours (torch ignores them): ``exit_code``, since the agent may stop this
+    Four fields are ours (torch ignores them): ``exit_code``, since the agent may stop this
     rank with SIGTERM while it exits; ``peer_closed`` and ``waited`` (a collective timed out
     waiting for another rank), which tell `_summarize` that the failure only follows
-    another rank's.
+    another rank's; ``finished``: the rank passed the final barrier (`_finished`).
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
@@ -588,6 +601,7 @@ def _write_error_file(line: str, *, exit_code: int, peer_closed: bool, waited: b
             "exit_code": exit_code,
             "peer_closed": peer_closed,
             "waited": waited,
+            "finished": finished,
         }
         # whole or not at all: the agent stops this rank (SIGTERM) as soon as another fails,
         # and reads the file then; a half-written one crashed torch's agent (JSONDecodeError)
@@ -601,7 +615,9 @@ def _destroy_process_group(together: bool) -> None:
     """Leave the process group. `together`: this rank ended normally, as every rank does,
     so all meet at a barrier first. Without it gloo aborted a rank now and then (SIGABRT,
     "terminate called without an active exception", 1 exit in 4-10 here): one rank closed its
-    connections while another was still tearing its own down. A rank that failed leaves at
+    connections while another was still tearing its own down. With it, rarely, on a loaded
+    machine; so a rank past the barrier says so in its error file (``finished``), and the
+    launcher takes such an abort for what it is (`_finished`). A rank that failed leaves at
     once, since the others may be waiting inside a collective it never joins."""
     import torch.distributed as dist
 
@@ -609,4 +625,7 @@ def _destroy_process_group(together: bool) -> None:
         with contextlib.suppress(Exception):  # the failure being reported matters more
             if together:
                 dist.barrier()
+                _write_error_file(
+                    "finished", exit_code=0, peer_closed=False, waited=False, finished=True
+                )
             dist.destroy_process_group()

@@ -472,6 +472,23 @@ def test_shardwise_run_joins_the_group_for_a_script_that_never_does(monkeypatch,
     assert ranks[0]["losses"] == ranks[1]["losses"]
 
 
+def test_an_abort_after_every_rank_finished_is_not_a_failure(monkeypatch, tmp_path):
+    """gloo's teardown aborts a rank now and then after the final barrier: a rank past it
+    says so (``finished``), and the launcher reports success ([Note: how a rank's failure
+    reaches the user]); before, the run failed with "rank 0 was killed by signal SIGABRT"."""
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    script = str(Path(REPO, *SCRIPTS.split("."), "abort_after_the_end.py"))
+    assert run_torchrun(["--nproc", "2", "--", script, str(tmp_path)]) == 0
+    assert all((tmp_path / f"rank{r}.json").is_file() for r in range(2))
+
+
+def test_only_a_rank_past_the_final_barrier_makes_a_failure_teardown():
+    finished = failure(-signal.SIGABRT, "finished", exit_code=0, finished=True)
+    assert launch_mod._finished({0: finished, 1: failure(-signal.SIGTERM)})
+    assert not launch_mod._finished({0: failure(-signal.SIGABRT), 1: failure(-signal.SIGTERM)})
+    assert not launch_mod._finished({0: failure(2, "config is wrong", exit_code=2)})
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie nobody has reaped yet counts as dead)."""
     try:
