@@ -48,7 +48,7 @@ def tp_engine_losses(cfg: Config, world: int) -> tuple[list[float], dict, object
         part = slice(dp_rank * rows, (dp_rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
     state = {k: v.float() for k, v in engine.full_state_dict().items()}
-    return losses, state, plan.dims.build_mesh("cpu"), plan.tp_plan
+    return losses, state, engine.tp.ctx.mesh, plan.tp_plan
 
 
 def tp_engine_run(cfg: Config, world: int) -> list[str]:
