@@ -7,15 +7,17 @@ two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data par
 
 A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views of
 the group's flat buffer, whose storage comes only while it is gathered. The gathered buffer is
-a `GatheredChunk` (zero/chunks/chunk.py) in a `ChunkManager` without a budget, the same
-residency that moves the chunks of ``offload.policy``; each unit is a site of `ModuleHooks`
-(zero/module_hooks.py, [Note: the hook protocol]). The forward pre-hook gathers the unit and
-starts gathering the next one (prefetch: the manager starts the all-gather, the access waits
-for it); its last release after forward frees it with ``reshard_after_forward``, unless
-autograd is running (activation checkpointing re-runs forwards inside backward, where the unit
-must stay for its backward); the hook on its output gradient gathers it again and starts
-gathering the previous one; once all its gradients exist it is released, and so freed.
-Whatever is still gathered when backward ends is freed by the store.
+a `GatheredChunk` (zero/chunks/chunk.py) and this rank's shard its home chunk, in a
+`ChunkManager` without a budget: the same chunks and residency that move the parameters of
+``offload.policy``, whose homes are placed in tiers where these stay on the device. Each unit
+is a site of `ModuleHooks` (zero/module_hooks.py, [Note: the hook protocol]). The forward
+pre-hook gathers the unit and starts gathering the next one (prefetch: the manager starts the
+all-gather, the access waits for it); its last release after forward frees it with
+``reshard_after_forward``, unless autograd is running (activation checkpointing re-runs
+forwards inside backward, where the unit must stay for its backward); the hook on its output
+gradient gathers it again and starts gathering the previous one; once all its gradients exist
+it is released, and so freed. Whatever is still gathered when backward ends is freed by the
+store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from shardwise.models.spec import ModelSpec
-from shardwise.zero.chunks.chunk import GatheredChunk, Slot
+from shardwise.zero.chunks.chunk import Chunk, ChunkState, GatheredChunk, Slot, Tier
 from shardwise.zero.flat_group import FlatGroup
 from shardwise.zero.module_hooks import Site
 
@@ -78,12 +80,27 @@ def unit_sites(units: list[FlatGroup]) -> list[Site]:
 
 def unit_chunks(
     units: list[FlatGroup], group: object, reshard_after_forward: bool
-) -> list[GatheredChunk]:
-    """Each unit's gathered buffer (in the order of `units`) as a chunk of the manager: its
-    `flat_params` all-gathered from every rank's `shard` over `group`, freed by the last
-    release after backward, and after forward too with `reshard_after_forward`."""
+) -> tuple[list[GatheredChunk], list[Chunk]]:
+    """Each unit's gathered buffer (in the order of `units`, indices 0..n-1) as a chunk of
+    the manager, and its home (indices n..2n-1): its `flat_params` all-gathered from every
+    rank's `shard` over `group`, freed by the last release after backward, and after forward
+    too with `reshard_after_forward`. A home is the unit's `shard`, already on the device; its
+    slots are empty (what it holds are the optimizer's pieces, zero/optimizer.py)."""
     frees_after = frozenset({"forward", "backward"} if reshard_after_forward else {"backward"})
-    return [
+    homes = [
+        Chunk(
+            len(units) + index,
+            f"{unit.name}.shard",
+            unit.shard.numel(),
+            unit.shard.dtype,
+            [],
+            state=ChunkState.HOLD,
+            tier=Tier.DEVICE,
+            payload=unit.shard,
+        )
+        for index, unit in enumerate(units)
+    ]
+    gathered = [
         GatheredChunk(
             index,
             unit.name,
@@ -91,12 +108,13 @@ def unit_chunks(
             unit.flat_params.dtype,
             _slots(unit),
             payload=unit.flat_params,
-            shard=unit.shard,
+            home=home,
             group=group,
             frees_after=frees_after,
         )
-        for index, unit in enumerate(units)
+        for index, (unit, home) in enumerate(zip(units, homes, strict=True))
     ]
+    return gathered, homes
 
 
 def _slots(unit: FlatGroup) -> list[Slot]:

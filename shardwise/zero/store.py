@@ -238,8 +238,8 @@ class FlatStore:
         self.hooks: ModuleHooks | None = None
         if units:
             released = list(reversed(self.shards.groups))  # forward order
-            self.units = unit_chunks(released, groups.shard, sharding.reshard_after_forward)
-            self.gathering = ChunkManager(self.units, device, None, None)
+            self.units, homes = unit_chunks(released, groups.shard, sharding.reshard_after_forward)
+            self.gathering = ChunkManager([*self.units, *homes], device, None, None)
             self.hooks = ModuleHooks(
                 unit_sites(released), self.units, self.gathering, prefetch=sharding.prefetch
             )

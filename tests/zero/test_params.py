@@ -146,19 +146,10 @@ def test_a_unit_is_freed_after_the_phases_it_names():
     """The manager drops a unit its last user released after forward only with
     ``reshard_after_forward``, and never for a forward re-run inside backward (activation
     checkpointing), whose backward follows; after backward always."""
-    flat = torch.zeros(4)
 
     def unit(frees_after: set[str]) -> GatheredChunk:
-        return GatheredChunk(
-            0,
-            "blocks.0",
-            4,
-            torch.float32,
-            [],
-            payload=flat,
-            shard=flat[:2],
-            frees_after=frozenset(frees_after),
-        )
+        phases = frozenset(frees_after)
+        return GatheredChunk(0, "blocks.0", 4, torch.float32, [], frees_after=phases)
 
     resharded, kept = unit({"forward", "backward"}), unit({"backward"})
     assert resharded.frees_on_release("forward") and resharded.frees_on_release("backward")

@@ -460,19 +460,17 @@ class GradChunk(Chunk):
 @dataclass(eq=False)
 class GatheredChunk(Chunk):
     """Parameters whose bytes are the all-gather of every data-parallel rank's shard
-    (ZeRO-3), on the device only: materialising gathers, discarding frees. Two kinds:
+    (ZeRO-3), on the device only: materialising gathers, discarding frees. The shard is a
+    chunk of its own (`home`, the `source` the manager brings to the device first): for a
+    unit of the flat store (zero/params.py) one that stays on the device, for a full chunk of
+    ``offload.policy`` (sharding.py) one placed in the tiers ([Note: chunks with a source],
+    manager.py).
 
-    - a unit of the flat store (zero/params.py): its `shard` is a tensor that stays on the
-      device, and its last release after a phase in `frees_after` frees it at once
-      (``zero.reshard_after_forward``; never after a forward re-run inside backward, whose
-      backward follows);
-    - a full chunk of ``offload.policy`` (sharding.py): its shard is a chunk of its own
-      (`home`, the `source` the manager brings to the device first), and it stays until the
-      manager needs the room, which drops it ([Note: chunks with a source], manager.py).
-    """
+    A unit's last release after a phase in `frees_after` frees it at once
+    (``zero.reshard_after_forward``; never after a forward re-run inside backward, whose
+    backward follows); a chunk of ``offload.policy`` names no phase and stays until the
+    manager needs the room."""
 
-    shard: torch.Tensor | None = field(default=None, repr=False)
-    """This rank's part, where it is not a chunk (`home`)."""
     home: Chunk | None = field(default=None, repr=False)
     group: object = field(default=None, repr=False)
     frees_after: frozenset[str] = frozenset()
@@ -486,22 +484,22 @@ class GatheredChunk(Chunk):
         return after in self.frees_after and not (after == "forward" and in_backward())
 
     def materialize(self, tier: Tier, io: TierIO, param_init: ParamInit | None = None) -> None:
-        """FREE -> HOLD on the device: all-gather the shards (a `home` is on the device)."""
+        """FREE -> HOLD on the device: all-gather the shards (the `home` is on the device)."""
         self._gather(tier, async_op=False)
 
-    def start_gather(self) -> None:
+    def start_gather(self, finish: Callable[[], None]) -> None:
         """FREE -> HOLD on the device with the all-gather still running (a prefetch); `wait`
-        completes it."""
-        self.pending = PendingMove(work=self._gather(Tier.DEVICE, async_op=True))
+        completes it, then runs `finish` (the home may move again)."""
+        work = self._gather(Tier.DEVICE, async_op=True)
+        self.pending = PendingMove(work=work, finish=finish)
 
     def _gather(self, tier: Tier, async_op: bool) -> object | None:
         if tier is not Tier.DEVICE:
             raise ChunkStateError(f"chunk {self.index}: a gathered chunk lives on the device only")
         self.apply(ChunkEvent.MATERIALIZE)
-        shard = self.home.payload if self.home is not None else self.shard
         # into .data: see [Note: refilling keeps the version]
         alloc_storage(self.payload)
-        work = comm.all_gather_(self.payload.data, shard, self.group, async_op=async_op)
+        work = comm.all_gather_(self.payload.data, self.home.payload, self.group, async_op=async_op)
         self.tier = Tier.DEVICE
         return work
 

@@ -27,12 +27,15 @@ counted: one per read, and one per write behind (at most `MAX_WRITES_BEHIND` in 
 
 [Note: chunks with a source] A gathered chunk (`GatheredChunk`: ZeRO-3's parameters
 all-gathered from every rank's shard) is never copied off the device: evicting it drops its
-bytes, and accessing it while FREE gathers it again. Where its shard is a chunk of its own
-(`Chunk.source`: a full chunk of ``offload.policy``, zero/chunks/sharding.py) accessing it
-accesses the source first and prefetching it prefetches the source; where the shard stays on
-the device (a unit of the flat store, zero/params.py) prefetching it starts the all-gather,
-which its access waits for. A chunk may also ask to be dropped as soon as its last user
-releases it (`Chunk.frees_on_release`: a unit after its backward, and after its forward with
+bytes, and accessing it while FREE gathers it again. Its shard is a chunk of its own
+(`Chunk.source`, the *home*: kept on the device for a unit of the flat store, zero/params.py;
+placed in the tiers for a full chunk of ``offload.policy``, zero/chunks/sharding.py).
+Accessing the chunk accesses the home first. Prefetching it starts the all-gather when the
+home is on the device (the home is held in use until the gather is done, so that nothing
+moves it meanwhile; the chunk's access waits for the gather), and otherwise prefetches the
+home. Every rank makes these calls alike ([Note: the same moves on every rank]), so their
+all-gathers pair up. A chunk may also ask to be dropped as soon as its last user releases it
+(`Chunk.frees_on_release`: a unit after its backward, and after its forward with
 ``zero.reshard_after_forward``) instead of staying until room is needed.
 """
 
@@ -255,36 +258,52 @@ class ChunkManager:
         """Start bringing `chunk` to the device while the current module computes (the disk
         read, the copy-stream copy or the all-gather runs in the background; `access` waits
         for it). Only evicts chunks needed later than `chunk`; returns False when that leaves
-        no room. A FREE chunk with a source prefetches the source."""
-        if chunk.state is ChunkState.FREE and chunk.source is not None:
-            return self.prefetch(chunk.source)
-        gathers = chunk.state is ChunkState.FREE and isinstance(chunk, GatheredChunk)
+        no room. A FREE chunk with a source starts gathering from it if the source is on the
+        device, else prefetches the source."""
+        source = chunk.source
+        gathers = chunk.state is ChunkState.FREE and source is not None
+        if gathers and source.tier is not Tier.DEVICE:
+            return self.prefetch(source)
         if (chunk.state is ChunkState.FREE and not gathers) or chunk.tier is Tier.DEVICE:
             return False
-        budget = self._budget_at(self._moment)
-        if budget is not None:
-            short = self._bytes[Tier.DEVICE] + chunk.nbytes - budget
-            needed_at = self._next_use(chunk)
-            victims = [c for c in self._evictable(chunk) if self._next_use(c) > needed_at]
-            victims.sort(key=self._eviction_rank, reverse=True)
-            chosen = []
-            while short > 0 and victims:
-                chosen.append(victims.pop(0))
-                short -= chosen[-1].nbytes
-            if short > 0:
-                return False
-            for victim in chosen:
-                self._evict(victim)
+        if not self._room_for(chunk, keep=source):
+            return False
         if gathers:
-            chunk.start_gather()
+            source.wait(self.io)  # its own move onto the device first
+            source.apply(ChunkEvent.ACCESS)  # read by the all-gather: it stays where it is
+            chunk.start_gather(finish=lambda: source.apply(ChunkEvent.RELEASE_FWD))
             self._count(chunk, None, Tier.DEVICE)
         else:
             self._move(chunk, Tier.DEVICE, non_blocking=True)
         return True
 
+    def _room_for(self, chunk: Chunk, keep: Chunk | None) -> bool:
+        """Make room for a prefetch of `chunk` by evicting only chunks needed later than it
+        (never `keep`); False, evicting nothing, if that is not enough."""
+        budget = self._budget_at(self._moment)
+        if budget is None:
+            return True
+        short = self._bytes[Tier.DEVICE] + chunk.nbytes - budget
+        needed_at = self._next_use(chunk)
+        victims = [
+            c for c in self._evictable(chunk) if c is not keep and self._next_use(c) > needed_at
+        ]
+        victims.sort(key=self._eviction_rank, reverse=True)
+        chosen = []
+        while short > 0 and victims:
+            chosen.append(victims.pop(0))
+            short -= chosen[-1].nbytes
+        if short > 0:
+            return False
+        for victim in chosen:
+            self._evict(victim)
+        return True
+
     def end_step(self) -> None:
-        """After the optimizer step: every write behind done, every chunk back to HOLD, the
-        schedule back to moment 0."""
+        """After the optimizer step: every move in flight done (a prefetch nothing used), every
+        chunk back to HOLD, the schedule back to moment 0."""
+        for chunk in self.chunks:
+            chunk.wait(self.io)
         while self._writing:
             self._settle(self._writing.popleft())
         for chunk in self.chunks:

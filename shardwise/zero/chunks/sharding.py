@@ -17,8 +17,10 @@ What the stages add to that:
 [Note: gather, reduce-scatter, update]
 
     forward / backward   a module's full chunk (`GatheredChunk`) is all-gathered from the N
-                         shards when accessed FREE, and dropped when evicted: its source, the
-                         shard, still has the bytes ([Note: chunks with a source], manager.py)
+                         shards when accessed FREE, or in the background when prefetched
+                         while its shard is on the device, and dropped when evicted: its
+                         source, the shard, still has the bytes ([Note: chunks with a
+                         source], manager.py)
     gradient hooks       a parameter's gradient goes into the chunk's full gradient chunk
                          (zero-filled); once every parameter of the chunk has its gradient for
                          this backward, the full gradient chunk is reduce-scattered into this

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from shardwise.errors import ConfigError
-from shardwise.zero.chunks.chunk import Chunk, ChunkState, ChunkStateError, Tier, build_grad_chunks
+from shardwise.zero.chunks.chunk import (
+    Chunk,
+    ChunkState,
+    ChunkStateError,
+    GatheredChunk,
+    Tier,
+    build_grad_chunks,
+)
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import build_chunks
 from shardwise.zero.chunks.placement import apply_placement, placement_summary, static_placement
@@ -291,6 +298,30 @@ def test_prefetch_does_not_evict_chunks_needed_sooner():
     run_moment(manager, chunks, [0])
     assert manager.prefetch(chunks[2]), "0 is never needed again: it makes room"
     assert chunks[0].tier is Tier.HOST and chunks[1].tier is Tier.DEVICE
+
+
+def test_prefetch_of_a_gathered_chunk_gathers_from_a_home_on_the_device():
+    """A FREE gathered chunk: with its home off the device the prefetch brings the home;
+    with the home on the device it starts the all-gather (one rank: a copy) and holds the
+    home in use until the gather is done, so that nothing moves it meanwhile; the access
+    completes the gather and lets the home go."""
+    (home,) = chunk_of_each(1)
+    home.index = 1
+    gathered = GatheredChunk(
+        0, "gathered", home.numel, home.dtype, [], payload=torch.empty(home.numel), home=home
+    )
+    manager = ChunkManager([gathered, home], CPU, device_budget=None, host_budget=None)
+    manager.place(home, Tier.HOST)
+    assert manager.prefetch(gathered)
+    assert home.tier is Tier.DEVICE and gathered.state is ChunkState.FREE
+    assert manager.prefetch(gathered)
+    assert gathered.tier is Tier.DEVICE and gathered.pending is not None
+    assert home.state is ChunkState.COMPUTE
+    with pytest.raises(ChunkStateError, match="COMPUTE"):
+        manager._move(home, Tier.HOST)
+    manager.access(gathered)
+    assert gathered.pending is None and home.state is not ChunkState.COMPUTE
+    assert torch.equal(gathered.payload, home.payload)
 
 
 def test_fetch_of_a_free_chunk_materialises_it_lazily_from_meta():
