@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shardwise.engine import initialize
-from shardwise.zero.chunks.chunk import ChunkState, Tier
+from shardwise.zero.chunks.chunk import ChunkState, GatheredChunk, Tier
 from tests import parity
 from tests.parity import (
     BF16_RTOL,
@@ -48,9 +48,21 @@ def config(**offload):
 
 
 def train_rows(cfg) -> dict:
-    """On every rank: train on this rank's rows; losses, weights, memory figures."""
+    """On every rank: train on this rank's rows; losses, weights, memory figures, and how
+    many all-gathers a prefetch started in the background."""
     engine = initialize(build_model(cfg), None, cfg)
-    losses, state = parity.train_rows(engine, cfg)
+    started = []
+    start_gather = GatheredChunk.start_gather
+
+    def counted(chunk: GatheredChunk, finish) -> None:
+        started.append(chunk.index)
+        start_gather(chunk, finish)
+
+    GatheredChunk.start_gather = counted
+    try:
+        losses, state = parity.train_rows(engine, cfg)
+    finally:
+        GatheredChunk.start_gather = start_gather
     chunked = engine.store
     return {
         "losses": losses,
@@ -64,6 +76,7 @@ def train_rows(cfg) -> dict:
         "tiers": sorted({h.tier.value for h in chunked.homes}),
         "gathers": sum(c.tier is Tier.DEVICE for c in chunked.chunks),
         "kept": sum(c.state is not ChunkState.FREE for c in chunked.chunks),
+        "background_gathers": len(started),
     }
 
 
@@ -73,11 +86,15 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
         cfg = config(**offload, disk_path=str(tmp_path))
         if name == "auto-activation-checkpointing":
             cfg = cfg.replace(train={"activation_checkpointing": "full"})
-        for got in pool2.run(train_rows, cfg):
+        ranks = pool2.run(train_rows, cfg)
+        for got in ranks:
             assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
             assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"]), name
             peak = got["report"]["chunks_device_peak"]
             assert peak <= got["budget"], f"{name}: device peak {peak} > {got['budget']}"
+        # prefetches gathered in the background, alike on every rank (their gathers pair up)
+        gathers = [got["background_gathers"] for got in ranks]
+        assert gathers[0] > 0 and len(set(gathers)) == 1, (name, gathers)
         if name == "auto-disk-adam-on-disk":
             assert "disk" in got["tiers"], "the host budget holds less than every shard"
             assert got["report"]["offloaded_disk"] > 0
@@ -96,6 +113,7 @@ def test_stages_one_and_two_keep_full_chunks_and_match_single_process(pool2, sta
             assert got["kept"] == len(got["home_bytes"]), "full chunks kept between steps"
             peak = got["report"]["chunks_device_peak"]
             assert peak <= got["budget"], f"{name}: device peak {peak} > {got['budget']}"
+            print("GATHERS", name, got["background_gathers"])
 
 
 @pytest.mark.parametrize("stage", [3, 1])
