@@ -327,7 +327,7 @@ def resolve(
     if registered:
         _check_vocabulary(config, model, spec)
     precision = policy_from_config(config.precision, get_accelerator())
-    _check_offload(config, precision, optimizer_given)
+    _check_offload(config, optimizer_given)
     _check_log(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     onebit_freeze = _onebit_freeze(config, dims, optimizer_given, trainable)
@@ -528,7 +528,7 @@ def _sharding(config: Config, dims: ParallelDims) -> Sharding:
     )
 
 
-def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_given: bool) -> None:
+def _check_offload(config: Config, optimizer_given: bool) -> None:
     offload = config.offload
     check_offload(offload)
     if offload.optimizer != "device" and optimizer_given:
@@ -548,18 +548,10 @@ def _check_offload(config: Config, precision: MixedPrecisionPolicy, optimizer_gi
             f"offload.delayed_update={offload.delayed_update} starts after the last step "
             f"(train.steps={config.train.steps}); lower it, or 0 for no delayed update"
         )
-    if policy == "none":
-        return
-    if offload.policy == "auto" and offload.device_budget_mb is None:
+    if policy == "auto" and offload.device_budget_mb is None:
         raise ConfigError(
             "offload.policy='auto' places chunks within offload.device_budget_mb; set it "
             "(MiB of device memory for parameter and gradient chunks and activations)"
-        )
-    if precision.needs_master_weights and offload.optimizer == "device":
-        raise ConfigError(
-            f"offload.policy={policy!r} with {_dtype(precision.param_dtype)} parameters keeps "
-            "the fp32 master weights in the host optimizer: set offload.optimizer='host' or "
-            "'disk', or precision.dtype='fp32'"
         )
 
 

@@ -124,7 +124,6 @@ def test_chunks_take_any_stage_and_stage_zero_means_three():
         (["train.global_batch=5"], 2, "train.global_batch=5 is not divisible"),
         (["offload.policy=auto"], 1, "set it"),
         (["offload.optimizer=disk"], 1, "needs offload.disk_path"),
-        (["offload.policy=static", "precision.dtype=bf16"], 1, "keeps the fp32 master weights"),
         (["model.name=gtp"], 1, "did you mean 'gpt'"),
     ],
 )

@@ -556,7 +556,7 @@ def memory_tiers(report: dict[str, int], optimizer_tier: str) -> dict[str, int]:
     parameter and gradient chunks where the manager placed them, Adam states that
     ``offload.optimizer`` moved (`optimizer_tier`: what stays in the optimizer's own state
     then, step counters and host master copies, is in host memory), the chunk store's
-    master copies in its host optimizer; everything else on the device."""
+    master copies with the optimizer's states; everything else on the device."""
     kept_in = "device" if optimizer_tier == "device" else "host"
     tiers = {
         "device": report["buffers"],
@@ -567,7 +567,7 @@ def memory_tiers(report: dict[str, int], optimizer_tier: str) -> dict[str, int]:
     if "chunks_device" in report:  # ChunkStore: parameters and gradients live in chunks
         for tier in tiers:
             tiers[tier] += report[f"chunks_{tier}"] + report[f"grad_chunks_{tier}"]
-        tiers["host"] += report["master_params"]
+        tiers[kept_in] += report["master_params"]
         tiers["device"] += report["grads"]
     else:
         tiers["device"] += report["params"] + report["grads"] + report["master_params"]

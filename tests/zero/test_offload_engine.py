@@ -209,35 +209,54 @@ def test_unsupported_settings_are_clear_errors(tmp_path):
     auto = config(policy="auto", device_budget_mb=1)
     with pytest.raises(ConfigError, match="needs offload.device_budget_mb|set it"):
         initialize(build_model(auto), None, config(policy="auto"))
-    bf16 = config(policy="static").replace(precision={"dtype": "bf16"})
-    with pytest.raises(ConfigError, match="set offload.optimizer='host' or 'disk'"):
-        initialize(build_model(bf16), None, bf16)
     no_disk = config(policy="auto", device_budget_mb=BUDGET_MB, host_budget_mb=0.01)
     with pytest.raises(ConfigError, match="set offload.disk_path"):
         initialize(build_model(no_disk), None, no_disk)
 
 
-def test_bf16_keeps_fp32_masters_in_the_host_optimizer():
+@pytest.mark.parametrize("optimizer", ["host", "device"])
+def test_bf16_keeps_fp32_masters_beside_the_optimizer_states(optimizer):
+    """host: the host optimizer's own master copies; device: one per chunk on the device
+    ([Note: master copies on the device] in zero/chunks/store.py)."""
     plain = make_config(micro_batch=1, global_batch=2, dtype="bf16")
     _, want, _ = run(plain)
-    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": "host"})
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": optimizer})
     engine, losses, _ = run(cfg)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=BF16_RTOL, atol=0)
-    assert engine.memory_report()["master_params"] == 4 * sum(p.numel() for p in engine.params)
+    report = engine.memory_report()
+    if optimizer == "host":  # one per parameter
+        assert report["master_params"] == 4 * sum(p.numel() for p in engine.params)
+    else:  # one per chunk, padding included: twice its bf16 bytes
+        chunks = sum(report[f"chunks_{tier}"] for tier in ("device", "host", "disk"))
+        assert report["master_params"] == 2 * chunks
+        # what is stepped (and saved) is fp32, finer than bf16; the parameters are it rounded
+        state = engine.full_state_dict()
+        owned = list(engine.store.owned())
+        masters = torch.cat([piece.tensor.reshape(-1) for piece in owned])
+        assert masters.dtype == torch.float32
+        assert not torch.equal(masters, masters.bfloat16().float())
+        for piece in owned:
+            param = state[piece.info.name].reshape(-1)[piece.info.start : piece.info.end]
+            assert torch.equal(param, piece.tensor.reshape(-1).bfloat16())
 
 
-def test_fp16_unscales_the_gradient_chunks():
+@pytest.mark.parametrize("optimizer", ["host", "device"])
+def test_fp16_unscales_the_gradient_chunks(optimizer):
     plain = make_config(micro_batch=1, global_batch=2, dtype="fp16")
     _, want, _ = run(plain)
-    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "auto", "optimizer": "host"})
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "auto", "optimizer": optimizer})
     engine, losses, _ = run(cfg.replace(offload={"device_budget_mb": BUDGET_MB}))
     assert engine.scaler is not None
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-3, atol=0)
 
 
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
-    cfg = config(policy="auto", device_budget_mb=BUDGET_MB, optimizer="disk").replace(
-        offload={"disk_path": str(tmp_path), "host_budget_mb": 0.05}
+@pytest.mark.parametrize(("dtype", "optimizer"), [("fp32", "disk"), ("bf16", "device")])
+def test_checkpoint_round_trip_resumes_exactly(tmp_path, dtype, optimizer):
+    """Adam's states on disk; or bf16 parameters with fp32 masters on the device, which the
+    checkpoint holds (a resume from the rounded parameters would drift)."""
+    cfg = config(policy="auto", device_budget_mb=BUDGET_MB, optimizer=optimizer).replace(
+        offload={"disk_path": str(tmp_path), "host_budget_mb": 0.05},
+        precision={"dtype": dtype},
     )
     batches = global_batches(cfg)
     _, want_losses, want_state = run(cfg)
@@ -261,7 +280,7 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
         "train.steps=4",
         "checkpoint.every=2",
         "log.progress=false",
-        "precision.dtype=fp32",  # not the machine's default: bf16 needs Adam off the device
+        "precision.dtype=fp32",  # whatever the machine's default: tiny and fast everywhere
         "offload.policy=auto",
         "offload.device_budget_mb=0.42",
         "offload.host_budget_mb=0.05",
@@ -296,8 +315,13 @@ def test_memory_tiers_place_each_category():
     chunked = {**flat, "chunks_device": 100, "chunks_host": 200, "chunks_disk": 400}
     chunked |= {"grad_chunks_device": 1000, "grad_chunks_host": 2000, "grad_chunks_disk": 4000}
     assert memory_tiers(chunked, "device") == {
-        "device": 16 + 8 + 100 + 1000 + 2,  # buffers, Adam states, chunks, param.grad
-        "host": 32 + 200 + 2000 + 4,  # offloaded states, chunks, the host optimizer's masters
+        "device": 16 + 8 + 100 + 1000 + 2 + 4,  # buffers, Adam states, chunks, grads, masters
+        "host": 32 + 200 + 2000,  # offloaded states, chunks
+        "disk": 64 + 400 + 4000,
+    }
+    assert memory_tiers(chunked, "host") == {
+        "device": 16 + 100 + 1000 + 2,
+        "host": 32 + 8 + 200 + 2000 + 4,  # the host optimizer's own state and masters
         "disk": 64 + 400 + 4000,
     }
 

@@ -191,6 +191,35 @@ class ChunkStore:
         if not self.warming_up:
             self._log_placement()
         self._place_the_rest()
+        self.masters: dict[int, torch.Tensor] = {}
+        """Manager index of a home -> its fp32 master copy on the device, when a device
+        optimizer steps bf16/fp16 parameters ([Note: master copies on the device])."""
+        self._master_pieces: dict[int, nn.Parameter] = {}
+        """Id of a home's slot parameter -> its piece of the master copy (what is stepped)."""
+        if plan.precision.needs_master_weights and offload.optimizer == "device":
+            self._build_masters(plan.precision.master_dtype)
+
+    # [Note: master copies on the device] With bf16 or fp16 parameters and Adam's states on
+    # the device (``offload.optimizer='device'``), each home has an fp32 master copy on the
+    # device, as the flat store's optimizer slices have: the optimizer steps pieces of it (the
+    # home's slots, in fp32), its gradients are upcast copies of the gradient chunk's, and
+    # after each home's update the master is rounded into the home. The host and disk
+    # optimizers keep their own master copies (`ChunkedAdamW`).
+
+    def _build_masters(self, dtype: torch.dtype) -> None:
+        for home in self.homes:
+            self.manager.access(home, read_only=True)
+            master = home.payload.detach().to(dtype=dtype, copy=True)
+            self.masters[home.index] = master
+            for slot in home.slots:
+                view = master[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
+                self._master_pieces[id(slot.param)] = nn.Parameter(view)
+            self.manager.release(home, "forward")
+        self.manager.end_step()
+
+    def _stepped(self, param: nn.Parameter) -> nn.Parameter:
+        """What the optimizer steps for a home's slot parameter: its master piece, if any."""
+        return self._master_pieces.get(id(param), param)
 
     def _place_the_rest(self) -> None:
         """Buffers and parameters outside the chunks (frozen ones) onto the device."""
@@ -494,7 +523,9 @@ class ChunkStore:
         for home in self.homes:
             for group, ids in zip(groups, members, strict=True):
                 params = [
-                    s.param for s in home.slots if self._origin.get(id(s.param), id(s.param)) in ids
+                    self._stepped(s.param)
+                    for s in home.slots
+                    if self._origin.get(id(s.param), id(s.param)) in ids
                 ]
                 if params:
                     split.append({**group, "params": params})
@@ -581,6 +612,10 @@ class ChunkStore:
         if self.gathered:
             self._drop_gathered(self.chunks[position])
         params = self.grads.attach(chunk)
+        if chunk.index in self.masters:  # the update steps the master pieces
+            for param in params:
+                self._stepped(param).grad = param.grad.to(self.masters[chunk.index].dtype)
+            params = [self._stepped(param) for param in params]
         if position + 1 < len(self.homes):
             following = self.homes[position + 1]
             self.manager.prefetch(following)
@@ -589,6 +624,11 @@ class ChunkStore:
             torch._foreach_mul_([p.grad for p in params], self._clip_coef)
 
     def _close_after_update(self, chunk: Chunk) -> None:
+        master = self.masters.get(chunk.index)
+        if master is not None:
+            chunk.payload.data.copy_(master)  # see [Note: refilling keeps the version]
+            for slot in chunk.slots:
+                self._stepped(slot.param).grad = None
         self.grads.detach(chunk)
         self.manager.release(chunk, "backward")
 
@@ -661,6 +701,8 @@ class ChunkStore:
         self.manager.end_step()
 
     def _walk_homes(self, read_only: bool) -> Iterator[OwnedPiece]:
+        """Each home's pieces as the optimizer steps them (master pieces, if any); unless
+        `read_only`, a home's master is rounded into it after its pieces were written."""
         first_name = {id(p): name for name, p in self.model.named_parameters()}
         rank = comm.group_rank(self.group) if self.sharded else 0
         for home in self.homes:
@@ -669,7 +711,9 @@ class ChunkStore:
             for slot, owner in zip(home.slots, owners, strict=True):
                 start = rank * home.numel + slot.offset - owner.offset
                 info = PieceInfo(first_name[id(owner.param)], start, start + slot.numel)
-                yield OwnedPiece(info, owner.param, slot.param)
+                yield OwnedPiece(info, owner.param, self._stepped(slot.param))
+            if not read_only and home.index in self.masters:
+                home.payload.data.copy_(self.masters[home.index])
             self.manager.release(home, "forward")
         self.manager.end_step()
 
@@ -682,12 +726,14 @@ class ChunkStore:
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """`model_state_report` with ``params`` the chunks now on the device, ``grads`` the
-        ``param.grad`` tensors (none between steps), ``master_params`` the host optimizer's
-        fp32 copies, and the manager's own counts: ``chunks_device`` / ``_host`` / ``_disk``
+        ``param.grad`` tensors (none between steps), ``master_params`` the fp32 master
+        copies (the host optimizer's, or on the device those of [Note: master copies on the
+        device]), and the manager's own counts: ``chunks_device`` / ``_host`` / ``_disk``
         (parameter chunks), ``grad_chunks_device`` / ``_host`` / ``_disk`` (gradient chunks;
         none between steps) and ``chunks_device_peak`` (both, the peak since the start)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         masters = [s["master"] for s in optimizer.state.values() if "master" in s]
+        masters += self.masters.values()
         report = model_state_report(self.model, optimizer, grads, masters, [], ("master",))
         per_tier = self.grads.bytes_per_tier()
         managed = self.manager.memory_report()

@@ -172,18 +172,24 @@ def test_two_replicas_of_two_shards_match_single_process(pool4):
         assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"])
 
 
+@pytest.mark.parametrize("optimizer", ["host", "device"])
 @pytest.mark.parametrize(("dtype", "rtol"), [("bf16", BF16_RTOL), ("fp16", 5e-2)])
-def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtype, rtol):
-    """fp16 adds loss scaling: gradient shards unscaled, the overflow flag every rank's."""
+def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtype, rtol, optimizer):
+    """fp16 adds loss scaling: gradient shards unscaled, the overflow flag every rank's. The
+    masters are the host optimizer's, or on the device one per home."""
     plain = make_config(micro_batch=1, global_batch=4, dtype=dtype)
     want = reference_run(plain)
-    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": "host"})
+    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": optimizer})
     results = pool2.run(train_rows, cfg)
     for got in results:
         torch.testing.assert_close(
             torch.tensor(got["losses"]), torch.tensor(want[0]), rtol=rtol, atol=0
         )
-        assert got["report"]["master_params"] == 4 * got["pieces"], "fp32 masters of its pieces"
+        masters = got["report"]["master_params"]
+        if optimizer == "host":
+            assert masters == 4 * got["pieces"], "fp32 masters of its pieces"
+        else:
+            assert masters == 2 * sum(got["home_bytes"]), "an fp32 master of each home"
     total = sum(p.numel() for p in build_model(plain).parameters())  # the tied head once
     assert sum(got["pieces"] for got in results) == total
 
