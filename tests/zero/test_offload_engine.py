@@ -223,6 +223,8 @@ def test_bf16_keeps_fp32_masters_beside_the_optimizer_states(optimizer):
     cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": optimizer})
     engine, losses, _ = run(cfg)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=BF16_RTOL, atol=0)
+    # gradients in chunks of the reduce dtype (fp32 by default), as the flat store's buckets
+    assert {chunk.dtype for chunk in engine.store.grads.chunks} == {torch.float32}
     report = engine.memory_report()
     if optimizer == "host":  # one per parameter
         assert report["master_params"] == 4 * sum(p.numel() for p in engine.params)

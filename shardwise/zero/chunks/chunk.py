@@ -504,12 +504,20 @@ class GatheredChunk(Chunk):
         return work
 
 
-def build_grad_chunks(chunks: Sequence[Chunk], zeroed: bool = False) -> list[GradChunk]:
+def build_grad_chunks(
+    chunks: Sequence[Chunk], zeroed: bool = False, dtype: torch.dtype | None = None
+) -> list[GradChunk]:
     """FREE gradient chunks, one per chunk of `chunks` (in a manager's list, `chunks` first:
-    the gradient chunk of the chunk with index i has index ``len(chunks) + i``)."""
+    the gradient chunk of the chunk with index i has index ``len(chunks) + i``), in `dtype`
+    (the reduce dtype; default the chunks' own)."""
     return [
         GradChunk(
-            len(chunks) + c.index, f"grads.{c.index}", c.numel, c.dtype, c.slots, zeroed=zeroed
+            len(chunks) + c.index,
+            f"grads.{c.index}",
+            c.numel,
+            dtype or c.dtype,
+            c.slots,
+            zeroed=zeroed,
         )
         for c in chunks
     ]

@@ -121,22 +121,18 @@ class GradChunks:
         """The gradient chunk of parameter chunk `chunk`."""
         return self._grads_of[chunk.index]
 
-    def attach(self, chunk: Chunk) -> list[nn.Parameter]:
-        """Bring `chunk`'s gradient chunk to the device and set ``param.grad`` of its written
-        parameters to views of it; returns those parameters. See [Note: the same moves on
-        every rank] (sharding.py) for why a chunk without any is brought too."""
+    def attach(self, chunk: Chunk) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Bring `chunk`'s gradient chunk to the device; each of its written parameters with
+        the view of its gradient (in the chunk's dtype, the reduce dtype). See [Note: the
+        same moves on every rank] (sharding.py) for why a chunk without any is brought too."""
         grads = self.of(chunk)
         slots = self._written_slots(grads)
         self.manager.access(grads)
-        for s in slots:
-            s.param.grad = grads.grad_view(s)
-        return [s.param for s in slots]
+        return [(s.param, grads.grad_view(s)) for s in slots]
 
     def detach(self, chunk: Chunk) -> None:
-        """After `chunk`'s update: gradients off the parameters, the gradient chunk freed."""
+        """After `chunk`'s update: the gradient chunk freed."""
         grads = self.of(chunk)
-        for s in grads.slots:
-            s.param.grad = None
         self.manager.release(grads, "backward")
         self.manager.discard(grads)
 
@@ -174,11 +170,18 @@ class ChunkedAdamW(OffloadedAdamW):
         group_chunks: Sequence[Chunk],
         open_chunk: Callable[[Chunk], None],
         close_chunk: Callable[[Chunk], None],
+        grad_of: Callable[[nn.Parameter], torch.Tensor | None],
         **kw,
     ) -> None:
+        """`open_chunk` brings a parameter chunk in with its gradients, which `grad_of` gives
+        (in the reduce dtype, which may not be the parameter's)."""
         super().__init__(groups, **kw)
         self._group_chunks = list(group_chunks)
         self._open, self._close = open_chunk, close_chunk
+        self._grad_of = grad_of
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._grad_of(p)
 
     def _stepped(self) -> Iterator[Any]:
         current: Chunk | None = None

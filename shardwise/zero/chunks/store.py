@@ -104,6 +104,9 @@ class ChunkStore:
         """ZeRO-3: full chunks gathered from the shards for each use and dropped after; else
         (stages 1 and 2, or one process) full chunks kept on every rank."""
         self.whole = self.sharded and whole
+        self.grad_dtype = plan.precision.reduce_dtype
+        """Gradient chunks are in the reduce dtype (fp32 under bf16 by default), as the flat
+        store's buckets."""
         trainable = {id(p) for p in params}
         order = [
             (name, p)
@@ -128,12 +131,12 @@ class ChunkStore:
             self.chunks, self.homes = shard_chunks(
                 self.chunks, self.group, io, param_init, gathered=self.gathered
             )
-            full_grads = build_grad_chunks(self.chunks, zeroed=True)
-            home_grads = build_grad_chunks(self.homes)
+            full_grads = build_grad_chunks(self.chunks, zeroed=True, dtype=self.grad_dtype)
+            home_grads = build_grad_chunks(self.homes, dtype=self.grad_dtype)
             managed = [*self.chunks, *full_grads, *self.homes, *home_grads]
         else:
             self.homes = self.chunks
-            full_grads = home_grads = build_grad_chunks(self.chunks)
+            full_grads = home_grads = build_grad_chunks(self.chunks, dtype=self.grad_dtype)
             managed = [*self.chunks, *home_grads]
         self.manager = ChunkManager(
             managed, device, self.placement.device_budget, host_budget, self.disk, param_init
@@ -161,6 +164,9 @@ class ChunkStore:
         )
         self._clip_coef: torch.Tensor | None = None
         """What the optimizer pass multiplies gradients by (clipping), while it runs."""
+        self._attached: dict[int, torch.Tensor] = {}
+        """For `ChunkedAdamW` (`_attached_grad`): id of a parameter of the home it updates ->
+        its gradient (a torch optimizer reads ``.grad`` instead)."""
         self._visited = 0
         """Homes the running optimizer pass has opened (a position: every one before it)."""
         self.group_chunks: list[Chunk] = []
@@ -325,8 +331,9 @@ class ChunkStore:
             for name, used in modules.items()
         }
         module = max(working, key=working.get)
-        grad = max(c.nbytes for c in self.chunks)  # gradient chunks are the same size
+        grad = max(map(self._grad_bytes, range(len(self.chunks))))
         home = max(self._home_bytes(i) for i in range(len(self.chunks)))
+        grad_home = grad // self.ranks
         why = [f"{module!r} computes with chunks {list(modules[module])}"]
         if pinned:
             pinned_what = "shards of chunks" if self.gathered else "chunks"
@@ -334,7 +341,7 @@ class ChunkStore:
         if held:
             why.append(f"chunks {sorted(held)} are held through backward (tied parameters)")
         why.append(f"one gradient chunk ({grad} bytes) receives gradients beside them")
-        shards = (home if self.gathered else 0) + (home if self.sharded else 0)
+        shards = (home if self.gathered else 0) + (grad_home if self.sharded else 0)
         if self.gathered:
             why.append(f"a shard is gathered and a gradient shard reduced into ({shards} bytes)")
         elif self.sharded:
@@ -346,7 +353,13 @@ class ChunkStore:
         """Device bytes of the optimizer pass beside pinned chunks: a home and its gradients,
         or, with full chunks kept whole over ranks, a home and the chunk gathered from it."""
         home = max(self._home_bytes(i) for i in range(len(self.chunks)))
-        return home + (max(c.nbytes for c in self.chunks) if self.whole else home)
+        if self.whole:
+            return home + max(c.nbytes for c in self.chunks)
+        return home + max(map(self._grad_bytes, range(len(self.chunks)))) // self.ranks
+
+    def _grad_bytes(self, index: int) -> int:
+        """Bytes of the gradient chunk of chunk `index` (in the reduce dtype)."""
+        return self.chunks[index].numel * self.grad_dtype.itemsize
 
     def _check_trace(self, trace: MemoryTrace, budget: int) -> None:
         """The minimum device budget the warm-up measured: at each moment its non-model bytes
@@ -355,10 +368,10 @@ class ChunkStore:
         chunk and its gradient chunk, beside the first or last moment's non-model bytes, whose
         budget is in force then). One error naming the minimum."""
         held = held_chunks(self.model, self.chunks)
-        grad = max(c.nbytes for c in self.chunks)
+        grad = max(map(self._grad_bytes, range(len(self.chunks))))
         home = max(self._home_bytes(i) for i in range(len(self.chunks)))
         gathered = home if self.gathered else 0  # a shard gathered from
-        reduced = home if self.sharded else 0  # a gradient shard reduced into (backward)
+        reduced = grad // self.ranks if self.sharded else 0  # a gradient shard reduced into
         need, worst = 0, None
         for moment in trace.moments:
             backward = moment.phase == "backward"
@@ -382,7 +395,8 @@ class ChunkStore:
             )
 
     def _check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
-        total = 2 * sum(map(self._home_bytes, range(len(self.chunks))))  # backward..update
+        indices = range(len(self.chunks))  # homes and their gradients, backward..update
+        total = sum(self._home_bytes(i) + self._grad_bytes(i) // self.ranks for i in indices)
         if self.whole:  # the full chunks beside the shards
             total += sum(c.nbytes for c in self.chunks)
         if self.disk is None and host_budget is not None and device_budget is not None:
@@ -546,6 +560,7 @@ class ChunkStore:
             group_chunks=self.group_chunks,
             open_chunk=self._open_for_update,
             close_chunk=self._close_after_update,
+            grad_of=self._attached_grad,
             **offloaded_adamw_settings(plan.config.optim, self.offload, self.disk),
         )
 
@@ -611,24 +626,32 @@ class ChunkStore:
         self.manager.access(chunk)
         if self.gathered:
             self._drop_gathered(self.chunks[position])
-        params = self.grads.attach(chunk)
-        if chunk.index in self.masters:  # the update steps the master pieces
-            for param in params:
-                self._stepped(param).grad = param.grad.to(self.masters[chunk.index].dtype)
-            params = [self._stepped(param) for param in params]
+        grads = []
+        for param, grad in self.grads.attach(chunk):
+            stepped = self._stepped(param)  # a master piece, if any
+            if self.offload.optimizer == "device":  # a torch optimizer: `.grad`
+                stepped.grad = grad if grad.dtype == stepped.dtype else grad.to(stepped.dtype)
+                grad = stepped.grad
+            else:
+                self._attached[id(param)] = grad
+            grads.append(grad)
         if position + 1 < len(self.homes):
             following = self.homes[position + 1]
             self.manager.prefetch(following)
             self.manager.prefetch(self.grads.of(following))
-        if params and self._clip_coef is not None:
-            torch._foreach_mul_([p.grad for p in params], self._clip_coef)
+        if grads and self._clip_coef is not None:
+            torch._foreach_mul_(grads, self._clip_coef)
+
+    def _attached_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        return self._attached.get(id(param))
 
     def _close_after_update(self, chunk: Chunk) -> None:
         master = self.masters.get(chunk.index)
         if master is not None:
             chunk.payload.data.copy_(master)  # see [Note: refilling keeps the version]
-            for slot in chunk.slots:
-                self._stepped(slot.param).grad = None
+        for slot in chunk.slots:
+            self._stepped(slot.param).grad = None
+            self._attached.pop(id(slot.param), None)
         self.grads.detach(chunk)
         self.manager.release(chunk, "backward")
 

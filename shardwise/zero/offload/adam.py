@@ -264,6 +264,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 self._new_state(p)
         return staged
 
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the update reads for `p`."""
+        return p.grad
+
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
         if "step" not in state:
@@ -282,7 +286,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for chunk in self._stepped():
             params, grads, exp_avgs, exp_avg_sqs, steps, updated = [], [], [], [], [], []
             for p, offset in zip(chunk.params, chunk.offsets, strict=True):
-                grad = p.grad if staged is None else staged.get(p)
+                grad = self._grad(p) if staged is None else staged.get(p)
                 if grad is None:
                     continue
                 state = self._new_state(p)
