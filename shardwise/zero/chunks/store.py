@@ -208,9 +208,10 @@ class ChunkStore:
     # [Note: master copies on the device] With bf16 or fp16 parameters and Adam's states on
     # the device (``offload.optimizer='device'``), each home has an fp32 master copy on the
     # device, as the flat store's optimizer slices have: the optimizer steps pieces of it (the
-    # home's slots, in fp32), its gradients are upcast copies of the gradient chunk's, and
-    # after each home's update the master is rounded into the home. The host and disk
-    # optimizers keep their own master copies (`ChunkedAdamW`).
+    # home's slots, in fp32) whose gradients are views of the gradient chunk (fp32, the
+    # reduce dtype; upcast copies with ``precision.reduce_dtype='param'``), and after each
+    # home's update the master is rounded into the home. The host and disk optimizers keep
+    # their own master copies (`ChunkedAdamW`).
 
     def _build_masters(self, dtype: torch.dtype) -> None:
         for home in self.homes:
