@@ -308,6 +308,37 @@ def test_train_and_resume_through_the_cli(tmp_path, capsys, caplog):
     assert len(summaries) == 2, "the run and the resumed run each placed after a warm-up"
 
 
+def test_bf16_chunks_with_masters_on_the_device_through_the_launcher(tmp_path, capsys):
+    """`shardwise train` on two ranks (chunks sharded, ZeRO-3's gathers) and on one, bf16
+    parameters with fp32 masters on the device: the same losses within the bf16 tolerance."""
+    settings = [
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "data.seq_len=16",
+        "data.max_bytes=20000",
+        "train.steps=3",
+        "train.global_batch=4",
+        "train.micro_batch=2",
+        "log.progress=false",
+        "precision.dtype=bf16",
+        "offload.policy=static",
+        "offload.optimizer=device",
+        "offload.chunk_search_range_mb=0",
+    ]
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        argv = ["train", "--nproc", str(nproc), "--out", str(out), *settings_args(settings)]
+        code, printed = run_cli(argv, capsys)
+        assert code == 0, printed
+        losses[nproc] = logged_losses(out)
+    assert len(losses[2]) == 3
+    torch.testing.assert_close(
+        torch.tensor(losses[2]), torch.tensor(losses[1]), rtol=BF16_RTOL, atol=0
+    )
+
+
 def test_memory_tiers_place_each_category():
     flat = {"params": 1, "grads": 2, "master_params": 4, "optimizer_states": 8, "buffers": 16}
     flat |= {"offloaded_host": 32, "offloaded_disk": 64}
