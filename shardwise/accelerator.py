@@ -50,6 +50,13 @@ class Accelerator:
         return self.backend == "gloo"
 
     @property
+    def caches_allocations(self) -> bool:
+        """Whether the device allocator keeps freed memory for reuse (CUDA's caching
+        allocator). The CPU's does not: glibc gives blocks above its largest mmap threshold
+        (32 MiB) back to the system, and their next allocation faults every page in again."""
+        return self.device_type == "cuda"
+
+    @property
     def supports_pinned_memory(self) -> bool:
         """Pinned host memory only helps (and only works) with a CUDA device."""
         return self.device_type == "cuda"

@@ -159,16 +159,35 @@ class TierIO:
     """Allocate host buffers pinned (only where the accelerator has pinned memory)."""
     copy_stream: object | None = None
     """A device stream for asynchronous host-to-device copies; None on CPU (copies are sync)."""
+    recycles: bool = False
+    """Keep freed device buffers for reuse (`recycle`): where the allocator does not."""
+    recycled: dict[tuple[int, torch.dtype], list[torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def for_device(cls, device: torch.device, disk: DiskTierLike | None = None) -> TierIO:
         on_accelerator = device.type != "cpu"
-        pin = on_accelerator and get_accelerator().supports_pinned_memory
+        accelerator = get_accelerator()
+        pin = on_accelerator and accelerator.supports_pinned_memory
         stream = torch.get_device_module(device).Stream(device) if on_accelerator else None
-        return cls(device=device, disk=disk, pin_memory=pin, copy_stream=stream)
+        recycles = not (on_accelerator and accelerator.caches_allocations)
+        return cls(device, disk, pin, stream, recycles)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory)
+
+    def device_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer on the device, contents undefined: a recycled one of this size if any."""
+        kept = self.recycled.get((numel, dtype))
+        if kept:
+            return kept.pop()
+        return torch.empty(numel, dtype=dtype, device=self.device)
+
+    def recycle(self, buffer: torch.Tensor) -> None:
+        """`buffer` is no longer used: keep it for `device_buffer` where the allocator would
+        not. Buffers are only kept once freed, so the kept and the used ones of a size never
+        outnumber the most that were in use at once."""
+        if self.recycles:
+            self.recycled.setdefault((buffer.numel(), buffer.dtype), []).append(buffer)
 
 
 @dataclass
@@ -324,7 +343,7 @@ class Chunk:
         if source is Tier.DISK:
             self.settle()
         if to is Tier.DEVICE:
-            alloc_storage(self.payload)
+            self._take_storage(io)
             self.pending = self._fill_payload(io, non_blocking)
         elif to is Tier.DISK:
             if not self.on_disk:
@@ -342,7 +361,7 @@ class Chunk:
             self.host = io.host_buffer(self.numel, self.dtype)
             _disk(io, self).read(self.key, self.host).result()
         if source is Tier.DEVICE:
-            free_storage(self.payload)
+            self._drop_storage(io)
         self.tier = to
         if not non_blocking:
             self.wait(io)
@@ -369,7 +388,7 @@ class Chunk:
         self.apply(ChunkEvent.DISCARD)
         self.wait(io)
         if self.tier is Tier.DEVICE:
-            free_storage(self.payload)
+            self._drop_storage(io)
         elif self.tier is Tier.HOST:
             self.host = None
         self.modified(io)
@@ -380,6 +399,15 @@ class Chunk:
         if self.on_disk:
             _disk(io, self).discard(self.key)
             self.on_disk = False
+
+    def _take_storage(self, io: TierIO) -> None:
+        """The payload's device memory, as the chunk comes onto the device (the parameters
+        view the payload, so its storage is what comes and goes)."""
+        alloc_storage(self.payload)
+
+    def _drop_storage(self, io: TierIO) -> None:
+        """Release the payload's device memory, as the chunk leaves the device."""
+        free_storage(self.payload)
 
     def wait(self, io: TierIO) -> None:
         """Complete a pending move onto the device."""
@@ -436,21 +464,26 @@ class GradChunk(Chunk):
         """FREE -> HOLD on `tier`, contents undefined (only written slots are ever read)
         unless `zeroed`."""
         self.apply(ChunkEvent.MATERIALIZE)
-        if self.payload is None:
-            self.payload = torch.empty(self.numel, dtype=self.dtype, device=io.device)
-        elif tier is Tier.DEVICE:
-            alloc_storage(self.payload)
         if tier is Tier.DEVICE:
+            self._take_storage(io)
             self.tier = Tier.DEVICE
             if self.zeroed:
                 self.payload.data.zero_()
             return
-        free_storage(self.payload)
         self.host, self.tier = io.host_buffer(self.numel, self.dtype), Tier.HOST
         if self.zeroed:
             self.host.zero_()
         if tier is Tier.DISK:
             self.move(Tier.DISK, io)
+
+    def _take_storage(self, io: TierIO) -> None:
+        """A buffer of its own, recycled where the allocator does not cache: nothing views a
+        gradient chunk's payload beyond its use."""
+        self.payload = io.device_buffer(self.numel, self.dtype)
+
+    def _drop_storage(self, io: TierIO) -> None:
+        io.recycle(self.payload)
+        self.payload = None
 
     def grad_view(self, slot: Slot) -> torch.Tensor:
         """The gradient of `slot`'s parameter: a view of the payload (on the device)."""

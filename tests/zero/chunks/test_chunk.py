@@ -188,6 +188,25 @@ def test_gradient_chunks_share_the_layout_leave_the_parameters_alone_and_discard
     grad.move(via[-1], io)
     grad.discard(io)
     assert grad.state is ChunkState.FREE and grad.tier is None and grad.host is None
-    assert grad.key not in disk.store and grad.payload.untyped_storage().nbytes() == 0
+    assert grad.key not in disk.store and grad.payload is None
     grad.materialize(Tier.DEVICE, io)  # the next step's backward
     assert grad.payload.untyped_storage().nbytes() == grad.nbytes
+
+
+def test_gradient_chunks_reuse_freed_buffers_where_the_allocator_does_not():
+    """On the CPU a gradient chunk leaving the device keeps its buffer for the next one of
+    its size, so a step does not fault in fresh pages for every gradient chunk; where the
+    allocator caches (CUDA) nothing is kept."""
+    io = TierIO.for_device(torch.device("cpu"))
+    assert io.recycles
+    grads = build_grad_chunks(make_chunks([5, 7, 9], 16, seed=1))
+    grads[0].materialize(Tier.DEVICE, io)
+    first = grads[0].payload.data_ptr()
+    grads[0].discard(io)
+    grads[1].materialize(Tier.DEVICE, io)
+    assert grads[1].payload.data_ptr() == first
+    grads[1].discard(io)
+    assert len(io.recycled[(16, torch.float32)]) == 1, "no more than were in use at once"
+    caching = TierIO(torch.device("cpu"), recycles=False)
+    caching.recycle(torch.empty(16))
+    assert not caching.recycled
