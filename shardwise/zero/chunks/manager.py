@@ -24,6 +24,8 @@ count never exceeds the budget in force, because room is made *before* bytes are
 a move off the device frees its memory before it returns. `device_peak_bytes` is the
 high-water mark of that count. The transient host buffers of moves to and from disk are not
 counted: one per read, and one per write behind (at most `MAX_WRITES_BEHIND` in flight).
+Nor are the freed gradient-chunk buffers a CPU keeps for reuse (`TierIO.recycle`): at most as
+many of a size as were on the device at once.
 
 [Note: chunks with a source] A gathered chunk (`GatheredChunk`: ZeRO-3's parameters
 all-gathered from every rank's shard) is never copied off the device: evicting it drops its
