@@ -150,9 +150,12 @@ class ZeroConfig(_Section):
     """ZeRO stage: 0 = replicated (DP), 1 = shard optimizer states, 2 = + gradients,
     3 = + parameters."""
     reshard_after_forward: bool = True
-    """Stage 3: free gathered parameters after forward (gather again for backward)."""
+    """Stage 3: free gathered parameters after forward (gather again for backward). Under
+    offload.policy the device budget decides instead: a gathered chunk stays until its room
+    is needed."""
     prefetch: bool = True
-    """Stage 3: gather the next module's parameters while the current one computes."""
+    """Stage 3 and offload.policy: bring in the next module's parameters (gather them, or
+    read their chunk back) while the current one computes."""
 
 
 class OffloadConfig(_Section):

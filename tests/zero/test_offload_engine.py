@@ -145,6 +145,17 @@ def test_device_high_water_mark_stays_within_the_budget():
     assert held_chunks(engine.model, chunks) == {0}, "the embedding, tied to the head"
 
 
+def test_prefetch_can_be_turned_off():
+    """``zero.prefetch=false`` holds under offload.policy too: every chunk is brought in when
+    a module needs it, and training is the same."""
+    cfg = config(policy="auto", device_budget_mb=BUDGET_MB)
+    engine, losses, _ = run(cfg)
+    assert engine.store.hooks.prefetched > 0
+    engine, unprefetched, _ = run(cfg.replace(zero={"prefetch": False}))
+    assert engine.store.hooks.prefetched == 0
+    assert unprefetched == losses
+
+
 def test_gradients_live_in_gradient_chunks_until_the_update(tmp_path):
     """After both micro-batches' backward no ``param.grad`` is left: the gradients sit in
     gradient chunks (the same layout as the parameter chunks), some evicted to host or disk,

@@ -160,7 +160,11 @@ class ChunkStore:
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
         self.hooks = ModuleHooks(
-            chunk_sites(model, self.chunks), self.chunks, self.manager, self.grads.accumulate
+            chunk_sites(model, self.chunks),
+            self.chunks,
+            self.manager,
+            self.grads.accumulate,
+            prefetch=plan.sharding.prefetch,
         )
         self._clip_coef: torch.Tensor | None = None
         """What the optimizer pass multiplies gradients by (clipping), while it runs."""
