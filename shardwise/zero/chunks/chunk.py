@@ -170,7 +170,7 @@ class TierIO:
         pin = on_accelerator and accelerator.supports_pinned_memory
         stream = torch.get_device_module(device).Stream(device) if on_accelerator else None
         recycles = not (on_accelerator and accelerator.caches_allocations)
-        return cls(device, disk, pin, stream, recycles)
+        return cls(device, disk, pin_memory=pin, copy_stream=stream, recycles=recycles)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory)

@@ -57,7 +57,6 @@ from shardwise.zero.chunks.chunk import (
     ChunkEvent,
     ChunkState,
     DiskTierLike,
-    GatheredChunk,
     Tier,
     TierIO,
 )
@@ -370,7 +369,7 @@ class ChunkManager:
         """Off the device: to host memory, spilling host chunks needed later than `chunk` to
         disk when the host budget is full, or straight to disk if that is not enough. A
         gathered chunk is dropped instead: `access` gathers it again."""
-        if isinstance(chunk, GatheredChunk):
+        if chunk.source is not None:
             self.discard(chunk)
             return
         self._move(chunk, self._host_or_disk(chunk), non_blocking=True)
