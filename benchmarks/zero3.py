@@ -9,9 +9,9 @@ schedule) and global-norm clipping at 1.0. Parameters, gradients and optimizer s
 sharded over both ranks; the units gathered together are the root module and each
 ``model.blocks[i]``, resharded after forward and gathered again for backward.
 
-- ours: `shardwise.initialize` with ``zero.stage = 3`` -> ``Engine.train_step`` (units gathered
-  by the hooks of zero/params.py with prefetch, one reduce-scatter per unit overlapped with
-  backward, clipping inside the engine).
+- ours: `shardwise.initialize` with ``zero.stage = 3`` -> ``Engine.train_step`` (a chunk per
+  unit, zero/params.py, gathered by the module hooks with prefetch; one reduce-scatter per
+  unit overlapped with backward; clipping inside the engine).
 - fsdp2: ``torch.distributed.fsdp.fully_shard`` on each ``model.blocks[i]``, then on the root,
   ``reshard_after_forward=True``, default prefetching; ``clip_grad_norm_`` on the DTensor
   parameters, ``optimizer.step()``.

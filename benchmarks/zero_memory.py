@@ -10,14 +10,16 @@ Pure fp32 Adam keeps no master copy (4Ψ params, 4Ψ grads, 8Ψ Adam): 16Ψ, 8Ψ
 
 Measured: the sum of ``Engine.memory_report()`` (bytes per category read from the tensors the
 engine holds, each storage once, padding included) after one training step, i.e. between
-steps, with Ψ = the elements of ``engine.params``. Gradients stay in the parameter dtype
-(``precision.reduce_dtype = "param"``), as in the paper. Each case gets a fresh engine; one
-2-rank and one 4-rank job each run all 8 cases (4 stages x {mixed, fp32}). A case's figure is
-that of its largest rank (ranks differ only by Adam's per-piece step counters). These are the
-states kept between steps, as in the paper: the transient full-size gradient buffer of stages
-2 and 3 during backward and the gathered units of stage 3 are not in them. As a cross-check
-that the report misses nothing, each case also records the bytes of every tensor storage
-created since the case began and still referenced after the step (a scan of Python objects).
+steps, with Ψ = the elements of ``engine.params``; at stage 3, whose gradient shards are
+chunks freed after the update, its gradients as they were at the end of backward. Gradients
+stay in the parameter dtype (``precision.reduce_dtype = "param"``), as in the paper. Each
+case gets a fresh engine; one 2-rank and one 4-rank job each run all 8 cases (4 stages x
+{mixed, fp32}). A case's figure is that of its largest rank (ranks differ only by Adam's
+per-piece step counters). These are the states kept between steps, as in the paper: the
+transient full-size gradient buffer of stages 2 and 3 during backward and the gathered units
+of stage 3 are not in them. As a cross-check that the report misses nothing, each case also
+records the bytes of every tensor storage created since the case began and still referenced
+after the step (a scan of Python objects).
 
 There is no peer process: each case is a "peer" whose value is the formula's bytes per rank,
 and its ratio is measured / formula (1.00 means the engine holds exactly what the paper
@@ -52,6 +54,7 @@ PRECISIONS = {
 """Precision name (the JSON key prefix) -> the config's ``precision`` section."""
 CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "buffers")
 """The categories of ``Engine.memory_report()``."""
+TIERS = ("device", "host", "disk")
 TOLERANCE = 0.05
 """A ratio within 1 ± this agrees with the formula."""
 
@@ -259,14 +262,20 @@ def measure_case(
         0, cfg.model.vocab_size, (rows, settings.seq_len + 1), generator=generator
     )
     mine = tokens[rank * settings.micro_batch : (rank + 1) * settings.micro_batch]
-    engine.train_step((mine[:, :-1], mine[:, 1:]))
+    engine.backward(engine.loss_of(engine.forward(mine[:, :-1]), mine[:, 1:]))
+    # ZeRO-3's gradient shards (chunks) live from backward to the update only
+    in_step = sum(engine.memory_report().get(f"grad_chunks_{t}", 0) for t in TIERS)
+    engine.step()
     del tokens, mine
     live = None
     if cross_check:
         live = sum(n for ptr, n in live_storages().items() if ptr not in before)
+    report = engine.memory_report()
+    report = {category: report[category] for category in CATEGORIES}
+    report["grads"] += in_step
     measured = {
         "psi": sum(p.numel() for p in engine.params),
-        "report": engine.memory_report(),
+        "report": report,
         "live_tensor_bytes": live,
     }
     del engine, model

@@ -148,7 +148,7 @@ class AttentionConfig(_Section):
 class ZeroConfig(_Section):
     stage: int = Field(0, ge=0, le=3)
     """ZeRO stage: 0 = replicated (DP), 1 = shard optimizer states, 2 = + gradients,
-    3 = + parameters."""
+    3 = + parameters (a chunk per block, gathered around its use; docs/zero.md)."""
     reshard_after_forward: bool = True
     """Stage 3: free gathered parameters after forward (gather again for backward). Under
     offload.policy the device budget decides instead: a gathered chunk stays until its room
@@ -168,7 +168,7 @@ class OffloadConfig(_Section):
     on the host in the background while step t+1's forward and backward compute (ZeRO-Offload's
     delayed parameter update), so each step computes with the parameters from before the
     previous step's update; costs a host copy of the parameters and gradients the rank updates
-    (docs/offload.md). 0: off."""
+    (docs/offload.md). zero.stage 0-2 and offload.policy none only. 0: off."""
     chunk_mb: int = Field(64, ge=1)
     """Adam states streamed per chunk, in MiB (about 3 chunks are in host memory at once)."""
     disk_path: str | None = None

@@ -114,7 +114,13 @@ class RunPlan:
 
     @property
     def chunks(self) -> bool:
-        """Parameters live in chunks placed on device, host and disk (Gemini)."""
+        """Parameters live in chunks (the chunk store): placed in tiers, or ZeRO-3's units."""
+        return self.tiered or self.sharding.params
+
+    @property
+    def tiered(self) -> bool:
+        """Parameter chunks are placed on device, host and disk under budgets (Gemini:
+        ``offload.policy`` static or auto)."""
         return self.offload.policy != "none"
 
     @property
@@ -126,7 +132,7 @@ class RunPlan:
     def layout(self) -> dict:
         """What fixes the shapes of each rank's saved state (checkpoints compare it)."""
         chunks = None
-        if self.chunks:
+        if self.tiered:
             keys = ("chunk_min_mb", "chunk_search_range_mb", "chunk_search_step_mb")
             chunks = {key: getattr(self.offload, key) for key in keys}
         stages = None
@@ -226,12 +232,12 @@ class RunPlan:
         shard = self.sharding
         what = [name for name in ("optimizer", "grads", "params") if getattr(shard, name)]
         sharded = f"{', '.join(what)} over dp_shard={dims.dp_shard}" if what else "nothing"
-        if self.chunks:
+        if self.tiered:
             sharded += f"; parameters in chunks ({self.offload.policy})"
         tiers = f"adam states: {self.offload.optimizer}"
         if self.offload.delayed_update:
             tiers += f", updated in the background from step {self.offload.delayed_update}"
-        if self.chunks:
+        if self.tiered:
             budget = self.offload.device_budget_mb
             tiers += f"; chunks: device budget {budget:g} MiB" if budget else "; chunks: static"
         states = self.model_state_bytes()
@@ -537,11 +543,12 @@ def _check_offload(config: Config, optimizer_given: bool) -> None:
             "optimizer_factory=None or keep offload.optimizer='device'"
         )
     policy = offload.policy
-    if offload.delayed_update and (offload.optimizer == "device" or policy != "none"):
+    chunked = policy != "none" or config.zero.stage == 3  # updated chunk by chunk
+    if offload.delayed_update and (offload.optimizer == "device" or chunked):
         raise ConfigError(
             "offload.delayed_update overlaps the host's Adam step (offload.optimizer='host' or "
-            "'disk') with the next step's compute; it needs one of those and "
-            "offload.policy='none'"
+            "'disk') with the next step's compute on flat buffers; it needs one of those, "
+            "offload.policy='none' and zero.stage 0, 1 or 2"
         )
     if offload.delayed_update > config.train.steps:
         raise ConfigError(
@@ -560,7 +567,7 @@ def _check_disk_tier(plan: RunPlan) -> None:
     their predicted bytes are a lower bound (a rewrite also keeps the old version a while).
     An asynchronous save would copy what is on disk into host memory."""
     offload = plan.offload
-    on_disk = offload.optimizer == "disk" or (plan.chunks and offload.disk_path is not None)
+    on_disk = offload.optimizer == "disk" or (plan.tiered and offload.disk_path is not None)
     if on_disk and plan.config.checkpoint.async_save:
         raise ConfigError(
             "checkpoint.async_save copies each rank's state into host memory, and this run "

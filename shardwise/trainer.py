@@ -54,7 +54,7 @@ def build_engine(plan: RunPlan) -> tuple[Engine, int]:
     # shard or chunk by chunk, unless tensor parallelism splits the model: it splits a
     # materialised one. A builder that cannot build in pieces returns a materialised model
     # even so.
-    on_meta = (plan.sharding.params or plan.chunks) and dims.tp == 1
+    on_meta = plan.chunks and dims.tp == 1
     device = "meta" if on_meta else accel.device(rank)
     model = MODELS.get(cfg.model.name)(
         cfg.model, cfg.data.seq_len, device=device, seed=cfg.train.seed
@@ -82,7 +82,7 @@ def train(plan: RunPlan, out_dir: Path, resume: Path | None = None) -> RunSummar
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     losses: list[float] = []
     saver = AsyncSaver(cfg.distributed.timeout_s) if cfg.checkpoint.async_save else None
-    tiered = plan.chunks or plan.offload.optimizer != "device"  # memory by tier: memory.png
+    tiered = plan.tiered or plan.offload.optimizer != "device"  # memory by tier: memory.png
     overflows = None
     if engine.scaler is not None:
         overflows = OverflowWatch(engine.scaler, cfg.precision.max_skipped_in_a_row)

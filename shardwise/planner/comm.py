@@ -5,10 +5,12 @@ one rank sends under the ring algorithms), with Ψ the trainable elements a rank
 holds (Ψ / (tp · pp); 2.5D keeps a copy per depth layer), P and R the bytes of a parameter
 and of a reduced gradient, N the ZeRO shard group (``dp_shard``):
 
-* gradients, once per step (accumulation micro-batches stay local): stages 0 and 1
-  all-reduce them over every rank holding the same model part (dp x sp: 2 (G-1)/G Ψ R),
-  stages 2 and 3 reduce-scatter them over the shard group ((N-1)/N Ψ R), then the ranks
-  holding the same shard (``dp_replicate`` x sp) all-reduce the slice;
+* gradients: stages 0 and 1 all-reduce them once per step (accumulation micro-batches stay
+  local) over every rank holding the same model part (dp x sp: 2 (G-1)/G Ψ R); stages 2 and
+  3 reduce-scatter them over the shard group ((N-1)/N Ψ R), then the ranks holding the same
+  shard (``dp_replicate`` x sp) all-reduce the slice: once per step in the flat store, per
+  micro-batch in chunks (ZeRO-3, ``offload.policy``), which keep no full gradient between
+  backwards;
 * parameters: stages 1 and 2 all-gather the updated shards once per step ((N-1)/N Ψ P);
   stage 3 gathers every unit for each micro-batch's forward and again for its backward
   (once, with ``zero.reshard_after_forward = false``);
@@ -52,9 +54,12 @@ def step_wire_bytes(plan: RunPlan, gpt: GPTConfig | None) -> dict[str, dict[str,
     sharding, shards = plan.sharding, dims.dp_shard
     entries = []  # (axis, op, ranks, payload bytes), as `ring_wire_bytes` takes them
     if sharding.grads:  # reduce-scatter over the shard group, the slice over its replicas
-        entries.append(("dp", "reduce_scatter", shards, psi * reduce))
+        reductions = micro if plan.chunks else 1
         replicas = dims.dp_replicate * dims.sp
-        entries.append(("dp_replicate", "all_reduce", replicas, psi * reduce / shards))
+        entries += [
+            ("dp", "reduce_scatter", shards, psi * reduce),
+            ("dp_replicate", "all_reduce", replicas, psi * reduce / shards),
+        ] * reductions
     else:  # all-reduce over every rank holding this model part
         entries.append(("dp", "all_reduce", dims.dp * dims.sp, psi * reduce))
     if sharding.optimizer:

@@ -21,8 +21,9 @@
 * **Gathered parameters**: ZeRO-3 gathers a unit (a block, or the root: embedding, head,
   final norm) for its compute and releases it after. The step's peak is where backward
   starts, with one unit gathered; under activation checkpointing it moves into a block's
-  recomputation, where the block's unit, the next one (prefetched) and the block's full
-  gradient before its reduce-scatter are alive: three units. The largest unit counts.
+  recomputation, where the block's unit, the next one (prefetched), the block's full
+  gradient and the previous block's, still being reduce-scattered while this backward runs,
+  are alive: four units. The largest unit counts.
 
 On the CPU the device and the host are one memory: there the comparison with a measured
 peak (`PeakTensorBytes`) is against device + host (see docs/planner.md).
@@ -57,7 +58,7 @@ class MemoryPrediction:
     """The step's activations and their gradients at their peak (`Trace.peak`; pipeline:
     plus the forward activations of the other micro-batches in flight)."""
     gathered: float
-    """ZeRO-3: full parameters of the largest unit, gathered for its compute (times three
+    """ZeRO-3: full parameters of the largest unit, gathered for its compute (times four
     under activation checkpointing, see [Note: the memory model])."""
     in_flight: int = 1
     """Micro-batches whose forward activations a pipeline rank holds at once."""
@@ -134,7 +135,7 @@ def _prediction(
     unit = max((sum(p.numel() for p in params) for *_, params in units), default=0)
     if plan.dims.tp > 1 and plan.dims.tp_mode != "1d":
         activations += _gathered_backward_bytes(plan, model) + _filling_bucket_bytes(plan)
-    held = 3 if config.train.activation_checkpointing != "none" else 1
+    held = 4 if config.train.activation_checkpointing != "none" else 1
     param_bytes = torch.finfo(plan.precision.param_dtype).bits // 8
     return MemoryPrediction(
         states=_placed_states(plan, share, activations),
@@ -244,7 +245,7 @@ def _placed_states(plan: RunPlan, share: float, activations: float) -> dict[str,
         if name in ("master_params", "optimizer_states") and offload.optimizer != "device":
             tier = offload.optimizer
         placed[name] = {tier: nbytes}
-    if plan.chunks:
+    if plan.tiered:
         params = placed["params"]["device"]
         budget = offload.device_budget_mb * 2**20 if offload.device_budget_mb else float("inf")
         if plan.static_placement:

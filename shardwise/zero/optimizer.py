@@ -27,9 +27,8 @@ from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
-from shardwise.errors import CheckpointError
 from shardwise.precision import MixedPrecisionPolicy
-from shardwise.zero.flat_group import FlatGroup, PieceInfo, free_storage, overlaps
+from shardwise.zero.flat_group import FlatGroup, PieceInfo, overlaps
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
@@ -60,23 +59,17 @@ class OptimizerShards:
         group: object | None,
         sharding: Sharding,
         param_init: ParamInit | None = None,
-        units: list[tuple[str, list[nn.Module]]] | None = None,
     ) -> None:
         """`sharding` says whether optimizer states (and parameters) are sharded over `group`;
         `param_init(name, tensor)` fills parameters still on the meta device, straight into
-        their flat buffer (see [Note: building from the meta device]); `units`: the name and
-        modules of each bucket's ZeRO-3 unit, in bucket order, when parameters are sharded."""
+        their flat buffer (see [Note: building from the meta device])."""
         self.param_init = param_init
         self.policy = policy
         self.group = group
         self.sharded = sharding.optimizer
-        self.params_sharded = sharding.params
         names = {id(p): name for name, p in model.named_parameters()}
         rank, size = (comm.group_rank(group), comm.group_size(group)) if self.sharded else (0, 1)
-        self.groups = [
-            self._own(bucket, names, rank, size, unit)
-            for bucket, unit in zip(buckets, units or [("", [])] * len(buckets), strict=True)
-        ]
+        self.groups = [self._own(bucket, names, rank, size) for bucket in buckets]
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
         for owned in self.groups:
             for piece, owner in zip(owned.pieces, owned.owners, strict=True):
@@ -88,15 +81,13 @@ class OptimizerShards:
         names: dict[int, str],
         rank: int,
         size: int,
-        unit: tuple[str, list[nn.Module]],
     ) -> FlatGroup:
         flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         for index, param in enumerate(bucket.params):
             view = bucket.view_of(flat, index)
-            # `.data` (not the view itself): the parameter must not share the flat buffer's
-            # version counter. ZeRO-3 re-gathers a unit for backward, writing the values the
-            # forward saved back into the buffer; autograd's in-place check would reject that
-            # write although nothing changed.
+            # `.data` (not the view itself): the parameter keeps a version counter of its
+            # own, so the buffer's in-place writes (the update, the all-gather after it) never
+            # trip autograd's check on a tensor some graph saved.
             if param.is_meta:
                 self.param_init(names[id(param)], view)
                 torch.utils.swap_tensors(param, nn.Parameter(view.data))
@@ -106,26 +97,11 @@ class OptimizerShards:
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
         shard = flat[start:end]
-        if self.params_sharded:  # gathered around its use (zero/params.py)
-            shard = shard.clone()
-            free_storage(flat)
         if self.policy.needs_master_weights:
             master = shard.to(self.policy.master_dtype)
         else:
             master = shard
-        name, modules = unit
-        owned = FlatGroup(
-            bucket,
-            self.sharded,
-            self.params_sharded,
-            start,
-            end,
-            flat,
-            shard,
-            master,
-            name=name,
-            modules=modules,
-        )
+        owned = FlatGroup(bucket, self.sharded, start, end, flat, shard, master)
         spans = [(o, p.numel()) for o, p in zip(bucket.offsets, bucket.params, strict=True)]
         for index, lo, hi in overlaps(spans, start, end):
             param, offset = bucket.params[index], bucket.offsets[index]
@@ -168,34 +144,6 @@ class OptimizerShards:
 
     def sync_params(self) -> None:
         """After the step: write the owned slice back into the parameters; all-gather the
-        slices at stages 1 and 2 (stage 3 gathers each unit when it next runs)."""
+        slices at stages 1 and 2."""
         for owned in self.groups:
             owned.write_back(self.policy.needs_master_weights, self.group)
-
-    # -- state -----------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Master slices (when kept) and the map of pieces to global parameter slices."""
-        return {
-            "pieces": [info for owned in self.groups for info in owned.infos],
-            "masters": [owned.master.clone() for owned in self.groups]
-            if self.policy.needs_master_weights
-            else None,
-            "param_shards": [owned.shard.clone() for owned in self.groups]
-            if self.params_sharded
-            else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = [info for owned in self.groups for info in owned.infos]
-        if state["pieces"] != mine:
-            raise CheckpointError(
-                "the checkpoint's optimizer shards hold other parameter slices than this "
-                "run's (a different zero.stage, data-parallel degree or bucket size); resume "
-                "with the layout it was saved with"
-            )
-        with torch.no_grad():
-            for key, attr in (("masters", "master"), ("param_shards", "shard")):
-                if state[key] is not None:
-                    for owned, saved in zip(self.groups, state[key], strict=True):
-                        getattr(owned, attr).copy_(saved)

@@ -1,32 +1,30 @@
-"""ZeRO-3: parameters sharded too, gathered just before a unit runs and released after.
+"""ZeRO-3's units: parameters sharded too, gathered just before a unit runs and released after.
 
 ZeRO paper section 5.3 (stage 3, P_os+g+p): each rank keeps 1/N of the parameters; a unit
 (a block of the `ModelSpec`, or the root: embeddings, final norm, head) is all-gathered before
 its forward and again before its backward, and released after each, so per-step communication is
 two all-gathers and one reduce-scatter of Ψ — 1.5x the all-reduce of data parallelism.
 
-A unit is a released `FlatGroup` (zero/flat_group.py): its parameters are permanent views of
-the group's flat buffer, whose storage comes only while it is gathered. The gathered buffer is
-a `GatheredChunk` (zero/chunks/chunk.py) and this rank's shard its home chunk, in a
-`ChunkManager` without a budget: the same chunks and residency that move the parameters of
-``offload.policy``, whose homes are placed in tiers where these stay on the device. Each unit
-is a site of `ModuleHooks` (zero/module_hooks.py, [Note: the hook protocol]). The forward
-pre-hook gathers the unit and starts gathering the next one (prefetch: the manager starts the
-all-gather, the access waits for it); its last release after forward frees it with
-``reshard_after_forward``, unless autograd is running (activation checkpointing re-runs
-forwards inside backward, where the unit must stay for its backward); the hook on its output
-gradient gathers it again and starts gathering the previous one; once all its gradients exist
-it is released, and so freed. Whatever is still gathered when backward ends is freed by the
-store.
+Without ``offload.policy`` each unit is one chunk of the chunk store (zero/chunks/store.py):
+the chunk is gathered from every rank's shard (its home, which stays on the device), with no
+device budget. Each unit is a site of `ModuleHooks` (zero/module_hooks.py, [Note: the hook
+protocol]). The forward pre-hook gathers the unit and starts gathering the next one (prefetch:
+the manager starts the all-gather, the access waits for it); its last release after forward
+frees it with ``reshard_after_forward``, unless autograd is running (activation checkpointing
+re-runs forwards inside backward, where the unit must stay for its backward); the hook on its
+output gradient gathers it again and starts gathering the previous one; once all its
+gradients exist it is released, and so freed, and its gradient chunk is reduce-scattered
+while backward goes on. Whatever is still gathered when backward ends is freed by the store.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from shardwise.models.spec import ModelSpec
-from shardwise.zero.chunks.chunk import Chunk, ChunkState, GatheredChunk, Slot, Tier
-from shardwise.zero.flat_group import FlatGroup
+from shardwise.zero.chunks.chunk import Chunk, Slot
 from shardwise.zero.module_hooks import Site
 
 
@@ -69,55 +67,33 @@ def _module_units(
     return result
 
 
-def unit_sites(units: list[FlatGroup]) -> list[Site]:
-    """Each unit (in forward order) as a site of the module hooks: its modules, itself, and
-    its parameters."""
-    return [
-        Site(unit.name, tuple(unit.modules), (index,), tuple(unit.bucket.params))
-        for index, unit in enumerate(units)
-    ]
+@dataclass(frozen=True)
+class Units:
+    """ZeRO-3's units as the chunk store takes them (`unit_chunks`)."""
+
+    chunks: list[Chunk]
+    """A FREE chunk per unit, in forward order."""
+    sites: list[Site]
+    """Per unit: its modules, its chunk and its parameters, for the module hooks."""
+    frees_after: frozenset[str]
+    """Phases after which a gathered unit's last release frees it at once: backward, and
+    forward too with ``zero.reshard_after_forward``."""
 
 
 def unit_chunks(
-    units: list[FlatGroup], group: object, reshard_after_forward: bool
-) -> tuple[list[GatheredChunk], list[Chunk]]:
-    """Each unit's gathered buffer (in the order of `units`, indices 0..n-1) as a chunk of
-    the manager, and its home (indices n..2n-1): its `flat_params` all-gathered from every
-    rank's `shard` over `group`, freed by the last release after backward, and after forward
-    too with `reshard_after_forward`. A home is the unit's `shard`, already on the device; its
-    slots are empty (what it holds are the optimizer's pieces, zero/optimizer.py)."""
-    frees_after = frozenset({"forward", "backward"} if reshard_after_forward else {"backward"})
-    homes = [
-        Chunk(
-            len(units) + index,
-            f"{unit.name}.shard",
-            unit.shard.numel(),
-            unit.shard.dtype,
-            [],
-            state=ChunkState.HOLD,
-            tier=Tier.DEVICE,
-            payload=unit.shard,
-        )
-        for index, unit in enumerate(units)
-    ]
-    gathered = [
-        GatheredChunk(
-            index,
-            unit.name,
-            unit.bucket.numel,
-            unit.flat_params.dtype,
-            _slots(unit),
-            payload=unit.flat_params,
-            home=home,
-            group=group,
-            frees_after=frees_after,
-        )
-        for index, (unit, home) in enumerate(zip(units, homes, strict=True))
-    ]
-    return gathered, homes
-
-
-def _slots(unit: FlatGroup) -> list[Slot]:
-    """Where each parameter of `unit` sits in its flat buffer (named by unit and position)."""
-    layout = zip(unit.bucket.params, unit.bucket.offsets, strict=True)
-    return [Slot(f"{unit.name}[{i}]", p, offset, p.numel()) for i, (p, offset) in enumerate(layout)]
+    model: nn.Module, spec: ModelSpec, per_module: bool, align: int, reshard_after_forward: bool
+) -> Units:
+    """Each unit of `zero3_units` (in forward order) as a chunk of its own size, padded to a
+    multiple of `align` elements (so that it splits evenly over the ranks), and as a site."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    chunks, sites = [], []
+    for index, (name, modules, params) in enumerate(zero3_units(model, spec, per_module)):
+        slots, offset = [], 0
+        for param in params:
+            slots.append(Slot(names[id(param)], param, offset, param.numel()))
+            offset += param.numel()
+        numel = -(-offset // align) * align
+        chunks.append(Chunk(index, name, numel, params[0].dtype, slots))
+        sites.append(Site(name, tuple(modules), (index,), tuple(params)))
+    frees_after = {"forward", "backward"} if reshard_after_forward else {"backward"}
+    return Units(chunks, sites, frozenset(frees_after))

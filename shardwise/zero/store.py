@@ -6,11 +6,11 @@ and the memory report. Two stores implement it, chosen by the plan (`build_store
 
 * `FlatStore`: parameters as views of flat per-bucket buffers; gradients reduced bucket by
   bucket while backward runs (all-reduce, or reduce-scatter when gradients are sharded); this
-  rank's optimizer owns a slice of every bucket (ZeRO 1-3) and, when parameters are sharded,
-  each unit (a block of the `ModelSpec`, or the rest of the model) is gathered around its
-  forward and backward.
-* `ChunkStore` (zero/chunks/store.py): parameters in chunks placed on device, host and disk
-  under budgets (Gemini), sharded over the data-parallel ranks.
+  rank's optimizer owns a slice of every bucket (ZeRO 1-2).
+* `ChunkStore` (zero/chunks/store.py): parameters in chunks, sharded over the data-parallel
+  ranks: placed on device, host and disk under budgets (Gemini, ``offload.policy``), or,
+  for ZeRO-3 without it, one chunk per unit (a block of the `ModelSpec`, or the rest of the
+  model; zero/params.py) gathered around its forward and backward.
 
 Both receive the model, the plan and the mesh; the engine composes the store with an
 optimizer, a loss scaler and a schedule, and clips with the norm the store reports.
@@ -18,12 +18,10 @@ optimizer, a loss scaler and a schedule, and clips with the norm the store repor
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,13 +41,10 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
-from shardwise.zero.chunks.chunk import ChunkState, GatheredChunk
-from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.flat_group import PieceInfo
-from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
-from shardwise.zero.params import unit_chunks, unit_sites, zero3_units
+from shardwise.zero.params import unit_chunks
 
 
 class ParamStore(Protocol):
@@ -154,19 +149,26 @@ def build_store(
     placement = {} if on_meta or plan.chunks else {"device": device}
     model.to(dtype=plan.precision.param_dtype, **placement)
     broadcast_from_first_rank(model, groups)
-    if plan.chunks:
+    if plan.chunks:  # sharded parameters, or parameters in tiers
         sample = spec.sample_input(plan.config.data.seq_len, device)
-        run = functools.partial(schedule.trace_forward, model, sample)
-        store = ChunkStore(model, plan, groups, device, run, param_init, tp)
+        run = functools.partial(schedule.trace_forward, model, sample)  # if chunks are searched
+        units = None
+        if not plan.tiered:  # ZeRO-3: a chunk per unit, whole elements on every rank
+            pipelined = plan.pipeline is not None  # stages never call the whole model
+            align = 8 * comm.group_size(groups.shard)
+            after = plan.sharding.reshard_after_forward
+            units = unit_chunks(model, spec, pipelined, align, after)
+        store = ChunkStore(model, plan, groups, device, run, param_init, tp, units)
     else:
         store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler)
+
     materialise_frozen(model, param_init, device)
     return store
 
 
 class FlatStore:
     """Flat bucket buffers, reduced during backward, this rank's slice of each stepped by the
-    optimizer; units gathered around compute when parameters are sharded (docs/zero.md)."""
+    optimizer (docs/zero.md)."""
 
     def __init__(
         self,
@@ -185,8 +187,6 @@ class FlatStore:
         self.params = [p for p in model.parameters() if p.requires_grad]
         shard_size = comm.group_size(groups.shard)
         _check_shardable(self.params, sharding.stage, shard_size)
-        pipelined = plan.pipeline is not None  # stages never call the whole model
-        units = zero3_units(model, spec, per_module=pipelined) if sharding.params else None
         reduce_group = groups.shard if sharding.grads else groups.dp
         replicate_group = groups.replicate if sharding.grads else None
         # 1-bit Adam compresses only where there is someone to send to: over the replicas
@@ -201,7 +201,6 @@ class FlatStore:
             plan.precision.reduce_dtype,
             bucket_bytes=int(plan.config.distributed.bucket_mb * 2**20),
             scatter=sharding.grads,
-            bucket_groups=[params for *_, params in reversed(units)] if units else None,
             device=device,
             align=math.lcm(8, chunk) * pieces if onebit else 1,
             alone=_stage_embedding(model, plan, spec),
@@ -229,20 +228,7 @@ class FlatStore:
             groups.shard,
             sharding,
             param_init,
-            units=[(name, modules) for name, modules, _ in reversed(units)] if units else None,
         )
-        self.units: list[GatheredChunk] = []
-        """ZeRO-3: each unit's gathered parameters, in forward order (zero/params.py)."""
-        self.gathering: ChunkManager | None = None
-        """ZeRO-3: gathers and frees the units around their use by `hooks` (no budget)."""
-        self.hooks: ModuleHooks | None = None
-        if units:
-            released = list(reversed(self.shards.groups))  # forward order
-            self.units, homes = unit_chunks(released, groups.shard, sharding.reshard_after_forward)
-            self.gathering = ChunkManager([*self.units, *homes], device, None, None)
-            self.hooks = ModuleHooks(
-                unit_sites(released), self.units, self.gathering, prefetch=sharding.prefetch
-            )
         self.reducer = GradReducer(
             buckets,
             group=reduce_group,
@@ -298,28 +284,6 @@ class FlatStore:
     def after_backward(self, sync: bool) -> None:
         if sync:
             self.reducer.finish()
-        if self.hooks is not None:
-            self.hooks.finish_backward()
-            self._free_units()
-
-    def _free_units(self) -> None:
-        """After backward, every unit no module uses back to its shard: a prefetch nothing
-        used, or, with ``reshard_after_forward`` off, a unit kept after its forward whose
-        backward never ran (parameters that got no gradient)."""
-        for unit in self.units:
-            if unit.state is not ChunkState.FREE and not unit.users:
-                self.gathering.discard(unit)
-
-    @contextlib.contextmanager
-    def _all_gathered(self) -> Iterator[None]:
-        """Every unit gathered for the duration of the block (a full state dict)."""
-        for unit in self.units:
-            self.gathering.access(unit, read_only=True)
-        try:
-            yield
-        finally:
-            for unit in self.units:
-                self.gathering.release(unit, "backward")
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -448,11 +412,8 @@ class FlatStore:
     # -- state -------------------------------------------------------------------------------
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the whole model's state (units gathered for it; tensor-parallel shards
-        stay this rank's)."""
-        gathered = self._all_gathered() if self.units else nullcontext()
-        with gathered:
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """Copies of the whole model's state (tensor-parallel shards stay this rank's)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @property
     def writes_owned(self) -> bool:

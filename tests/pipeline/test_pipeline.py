@@ -70,7 +70,7 @@ def _trained_and_merged(cfg, poisoned: int | None = None) -> tuple[list[float], 
         rows = inputs.shape[0] // dp
         part = slice(rank * rows, (rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
-    if engine.plan.chunks:  # a stage whose chunks all fit the budget keeps them
+    if engine.plan.tiered:  # a stage whose chunks all fit the budget keeps them
         moved = torch.tensor(float(engine.memory_report()["chunks_host"]))
         dist.all_reduce(moved)
         assert moved > 0, "no chunk left the device on any rank"

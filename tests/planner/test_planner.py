@@ -23,7 +23,7 @@ from shardwise.planner.auto import peak_bytes
 from shardwise.planner.comm import step_wire_bytes
 from shardwise.planner.speed import MachineSpeeds
 from shardwise.run_plan import meta_model, resolve
-from shardwise.zero.flat_group import alloc_storage, free_storage
+from shardwise.zero.chunks.chunk import alloc_storage, free_storage
 from tests.cli_runs import run_cli
 
 TOLERANCE = 0.10

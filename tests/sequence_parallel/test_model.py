@@ -52,7 +52,7 @@ def sp_engine_run(cfg) -> tuple[list[float], dict]:
         rows = inputs.shape[0] // dims.dp
         part = slice(dp_rank * rows, (dp_rank + 1) * rows)
         losses.append(engine.train_step((inputs[part], targets[part])))
-    if engine.plan.chunks:
+    if engine.plan.tiered:
         assert engine.memory_report()["chunks_host"] > 0, "no chunk left the device"
     return losses, {k: v.float() for k, v in engine.full_state_dict().items()}
 

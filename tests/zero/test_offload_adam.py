@@ -292,6 +292,9 @@ def test_engine_offload_errors_are_clear(tmp_path):
     for offload in ({"delayed_update": 1}, {"delayed_update": 1, "policy": "static"}):
         with pytest.raises(ConfigError, match="delayed_update overlaps the host's Adam step"):
             initialize(build_model(cfg), None, cfg.replace(offload=offload))
+    stage3 = cfg.replace(zero={"stage": 3}, offload={"optimizer": "host", "delayed_update": 1})
+    with pytest.raises(ConfigError, match="zero.stage 0, 1 or 2"):
+        initialize(build_model(cfg), None, stage3)
     late = {"optimizer": "host", "delayed_update": cfg.train.steps + 1}
     with pytest.raises(ConfigError, match="starts after the last step"):
         initialize(build_model(cfg), None, cfg.replace(offload=late))

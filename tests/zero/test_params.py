@@ -1,4 +1,5 @@
-"""ZeRO-3 (zero/params.py): parity, memory, communication volume, resume, unit state table."""
+"""ZeRO-3 (zero/params.py: a chunk per unit in the chunk store): parity, memory,
+communication volume, resume, unit state table."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests.parity import (
     train_rows,
     train_then_resume,
 )
+
+TIERS = ("device", "host", "disk")
 
 
 @pytest.mark.parametrize(
@@ -65,20 +68,26 @@ def _stage3_state_between_steps(dtype: str) -> dict:
     engine = initialize(build_model(cfg), None, cfg)
     engine.train_step(global_batches(cfg, 1)[0])
     psi = sum(p.numel() for p in engine.params)
+    report = engine.memory_report()
+    kept = ("params", "grads", "master_params", "optimizer_states")
     return {
-        "bytes_per_param": sum(engine.memory_report().values()) / psi,
-        "all_sharded": all(u.state is ChunkState.FREE for u in engine.store.units),
-        "units": [u.key for u in engine.store.units],
+        "bytes_per_param": sum(report[key] for key in kept) / psi,
+        "grad_bytes": report["grads"] + sum(report[f"grad_chunks_{t}"] for t in TIERS),
+        "all_sharded": all(u.state is ChunkState.FREE for u in engine.store.chunks),
+        "units": [u.key for u in engine.store.chunks],
     }
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_stage3_model_states_are_16_psi_over_n(pool4, dtype):
+@pytest.mark.parametrize(("dtype", "grad_bytes"), [("fp32", 4), ("bf16", 2)])
+def test_stage3_model_states_are_16_psi_over_n(pool4, dtype, grad_bytes):
+    """16Ψ/N with 4 ranks, less the gradients' share: their chunks live only during the
+    step (gathered and reduce-scattered per unit, freed after the update)."""
     for result in pool4.run(_stage3_state_between_steps, dtype):
         assert result["all_sharded"]
         assert result["units"] == ["root", "blocks.0", "blocks.1"]
+        assert result["grad_bytes"] == 0
         # Padding every unit to 4 ranks and Adam's step counters add a little.
-        assert result["bytes_per_param"] == pytest.approx(16 / 4, rel=0.02)
+        assert result["bytes_per_param"] == pytest.approx((16 - grad_bytes) / 4, rel=0.02)
 
 
 def _bytes_of_one_step(stage: int, checkpointing: str = "none") -> dict:
@@ -92,9 +101,11 @@ def _bytes_of_one_step(stage: int, checkpointing: str = "none") -> dict:
     with CommStats() as stats:
         engine.train_step(tuple(t[2 * rank : 2 * rank + 2] for t in batches[1]))
     element = 4  # fp32
+    store = engine.store
+    groups = store.chunks if stage == 3 else store.reducer.buckets  # units; buckets
     return {
         "by_op": {op: stats.total(op=op) for op in ("all_reduce", "all_gather", "reduce_scatter")},
-        "bucket_bytes": [b.numel * element for b in engine.store.reducer.buckets],
+        "bucket_bytes": [g.numel * element for g in groups],
     }
 
 

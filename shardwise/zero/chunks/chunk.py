@@ -37,11 +37,11 @@ are lost; the manager settles its writes in order, at most a few in flight, and 
 at the end of a step.
 
 [Note: parameters are permanent views] Each parameter's ``.data`` is a view of the chunk's
-`payload`, a flat buffer on the compute device. Only the payload's storage comes and goes (as
-in zero/params.py): it is allocated while the tier is DEVICE and resized to zero otherwise, so
-modules, optimizers and tied weights keep pointing at the same Parameter objects. Reading a
-parameter of a chunk that is not on the device is a bug in the caller (on CPU it crashes the
-process), which is why modules must `access` their chunks first.
+`payload`, a flat buffer on the compute device. Only the payload's storage comes and goes
+(`alloc_storage` / `free_storage`): it is allocated while the tier is DEVICE and resized to
+zero otherwise, so modules, optimizers and tied weights keep pointing at the same Parameter
+objects. Reading a parameter of a chunk that is not on the device is a bug in the caller (on
+CPU it crashes the process), which is why modules must `access` their chunks first.
 """
 
 from __future__ import annotations
@@ -58,9 +58,18 @@ from torch import nn
 from shardwise.accelerator import get_accelerator
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
-from shardwise.zero.flat_group import alloc_storage, free_storage
 from shardwise.zero.module_hooks import in_backward
 from shardwise.zero.optimizer import ParamInit
+
+
+def free_storage(tensor: torch.Tensor) -> None:
+    """Release a tensor's memory but keep it (and every view of it) as a valid object."""
+    tensor.untyped_storage().resize_(0)
+
+
+def alloc_storage(tensor: torch.Tensor) -> None:
+    """Give a tensor freed by `free_storage` its memory back (contents undefined)."""
+    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
 
 
 class Tier(enum.Enum):
@@ -495,9 +504,8 @@ class GatheredChunk(Chunk):
     """Parameters whose bytes are the all-gather of every data-parallel rank's shard
     (ZeRO-3), on the device only: materialising gathers, discarding frees. The shard is a
     chunk of its own (`home`, the `source` the manager brings to the device first): for a
-    unit of the flat store (zero/params.py) one that stays on the device, for a full chunk of
-    ``offload.policy`` (sharding.py) one placed in the tiers ([Note: chunks with a source],
-    manager.py).
+    ZeRO-3 unit (zero/params.py) one that stays on the device, for a full chunk of
+    ``offload.policy`` one placed in the tiers ([Note: chunks with a source], manager.py).
 
     A unit's last release after a phase in `frees_after` frees it at once
     (``zero.reshard_after_forward``; never after a forward re-run inside backward, whose

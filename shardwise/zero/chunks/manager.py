@@ -30,8 +30,8 @@ many of a size as were on the device at once.
 [Note: chunks with a source] A gathered chunk (`GatheredChunk`: ZeRO-3's parameters
 all-gathered from every rank's shard) is never copied off the device: evicting it drops its
 bytes, and accessing it while FREE gathers it again. Its shard is a chunk of its own
-(`Chunk.source`, the *home*: kept on the device for a unit of the flat store, zero/params.py;
-placed in the tiers for a full chunk of ``offload.policy``, zero/chunks/sharding.py).
+(`Chunk.source`, the *home*: kept on the device for a ZeRO-3 unit, zero/params.py; placed in
+the tiers for a full chunk of ``offload.policy``, zero/chunks/sharding.py).
 Accessing the chunk accesses the home first. Prefetching it starts the all-gather when the
 home is on the device (the home is held in use until the gather is done, so that nothing
 moves it meanwhile; the chunk's access waits for the gather), and otherwise prefetches the

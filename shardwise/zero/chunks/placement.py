@@ -74,6 +74,13 @@ def static_placement(
     return Placement("static", tiers, pinned, optim_on_device, device_budget)
 
 
+def on_the_device(count: int) -> Placement:
+    """Every chunk pinned on the device, with no budget (ZeRO-3's units without
+    ``offload.policy``: zero/params.py)."""
+    tiers = (Tier.DEVICE,) * count
+    return Placement("static", tiers, frozenset(range(count)), None, None)
+
+
 def auto_placement(
     chunks: Sequence[Chunk], trace: MemoryTrace, device_budget: int, margin_bytes: int = 0
 ) -> Placement:

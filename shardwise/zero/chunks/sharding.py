@@ -25,7 +25,8 @@ What the stages add to that:
                          (zero-filled); once every parameter of the chunk has its gradient for
                          this backward, the full gradient chunk is reduce-scattered into this
                          rank's gradient shard (added from the second micro-batch on), divided
-                         by N, and freed (`ShardedGrads`)
+                         by N, and freed (`ShardedGrads`); with no device budget (ZeRO-3's
+                         units) in the background, finished before the next one starts
     optimizer pass       each shard with its gradient shard: the update touches 1/N of the
                          chunk; the full chunk gathered before it is stale from then and freed
                          (stage 3), or all-gathered from the updated shards (stages 1 and 2)
@@ -118,11 +119,12 @@ def shard_chunks(
     param_init: ParamInit | None,
     *,
     gathered: bool,
+    frees_after: frozenset[str] = frozenset(),
 ) -> tuple[list[GatheredChunk] | list[ReplicaChunk], list[ShardChunk]]:
     """Turn `chunks` (indices 0..n-1, capacities divisible by the group size) into full
     chunks with the same indices, `gathered` (ZeRO-3) or kept whole (`ReplicaChunk`, stages 1
     and 2), and this rank's FREE shards, indices 2n..3n-1 (the full gradient chunks take
-    n..2n-1). Builds one chunk at a time in host memory."""
+    n..2n-1). `frees_after`: see `GatheredChunk`. Builds one chunk at a time in host memory."""
     size, rank, n = comm.group_size(group), comm.group_rank(group), len(chunks)
     fulls, shards = [], []
     for chunk in chunks:
@@ -151,7 +153,11 @@ def shard_chunks(
         )
         fields = (chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots)
         if gathered:  # refilled in place: the parameters view this payload
-            fulls.append(GatheredChunk(*fields, payload=chunk.payload, home=shard, group=group))
+            fulls.append(
+                GatheredChunk(
+                    *fields, payload=chunk.payload, home=shard, group=group, frees_after=frees_after
+                )
+            )
         else:
             fulls.append(ReplicaChunk(*fields, initial=values))
         shards.append(shard)
@@ -182,6 +188,7 @@ class ShardedGrads(GradChunks):
         replicate: object | None = None,
         *,
         reduce_every_backward: bool = True,
+        overlap: bool = False,
     ) -> None:
         """`replicate`: ranks holding the same shards as this one (hierarchical data
         parallelism); each gradient shard is all-reduced over them. Unless
@@ -189,6 +196,8 @@ class ShardedGrads(GradChunks):
         backwards and are reduced at its last one (stage 1)."""
         super().__init__(shards, chunks, manager)
         self.reduce_every_backward = reduce_every_backward
+        self.overlap = overlap
+        self._in_flight = None
         self.full = list(full)
         self.group = group
         replicas = comm.group_size(replicate) if replicate is not None else 1
@@ -222,16 +231,35 @@ class ShardedGrads(GradChunks):
         if self.reduce_every_backward or last:
             for i in sorted(self._waiting):
                 self._reduce(i)
+        self.settle()
 
     @torch.no_grad()
     def _reduce(self, i: int) -> None:
+        """Start reducing full gradient chunk `i` into its shard, after finishing the one
+        before; with `overlap` it runs while backward goes on, else it is finished at once."""
         del self._waiting[i]
+        self.settle()
         full, shard = self.full[i], self.chunks[i]
         self.manager.access(full)
         self.manager.access(shard)
         first = not shard.slots or id(shard.slots[0].param) not in self.written
         part = shard.payload.data if first else torch.empty_like(shard.payload)
-        comm.reduce_scatter_(part, full.payload, self.group)
+        work = comm.reduce_scatter_(part, full.payload, self.group, async_op=self.overlap)
+        self._in_flight = (i, work, part, first)
+        if not self.overlap:
+            self.settle()
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Finish the reduction in flight, if any: average it into the shard, note its
+        pieces' norms, and free the full gradient chunk."""
+        if self._in_flight is None:
+            return
+        i, work, part, first = self._in_flight
+        self._in_flight = None
+        if work is not None:
+            work.wait()
+        full, shard = self.full[i], self.chunks[i]
         if self.replicate is not None:
             comm.all_reduce_(part, self.replicate)
         part.div_(self.size)

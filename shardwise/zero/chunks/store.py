@@ -1,9 +1,10 @@
-"""The engine's trainable parameters in chunks (``offload.policy`` static or auto).
+"""Trainable parameters in chunks (``offload.policy`` static or auto; ZeRO-3's units).
 
-`ChunkStore` puts the chunks together for the engine: it builds the chunks (size
-searched for the least padding), the `ChunkManager` within the device and host budgets (and
-the disk tier), the policy's placement, the hooks on the model, the warm-up trace of the auto
-policy, the chunk-wise optimizer pass, and reads and writes the parameters for checkpoints.
+`ChunkStore` puts the chunks together for the engine: it builds the chunks (size searched
+for the least padding, or one per unit: zero/params.py), the `ChunkManager` within the
+device and host budgets (and the disk tier), the policy's placement, the hooks on the model,
+the auto policy's warm-up trace, the chunk-wise optimizer pass, and reads and writes the
+parameters for checkpoints.
 
 With a data-parallel group of N > 1 ranks the chunks are sharded over it (sharding.py;
 replica groups of such ranks average their gradient shards). What the optimizer updates (the
@@ -44,6 +45,7 @@ from shardwise.zero.chunks.placement import (
     Placement,
     apply_placement,
     auto_placement,
+    on_the_device,
     placement_summary,
     static_placement,
 )
@@ -54,6 +56,7 @@ from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
 from shardwise.zero.optimizer import ParamInit
+from shardwise.zero.params import Units
 from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
 
 log = logging.getLogger("shardwise")
@@ -62,8 +65,8 @@ MIB = 2**20
 
 
 class ChunkStore:
-    """The engine's trainable parameters as chunks (``offload.policy``), sharded over `group`
-    when it has more than one rank.
+    """The engine's trainable parameters as chunks (``offload.policy``, ZeRO-3), sharded over
+    `group` when it has more than one rank.
 
     Built from the model (on the meta device, filled by `param_init`, or materialised
     anywhere): parameters in execution order (`run_forward` runs once under no_grad to record
@@ -79,12 +82,16 @@ class ChunkStore:
         run_forward: Callable[[], object],
         param_init: ParamInit | None = None,
         tp: TensorParallel | None = None,
+        units: Units | None = None,
     ) -> None:
         """Chunks sharded over ``groups.shard``; ``groups.replicate``: ranks holding the same
         shards (hierarchical data parallelism), which average their gradient shards.
         `run_forward` runs this rank's part of the model once on a sample (the execution
         order). `tp`: the model is split by a tensor-parallel plan; its shards are chunked
-        like any parameter, and norms and overflow flags are summed over the tp ranks too."""
+        like any parameter, and norms and overflow flags are summed over the tp ranks too.
+        `units`: ZeRO-3 without ``offload.policy``, the model's units (zero/params.py) instead
+        of searched chunks: on the device with no budget, each freed after use as
+        ``zero.reshard_after_forward`` says, its gradients reduced while backward goes on."""
         offload, group, replicate = plan.offload, groups.shard, groups.replicate
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
@@ -107,13 +114,18 @@ class ChunkStore:
         self.grad_dtype = plan.precision.reduce_dtype
         """Gradient chunks are in the reduce dtype (fp32 under bf16 by default), as the flat
         store's buckets."""
-        trainable = {id(p) for p in params}
-        order = [
-            (name, p)
-            for name, p in params_in_execution_order(model, run_forward)
-            if id(p) in trainable
-        ]
-        self.chunks, self.placement = self._chunks_and_placement(order)
+        if units is not None:
+            self.chunks, sites = units.chunks, units.sites
+            self.placement = on_the_device(len(self.chunks))
+        else:
+            trainable = {id(p) for p in params}
+            order = [
+                (name, p)
+                for name, p in params_in_execution_order(model, run_forward)
+                if id(p) in trainable
+            ]
+            self.chunks, self.placement = self._chunks_and_placement(order)
+            sites = chunk_sites(model, self.chunks)
         self.disk = (
             DiskTier(
                 offload.disk_path,
@@ -129,7 +141,12 @@ class ChunkStore:
         if self.sharded:
             io = TierIO.for_device(torch.device(device))
             self.chunks, self.homes = shard_chunks(
-                self.chunks, self.group, io, param_init, gathered=self.gathered
+                self.chunks,
+                self.group,
+                io,
+                param_init,
+                gathered=self.gathered,
+                frees_after=units.frees_after if units else frozenset(),
             )
             full_grads = build_grad_chunks(self.chunks, zeroed=True, dtype=self.grad_dtype)
             home_grads = build_grad_chunks(self.homes, dtype=self.grad_dtype)
@@ -156,11 +173,12 @@ class ChunkStore:
                 group,
                 replicate,
                 reduce_every_backward=plan.sharding.grads or self.gathered,
+                overlap=self.placement.device_budget is None,
             )
         else:
             self.grads = GradChunks(self.chunks, home_grads, self.manager)
         self.hooks = ModuleHooks(
-            chunk_sites(model, self.chunks),
+            sites,
             self.chunks,
             self.manager,
             self.grads.accumulate,
@@ -198,7 +216,7 @@ class ChunkStore:
         self._tracer: MemoryTracer | None = None
         self.warming_up = offload.policy == "auto"
         """Until the first step's last backward: the auto policy's warm-up, traced."""
-        if not self.warming_up:
+        if not self.warming_up and units is None:  # units: no placement to tell
             self._log_placement()
         self._place_the_rest()
         self.masters: dict[int, torch.Tensor] = {}
@@ -753,7 +771,8 @@ class ChunkStore:
             raise CheckpointError("the checkpoint holds per-rank state a chunked run has not")
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-        """`model_state_report` with ``params`` the chunks now on the device, ``grads`` the
+        """`model_state_report` with ``params`` the chunks now on the device (parameters and
+        homes), ``grads`` the
         ``param.grad`` tensors (none between steps), ``master_params`` the fp32 master
         copies (the host optimizer's, or on the device those of [Note: master copies on the
         device]), and the manager's own counts: ``chunks_device`` / ``_host`` / ``_disk``
@@ -762,7 +781,8 @@ class ChunkStore:
         grads = [p.grad for p in self.params if p.grad is not None]
         masters = [s["master"] for s in optimizer.state.values() if "master" in s]
         masters += self.masters.values()
-        report = model_state_report(self.model, optimizer, grads, masters, [], ("master",))
+        homes = [h.payload for h in self.homes if self.sharded and h.tier is Tier.DEVICE]
+        report = model_state_report(self.model, optimizer, grads, masters, homes, ("master",))
         per_tier = self.grads.bytes_per_tier()
         managed = self.manager.memory_report()
         report.update({f"chunks_{t.value}": managed[t.value] - per_tier[t] for t in Tier})

@@ -18,7 +18,7 @@ runs on CPU in tests. Parameter gradients are neither (the engine's grad chunks 
 
 A module's forward moment takes the larger of the counts before and after it runs (what it
 allocated is alive at the end); its backward moment is taken when the gradient of its output
-arrives, just before its backward runs (zero/params.py uses the same hook).
+arrives, just before its backward runs (zero/module_hooks.py uses the same hook).
 """
 
 from __future__ import annotations
