@@ -161,7 +161,6 @@ def build_store(
         store = ChunkStore(model, plan, groups, device, run, param_init, tp, units)
     else:
         store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler)
-
     materialise_frozen(model, param_init, device)
     return store
 
