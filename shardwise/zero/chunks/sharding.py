@@ -197,7 +197,11 @@ class ShardedGrads(GradChunks):
         super().__init__(shards, chunks, manager)
         self.reduce_every_backward = reduce_every_backward
         self.overlap = overlap
-        self._in_flight = None
+        """Reduce-scatters run in the background (no device budget: nothing else needs the
+        room the chunk in flight holds)."""
+        self._in_flight: tuple[int, object, torch.Tensor, bool] | None = None
+        """The reduction started last and not finished: chunk index, its work, the tensor it
+        reduces into, whether that is the shard itself (the step's first)."""
         self.full = list(full)
         self.group = group
         replicas = comm.group_size(replicate) if replicate is not None else 1
