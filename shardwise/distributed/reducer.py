@@ -28,7 +28,7 @@ bucket `undivided`, and the bucket is then divided whole at its launch, as every
 
 [Note: shard layout] Buckets are padded to a multiple of the group size P; rank r owns the
 slice [r*n/P, (r+1)*n/P) of every bucket of n elements (`Bucket.shard`). In reduce-scatter
-mode (ZeRO-2/3) a rank keeps only the reduced gradient of its slice. A bucket's full-size
+mode (ZeRO-2) a rank keeps only the reduced gradient of its slice. A bucket's full-size
 gradient buffer is freed as soon as the next bucket is launched (its own reduce-scatter is
 waited on then), so during backward at most two full buckets are alive, and between steps
 gradients cost n/P elements a bucket.
@@ -132,7 +132,7 @@ class GradReducer:
         None for one process).
 
         With `scatter` each rank keeps only the reduced gradient of its shard of every bucket
-        (ZeRO-2/3). With `replicate_group` (hierarchical data parallelism, reduce-scatter
+        (ZeRO-2). With `replicate_group` (hierarchical data parallelism, reduce-scatter
         only) the kept slices are then all-reduced across the replicas. Hooks are registered
         at the first `prepare`, after whoever materialises the parameters (ZeRO, see
         zero/optimizer.py) has swapped them in.
@@ -326,7 +326,6 @@ def make_buckets(
     reduce_dtype: torch.dtype,
     bucket_bytes: int,
     scatter: bool = False,
-    bucket_groups: list[list[nn.Parameter]] | None = None,
     device: torch.device | None = None,
     align: int = 1,
     alone: nn.Parameter | None = None,
@@ -334,17 +333,15 @@ def make_buckets(
     """The flat buckets of `params` (in model order) over `group`, in launch order, with
     their gradient buffers on `device` (default: the first parameter's, so parameters may
     still be on the meta device). Gradients are averaged in `reduce_dtype`; with `scatter`
-    each rank keeps only its shard's (see [Note: shard layout]). `bucket_groups` replaces
-    size-based bucketing by `bucket_bytes` with explicit buckets (ZeRO-3: one per unit);
-    each bucket's slices are a multiple of `align` elements (1-bit compression packs 8
-    signs a byte and scales whole chunks); `alone` gets a bucket of its own, so that its
-    reduced slices are the same on every rank holding a copy of it (a pipeline's tied
-    weight)."""
+    each rank keeps only its shard's (see [Note: shard layout]). Each bucket's slices are a
+    multiple of `align` elements (1-bit compression packs 8 signs a byte and scales whole
+    chunks); `alone` gets a bucket of its own, so that its reduced slices are the same on
+    every rank holding a copy of it (a pipeline's tied weight)."""
     size, rank = comm.group_size(group), comm.group_rank(group)
     device = device or params[0].device
     return [
         _make_bucket(group_params, reduce_dtype, size, rank, scatter, device, align)
-        for group_params in bucket_groups or _bucket_params(params, bucket_bytes, alone)
+        for group_params in _bucket_params(params, bucket_bytes, alone)
     ]
 
 

@@ -41,10 +41,10 @@ ParamInit = Callable[[str, torch.Tensor], None]
 # bucket at a time: each parameter is filled by `param_init` directly in its slot of the
 # bucket's flat buffer and the meta parameter is swapped for that view
 # (`torch.utils.swap_tensors` keeps the Python object, so modules, ties and the reducer's
-# lists still point at it). At stage 3 the buffer is then cut down to this rank's shard, so a
-# rank never holds more than one unit's full parameters: a model larger than one rank's
-# memory is built directly as shards. Hooks do not survive a swap, which is why the reducer
-# registers its hooks only at the first backward.
+# lists still point at it). Hooks do not survive a swap, which is why the reducer registers
+# its hooks only at the first backward. (At stage 3 a unit's chunk is filled and cut down to
+# this rank's shard one at a time, zero/chunks/sharding.py: a model larger than one rank's
+# memory is built directly as shards.)
 
 
 class OptimizerShards:

@@ -167,10 +167,10 @@ def _alive_full_buffers_during_backward() -> tuple[int, bool]:
     mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
     torch.manual_seed(0)
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
-    groups = [[layer.weight] for layer in reversed(layers)]
     group = dp_mesh(mesh)
     params = list(layers.parameters())
-    buckets = make_buckets(params, group, torch.float32, 64, scatter=True, bucket_groups=groups)
+    buckets = make_buckets(params, group, torch.float32, 64, scatter=True)  # one per weight
+    assert [b.params for b in buckets] == [[layer.weight] for layer in reversed(layers)]
     reducer = GradReducer(buckets, group, scatter=True)
     most = 0
 
