@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shardwise.distributed import comm
 from shardwise.distributed.comm import CommStats
 from shardwise.engine import initialize
 from shardwise.zero.chunks.chunk import ChunkState, GatheredChunk
@@ -133,6 +134,35 @@ def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(pool2):
     padding = units / sum(stage0["bucket_bytes"])  # units pad separately from size buckets
     assert moved3 / moved0 == pytest.approx(1.5 * padding, rel=1e-12)
     assert padding == pytest.approx(1.0, abs=1e-3)
+
+
+def _reduce_scatters(offload: dict) -> list[bool]:
+    """Whether each gradient reduce-scatter of one step ran in the background."""
+    cfg = make_config(micro_batch=1, global_batch=2, zero_stage=3).replace(offload=offload)
+    engine = initialize(build_model(cfg), None, cfg)
+    launched = []
+    reduce_scatter = comm.reduce_scatter_
+
+    def recorded(output, input, group, **kwargs):
+        launched.append(kwargs.get("async_op", False))
+        return reduce_scatter(output, input, group, **kwargs)
+
+    comm.reduce_scatter_ = recorded
+    try:
+        engine.train_step(global_batches(cfg, 1)[0])
+    finally:
+        comm.reduce_scatter_ = reduce_scatter
+    return launched
+
+
+def test_units_reduce_gradients_in_the_background_and_budgets_do_not(pool2):
+    """With no device budget a unit's gradient chunk is reduce-scattered while backward goes
+    on; under a budget (which counts one gradient shard being reduced into) each one is
+    finished before backward goes on."""
+    units = pool2.run(_reduce_scatters, {})[0]
+    assert units == [True] * 3  # root, blocks.0, blocks.1
+    budgeted = pool2.run(_reduce_scatters, {"policy": "static"})[0]
+    assert budgeted and not any(budgeted)
 
 
 def test_stage3_recomputation_gathers_nothing_more(pool2):
