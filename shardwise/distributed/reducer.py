@@ -33,6 +33,15 @@ gradient buffer is freed as soon as the next bucket is launched (its own reduce-
 waited on then), so during backward at most two full buckets are alive, and between steps
 gradients cost n/P elements a bucket.
 
+[Note: reducing every micro-batch] Reduce-scattering (ZeRO-2) in exact steps, every backward
+reduces its ready buckets, not only the step's last: a later micro-batch's reduced slice is
+added to the kept one, and the full-size buffers are freed as in the step's last backward, so
+gradient accumulation keeps n/P elements a bucket between micro-batches as between steps
+(DeepSpeed's stage 2 does the same). A bucket not ready in a backward (a parameter without a
+gradient in it; a pipeline rank's other stage, whose bucket comes first in launch order)
+keeps its gradients local until the step's last backward. All-reducing (stages 0, 1) and
+1-bit Adam's compressed steps reduce in the last backward only.
+
 [Note: 1-bit Adam over replicas] With hierarchical data parallelism (ZeRO-2 sharded over
 `group`, typically within a node, replicated over `replicate_group`, across nodes) the slow
 link is the replicas' all-reduce. 1-bit Adam's exchange replaces that one: the slice is first
@@ -75,7 +84,12 @@ class Bucket:
     """Full-size gradient buffer in the parameter dtype (every ``param.grad`` is a view of
     it); None between steps when reduce-scattering."""
     ready: int = 0
-    """Parameters whose gradient for this step is complete (counted in the sync backward)."""
+    """Parameters whose gradient is complete (counted in a backward that reduces)."""
+    reduced_in_step: bool = False
+    """Whether a reduction of this step has written `reduced` already: a later one (the next
+    micro-batch's, [Note: reducing every micro-batch]) is added to it."""
+    partial: torch.Tensor | None = field(default=None, repr=False)
+    """Where the reduction in flight writes when it is added to `reduced` after it."""
     undivided: bool = False
     """Whether some gradient in `grads` was copied in as it came, not divided by the ranks
     averaged ([Note: division on arrival]); reset at each step's end."""
@@ -162,12 +176,20 @@ class GradReducer:
         step's gradients travel (COMPRESSED needs a `compression`)."""
         if exchange is Exchange.COMPRESSED and self.compression is None:
             raise ValueError("a compressed exchange needs the reducer's compression")
+        if self._in_flight or self._next_launch:
+            raise RuntimeError("GradReducer.finish() must follow every backward")
         if not self._handles:
             hook = self._on_grad_ready
             params = [p for bucket in self.buckets for p in bucket.params]
             self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         self._sync = sync
         self.exchange = exchange
+
+    @property
+    def _reduces_now(self) -> bool:
+        """Whether this backward reduces its ready buckets ([Note: reducing every
+        micro-batch])."""
+        return self._sync or (self.scatter and self.exchange is Exchange.EXACT)
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, index = self._slot[id(param)]
@@ -181,7 +203,7 @@ class GradReducer:
                 view.copy_(param.grad)
                 bucket.undivided = True
             param.grad = view
-        if not self._sync:
+        if not self._reduces_now:
             return  # accumulation micro-batch: gradients stay local
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
@@ -221,7 +243,11 @@ class GradReducer:
             # a compressed average over the replicas comes next: it divides by their number
             ranks = self.group_size if self._compressing() else self._ranks_averaged
             source = bucket.grads.to(bucket.reduced.dtype).div_(ranks)
-            bucket.work = comm.reduce_scatter_(bucket.reduced, source, self.group, async_op=True)
+            out = bucket.reduced
+            if bucket.reduced_in_step:  # a later micro-batch's: added after it is done
+                out = bucket.partial = torch.empty_like(bucket.reduced)
+            bucket.reduced_in_step = True
+            bucket.work = comm.reduce_scatter_(out, source, self.group, async_op=True)
         else:
             if bucket.reduced is not bucket.grads:
                 bucket.reduced.copy_(bucket.grads)
@@ -239,18 +265,23 @@ class GradReducer:
         if bucket.work is not None:
             bucket.work.wait()
             bucket.work = None
+        out = bucket.reduced if bucket.partial is None else bucket.partial
         if self.replicate_group is not None and self._compressing():
             self.compression.launch(index, bucket.reduced, bucket.reduced).wait()
         elif self.replicate_group is not None:
-            comm.all_reduce_(bucket.reduced, self.replicate_group)
+            comm.all_reduce_(out, self.replicate_group)
+        if bucket.partial is not None:
+            bucket.reduced.add_(bucket.partial)
+            bucket.partial = None
         if self.scatter:
             bucket.grads = None
             for param in bucket.params:
                 param.grad = None
 
-    def finish(self) -> None:
-        """Launch what is left (unused parameters), wait for every bucket, reset counters."""
-        while self._next_launch < len(self.buckets):
+    def finish(self, last: bool = True) -> None:
+        """After a backward: wait for every bucket launched, and in the step's `last` one
+        first launch what is left (unused parameters); reset counters."""
+        while last and self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
             if bucket.grads is None:  # no parameter of this bucket got a gradient
                 bucket.grads = _new_grads(bucket)
@@ -262,7 +293,8 @@ class GradReducer:
             self._retire(*self._in_flight.pop(0))
         for bucket in self.buckets:
             bucket.ready = 0
-            bucket.undivided = False
+            if last:
+                bucket.undivided = bucket.reduced_in_step = False
         self._next_launch = 0
         self._sync = False
 

@@ -8,9 +8,8 @@ and of a reduced gradient, N the ZeRO shard group (``dp_shard``):
 * gradients: stages 0 and 1 all-reduce them once per step (accumulation micro-batches stay
   local) over every rank holding the same model part (dp x sp: 2 (G-1)/G Ψ R); stages 2 and
   3 reduce-scatter them over the shard group ((N-1)/N Ψ R), then the ranks holding the same
-  shard (``dp_replicate`` x sp) all-reduce the slice: once per step in the flat store, per
-  micro-batch in chunks (ZeRO-3, ``offload.policy``), which keep no full gradient between
-  backwards;
+  shard (``dp_replicate`` x sp) all-reduce the slice, at every micro-batch (no full gradient
+  is kept between backwards; 1-bit Adam: once per step);
 * parameters: stages 1 and 2 all-gather the updated shards once per step ((N-1)/N Ψ P);
   stage 3 gathers every unit for each micro-batch's forward and again for its backward
   (once, with ``zero.reshard_after_forward = false``);
@@ -54,7 +53,7 @@ def step_wire_bytes(plan: RunPlan, gpt: GPTConfig | None) -> dict[str, dict[str,
     sharding, shards = plan.sharding, dims.dp_shard
     entries = []  # (axis, op, ranks, payload bytes), as `ring_wire_bytes` takes them
     if sharding.grads:  # reduce-scatter over the shard group, the slice over its replicas
-        reductions = micro if plan.chunks else 1
+        reductions = micro if plan.optimizer.onebit_freeze is None else 1
         replicas = dims.dp_replicate * dims.sp
         entries += [
             ("dp", "reduce_scatter", shards, psi * reduce),

@@ -281,8 +281,7 @@ class FlatStore:
         return Exchange.EXACT
 
     def after_backward(self, sync: bool) -> None:
-        if sync:
-            self.reducer.finish()
+        self.reducer.finish(last=sync)
 
     # -- the step ----------------------------------------------------------------------------
 

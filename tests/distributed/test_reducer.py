@@ -53,9 +53,10 @@ def reference_grads(model: nn.Module, batches: list[tuple[torch.Tensor, bool]]) 
 
 def run_step(model, reducer, batches) -> list[torch.Tensor]:
     for i, (x, use_skip) in enumerate(batches):
-        reducer.prepare(sync=i == len(batches) - 1)
+        last = i == len(batches) - 1
+        reducer.prepare(sync=last)
         model(x, use_skip).backward()
-    reducer.finish()
+        reducer.finish(last=last)
     grads = [reduced_grad(reducer, p).clone() for p in model.parameters()]
     reducer.release_grads()
     return grads
@@ -190,3 +191,49 @@ def test_reduce_scatter_frees_each_full_buffer_after_the_next_launch(pool2):
     for most, all_freed in pool2.run(_alive_full_buffers_during_backward):
         assert most <= 2, most  # one in flight, one being filled
         assert all_freed
+
+
+def _reduce_scatter_every_micro_batch() -> dict:
+    rank = dist.get_rank()
+    mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
+    model = TwoPaths()
+    reducer = make(model, dp_mesh(mesh), scatter=True)
+    batches = [(torch.full((2, 4), float(rank + 1 + m)), m != 1) for m in range(3)]
+    freed = []
+    for m, (x, use_skip) in enumerate(batches):
+        reducer.prepare(sync=m == 2)
+        model(x, use_skip).backward()
+        reducer.finish(last=m == 2)
+        freed.append(all(b.grads is None for b in reducer.buckets))
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {
+        "freed": freed,
+        "kept": [b.reduced.clone() for b in reducer.buckets],
+        "layout": [
+            ([names[id(p)] for p in b.params], b.offsets, b.numel, b.shard) for b in reducer.buckets
+        ],
+    }
+
+
+def test_reduce_scatter_runs_every_micro_batch_and_keeps_only_slices(pool2):
+    """[Note: reducing every micro-batch]: after each backward only the reduced slices are
+    alive, but for a bucket not ready (`skip` gets no gradient in the second of three
+    micro-batches: its bucket keeps it local until the last backward); the kept slices add
+    up to the average of all three micro-batches."""
+    got = pool2.run(_reduce_scatter_every_micro_batch)
+    model = TwoPaths()
+    per_rank = [
+        reference_grads(model, [(torch.full((2, 4), float(r + 1 + m)), m != 1) for m in range(3)])
+        for r in range(2)
+    ]
+    names = [name for name, _ in model.named_parameters()]
+    mean = {n: ((a + b) / 2).flatten() for n, a, b in zip(names, *per_rank, strict=True)}
+    for result in got:
+        assert result["freed"] == [True, False, True]  # the skipped bucket kept its own
+        for kept, (params, offsets, numel, (start, end)) in zip(
+            result["kept"], result["layout"], strict=True
+        ):
+            flat = torch.zeros(numel)  # the averaged bucket, rebuilt from the reference
+            for name, offset in zip(params, offsets, strict=True):
+                flat[offset : offset + mean[name].numel()] = mean[name]
+            torch.testing.assert_close(kept, flat[start:end])
