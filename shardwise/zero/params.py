@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from shardwise.models.spec import ModelSpec
-from shardwise.zero.chunks.chunk import Chunk, Slot
+from shardwise.zero.chunks.chunk import Chunk
+from shardwise.zero.chunks.packing import laid_out
 from shardwise.zero.module_hooks import Site
 
 
@@ -88,11 +89,8 @@ def unit_chunks(
     names = {id(p): name for name, p in model.named_parameters()}
     chunks, sites = [], []
     for index, (name, modules, params) in enumerate(zero3_units(model, spec, per_module)):
-        slots, offset = [], 0
-        for param in params:
-            slots.append(Slot(names[id(param)], param, offset, param.numel()))
-            offset += param.numel()
-        numel = -(-offset // align) * align
+        slots = laid_out([(names[id(p)], p) for p in params])
+        numel = -(-sum(p.numel() for p in params) // align) * align
         chunks.append(Chunk(index, name, numel, params[0].dtype, slots))
         sites.append(Site(name, tuple(modules), (index,), tuple(params)))
     frees_after = {"forward", "backward"} if reshard_after_forward else {"backward"}

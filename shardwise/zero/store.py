@@ -150,10 +150,11 @@ def build_store(
     model.to(dtype=plan.precision.param_dtype, **placement)
     broadcast_from_first_rank(model, groups)
     if plan.chunks:  # sharded parameters, or parameters in tiers
-        sample = spec.sample_input(plan.config.data.seq_len, device)
-        run = functools.partial(schedule.trace_forward, model, sample)  # if chunks are searched
-        units = None
-        if not plan.tiered:  # ZeRO-3: a chunk per unit, whole elements on every rank
+        run = units = None
+        if plan.tiered:  # chunks packed in execution order, which one forward records
+            sample = spec.sample_input(plan.config.data.seq_len, device)
+            run = functools.partial(schedule.trace_forward, model, sample)
+        else:  # ZeRO-3: a chunk per unit, whole elements on every rank
             pipelined = plan.pipeline is not None  # stages never call the whole model
             align = 8 * comm.group_size(groups.shard)
             after = plan.sharding.reshard_after_forward

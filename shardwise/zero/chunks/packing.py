@@ -114,15 +114,20 @@ def build_chunks(
         numel = chunk_bytes // dtype.itemsize
         sizes = [p.numel() * dtype.itemsize for _, p in run]
         for group_indices in pack(sizes, numel * dtype.itemsize):
-            slots, offset = [], 0
-            for i in group_indices:
-                name, param = run[i]
-                slots.append(Slot(name, param, offset, param.numel()))
-                offset += param.numel()
+            slots = laid_out([run[i] for i in group_indices])
             index = len(chunks)
             chunks.append(Chunk(index, f"{group}.{index}", numel, dtype, slots))
         start = end
     return chunks
+
+
+def laid_out(params: Sequence[tuple[str, nn.Parameter]]) -> list[Slot]:
+    """Named parameters one after another in a flat buffer, from offset 0."""
+    slots, offset = [], 0
+    for name, param in params:
+        slots.append(Slot(name, param, offset, param.numel()))
+        offset += param.numel()
+    return slots
 
 
 def chunks_of_modules(model: nn.Module, chunks: Sequence[Chunk]) -> dict[str, tuple[int, ...]]:

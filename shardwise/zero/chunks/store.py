@@ -79,7 +79,7 @@ class ChunkStore:
         plan: RunPlan,
         groups: DataParallelGroups,
         device: torch.device,
-        run_forward: Callable[[], object],
+        run_forward: Callable[[], object] | None,
         param_init: ParamInit | None = None,
         tp: TensorParallel | None = None,
         units: Units | None = None,
@@ -87,11 +87,11 @@ class ChunkStore:
         """Chunks sharded over ``groups.shard``; ``groups.replicate``: ranks holding the same
         shards (hierarchical data parallelism), which average their gradient shards.
         `run_forward` runs this rank's part of the model once on a sample (the execution
-        order). `tp`: the model is split by a tensor-parallel plan; its shards are chunked
-        like any parameter, and norms and overflow flags are summed over the tp ranks too.
-        `units`: ZeRO-3 without ``offload.policy``, the model's units (zero/params.py) instead
-        of searched chunks: on the device with no budget, each freed after use as
-        ``zero.reshard_after_forward`` says, its gradients reduced while backward goes on."""
+        order; None with `units`). `tp`: the model is split by a tensor-parallel plan; its
+        shards are chunked like any parameter, and norms and overflow flags are summed over
+        the tp ranks too. `units`: ZeRO-3 without ``offload.policy``, the model's units
+        (zero/params.py) instead of searched chunks: on the device with no budget, each freed
+        after use as ``zero.reshard_after_forward`` says, gradients reduced as backward goes."""
         offload, group, replicate = plan.offload, groups.shard, groups.replicate
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
