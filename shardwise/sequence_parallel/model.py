@@ -89,6 +89,8 @@ class SequenceParallelCore(nn.Module):
         self.split = split
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Tensor | None = None) -> Tensor:
+        if q.is_meta:  # a forward traced on the meta device (the chunks' order): no data to send
+            return torch.empty_like(q)
         return self.split.attend(q, k, v, doc_ids=documents)
 
     def extra_repr(self) -> str:

@@ -152,7 +152,10 @@ def build_store(
     if plan.chunks:  # sharded parameters, or parameters in tiers
         run = units = None
         if plan.tiered:  # chunks packed in execution order, which one forward records
-            sample = spec.sample_input(plan.config.data.seq_len, device)
+            # on the parameters' device: a meta model traces for free, and a sequence-parallel
+            # cut computes its positions where the token ids are
+            where = next(p for p in model.parameters() if p.requires_grad).device
+            sample = spec.sample_input(plan.config.data.seq_len, where)
             run = functools.partial(schedule.trace_forward, model, sample)
         else:  # ZeRO-3: a chunk per unit, whole elements on every rank
             pipelined = plan.pipeline is not None  # stages never call the whole model

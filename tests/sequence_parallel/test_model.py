@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 
 import pytest
 import torch.distributed as dist
@@ -16,10 +17,12 @@ import torch.distributed as dist
 from shardwise.distributed.dims import ParallelDims
 from shardwise.engine import initialize
 from shardwise.errors import ConfigError
+from shardwise.models.gpt import build_gpt
 from shardwise.run_plan import resolve
 from tests.cli_runs import TINY_RUN, train_on_two_ranks
 from tests.parity import (
     NO_CORE_MODEL,
+    SEQ,
     assert_parity,
     build_model,
     global_batches,
@@ -43,10 +46,17 @@ def sp_config(kind: str, micro_batch: int, global_batch: int, **parallel):
 
 def sp_engine_run(cfg) -> tuple[list[float], dict]:
     """On every rank: the rows of this rank's dp index, whole sequences (the engine cuts
-    this rank's part). With parameter chunks, checks that some left the device."""
+    this rank's part). With parameter chunks, the model is built on the meta device and
+    filled chunk by chunk, as `shardwise train` builds it, and some chunk must have left the
+    device."""
     dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size())
     mesh = dims.build_mesh("cpu")
-    engine = initialize(build_model(cfg), None, cfg, mesh=mesh)
+    if cfg.offload.policy == "none":
+        engine = initialize(build_model(cfg), None, cfg, mesh=mesh)
+    else:
+        model = build_gpt(cfg.model, SEQ, device="meta")
+        fill = partial(model.init_parameter, seed=cfg.train.seed)
+        engine = initialize(model, None, cfg, mesh=mesh, param_init=fill)
     dp_rank, losses = dims.dp_rank(mesh), []
     for inputs, targets in global_batches(cfg):
         rows = inputs.shape[0] // dims.dp
