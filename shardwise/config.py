@@ -168,7 +168,7 @@ class OffloadConfig(_Section):
     on the host in the background while step t+1's forward and backward compute (ZeRO-Offload's
     delayed parameter update), so each step computes with the parameters from before the
     previous step's update; costs a host copy of the parameters and gradients the rank updates
-    (docs/offload.md). zero.stage 0-2 and offload.policy none only. 0: off."""
+    (docs/offload.md). offload.policy none only (any zero.stage). 0: off."""
     chunk_mb: int = Field(64, ge=1)
     """Adam states streamed per chunk, in MiB (about 3 chunks are in host memory at once)."""
     disk_path: str | None = None

@@ -543,12 +543,11 @@ def _check_offload(config: Config, optimizer_given: bool) -> None:
             "optimizer_factory=None or keep offload.optimizer='device'"
         )
     policy = offload.policy
-    chunked = policy != "none" or config.zero.stage == 3  # updated chunk by chunk
-    if offload.delayed_update and (offload.optimizer == "device" or chunked):
+    if offload.delayed_update and (offload.optimizer == "device" or policy != "none"):
         raise ConfigError(
             "offload.delayed_update overlaps the host's Adam step (offload.optimizer='host' or "
-            "'disk') with the next step's compute on flat buffers; it needs one of those, "
-            "offload.policy='none' and zero.stage 0, 1 or 2"
+            "'disk') with the next step's compute on parameters that stay on the device; it "
+            "needs one of those and offload.policy='none'"
         )
     if offload.delayed_update > config.train.steps:
         raise ConfigError(

@@ -30,14 +30,13 @@ from shardwise.optim import OptimizerFactory, default_optimizer_factory
 from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
+from shardwise.zero.chunks.budget import MIB, ChunkBytes, mib_up
 from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier, TierIO, build_grad_chunks
 from shardwise.zero.chunks.grads import ChunkedAdamW, GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import (
     build_chunks,
     chunk_sites,
-    chunks_of_modules,
-    held_chunks,
     params_in_execution_order,
     search_chunk_size,
 )
@@ -53,15 +52,13 @@ from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
 from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.module_hooks import ModuleHooks
-from shardwise.zero.offload.adam import offloaded_adamw_settings
+from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
 from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.params import Units
 from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
 
 log = logging.getLogger("shardwise")
-
-MIB = 2**20
 
 
 class ChunkStore:
@@ -99,6 +96,10 @@ class ChunkStore:
         self.precision = plan.precision
         self.model = model
         self.offload = offload
+        self.delays = offload.delayed_update > 0
+        """``offload.delayed_update`` (the plan allows it for units only, whose homes never
+        leave the device): the host's update runs in the background while the next step
+        computes ([Note: delayed parameter update] in offload/adam.py)."""
         self.ranks = comm.group_size(group) if group is not None else 1
         replicas = comm.group_size(replicate) if replicate is not None else 1
         self.sharded = self.ranks * replicas > 1
@@ -137,7 +138,8 @@ class ChunkStore:
             else None
         )
         host_budget = _bytes(offload.host_budget_mb)
-        self._check_capacity(self.placement.device_budget, host_budget)
+        if self.disk is None:
+            self._bytes_of(self.chunks).check_capacity(self.placement.device_budget, host_budget)
         if self.sharded:
             io = TierIO.for_device(torch.device(device))
             self.chunks, self.homes = shard_chunks(
@@ -281,11 +283,17 @@ class ChunkStore:
 
     # -- placement ---------------------------------------------------------------------------
 
+    def _bytes_of(self, chunks: list[Chunk]) -> ChunkBytes:
+        """What a step over `chunks` needs of the device, as this store shards them."""
+        return ChunkBytes(
+            self.model, chunks, self.ranks, self.sharded, self.gathered, self.whole, self.grad_dtype
+        )
+
     def _chunks_and_placement(
         self, order: list[tuple[str, nn.Parameter]]
     ) -> tuple[list[Chunk], Placement]:
         """Chunks of the size that wastes the least padding, or, if those leave the device
-        budget below the minimum a step needs (`_minimum_budget`), the smallest chunks the
+        budget below the minimum a step needs (`ChunkBytes.minimum`), the smallest chunks the
         parameters allow; then the policy's initial placement."""
         offload, budget = self.offload, _bytes(self.offload.device_budget_mb)
         sizes = [p.numel() * p.element_size() for _, p in order]
@@ -298,140 +306,38 @@ class ChunkStore:
             )
             if self.sharded:  # shards of whole elements of any dtype
                 chunk_bytes = math.ceil(chunk_bytes / (8 * self.ranks)) * 8 * self.ranks
-            self.chunks = build_chunks(order, chunk_bytes)
-            pinned = self._pinned()
-            minimum, why = self._minimum_budget(pinned)
+            chunks = build_chunks(order, chunk_bytes)
+            pinned = self._pinned(chunks)
+            minimum, why = self._bytes_of(chunks).minimum(pinned)
             if budget is None or budget >= minimum:
-                return self.chunks, self._placement(pinned, budget or minimum)
+                return chunks, self._placement(chunks, pinned, budget or minimum)
         raise ConfigError(
             f"offload.device_budget_mb={offload.device_budget_mb:g} is below the minimum "
-            f"{_mib_up(minimum)} MiB ({minimum} bytes) even with the smallest chunks "
+            f"{mib_up(minimum)} MiB ({minimum} bytes) even with the smallest chunks "
             f"({chunk_bytes} bytes): {why}; raise offload.device_budget_mb"
             + (" or lower offload.chunk_min_mb" if offload.chunk_min_mb else "")
         )
 
-    def _pinned(self) -> frozenset[int]:
+    def _pinned(self, chunks: list[Chunk]) -> frozenset[int]:
         if self.offload.policy != "static":
             return frozenset()
-        return static_placement(self.chunks, self.offload.param_device_fraction, 0.0).pinned
+        return static_placement(chunks, self.offload.param_device_fraction, 0.0).pinned
 
-    def _home_bytes(self, index: int) -> int:
-        """Bytes of the home of chunk `index`: the chunk, or this rank's shard of it."""
-        return self.chunks[index].nbytes // self.ranks
-
-    def _placed_bytes(self, index: int) -> int:
-        """Bytes of what the placement puts at position `index` (see `_placed`)."""
-        return self.chunks[index].nbytes if self.whole else self._home_bytes(index)
-
-    def _placement(self, pinned: frozenset[int], budget: int) -> Placement:
+    def _placement(self, chunks: list[Chunk], pinned: frozenset[int], budget: int) -> Placement:
         """static: the policy's placement (pinning `pinned`). auto, for the warm-up: the first
         homes on the device while they fit in the budget, no schedule. Positions index the
         chunks and their homes alike."""
         if self.offload.policy == "static":
             optim = 1.0 if self.offload.optimizer == "device" else 0.0
-            placement = static_placement(self.chunks, self.offload.param_device_fraction, optim)
+            placement = static_placement(chunks, self.offload.param_device_fraction, optim)
             return dataclasses.replace(placement, device_budget=budget)
+        placed = self._bytes_of(chunks).placed
         on_device, room = 0, budget
-        while on_device < len(self.chunks) and self._placed_bytes(on_device) <= room:
-            room -= self._placed_bytes(on_device)
+        while on_device < len(chunks) and placed(on_device) <= room:
+            room -= placed(on_device)
             on_device += 1
-        tiers = tuple(Tier.DEVICE if c.index < on_device else Tier.HOST for c in self.chunks)
+        tiers = tuple(Tier.DEVICE if c.index < on_device else Tier.HOST for c in chunks)
         return Placement("auto", tiers, frozenset(), None, budget)
-
-    def _minimum_budget(self, pinned: frozenset[int]) -> tuple[int, str]:
-        """The smallest device budget for chunks a step runs in, and why: in backward the
-        pinned homes, the chunks held through backward (`held_chunks`), the other chunks of
-        the module that computes with the most bytes of them and one gradient chunk (sharded:
-        and a gradient shard being reduced into; ZeRO-3: and a shard being gathered); in the
-        optimizer pass the pinned homes and `_update_bytes`."""
-        on_device = frozenset() if self.gathered else pinned  # pinned shards gather anyway
-        held = held_chunks(self.model, self.chunks) - on_device
-        base = sum(self._placed_bytes(i) for i in pinned)
-        base += sum(self.chunks[i].nbytes for i in held)
-        modules = chunks_of_modules(self.model, self.chunks)
-        working = {
-            name: sum(self.chunks[i].nbytes for i in used if i not in on_device | held)
-            for name, used in modules.items()
-        }
-        module = max(working, key=working.get)
-        grad = max(map(self._grad_bytes, range(len(self.chunks))))
-        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
-        grad_home = grad // self.ranks
-        why = [f"{module!r} computes with chunks {list(modules[module])}"]
-        if pinned:
-            pinned_what = "shards of chunks" if self.gathered else "chunks"
-            why.append(f"{pinned_what} {sorted(pinned)} are pinned")
-        if held:
-            why.append(f"chunks {sorted(held)} are held through backward (tied parameters)")
-        why.append(f"one gradient chunk ({grad} bytes) receives gradients beside them")
-        shards = (home if self.gathered else 0) + (grad_home if self.sharded else 0)
-        if self.gathered:
-            why.append(f"a shard is gathered and a gradient shard reduced into ({shards} bytes)")
-        elif self.sharded:
-            why.append(f"a gradient shard is reduced into ({shards} bytes)")
-        update = sum(self._placed_bytes(i) for i in pinned) + self._update_bytes()
-        return max(base + working[module] + grad + shards, update), "; ".join(why)
-
-    def _update_bytes(self) -> int:
-        """Device bytes of the optimizer pass beside pinned chunks: a home and its gradients,
-        or, with full chunks kept whole over ranks, a home and the chunk gathered from it."""
-        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
-        if self.whole:
-            return home + max(c.nbytes for c in self.chunks)
-        return home + max(map(self._grad_bytes, range(len(self.chunks)))) // self.ranks
-
-    def _grad_bytes(self, index: int) -> int:
-        """Bytes of the gradient chunk of chunk `index` (in the reduce dtype)."""
-        return self.chunks[index].numel * self.grad_dtype.itemsize
-
-    def _check_trace(self, trace: MemoryTrace, budget: int) -> None:
-        """The minimum device budget the warm-up measured: at each moment its non-model bytes
-        plus its chunks, and in backward the chunks held through it (`held_chunks`) and one
-        gradient chunk, which `auto_placement` does not know about; the optimizer pass (one
-        chunk and its gradient chunk, beside the first or last moment's non-model bytes, whose
-        budget is in force then). One error naming the minimum."""
-        held = held_chunks(self.model, self.chunks)
-        grad = max(map(self._grad_bytes, range(len(self.chunks))))
-        home = max(self._home_bytes(i) for i in range(len(self.chunks)))
-        gathered = home if self.gathered else 0  # a shard gathered from
-        reduced = grad // self.ranks if self.sharded else 0  # a gradient shard reduced into
-        need, worst = 0, None
-        for moment in trace.moments:
-            backward = moment.phase == "backward"
-            used = set(moment.chunks) | (held if backward else set())
-            moment_need = moment.non_model_bytes + sum(self.chunks[i].nbytes for i in used)
-            moment_need += gathered + (grad + reduced if backward else 0)
-            if moment_need > need:
-                need, worst = moment_need, (moment, sorted(used))
-        update = self._update_bytes()
-        for moment in trace.moments[:1] + trace.moments[-1:]:
-            if moment.non_model_bytes + update > need:
-                need, worst = moment.non_model_bytes + update, (moment, "the optimizer pass")
-        if worst is not None and need > budget:
-            moment, used = worst
-            raise ConfigError(
-                f"offload.device_budget_mb={self.offload.device_budget_mb:g} is below the "
-                f"minimum {_mib_up(need)} MiB ({need} bytes) the warm-up step measured: at "
-                f"{moment.module} {moment.phase} activations take {moment.non_model_bytes} "
-                f"bytes beside chunks {used} (and a gradient chunk in backward); raise "
-                "offload.device_budget_mb or lower the batch size or sequence length"
-            )
-
-    def _check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
-        indices = range(len(self.chunks))  # homes and their gradients, backward..update
-        total = sum(self._home_bytes(i) + self._grad_bytes(i) // self.ranks for i in indices)
-        if self.whole:  # the full chunks beside the shards
-            total += sum(c.nbytes for c in self.chunks)
-        if self.disk is None and host_budget is not None and device_budget is not None:
-            if total > device_budget + host_budget:
-                raise ConfigError(
-                    f"parameter and gradient chunks take {total / MIB:.4g} MiB, more than "
-                    f"offload.device_budget_mb + offload.host_budget_mb = "
-                    f"{(device_budget + host_budget) / MIB:.4g} MiB; set offload.disk_path or "
-                    "raise offload.host_budget_mb"
-                )
-
-    # -- the step ----------------------------------------------------------------------------
 
     # -- the store protocol (zero/store.py) --------------------------------------------------
 
@@ -528,7 +434,8 @@ class ChunkStore:
             return
         tracer.__exit__(None, None, None)
         trace = self._same_on_every_rank(tracer.trace())
-        self._check_trace(trace, self.manager.device_budget)
+        budget = self.manager.device_budget
+        self._bytes_of(self.chunks).check_trace(trace, budget, self.offload.device_budget_mb)
         self.placement = auto_placement(self.chunks, trace, self.manager.device_budget)
         apply_placement(self.manager, self.placement, self._placed())
         self._log_placement()
@@ -574,17 +481,23 @@ class ChunkStore:
     ) -> torch.optim.Optimizer:
         """The optimizer over the chunk groups: `given`'s or torch's AdamW (states on the
         device), or, for ``offload.optimizer`` host / disk, a `ChunkedAdamW` sharing the disk
-        tier."""
+        tier; an `OffloadedAdamW` that may update in the background with
+        ``offload.delayed_update``."""
         chunk_groups = self.param_groups(groups)
         if self.offload.optimizer == "device":
             return (given or default_optimizer_factory(plan.config.optim))(chunk_groups)
+        settings = offloaded_adamw_settings(plan.config.optim, self.offload, self.disk)
+        if self.delays:  # the homes stay on the device: its update opens none
+            return OffloadedAdamW(
+                chunk_groups, **settings, delayed_from=self.offload.delayed_update
+            )
         return ChunkedAdamW(
             chunk_groups,
             group_chunks=self.group_chunks,
             open_chunk=self._open_for_update,
             close_chunk=self._close_after_update,
             grad_of=self._attached_grad,
-            **offloaded_adamw_settings(plan.config.optim, self.offload, self.disk),
+            **settings,
         )
 
     def update(self, optimizer: torch.optim.Optimizer, clip_coef: torch.Tensor | None) -> None:
@@ -592,11 +505,20 @@ class ChunkStore:
         a time, gradients multiplied by `clip_coef` as they are opened (what
         `torch.nn.utils.clip_grads_with_norm_` multiplies by): `ChunkedAdamW` walks the chunks
         itself; any other optimizer (which skips parameters without a gradient, as torch's do)
-        steps once per chunk with only that chunk's gradients attached."""
+        steps once per chunk with only that chunk's gradients attached. With
+        ``offload.delayed_update`` every home is opened and the optimizer steps once, after
+        the previous step's update was written (`_finish_delayed`)."""
         self._clip_coef, self._visited = clip_coef, 0
         try:
             if isinstance(optimizer, ChunkedAdamW):
                 optimizer.step()
+            elif self.delays:
+                self._finish_delayed(optimizer)
+                for home in self.homes:
+                    self._open_for_update(home)
+                optimizer.step()  # copies the gradients it reads to the host, if it delays
+                for home in self.homes:
+                    self._close_after_update(home)
             else:
                 for home in self.homes:
                     self._open_for_update(home)
@@ -609,8 +531,15 @@ class ChunkStore:
             self._gather_updates()
 
     def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing: chunks are updated within `update` (``offload.delayed_update`` needs
-        ``offload.policy='none'``)."""
+        """Make the homes what every rank agrees on (before a save, a load or
+        `full_state_dict`): a delayed update still running waited for and written."""
+        self._finish_delayed(optimizer)
+
+    def _finish_delayed(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write a delayed update still running into the homes (the homes' chunks gathered
+        before are dropped as their homes open for the update, or were at the step's end)."""
+        if self.delays:
+            optimizer.finish_step()
 
     @torch.no_grad()
     def _gather_updates(self) -> None:
@@ -652,7 +581,7 @@ class ChunkStore:
         grads = []
         for param, grad in self.grads.attach(chunk):
             stepped = self._stepped(param)  # a master piece, if any
-            if self.offload.optimizer == "device":  # a torch optimizer: `.grad`
+            if self.offload.optimizer == "device" or self.delays:  # it reads `.grad`
                 stepped.grad = grad if grad.dtype == stepped.dtype else grad.to(stepped.dtype)
                 grad = stepped.grad
             else:
@@ -789,11 +718,6 @@ class ChunkStore:
         report.update({f"grad_chunks_{t.value}": per_tier[t] for t in Tier})
         report["chunks_device_peak"] = self.manager.device_peak_bytes
         return report
-
-
-def _mib_up(nbytes: int) -> str:
-    """`nbytes` in MiB, rounded up to 4 decimals: a budget set to the printed value suffices."""
-    return f"{math.ceil(nbytes / MIB * 10_000) / 10_000:g}"
 
 
 def _bytes(mib: float | None) -> int | None:
