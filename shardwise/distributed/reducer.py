@@ -6,9 +6,12 @@ A post-accumulate-grad hook counts the parameters of a bucket that are ready; a 
 is launched asynchronously while backward goes on computing earlier layers.
 
 [Note: launch order] gloo and NCCL match collectives by issue order, so every rank must
-launch buckets in the same order. Buckets are only launched in index order: a bucket that
-becomes ready early waits until all buckets before it were launched. Buckets that never get
-ready (parameters unused this step) are launched in `finish`, still in index order.
+launch buckets in the same order. While backward runs, buckets are only launched in index
+order: a bucket that becomes ready early waits until all buckets before it were launched.
+What is left is launched in `finish`, still in index order: at the step's last backward
+every bucket (parameters unused this step are zeroed), at an earlier one that reduces the
+buckets that are ready (the same on every rank: the same graph gave the same parameters
+their gradients).
 
 [Note: first touch] After a step every ``.grad`` is released (None). The first backward of
 the next step hands each parameter a fresh gradient, which the hook copies into the bucket
@@ -37,10 +40,13 @@ gradients cost n/P elements a bucket.
 reduces its ready buckets, not only the step's last: a later micro-batch's reduced slice is
 added to the kept one, and the full-size buffers are freed as in the step's last backward, so
 gradient accumulation keeps n/P elements a bucket between micro-batches as between steps
-(DeepSpeed's stage 2 does the same). A bucket not ready in a backward (a parameter without a
-gradient in it; a pipeline rank's other stage, whose bucket comes first in launch order)
-keeps its gradients local until the step's last backward. All-reducing (stages 0, 1) and
-1-bit Adam's compressed steps reduce in the last backward only.
+(DeepSpeed's stage 2 does the same). A bucket ready once backward is done but behind one
+that is not (a pipeline rank's other stage, whose buckets come first in launch order) is
+reduced in `finish`; a bucket not ready (a parameter without a gradient in this backward)
+keeps its gradients local until a backward completes it, or the step's last. At the last,
+a bucket reduced earlier in the step and given no gradient since is not reduced again.
+All-reducing (stages 0, 1) and 1-bit Adam's compressed steps reduce in the last backward
+only.
 
 [Note: 1-bit Adam over replicas] With hierarchical data parallelism (ZeRO-2 sharded over
 `group`, typically within a node, replicated over `replicate_group`, across nodes) the slow
@@ -214,7 +220,8 @@ class GradReducer:
             bucket = self.buckets[self._next_launch]
             if bucket.ready < len(bucket.params):
                 return
-            self._launch(bucket)
+            self._launch(self._next_launch)
+            self._next_launch += 1
 
     def _compressing(self) -> bool:
         return self.exchange is Exchange.COMPRESSED
@@ -232,10 +239,10 @@ class GradReducer:
             and self.exchange is Exchange.EXACT
         )
 
-    def _launch(self, bucket: Bucket) -> None:
+    def _launch(self, index: int) -> None:
         # Pre-divide: the sum of x/P over P ranks is the mean; gloo has no AVG op, and
         # dividing first keeps fp16 sums in range.
-        index = self._next_launch
+        bucket = self.buckets[index]
         if self._compressing() and self.replicate_group is None:
             out = bucket.reduced_range(*self.compression.owned_range(index))
             bucket.work = self.compression.launch(index, bucket.grads, out)
@@ -255,7 +262,6 @@ class GradReducer:
                 if bucket.undivided:
                     bucket.reduced.div_(self._ranks_averaged)
                 bucket.work = comm.all_reduce_(bucket.reduced, self.group, async_op=True)
-        self._next_launch += 1
         self._in_flight.append((index, bucket))
         while self.scatter and len(self._in_flight) > 1:
             self._retire(*self._in_flight.pop(0))  # see [Note: shard layout]
@@ -279,16 +285,19 @@ class GradReducer:
                 param.grad = None
 
     def finish(self, last: bool = True) -> None:
-        """After a backward: wait for every bucket launched, and in the step's `last` one
-        first launch what is left (unused parameters); reset counters."""
-        while last and self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if bucket.grads is None:  # no parameter of this bucket got a gradient
-                bucket.grads = _new_grads(bucket)
-            for index, param in enumerate(bucket.params):
-                if param.grad is None:  # no gradient this step: its slot holds an old one
-                    param.grad = bucket.view_of(bucket.grads, index).zero_()
-            self._launch(bucket)
+        """After a backward: launch what is left ([Note: launch order]) and wait for every
+        bucket launched; reset counters."""
+        for index in range(self._next_launch, len(self.buckets)):
+            bucket = self.buckets[index]
+            if last and not (bucket.grads is None and bucket.reduced_in_step):
+                if bucket.grads is None:  # no parameter of this bucket got a gradient
+                    bucket.grads = _new_grads(bucket)
+                for slot, param in enumerate(bucket.params):
+                    if param.grad is None:  # no gradient this step: its slot holds an old one
+                        param.grad = bucket.view_of(bucket.grads, slot).zero_()
+                self._launch(index)
+            elif not last and self._reduces_now and bucket.ready == len(bucket.params):
+                self._launch(index)
         while self._in_flight:
             self._retire(*self._in_flight.pop(0))
         for bucket in self.buckets:

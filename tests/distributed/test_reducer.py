@@ -5,6 +5,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise.accelerator import get_accelerator
+from shardwise.distributed import comm
 from shardwise.distributed.dims import ParallelDims, dp_mesh
 from shardwise.distributed.reducer import FIRST_BUCKET_BYTES, GradReducer, make_buckets
 
@@ -204,10 +205,14 @@ def _reduce_scatter_every_micro_batch() -> dict:
         reducer.prepare(sync=m == 2)
         model(x, use_skip).backward()
         reducer.finish(last=m == 2)
-        freed.append(all(b.grads is None for b in reducer.buckets))
+        freed.append([b.grads is None for b in reducer.buckets])
+    return {"freed": freed, **_kept_slices(model, reducer)}
+
+
+def _kept_slices(model: nn.Module, reducer: GradReducer) -> dict:
+    """This rank's reduced slice of every bucket, and the buckets' layouts by name."""
     names = {id(p): name for name, p in model.named_parameters()}
     return {
-        "freed": freed,
         "kept": [b.reduced.clone() for b in reducer.buckets],
         "layout": [
             ([names[id(p)] for p in b.params], b.offsets, b.numel, b.shard) for b in reducer.buckets
@@ -215,25 +220,93 @@ def _reduce_scatter_every_micro_batch() -> dict:
     }
 
 
+def assert_kept_slices(result: dict, model: nn.Module, batches_per_rank: list[list]) -> None:
+    """The kept slices are those of the reference gradients (`model` over each rank's
+    micro-batches, summed) averaged over the ranks."""
+    per_rank = [reference_grads(model, batches) for batches in batches_per_rank]
+    names = [name for name, _ in model.named_parameters()]
+    ranks = len(per_rank)
+    mean = {n: (sum(grads) / ranks).flatten() for n, *grads in zip(names, *per_rank, strict=True)}
+    for kept, (params, offsets, numel, (start, end)) in zip(
+        result["kept"], result["layout"], strict=True
+    ):
+        flat = torch.zeros(numel)  # the averaged bucket, rebuilt from the reference
+        for name, offset in zip(params, offsets, strict=True):
+            flat[offset : offset + mean[name].numel()] = mean[name]
+        torch.testing.assert_close(kept, flat[start:end])
+
+
 def test_reduce_scatter_runs_every_micro_batch_and_keeps_only_slices(pool2):
     """[Note: reducing every micro-batch]: after each backward only the reduced slices are
     alive, but for a bucket not ready (`skip` gets no gradient in the second of three
-    micro-batches: its bucket keeps it local until the last backward); the kept slices add
-    up to the average of all three micro-batches."""
+    micro-batches: its bucket keeps it local until the last backward; the bucket after it
+    is reduced once backward is done); the kept slices add up to the average of all three
+    micro-batches."""
     got = pool2.run(_reduce_scatter_every_micro_batch)
-    model = TwoPaths()
-    per_rank = [
-        reference_grads(model, [(torch.full((2, 4), float(r + 1 + m)), m != 1) for m in range(3)])
+    batches = [[(torch.full((2, 4), float(r + 1 + m)), m != 1) for m in range(3)] for r in range(2)]
+    for result in got:
+        assert result["freed"] == [[True, True], [False, True], [True, True]]
+        assert_kept_slices(result, TwoPaths(), batches)
+
+
+class Branches(nn.Module):
+    """Two halves, each micro-batch's backward reaching one of them: an interleaved pipeline
+    rank's two stages (the later one's bucket first in launch order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        return getattr(self, which)(x).sum()
+
+
+BRANCHES = ["first", "second", "first"]
+
+
+def _one_branch_per_micro_batch() -> dict:
+    rank = dist.get_rank()
+    mesh = ParallelDims(1, 2, 1, 1, 1, "1d", 1, 2).build_mesh(get_accelerator().device_type)
+    model = Branches()
+    reducer = make(model, dp_mesh(mesh), scatter=True)
+    launched, real = [], comm.reduce_scatter_
+
+    def counted(*args, **kwargs):
+        launched[-1] += 1
+        return real(*args, **kwargs)
+
+    freed = []
+    comm.reduce_scatter_ = counted
+    try:
+        for m, which in enumerate(BRANCHES):
+            launched.append(0)
+            last = m == len(BRANCHES) - 1
+            reducer.prepare(sync=last)
+            model(torch.full((2, 4), float(rank + 1 + m)), which).backward()
+            reducer.finish(last=last)
+            freed.append(all(b.grads is None for b in reducer.buckets))
+    finally:
+        comm.reduce_scatter_ = real
+    return {"freed": freed, "launched": launched, **_kept_slices(model, reducer)}
+
+
+def test_a_bucket_behind_one_without_gradients_is_reduced_after_backward(pool2):
+    """[Note: launch order]: the first branch's bucket, second in launch order, is reduced
+    at the end of each backward that completes it, so no full-size gradient outlives a
+    backward; the step's last backward does not reduce the second branch's bucket again
+    (one reduce-scatter per backward). Each rank keeps the average of its slice."""
+    got = pool2.run(_one_branch_per_micro_batch)
+    batches = [
+        [(torch.full((2, 4), float(r + 1 + m)), w) for m, w in enumerate(BRANCHES)]
         for r in range(2)
     ]
-    names = [name for name, _ in model.named_parameters()]
-    mean = {n: ((a + b) / 2).flatten() for n, a, b in zip(names, *per_rank, strict=True)}
     for result in got:
-        assert result["freed"] == [True, False, True]  # the skipped bucket kept its own
-        for kept, (params, offsets, numel, (start, end)) in zip(
-            result["kept"], result["layout"], strict=True
-        ):
-            flat = torch.zeros(numel)  # the averaged bucket, rebuilt from the reference
-            for name, offset in zip(params, offsets, strict=True):
-                flat[offset : offset + mean[name].numel()] = mean[name]
-            torch.testing.assert_close(kept, flat[start:end])
+        assert [params for params, *_ in result["layout"]] == [
+            ["second.bias", "second.weight"],
+            ["first.bias", "first.weight"],
+        ]
+        assert result["freed"] == [True, True, True]
+        assert result["launched"] == [1, 1, 1]
+        assert_kept_slices(result, Branches(), batches)
