@@ -62,6 +62,11 @@ class Schedule(Protocol):
         """One forward of this rank's part of `model` on `sample` token ids (the store calls
         it under no_grad to record the order parameters are used in)."""
 
+    def stage_of(self) -> dict[int, int]:
+        """Id of a parameter -> the stage of this rank whose backwards give it gradients,
+        where the rank runs several stages, each backward through one (empty otherwise):
+        the reducer keeps them in separate buckets ([Note: launch order])."""
+
 
 def build_schedule(
     plan: RunPlan,
@@ -127,3 +132,6 @@ class GradientAccumulation:
 
     def trace_forward(self, model: nn.Module, sample: torch.Tensor) -> None:
         model(sample)
+
+    def stage_of(self) -> dict[int, int]:
+        return {}  # every backward runs through the whole model

@@ -338,11 +338,15 @@ layers' gradients exist, instead of after `bucket_bytes` of them."""
 
 
 def _bucket_params(
-    params: list[nn.Parameter], bucket_bytes: int, alone: nn.Parameter | None = None
+    params: list[nn.Parameter],
+    bucket_bytes: int,
+    alone: nn.Parameter | None = None,
+    stage_of: dict[int, int] | None = None,
 ) -> list[list[nn.Parameter]]:
     """Group parameters in reverse model order (≈ the order backward produces gradients),
-    one dtype per bucket, closing a bucket once it holds its byte budget; `alone` in a
-    bucket of its own."""
+    one dtype and one stage (`stage_of`, by parameter id) per bucket, closing a bucket once
+    it holds its byte budget; `alone` in a bucket of its own."""
+    stage_of = stage_of or {}
     groups: list[list[nn.Parameter]] = []
     open_by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     size_by_dtype: dict[torch.dtype, int] = {}
@@ -352,7 +356,12 @@ def _bucket_params(
             continue
         current = open_by_dtype.get(param.dtype)
         budget = min(FIRST_BUCKET_BYTES, bucket_bytes) if len(groups) <= 1 else bucket_bytes
-        if current is None or size_by_dtype[param.dtype] >= budget:
+        stage = stage_of.get(id(param))
+        if (
+            current is None
+            or size_by_dtype[param.dtype] >= budget
+            or stage_of.get(id(current[0])) != stage
+        ):
             current = open_by_dtype[param.dtype] = []
             size_by_dtype[param.dtype] = 0
             groups.append(current)
@@ -370,6 +379,7 @@ def make_buckets(
     device: torch.device | None = None,
     align: int = 1,
     alone: nn.Parameter | None = None,
+    stage_of: dict[int, int] | None = None,
 ) -> list[Bucket]:
     """The flat buckets of `params` (in model order) over `group`, in launch order, with
     their gradient buffers on `device` (default: the first parameter's, so parameters may
@@ -377,12 +387,14 @@ def make_buckets(
     each rank keeps only its shard's (see [Note: shard layout]). Each bucket's slices are a
     multiple of `align` elements (1-bit compression packs 8 signs a byte and scales whole
     chunks); `alone` gets a bucket of its own, so that its reduced slices are the same on
-    every rank holding a copy of it (a pipeline's tied weight)."""
+    every rank holding a copy of it (a pipeline's tied weight); parameters of different
+    stages (`stage_of`: the schedule's) share none, so that a backward through one stage
+    completes its buckets."""
     size, rank = comm.group_size(group), comm.group_rank(group)
     device = device or params[0].device
     return [
         _make_bucket(group_params, reduce_dtype, size, rank, scatter, device, align)
-        for group_params in _bucket_params(params, bucket_bytes, alone)
+        for group_params in _bucket_params(params, bucket_bytes, alone, stage_of)
     ]
 
 

@@ -202,6 +202,11 @@ class PipelineSchedule:
         split_rows, split_seq, split_width = self.hidden_split
         return (rows // split_rows, seq // split_seq, self.stages.hidden_size // split_width)
 
+    def stage_of(self) -> dict[int, int]:
+        if len(self.stages.parts) == 1:
+            return {}
+        return {id(p): s for s, part in self.stages.parts.items() for p in part.parameters()}
+
     @property
     def uncounted(self) -> nn.Parameter | None:
         """The last stage's copy of a tied weight: the first stage's copy counts in the norm."""

@@ -61,6 +61,15 @@ class StagePart:
             x = self.calls.run_block(self.model, self.block_list[index], x, **keywords)
         return self.calls.finish(self.model, x) if self.last else x
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the stage computes with."""
+        names = (self.calls.first if self.first else ()) + (self.calls.last if self.last else ())
+        modules = [self.block_list[index] for index in self.indices]
+        modules += [
+            self.model.get_submodule(name) for name in names if has_module(self.model, name)
+        ]
+        return [p for module in modules for p in module.parameters()]
+
 
 @dataclass
 class PipelineStages:

@@ -164,7 +164,8 @@ def build_store(
             units = unit_chunks(model, spec, pipelined, align, after)
         store = ChunkStore(model, plan, groups, device, run, param_init, tp, units)
     else:
-        store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler)
+        stage_of = schedule.stage_of()
+        store = FlatStore(model, plan, groups, device, spec, param_init, tp, scaler, stage_of)
     materialise_frozen(model, param_init, device)
     return store
 
@@ -183,7 +184,10 @@ class FlatStore:
         param_init: ParamInit | None,
         tp: TensorParallel | None,
         scaler: DynamicLossScaler | None = None,
+        stage_of: dict[int, int] | None = None,
     ) -> None:
+        """`stage_of`: the schedule's stage of each parameter (by id), where this rank runs
+        several: no bucket spans two."""
         sharding = plan.sharding
         self.model, self.device, self.tp = model, device, tp
         self.precision = plan.precision
@@ -207,6 +211,7 @@ class FlatStore:
             device=device,
             align=math.lcm(8, chunk) * pieces if onebit else 1,
             alone=_stage_embedding(model, plan, spec),
+            stage_of=stage_of,
         )
         exchange = None
         if onebit:

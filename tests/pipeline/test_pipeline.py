@@ -22,6 +22,7 @@ from shardwise.pipeline import runtime
 from shardwise.pipeline.costs import profile_parts
 from shardwise.planner import predict
 from shardwise.run_plan import meta_model, resolve
+from shardwise.zero.store import FlatStore
 from tests.cli_runs import logged_losses, run_cli, train_on_two_ranks
 from tests.parity import (
     BF16_RTOL,
@@ -64,6 +65,7 @@ def _trained_and_merged(cfg, poisoned: int | None = None) -> tuple[list[float], 
     engine = initialize(build_model(cfg), None, cfg, mesh=mesh)
     if dist.get_rank() == poisoned:
         _poison_first_block_gradient(engine)
+    held = _full_gradients_left(engine) if engine.plan.sharding.grads else None
     dp, rank = dims.dp, dims.dp_rank(mesh)
     losses = []
     for inputs, targets in global_batches(cfg):
@@ -74,6 +76,8 @@ def _trained_and_merged(cfg, poisoned: int | None = None) -> tuple[list[float], 
         moved = torch.tensor(float(engine.memory_report()["chunks_host"]))
         dist.all_reduce(moved)
         assert moved > 0, "no chunk left the device on any rank"
+    if held:  # no stage's gradients wait for another's backward ([Note: launch order])
+        assert max(held) == 0, f"{max(held)} bytes of full-size gradients outlived a backward"
     if engine.plan.sharding.params:  # this rank keeps its shard of its stage's parameters
         whole = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         assert engine.memory_report()["params"] < 0.6 * whole
@@ -87,6 +91,23 @@ def _trained_and_merged(cfg, poisoned: int | None = None) -> tuple[list[float], 
                 assert torch.equal(merged[name], tensor), f"copies of {name} differ"
             merged[name] = tensor
     return losses, merged, engine
+
+
+def _full_gradients_left(engine: Engine) -> list[int]:
+    """Bytes of the flat store's full-size gradient buffers alive after each backward (filled
+    as training goes; empty for the chunk store)."""
+    store, held = engine.store, []
+    if not isinstance(store, FlatStore):
+        return held
+    after = store.after_backward
+
+    def counted(sync: bool) -> None:
+        after(sync)
+        buffers = [b.grads for b in store.reducer.buckets if b.grads is not None]
+        held.append(sum(g.numel() * g.element_size() for g in buffers))
+
+    store.after_backward = counted
+    return held
 
 
 CASES = {
@@ -172,13 +193,22 @@ def test_a_split_by_measured_time_is_rank_zeros_everywhere_and_matches_single_pr
 
 @pytest.mark.parametrize(
     ("stage", "schedule"),
-    [(0, "1f1b"), (1, "1f1b"), (2, "1f1b"), (3, "1f1b"), (3, "interleaved_1f1b")],
+    [
+        (0, "1f1b"),
+        (1, "1f1b"),
+        (2, "1f1b"),
+        (3, "1f1b"),
+        (2, "interleaved_1f1b"),
+        (3, "interleaved_1f1b"),
+    ],
 )
 def test_two_stages_times_two_replicas_match_single_process(pool4, stage, schedule):
     """pp=2 x dp=2, replicated or with Adam's states, gradients and parameters sharded over
     dp (ZeRO 1-3; at stage 3 each stage's blocks, embedding, final norm and head are units
     of their own, gathered around their calls); the tied weight's gradient is summed whole
-    over its two stages either way."""
+    over its two stages either way. At stage 2 every backward reduce-scatters the buckets of
+    the stage it ran through (an interleaved rank's two stages share no bucket), so no
+    full-size gradient outlives it (`_trained_and_merged` checks)."""
     cfg = config(2, schedule, global_batch=8, dp_shard=2).replace(zero={"stage": stage})
     if schedule == "interleaved_1f1b":
         cfg = cfg.replace(pipeline={"chunks": 2})
