@@ -249,6 +249,23 @@ def test_two_ranks_zero3_delayed_update_matches_the_reference(pool2):
         assert_parity(got, want, rtol=1e-5)
 
 
+def test_zero3_delayed_update_through_the_launcher(tmp_path, capsys):
+    """`shardwise train` at zero.stage=3 on two ranks, the host's update delayed from step 2,
+    logs the losses of the same delayed run on one rank (fp32, 1e-5)."""
+    from tests.cli_runs import TINY_RUN, logged_losses, run_cli, settings_args, train_on_two_ranks
+
+    settings = [*TINY_RUN, "train.steps=5", "train.global_batch=4", "offload.optimizer=host"]
+    settings += ["offload.delayed_update=2"]
+    shows = "adam states: host, updated in the background from step 2"
+    two = train_on_two_ranks(tmp_path / "two", [*settings, "zero.stage=3"], capsys, shows)
+    argv = ["train", "--nproc", "1", "--out", str(tmp_path / "one"), *settings_args(settings)]
+    code, printed = run_cli(argv, capsys)
+    assert code == 0, printed
+    one = logged_losses(tmp_path / "one")
+    assert len(two) == 5
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
+
+
 def test_two_ranks_delayed_update_resumes_exactly(pool2, tmp_path):
     """A save waits for the update in flight (in the uninterrupted run too), so the run
     resumed from it continues as the one that saved it."""
