@@ -184,8 +184,10 @@ class RunPlan:
 
         master = 4 * psi if self.precision.needs_master_weights else 0
         states = per_rank(8 * psi, self.sharding.optimizer)
-        if self.offload.delayed_update:  # the host's own parameters and gradients
-            states *= 2
+        if self.offload.delayed_update:  # the host's own gradients and parameters (the chunk
+            # store's host masters of bf16 / fp16 homes are the master weights already)
+            copies = 1 if self.chunks and master else 2
+            states += per_rank(4 * copies * psi, self.sharding.optimizer)
         if self.optimizer.onebit_freeze:  # + the frozen steps' denominators
             states += per_rank(4 * psi, self.sharding.optimizer) + self._onebit_error_bytes(psi)
             if self.config.optim.name == "zero_one_adam":  # + the synchronised parameters

@@ -233,20 +233,41 @@ def test_two_ranks_zero2_delayed_update_matches_the_reference(pool2, tmp_path):
         assert_parity(got, want, rtol=1e-5)
 
 
-def test_two_ranks_zero3_delayed_update_matches_the_reference(pool2):
+def _zero3_delayed_run(cfg) -> tuple[list[float], dict, dict]:
+    from tests.parity import build_model, train_rows
+
+    engine = initialize(build_model(cfg), None, cfg)
+    losses, state = train_rows(engine, cfg)
+    return losses, state, engine.memory_report()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_two_ranks_zero3_delayed_update_matches_the_reference(pool2, dtype):
     """ZeRO-3's units: each rank's shards updated on the host in the background from step 2,
     written into the shards before the next update (chunks gathered from them before are
-    dropped); the final weights wait for the last update."""
-    from tests.parity import assert_parity, engine_run, make_config, reference_run
+    dropped); the final weights wait for the last update. The host's copies are what the
+    plan predicts, category by category: its masters are the master weights of bf16 shards,
+    and in fp32 count with Adam's states, beside the gradients' copies."""
+    from tests.parity import BF16_RTOL, assert_parity, make_config, reference_run
 
-    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=3).replace(
+    cfg = make_config(micro_batch=2, global_batch=4, zero_stage=3, dtype=dtype).replace(
         offload={"optimizer": "host", "delayed_update": 2}
     )
-    want = reference_run(cfg)
-    on_time = reference_run(cfg.replace(offload={"delayed_update": 0}))
+    fp32 = cfg.replace(precision={"dtype": "fp32"})
+    want = reference_run(fp32)
+    on_time = reference_run(fp32.replace(offload={"delayed_update": 0}))
     assert want[0][:2] == on_time[0][:2] and want[0][2] != on_time[0][2]  # stale from step 3
-    for got in pool2.run(engine_run, cfg):
-        assert_parity(got, want, rtol=1e-5)
+    predicted = resolve(cfg, 2).model_state_bytes()
+    for losses, state, report in pool2.run(_zero3_delayed_run, cfg):
+        if dtype == "fp32":
+            assert_parity((losses, state), want, rtol=1e-5)
+        else:
+            torch.testing.assert_close(
+                torch.tensor(losses), torch.tensor(want[0]), rtol=BF16_RTOL, atol=0
+            )
+        assert report["master_params"] == pytest.approx(predicted["master_params"], rel=0.01)
+        held = report["optimizer_states"] + report["offloaded_host"]
+        assert held == pytest.approx(predicted["optimizer_states"], rel=0.01)
 
 
 def test_zero3_delayed_update_through_the_launcher(tmp_path, capsys):

@@ -701,17 +701,21 @@ class ChunkStore:
 
     def memory_report(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """`model_state_report` with ``params`` the chunks now on the device (parameters and
-        homes), ``grads`` the
-        ``param.grad`` tensors (none between steps), ``master_params`` the fp32 master
-        copies (the host optimizer's, or on the device those of [Note: master copies on the
-        device]), and the manager's own counts: ``chunks_device`` / ``_host`` / ``_disk``
-        (parameter chunks), ``grad_chunks_device`` / ``_host`` / ``_disk`` (gradient chunks;
-        none between steps) and ``chunks_device_peak`` (both, the peak since the start)."""
+        homes), ``grads`` the ``param.grad`` tensors (none between steps), ``master_params``
+        the fp32 master copies of bf16 / fp16 parameters (the host optimizer's, or on the
+        device those of [Note: master copies on the device]; an fp32 run's host copies, kept
+        for ``offload.delayed_update``, count with the optimizer's states, as the flat store
+        and the plan count them), and the manager's own counts: ``chunks_device`` / ``_host``
+        / ``_disk`` (parameter chunks), ``grad_chunks_device`` / ``_host`` / ``_disk``
+        (gradient chunks; none between steps) and ``chunks_device_peak`` (both, the peak
+        since the start)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        masters = [s["master"] for s in optimizer.state.values() if "master" in s]
-        masters += self.masters.values()
+        masters, skip = list(self.masters.values()), ()
+        if self.precision.needs_master_weights:
+            masters += [s["master"] for s in optimizer.state.values() if "master" in s]
+            skip = ("master",)
         homes = [h.payload for h in self.homes if self.sharded and h.tier is Tier.DEVICE]
-        report = model_state_report(self.model, optimizer, grads, masters, homes, ("master",))
+        report = model_state_report(self.model, optimizer, grads, masters, homes, skip)
         per_tier = self.grads.bytes_per_tier()
         managed = self.manager.memory_report()
         report.update({f"chunks_{t.value}": managed[t.value] - per_tier[t] for t in Tier})
