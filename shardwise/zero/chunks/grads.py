@@ -170,18 +170,14 @@ class ChunkedAdamW(OffloadedAdamW):
         group_chunks: Sequence[Chunk],
         open_chunk: Callable[[Chunk], None],
         close_chunk: Callable[[Chunk], None],
-        grad_of: Callable[[nn.Parameter], torch.Tensor | None],
         **kw,
     ) -> None:
-        """`open_chunk` brings a parameter chunk in with its gradients, which `grad_of` gives
-        (in the reduce dtype, which may not be the parameter's)."""
+        """`open_chunk` brings a parameter chunk in with its gradients, which `grad_of` (in
+        `kw`, `OffloadedAdamW`'s) gives (in the reduce dtype, which may not be the
+        parameter's)."""
         super().__init__(groups, **kw)
         self._group_chunks = list(group_chunks)
         self._open, self._close = open_chunk, close_chunk
-        self._grad_of = grad_of
-
-    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
-        return self._grad_of(p)
 
     def _stepped(self) -> Iterator[Any]:
         current: Chunk | None = None

@@ -489,7 +489,10 @@ class ChunkStore:
         settings = offloaded_adamw_settings(plan.config.optim, self.offload, self.disk)
         if self.delays:  # the homes stay on the device: its update opens none
             return OffloadedAdamW(
-                chunk_groups, **settings, delayed_from=self.offload.delayed_update
+                chunk_groups,
+                **settings,
+                delayed_from=self.offload.delayed_update,
+                grad_of=self._attached_grad,
             )
         return ChunkedAdamW(
             chunk_groups,
@@ -581,7 +584,7 @@ class ChunkStore:
         grads = []
         for param, grad in self.grads.attach(chunk):
             stepped = self._stepped(param)  # a master piece, if any
-            if self.offload.optimizer == "device" or self.delays:  # it reads `.grad`
+            if self.offload.optimizer == "device":  # a torch optimizer: `.grad`
                 stepped.grad = grad if grad.dtype == stepped.dtype else grad.to(stepped.dtype)
                 grad = stepped.grad
             else:

@@ -122,10 +122,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
         disk: StateFiles | None = None,
         chunk_bytes: int = 64 << 20,
         delayed_from: int = 0,
+        grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> None:
         """`delayed_from` k > 0: updates from step k on run in the background (`step`, [Note:
         delayed parameter update]), so the host keeps its own copies of parameters and
-        gradients."""
+        gradients. `grad_of(p)`: the gradient the update reads for `p`, where it is not
+        ``p.grad`` (a chunk store's fp32 gradient chunks of bf16 parameters); default
+        ``p.grad``."""
         if tier not in TIERS:
             raise ConfigError(f"optimizer state tier {tier!r} is not one of {', '.join(TIERS)}")
         if tier == "disk" and disk is None:
@@ -143,6 +146,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._copies: dict[torch.Tensor, torch.Tensor] = {}
         """Delayed: parameter -> the host buffer its gradient is copied into at each step."""
         self._background = ThreadPoolExecutor(1, "shardwise-update") if self.delayed else None
+        self._grad_of = grad_of
         self._pending: Future | None = None
 
     # -- chunk buffers -----------------------------------------------------------------------
@@ -255,18 +259,19 @@ class OffloadedAdamW(torch.optim.Optimizer):
         staged = {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = self._grad(p)
+                if grad is None:
                     continue
                 if p not in self._copies:
                     copy = torch.empty(p.shape, dtype=torch.float32, device=HOST)
                     self._copies[p] = copy.pin_memory() if self._pinned else copy
-                staged[p] = self._copies[p].copy_(p.grad)
+                staged[p] = self._copies[p].copy_(grad)
                 self._new_state(p)
         return staged
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient the update reads for `p`."""
-        return p.grad
+        return p.grad if self._grad_of is None else self._grad_of(p)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
