@@ -10,7 +10,7 @@ keeps it whole (ZeRO 1-2); gradient chunks are in the reduce dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,8 @@ class ChunkBytes:
         """Bytes of the gradient chunk of chunk `index` (in the reduce dtype)."""
         return self.chunks[index].numel * self.grad_dtype.itemsize
 
-    def largest(self, size) -> int:
+    def largest(self, size: Callable[[int], int]) -> int:
+        """The largest of `size` (`home`, `grad`) over the chunks."""
         return max(size(i) for i in range(len(self.chunks)))
 
     def update(self) -> int:
