@@ -348,7 +348,8 @@ def test_engine_offload_errors_are_clear(tmp_path):
         initialize(build_model(cfg), None, missing)
     with pytest.raises(ConfigError, match="brings its own AdamW"):
         initialize(build_model(cfg), lambda g: None, cfg.replace(offload={"optimizer": "host"}))
-    for offload in ({"delayed_update": 1}, {"delayed_update": 1, "policy": "static"}):
+    moving = {"optimizer": "host", "delayed_update": 1, "policy": "static"}  # chunks that move
+    for offload in ({"delayed_update": 1}, {"delayed_update": 1, "policy": "static"}, moving):
         with pytest.raises(ConfigError, match="delayed_update overlaps the host's Adam step"):
             initialize(build_model(cfg), None, cfg.replace(offload=offload))
     late = {"optimizer": "host", "delayed_update": cfg.train.steps + 1}
