@@ -96,7 +96,7 @@ class ChunkStore:
         self.precision = plan.precision
         self.model = model
         self.offload = offload
-        self.delays = offload.delayed_update > 0
+        self.delayed = offload.delayed_update > 0
         """``offload.delayed_update`` (the plan allows it for units only, whose homes never
         leave the device): the host's update runs in the background while the next step
         computes ([Note: delayed parameter update] in offload/adam.py)."""
@@ -487,7 +487,7 @@ class ChunkStore:
         if self.offload.optimizer == "device":
             return (given or default_optimizer_factory(plan.config.optim))(chunk_groups)
         settings = offloaded_adamw_settings(plan.config.optim, self.offload, self.disk)
-        if self.delays:  # the homes stay on the device: its update opens none
+        if self.delayed:  # the homes stay on the device: its update opens none
             return OffloadedAdamW(
                 chunk_groups,
                 **settings,
@@ -515,7 +515,7 @@ class ChunkStore:
         try:
             if isinstance(optimizer, ChunkedAdamW):
                 optimizer.step()
-            elif self.delays:
+            elif self.delayed:
                 self._finish_delayed(optimizer)
                 for home in self.homes:
                     self._open_for_update(home)
@@ -541,7 +541,7 @@ class ChunkStore:
     def _finish_delayed(self, optimizer: torch.optim.Optimizer) -> None:
         """Write a delayed update still running into the homes (the homes' chunks gathered
         before are dropped as their homes open for the update, or were at the step's end)."""
-        if self.delays:
+        if self.delayed:
             optimizer.finish_step()
 
     @torch.no_grad()
