@@ -36,7 +36,7 @@ from shardwise.precision import make_loss_scaler
 from shardwise.run_plan import RunPlan, resolve
 from shardwise.schedule import Batch, build_schedule
 from shardwise.tensor_parallel import Plan, apply_tensor_parallel
-from shardwise.zero.optimizer import ParamInit
+from shardwise.zero.chunks.chunk import ParamInit
 from shardwise.zero.store import DataParallelGroups, build_store, clip_coefficient
 
 

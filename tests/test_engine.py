@@ -134,7 +134,7 @@ def test_master_weights_are_fp32_and_params_bf16():
     assert all(s.master.dtype == torch.float32 for s in engine.store.shards.groups)
     engine.train_step(global_batches(cfg, 1)[0])
     for owned in engine.store.shards.groups:
-        torch.testing.assert_close(owned.flat_params.float(), owned.master, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(owned.chunk.payload.float(), owned.master, rtol=1e-2, atol=1e-3)
 
 
 def test_gradients_are_views_of_the_flat_buckets():

@@ -36,7 +36,7 @@ from shardwise.checkpoint.shards import (
 from shardwise.config import ModelConfig
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.models.gpt import gpt_config_from
-from shardwise.zero.optimizer import ParamInit
+from shardwise.zero.chunks.chunk import ParamInit
 
 TARGETS = ("single", "safetensors", "hf")
 """What `convert` writes; ``layout:CONFIG`` is the CLI's (the layout's ranks save it)."""

@@ -1,10 +1,12 @@
 """A flat group: parameters that are laid out, reduced, stepped and gathered as one.
 
 The flat store (zero/store.py) keeps every trainable parameter as a view of one flat buffer
-per group. A group's layout and gradient buffers are the reducer's `Bucket`; the group itself
-adds what this rank holds of the parameters: with ``sharded``, this rank's optimizer steps
-one slice of the group (ZeRO 1-2), else all of it. Its parameters are permanent views of
-`flat_params`. (ZeRO-3's parameters, gathered around their use, are chunks: zero/params.py.)
+per group: a `Chunk` (zero/chunks/chunk.py) laid out as the reducer's `Bucket`, which also
+holds the group's gradient buffers. The chunk stays on the device from the start, so it needs
+no manager: it is the chunk store's full chunk of ZeRO stages 1-2 with every chunk on the
+device. The group adds what this rank holds of the parameters: with ``sharded``, this rank's
+optimizer steps one slice of the group (ZeRO 1-2), else all of it. (ZeRO-3's parameters,
+gathered around their use, are chunks of the chunk store: zero/params.py.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
+from shardwise.zero.chunks.chunk import Chunk
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,11 @@ class FlatGroup:
     start: int
     """First element of the slice this rank's optimizer owns (0 unless `sharded`)."""
     end: int
-    flat_params: torch.Tensor
-    """The whole group's parameters, in the parameter dtype; model parameters are views."""
+    chunk: Chunk
+    """The whole group's parameters, in the parameter dtype, on the device: model parameters
+    are views of its payload."""
     shard: torch.Tensor
-    """The owned parameters in the parameter dtype: a view of `flat_params`."""
+    """The owned parameters in the parameter dtype: a view of the chunk's payload."""
     master: torch.Tensor
     """The owned slice in the master dtype (a copy, or `shard` itself)."""
     pieces: list[nn.Parameter] = field(default_factory=list)
@@ -65,7 +69,7 @@ class FlatGroup:
         if needs_master:
             self.shard.copy_(self.master)
         if self.sharded:
-            comm.all_gather_(self.flat_params, self.shard, group)
+            comm.all_gather_(self.chunk.payload, self.shard, group)
 
 
 def overlaps(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int, int]]:

@@ -7,19 +7,18 @@ parameters and all-gathers the result; stage 2 also partitions the gradients
 16Ψ (DP), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2).
 
 [Note: flat buffers and pieces] Model parameters become views of one flat buffer per reducer
-bucket (the reducer's layout, padded to a multiple of N), held by the bucket's `FlatGroup`
-(zero/flat_group.py). A rank owns one contiguous slice of every bucket: all of it at stage 0,
-slice r at stages 1-3. The optimizer steps
-*pieces*: the part of one parameter that falls in the owned slice, as a 1-D view of the
-owned master buffer (an fp32 copy when parameters are bf16/fp16, else the flat parameter
-buffer itself, so fp32 training keeps no second copy). Pieces keep per-parameter optimizer
-settings (weight-decay groups) and record which global slice of which parameter they hold,
-which checkpoints save so that a later resharding can map them to any layout.
+bucket (a chunk laid out as the bucket, padded to a multiple of N), held by the bucket's
+`FlatGroup` (zero/flat_group.py). A rank owns one contiguous slice of every bucket: all of
+it at stage 0, slice r at stages 1 and 2. The optimizer steps *pieces*: the part of one
+parameter that falls in the owned slice, as a 1-D view of the owned master buffer (an fp32
+copy when parameters are bf16/fp16, else the flat parameter buffer itself, so fp32 training
+keeps no second copy). Pieces keep per-parameter optimizer settings (weight-decay groups)
+and record which global slice of which parameter they hold, which checkpoints save so that a
+later resharding can map them to any layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,23 +27,22 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.precision import MixedPrecisionPolicy
+from shardwise.zero.chunks.chunk import Chunk, ParamInit, Slot, Tier, TierIO
 from shardwise.zero.flat_group import FlatGroup, PieceInfo, overlaps
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
 
 
-ParamInit = Callable[[str, torch.Tensor], None]
-"""Fills the parameter of the given name in place (e.g. ``GPT.init_parameter``)."""
-
-# [Note: building from the meta device] A model built on the meta device is materialised one
-# bucket at a time: each parameter is filled by `param_init` directly in its slot of the
-# bucket's flat buffer and the meta parameter is swapped for that view
-# (`torch.utils.swap_tensors` keeps the Python object, so modules, ties and the reducer's
-# lists still point at it). Hooks do not survive a swap, which is why the reducer registers
-# its hooks only at the first backward. (At stage 3 a unit's chunk is filled and cut down to
-# this rank's shard one at a time, zero/chunks/sharding.py: a model larger than one rank's
-# memory is built directly as shards.)
+# [Note: building from the meta device] A model built on the meta device is materialised
+# one bucket at a time, as its chunk is (`Chunk.materialize`): each parameter is filled by
+# `param_init` directly in its slot of the bucket's flat buffer and the meta parameter is
+# swapped for that view (`torch.utils.swap_tensors` keeps the Python object, so modules,
+# ties and the reducer's lists still point at it). Hooks do not survive a swap, which is
+# why the reducer registers its hooks only at the first backward. (At stage 3 a unit's
+# chunk is filled and cut down to this rank's shard one at a time,
+# zero/chunks/sharding.py: a model larger than one rank's memory is built directly as
+# shards.)
 
 
 class OptimizerShards:
@@ -69,7 +67,9 @@ class OptimizerShards:
         self.sharded = sharding.optimizer
         names = {id(p): name for name, p in model.named_parameters()}
         rank, size = (comm.group_rank(group), comm.group_size(group)) if self.sharded else (0, 1)
-        self.groups = [self._own(bucket, names, rank, size) for bucket in buckets]
+        self.groups = [
+            self._own(index, bucket, names, rank, size) for index, bucket in enumerate(buckets)
+        ]
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
         for owned in self.groups:
             for piece, owner in zip(owned.pieces, owned.owners, strict=True):
@@ -77,31 +77,26 @@ class OptimizerShards:
 
     def _own(
         self,
+        index: int,
         bucket: Bucket,
         names: dict[int, str],
         rank: int,
         size: int,
     ) -> FlatGroup:
-        flat = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-        for index, param in enumerate(bucket.params):
-            view = bucket.view_of(flat, index)
-            # `.data` (not the view itself): the parameter keeps a version counter of its
-            # own, so the buffer's in-place writes (the update, the all-gather after it) never
-            # trip autograd's check on a tensor some graph saved.
-            if param.is_meta:
-                self.param_init(names[id(param)], view)
-                torch.utils.swap_tensors(param, nn.Parameter(view.data))
-            else:
-                view.copy_(param.detach())
-                param.data = view
+        slots = [
+            Slot(names[id(param)], param, offset, param.numel())
+            for param, offset in zip(bucket.params, bucket.offsets, strict=True)
+        ]
+        chunk = Chunk(index, f"bucket.{index}", bucket.numel, bucket.dtype, slots)
+        chunk.materialize(Tier.DEVICE, TierIO(bucket.device), self.param_init)
         shard_numel = bucket.numel // size
         start, end = rank * shard_numel, (rank + 1) * shard_numel
-        shard = flat[start:end]
+        shard = chunk.payload[start:end]
         if self.policy.needs_master_weights:
             master = shard.to(self.policy.master_dtype)
         else:
             master = shard
-        owned = FlatGroup(bucket, self.sharded, start, end, flat, shard, master)
+        owned = FlatGroup(bucket, self.sharded, start, end, chunk, shard, master)
         spans = [(o, p.numel()) for o, p in zip(bucket.offsets, bucket.params, strict=True)]
         for index, lo, hi in overlaps(spans, start, end):
             param, offset = bucket.params[index], bucket.offsets[index]

@@ -59,7 +59,9 @@ from shardwise.accelerator import get_accelerator
 from shardwise.distributed import comm
 from shardwise.errors import ConfigError
 from shardwise.zero.module_hooks import in_backward
-from shardwise.zero.optimizer import ParamInit
+
+ParamInit = Callable[[str, torch.Tensor], None]
+"""Fills the parameter of the given name in place (e.g. ``GPT.init_parameter``)."""
 
 
 def free_storage(tensor: torch.Tensor) -> None:
@@ -574,12 +576,15 @@ def _disk(io: TierIO, chunk: Chunk) -> DiskTierLike:
 
 
 def _point_params_at(slots: Sequence[Slot], payload: torch.Tensor) -> None:
+    """Make each slot's parameter a view of `payload`. Through ``.data``: the parameter keeps
+    a version counter of its own, so writes into the payload (an update, an all-gather after
+    it) never trip autograd's check on a tensor some graph saved."""
     for slot in slots:
         view = payload[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
         if slot.param.is_meta:
             # `.data =` cannot turn a meta tensor into a real one; a swap keeps the object.
             torch.utils.swap_tensors(
-                slot.param, nn.Parameter(view, requires_grad=slot.param.requires_grad)
+                slot.param, nn.Parameter(view.data, requires_grad=slot.param.requires_grad)
             )
         else:
             slot.param.data = view

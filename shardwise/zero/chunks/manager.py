@@ -57,10 +57,10 @@ from shardwise.zero.chunks.chunk import (
     ChunkEvent,
     ChunkState,
     DiskTierLike,
+    ParamInit,
     Tier,
     TierIO,
 )
-from shardwise.zero.optimizer import ParamInit
 
 MAX_WRITES_BEHIND = 2
 """Moves to disk in flight at once: each holds a chunk of host memory (its staging buffer)

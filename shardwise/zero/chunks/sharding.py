@@ -74,6 +74,7 @@ from shardwise.zero.chunks.chunk import (
     ChunkState,
     GatheredChunk,
     GradChunk,
+    ParamInit,
     Slot,
     Tier,
     TierIO,
@@ -81,7 +82,6 @@ from shardwise.zero.chunks.chunk import (
 from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.flat_group import overlaps
-from shardwise.zero.optimizer import ParamInit
 
 
 @dataclass(eq=False)

@@ -31,7 +31,14 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.chunks.budget import MIB, ChunkBytes, mib_up
-from shardwise.zero.chunks.chunk import Chunk, ChunkState, Tier, TierIO, build_grad_chunks
+from shardwise.zero.chunks.chunk import (
+    Chunk,
+    ChunkState,
+    ParamInit,
+    Tier,
+    TierIO,
+    build_grad_chunks,
+)
 from shardwise.zero.chunks.grads import ChunkedAdamW, GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
 from shardwise.zero.chunks.packing import (
@@ -54,7 +61,6 @@ from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
-from shardwise.zero.optimizer import ParamInit
 from shardwise.zero.params import Units
 from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
 
