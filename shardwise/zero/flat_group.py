@@ -11,27 +11,13 @@ gathered around their use, are chunks of the chunk store: zero/params.py.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
-from shardwise.zero.chunks.chunk import Chunk
-
-
-@dataclass(frozen=True)
-class PieceInfo:
-    """Which global slice of which parameter an optimizer piece holds."""
-
-    name: str
-    """Parameter name in the model (the first name of a tied parameter)."""
-    start: int
-    """First element of the slice, in the flattened parameter."""
-    end: int
-    """One past the last element of the slice."""
+from shardwise.zero.chunks.chunk import Chunk, Slot
 
 
 @dataclass(eq=False)
@@ -51,17 +37,20 @@ class FlatGroup:
     """The owned parameters in the parameter dtype: a view of the chunk's payload."""
     master: torch.Tensor
     """The owned slice in the master dtype (a copy, or `shard` itself)."""
-    pieces: list[nn.Parameter] = field(default_factory=list)
-    """What the optimizer steps: the part of each parameter inside the owned slice."""
-    owners: list[nn.Parameter] = field(default_factory=list)
-    """The model parameter each piece is a slice of."""
-    infos: list[PieceInfo] = field(default_factory=list)
-    grad_ranges: list[tuple[int, int]] = field(default_factory=list)
-    """Flat range of each piece, for finding its reduced gradient."""
+    pieces: list[Slot] = field(default_factory=list)
+    """What the optimizer steps: the part of each parameter inside the owned slice, a 1-D
+    view of `master` (offsets from `start`), as a chunk's home holds them
+    (`zero.chunks.chunk.cut`)."""
+    owners: list[Slot] = field(default_factory=list)
+    """The chunk's slot of the model parameter each piece is a part of."""
 
     def owned_grad(self) -> torch.Tensor:
         """The reduced gradient of the owned slice."""
         return self.bucket.reduced_range(self.start, self.end)
+
+    def piece_grad(self, piece: Slot) -> torch.Tensor:
+        """The reduced gradient of one of the `pieces` (flat)."""
+        return self.owned_grad()[piece.offset : piece.offset + piece.numel]
 
     def write_back(self, needs_master: bool, group: object) -> None:
         """After a step: the owned slice into the parameters, all-gathered when the optimizer
@@ -70,16 +59,3 @@ class FlatGroup:
             self.shard.copy_(self.master)
         if self.sharded:
             comm.all_gather_(self.chunk.payload, self.shard, group)
-
-
-def overlaps(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
-    """``(index, lo, hi)`` for each span ``(offset, numel)`` of a flat layout that overlaps
-    the slice [start, end): the flat range [lo, hi) of its part inside the slice. How a
-    rank's slice of a flat group, or of a chunk (zero/chunks/sharding.py), cuts parameters
-    into the pieces its optimizer steps."""
-    result = []
-    for index, (offset, numel) in enumerate(spans):
-        lo, hi = max(offset, start), min(offset + numel, end)
-        if lo < hi:
-            result.append((index, lo, hi))
-    return result

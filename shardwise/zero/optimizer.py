@@ -27,8 +27,8 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.distributed.reducer import Bucket
 from shardwise.precision import MixedPrecisionPolicy
-from shardwise.zero.chunks.chunk import Chunk, ParamInit, Slot, Tier, TierIO
-from shardwise.zero.flat_group import FlatGroup, PieceInfo, overlaps
+from shardwise.zero.chunks.chunk import Chunk, ParamInit, Slot, Tier, TierIO, cut
+from shardwise.zero.flat_group import FlatGroup
 
 if TYPE_CHECKING:
     from shardwise.run_plan import Sharding
@@ -73,7 +73,7 @@ class OptimizerShards:
         self._piece_of_param: dict[int, list[nn.Parameter]] = {}
         for owned in self.groups:
             for piece, owner in zip(owned.pieces, owned.owners, strict=True):
-                self._piece_of_param.setdefault(id(owner), []).append(piece)
+                self._piece_of_param.setdefault(id(owner.param), []).append(piece.param)
 
     def _own(
         self,
@@ -96,15 +96,10 @@ class OptimizerShards:
             master = shard.to(self.policy.master_dtype)
         else:
             master = shard
-        owned = FlatGroup(bucket, self.sharded, start, end, chunk, shard, master)
-        spans = [(o, p.numel()) for o, p in zip(bucket.offsets, bucket.params, strict=True)]
-        for index, lo, hi in overlaps(spans, start, end):
-            param, offset = bucket.params[index], bucket.offsets[index]
-            owned.pieces.append(nn.Parameter(master[lo - start : hi - start]))
-            owned.owners.append(param)
-            owned.infos.append(PieceInfo(names[id(param)], lo - offset, hi - offset))
-            owned.grad_ranges.append((lo, hi))
-        return owned
+        pieces, owners = cut(
+            slots, start, end, lambda slot, lo, hi: nn.Parameter(master[lo - start : hi - start])
+        )
+        return FlatGroup(bucket, self.sharded, start, end, chunk, shard, master, pieces, owners)
 
     # -- the optimizer's view ------------------------------------------------------------
 
@@ -128,14 +123,14 @@ class OptimizerShards:
         """Point each piece's ``.grad`` at its reduced gradient (upcast when the reduce dtype
         is not the master dtype; the copy lives until `release_grads`)."""
         for owned in self.groups:
-            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                grad = owned.bucket.reduced_range(lo, hi)
-                piece.grad = grad if grad.dtype == piece.dtype else grad.to(piece.dtype)
+            for piece in owned.pieces:
+                grad, stepped = owned.piece_grad(piece), piece.param
+                stepped.grad = grad if grad.dtype == stepped.dtype else grad.to(stepped.dtype)
 
     def release_grads(self) -> None:
         for owned in self.groups:
             for piece in owned.pieces:
-                piece.grad = None
+                piece.param.grad = None
 
     def sync_params(self) -> None:
         """After the step: write the owned slice back into the parameters; all-gather the

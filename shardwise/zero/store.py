@@ -41,7 +41,7 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
-from shardwise.zero.flat_group import PieceInfo
+from shardwise.zero.chunks.chunk import PieceInfo
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
 from shardwise.zero.optimizer import OptimizerShards, ParamInit
 from shardwise.zero.params import unit_chunks
@@ -330,10 +330,10 @@ class FlatStore:
             return torch.stack(norms).square().sum()
         pieces, weights = [], []
         for owned, grad in zip(self.shards.groups, grads, strict=True):
-            for owner, (lo, hi) in zip(owned.owners, owned.grad_ranges, strict=True):
-                pieces.append(grad[lo - owned.start : hi - owned.start])
-                share = 1.0 / self.tp.replicas[id(owner)] if self.tp is not None else 1.0
-                weights.append(0.0 if owner is uncounted else share)
+            for piece, owner in zip(owned.pieces, owned.owners, strict=True):
+                pieces.append(grad[piece.offset : piece.offset + piece.numel])
+                share = 1.0 / self.tp.replicas[id(owner.param)] if self.tp is not None else 1.0
+                weights.append(0.0 if owner.param is uncounted else share)
         norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
         return (norms.square() * torch.tensor(weights, device=norms.device)).sum()
 
@@ -372,9 +372,9 @@ class FlatStore:
         for index, owned in enumerate(self.shards.groups):
             flat = torch.zeros_like(owned.master)  # the padding stays zero
             averaged = {}
-            for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-                averaged[piece] = flat[lo - owned.start : hi - owned.start]
-                fill(piece, averaged[piece])
+            for piece in owned.pieces:
+                averaged[piece.param] = flat[piece.offset : piece.offset + piece.numel]
+                fill(piece.param, averaged[piece.param])
             if exchange is not None:
                 exchange.launch(index, flat, flat, scaled=False).wait()
             yield averaged
@@ -429,9 +429,11 @@ class FlatStore:
         return holders is None or comm.group_rank(holders) == 0
 
     def owned(self) -> Iterator[OwnedPiece]:
+        names = {id(p): name for name, p in self.model.named_parameters()}
         for owned in self.shards.groups:
-            for info, owner, piece in zip(owned.infos, owned.owners, owned.pieces, strict=True):
-                yield OwnedPiece(info, owner, piece)
+            for piece, owner in zip(owned.pieces, owned.owners, strict=True):
+                info = PieceInfo.of(names[id(owner.param)], piece, owner, owned.start)
+                yield OwnedPiece(info, owner.param, piece.param)
 
     def load_owned(self, fill: Callable[[OwnedPiece], None]) -> None:
         """`fill` writes each owned piece; the parameters are then written from them (and

@@ -278,9 +278,10 @@ def _momenta_of_a_compressed_step() -> dict:
     def recording_launch(index, local, out, scaled=True):
         owned = groups[index]
         want = torch.zeros_like(local)
-        for piece, (lo, hi) in zip(owned.pieces, owned.grad_ranges, strict=True):
-            m = optimizer.state[piece]["exp_avg"].flatten()
-            torch.lerp(m, piece.grad.flatten(), 0.1, out=want[lo - owned.start : hi - owned.start])
+        for piece in owned.pieces:
+            m = optimizer.state[piece.param]["exp_avg"].flatten()
+            mine = want[piece.offset : piece.offset + piece.numel]
+            torch.lerp(m, piece.param.grad.flatten(), 0.1, out=mine)
         expected.append(want)  # b1 m + (1 - b1) g on this rank's own gradient (b1 = 0.9)
         given.append((local.clone(), scaled))
         averaged.append(out)
@@ -290,7 +291,7 @@ def _momenta_of_a_compressed_step() -> dict:
     with CommStats() as stats:
         engine.train_step(tuple(t[rank : rank + 1] for t in batches[1]))
     momenta = [
-        torch.cat([optimizer.state[p]["exp_avg"].flatten() for p in owned.pieces])
+        torch.cat([optimizer.state[p.param]["exp_avg"].flatten() for p in owned.pieces])
         for owned in groups
     ]
     return {

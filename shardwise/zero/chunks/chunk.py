@@ -160,6 +160,43 @@ class Slot:
     numel: int
 
 
+def cut(
+    slots: Sequence[Slot], start: int, end: int, piece_of: Callable[[Slot, int, int], nn.Parameter]
+) -> tuple[list[Slot], list[Slot]]:
+    """A rank's slice [start, end) of a chunk cut into the pieces its optimizer steps: for each
+    of the chunk's `slots` overlapping the slice, a slot of the slice (offsets from `start`)
+    holding ``piece_of(slot, lo, hi)``, the parameter stepped for the chunk's elements
+    [lo, hi); and, in a second list, the slot it is a piece of (its owner)."""
+    pieces, owners = [], []
+    for slot in slots:
+        lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
+        if lo < hi:
+            name = f"{slot.name}[{lo - slot.offset}:{hi - slot.offset}]"
+            pieces.append(Slot(name, piece_of(slot, lo, hi), lo - start, hi - lo))
+            owners.append(slot)
+    return pieces, owners
+
+
+@dataclass(frozen=True)
+class PieceInfo:
+    """Which global slice of which parameter an optimizer piece holds (what a checkpoint
+    saves, so that a later resharding can map it to any layout)."""
+
+    name: str
+    """Parameter name in the model (the first name of a tied parameter)."""
+    start: int
+    """First element of the slice, in the flattened parameter."""
+    end: int
+    """One past the last element of the slice."""
+
+    @classmethod
+    def of(cls, name: str, piece: Slot, owner: Slot, start: int) -> PieceInfo:
+        """`piece`'s: a slot of the slice beginning at element `start` of the chunk holding
+        `owner`, the slot of the parameter `name` it is a piece of."""
+        first = start + piece.offset - owner.offset
+        return cls(name, first, first + piece.numel)
+
+
 @dataclass
 class TierIO:
     """What moving bytes between tiers needs: the device, the disk tier, pinning, a copy stream."""

@@ -78,10 +78,10 @@ from shardwise.zero.chunks.chunk import (
     Slot,
     Tier,
     TierIO,
+    cut,
 )
 from shardwise.zero.chunks.grads import GradChunks, grad_norms
 from shardwise.zero.chunks.manager import ChunkManager
-from shardwise.zero.flat_group import overlaps
 
 
 @dataclass(eq=False)
@@ -135,13 +135,14 @@ def shard_chunks(
         values = _first_values(chunk, io, param_init)
         numel = chunk.numel // size
         lo, hi = rank * numel, (rank + 1) * numel
-        pieces, owners = [], []
-        for index, start, end in overlaps([(s.offset, s.numel) for s in chunk.slots], lo, hi):
-            slot = chunk.slots[index]
-            piece = nn.Parameter(torch.empty(end - start, dtype=chunk.dtype, device="meta"))
-            name = f"{slot.name}[{start - slot.offset}:{end - slot.offset}]"
-            pieces.append(Slot(name, piece, start - lo, end - start))
-            owners.append(slot)
+        pieces, owners = cut(
+            chunk.slots,
+            lo,
+            hi,
+            lambda slot, start, end: nn.Parameter(
+                torch.empty(end - start, dtype=slot.param.dtype, device="meta")
+            ),
+        )
         shard = ShardChunk(
             2 * n + chunk.index,
             f"shard.{chunk.index}",

@@ -35,6 +35,7 @@ from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkState,
     ParamInit,
+    PieceInfo,
     Tier,
     TierIO,
     build_grad_chunks,
@@ -57,7 +58,6 @@ from shardwise.zero.chunks.placement import (
 )
 from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
-from shardwise.zero.flat_group import PieceInfo
 from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
@@ -693,8 +693,7 @@ class ChunkStore:
             self.manager.access(home, read_only=read_only)
             owners = home.owners if self.sharded else home.slots
             for slot, owner in zip(home.slots, owners, strict=True):
-                start = rank * home.numel + slot.offset - owner.offset
-                info = PieceInfo(first_name[id(owner.param)], start, start + slot.numel)
+                info = PieceInfo.of(first_name[id(owner.param)], slot, owner, rank * home.numel)
                 yield OwnedPiece(info, owner.param, self._stepped(slot.param))
             if not read_only and home.index in self.masters:
                 home.payload.data.copy_(self.masters[home.index])
