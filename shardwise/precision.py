@@ -272,9 +272,7 @@ class DynamicLossScaler:
             # torch's fused unscale-and-check (CPU and CUDA): grads *= inv, flag = 1 on inf/NaN.
             torch._amp_foreach_non_finite_check_and_unscale_(same_device, flag, inv)
             found_inf = torch.maximum(found_inf, flag.to(device))
-        for group in groups:
-            comm.all_reduce_(found_inf, group, op=dist.ReduceOp.MAX)
-        return bool(found_inf.item())
+        return found_on_any_rank(found_inf, groups)
 
     def update(self, found_inf: bool) -> bool:
         """Advance the state machine by one step; return whether the optimizer should step."""
@@ -334,6 +332,14 @@ class DynamicLossScaler:
                 f"{self.hysteresis}; resume with the settings the checkpoint was written with"
             )
         self._state = restored
+
+
+def found_on_any_rank(found: torch.Tensor, groups: Sequence) -> bool:
+    """Whether any rank of each of `groups` found an inf/NaN (`found`: this rank's flag, a
+    one-element float tensor, nonzero if so): the ranks take one decision together."""
+    for group in groups:
+        comm.all_reduce_(found, group, op=dist.ReduceOp.MAX)
+    return bool(found.item())
 
 
 def _group_by_device(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -315,9 +315,7 @@ class FlatStore:
         over its replicas; `uncounted`, a second copy of a tied weight, not at all) summed
         over the groups holding disjoint slices."""
         squares = self._grad_squares(self.shards.owned_grads(), uncounted)
-        for group in self.norm_groups:
-            comm.all_reduce_(squares, group)
-        return squares.sqrt()
+        return global_norm(squares, self.norm_groups)
 
     def _grad_squares(
         self, grads: list[torch.Tensor], uncounted: nn.Parameter | None
@@ -486,6 +484,14 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
         return None
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return coef if coef.item() < 1.0 else None
+
+
+def global_norm(squares: torch.Tensor, groups: list) -> torch.Tensor:
+    """The global gradient 2-norm from this rank's sum of squared elements (`squares`), summed
+    over the `groups` whose ranks hold disjoint gradients (dp shards, tp ranks, stages)."""
+    for group in groups:
+        comm.all_reduce_(squares, group)
+    return squares.sqrt()
 
 
 def model_state_report(

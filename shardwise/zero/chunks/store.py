@@ -27,7 +27,7 @@ from torch import nn
 from shardwise.distributed import comm
 from shardwise.errors import CheckpointError, ConfigError
 from shardwise.optim import OptimizerFactory, default_optimizer_factory
-from shardwise.precision import DynamicLossScaler
+from shardwise.precision import DynamicLossScaler, found_on_any_rank
 from shardwise.run_plan import RunPlan
 from shardwise.tensor_parallel import TensorParallel
 from shardwise.zero.chunks.budget import MIB, ChunkBytes, mib_up
@@ -62,7 +62,12 @@ from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_adamw_settings
 from shardwise.zero.offload.disk import DiskTier
 from shardwise.zero.params import Units
-from shardwise.zero.store import DataParallelGroups, OwnedPiece, model_state_report
+from shardwise.zero.store import (
+    DataParallelGroups,
+    OwnedPiece,
+    global_norm,
+    model_state_report,
+)
 
 log = logging.getLogger("shardwise")
 
@@ -369,12 +374,8 @@ class ChunkStore:
     def unscale_and_check(self, scaler: DynamicLossScaler) -> bool:
         """fp16: unscale this rank's gradient chunks; the overflow flag is every rank's."""
         found = self.grads.unscale_and_check_(scaler)
-        if not self.norm_groups:
-            return found
         flag = torch.tensor([float(found)], device=self.device)
-        for group in self.norm_groups:
-            comm.all_reduce_(flag, group, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return found_on_any_rank(flag, self.norm_groups)
 
     def grad_norm(self, uncounted: nn.Parameter | None = None) -> torch.Tensor:
         """The global norm: in one process exactly as a plain torch run computes it (per
@@ -387,10 +388,7 @@ class ChunkStore:
         if uncounted is not None:  # the parameter, or this rank's piece of it
             pieces = [key for key, origin in self._origin.items() if origin == id(uncounted)]
             weights = {**weights, **dict.fromkeys([id(uncounted), *pieces], 0.0)}
-        squares = self.grads.squares(weights)
-        for group in self.norm_groups:
-            comm.all_reduce_(squares, group)
-        return squares.sqrt()
+        return global_norm(self.grads.squares(weights), self.norm_groups)
 
     @torch.no_grad()
     def sum_reduced_grad(self, param: nn.Parameter, group: object) -> None:
