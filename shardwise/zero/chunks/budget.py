@@ -2,9 +2,9 @@
 in (before any step: chunk sizes and the static policy), the budget the auto policy's warm-up
 step measured, and whether the chunks fit in device and host memory at all.
 
-Sizes per chunk index: a *home* is what the optimizer updates (the chunk, or this rank's
-shard of it); what the placement places is the home, or the full chunk where every rank
-keeps it whole (ZeRO 1-2); gradient chunks are in the reduce dtype.
+Sizes per chunk index: a *home* is what the placement places and the optimizer pass opens
+(the chunk, or at ZeRO-3 this rank's shard of it); gradient chunks are in the reduce dtype,
+and what the optimizer reads of them is this rank's slice.
 """
 
 from __future__ import annotations
@@ -31,22 +31,16 @@ class ChunkBytes:
     model: nn.Module
     chunks: Sequence[Chunk]
     ranks: int
-    """Ranks each chunk is sharded over (1: homes are the chunks)."""
+    """Ranks each chunk is sharded over (1: the optimizer updates whole chunks)."""
     sharded: bool
     """Gradients are reduced over ranks (shards or replicas)."""
     gathered: bool
-    """ZeRO-3: full chunks gathered from the shards for each use."""
-    whole: bool
-    """ZeRO 1-2 over ranks: every rank keeps the full chunks."""
+    """ZeRO-3: full chunks gathered from the shards (the homes) for each use."""
     grad_dtype: torch.dtype
 
     def home(self, index: int) -> int:
         """Bytes of the home of chunk `index`: the chunk, or this rank's shard of it."""
-        return self.chunks[index].nbytes // self.ranks
-
-    def placed(self, index: int) -> int:
-        """Bytes of what the placement puts at position `index`."""
-        return self.chunks[index].nbytes if self.whole else self.home(index)
+        return self.chunks[index].nbytes // (self.ranks if self.gathered else 1)
 
     def grad(self, index: int) -> int:
         """Bytes of the gradient chunk of chunk `index` (in the reduce dtype)."""
@@ -57,10 +51,8 @@ class ChunkBytes:
         return max(size(i) for i in range(len(self.chunks)))
 
     def update(self) -> int:
-        """Device bytes of the optimizer pass beside pinned chunks: a home and its gradients,
-        or, with full chunks kept whole over ranks, a home and the chunk gathered from it."""
-        if self.whole:
-            return self.largest(self.home) + max(c.nbytes for c in self.chunks)
+        """Device bytes of the optimizer pass beside pinned chunks: a home and the gradients
+        of this rank's slice of it."""
         return self.largest(self.home) + self.largest(self.grad) // self.ranks
 
     def minimum(self, pinned: frozenset[int]) -> tuple[int, str]:
@@ -71,7 +63,7 @@ class ChunkBytes:
         optimizer pass the pinned homes and `update`."""
         on_device = frozenset() if self.gathered else pinned  # pinned shards gather anyway
         held = held_chunks(self.model, self.chunks) - on_device
-        base = sum(self.placed(i) for i in pinned)
+        base = sum(self.home(i) for i in pinned)
         base += sum(self.chunks[i].nbytes for i in held)
         modules = chunks_of_modules(self.model, self.chunks)
         working = {
@@ -94,7 +86,7 @@ class ChunkBytes:
             why.append(f"a shard is gathered and a gradient shard reduced into ({shards} bytes)")
         elif self.sharded:
             why.append(f"a gradient shard is reduced into ({shards} bytes)")
-        update = sum(self.placed(i) for i in pinned) + self.update()
+        update = sum(self.home(i) for i in pinned) + self.update()
         return max(base + working[module] + grad + shards, update), "; ".join(why)
 
     def check_trace(self, trace: MemoryTrace, budget: int, budget_mb: float) -> None:
@@ -131,12 +123,10 @@ class ChunkBytes:
             )
 
     def check_capacity(self, device_budget: int | None, host_budget: int | None) -> None:
-        """Without a disk tier, homes and their gradients (and full chunks kept whole) must
-        fit in the device and host budgets together."""
+        """Without a disk tier, homes and the gradients of this rank's slices must fit in the
+        device and host budgets together."""
         indices = range(len(self.chunks))  # homes and their gradients, backward..update
         total = sum(self.home(i) + self.grad(i) // self.ranks for i in indices)
-        if self.whole:  # the full chunks beside the shards
-            total += sum(c.nbytes for c in self.chunks)
         if host_budget is not None and device_budget is not None:
             if total > device_budget + host_budget:
                 raise ConfigError(

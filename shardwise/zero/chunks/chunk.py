@@ -197,6 +197,35 @@ class PieceInfo:
         return cls(name, first, first + piece.numel)
 
 
+@dataclass(frozen=True)
+class OwnedSlice:
+    """What a rank's optimizer updates of one chunk: elements [offset, offset + numel) of its
+    *home*'s payload, cut into `pieces` (`cut`). The home is the chunk itself (in one
+    process, or where every rank keeps the full chunk: ZeRO 1-2), or this rank's shard of it,
+    a chunk of its own (ZeRO-3)."""
+
+    home: Chunk
+    offset: int
+    """First element of the slice in the home's payload."""
+    numel: int
+    first: int
+    """First element of the slice in the full chunk (what `PieceInfo.of` counts from)."""
+    pieces: list[Slot]
+    """What the optimizer steps, offsets from the slice's first element: the chunk's own
+    slots where the slice is the whole chunk."""
+    owners: list[Slot]
+    """Per piece, the chunk's slot of the parameter it is a part of."""
+
+    @classmethod
+    def whole(cls, chunk: Chunk) -> OwnedSlice:
+        """All of `chunk`, its parameters stepped as they are."""
+        return cls(chunk, 0, chunk.numel, 0, chunk.slots, chunk.slots)
+
+    def view(self) -> torch.Tensor:
+        """The slice of the home's payload (on the device while the home is)."""
+        return self.home.payload[self.offset : self.offset + self.numel]
+
+
 @dataclass
 class TierIO:
     """What moving bytes between tiers needs: the device, the disk tier, pinning, a copy stream."""
@@ -347,17 +376,21 @@ class Chunk:
         self._fill(flat, param_init)
         if tier is Tier.DEVICE:
             self.payload, self.tier = flat, Tier.DEVICE
-            _point_params_at(self.slots, self.payload)
+            _point_params_at(self._views(), self.payload)
             return
         # torch slices no tensor larger than its storage, so the views are made before the
         # storage goes: one chunk of device memory for an instant. `apply_placement`
         # materialises host-bound chunks first, while the device is still empty.
         self.payload = torch.empty(self.numel, dtype=self.dtype, device=io.device)
-        _point_params_at(self.slots, self.payload)
+        _point_params_at(self._views(), self.payload)
         free_storage(self.payload)
         self.host, self.tier = flat, Tier.HOST
         if tier is Tier.DISK:
             self.move(Tier.DISK, io)
+
+    def _views(self) -> list[Slot]:
+        """The slots whose parameters view the payload: the chunk's own."""
+        return self.slots
 
     def _fill(self, flat: torch.Tensor, param_init: ParamInit | None) -> None:
         """First values of a new payload: the parameters' own, or `param_init`'s for those

@@ -2,15 +2,17 @@
 Gemini).
 
 With N > 1 data-parallel ranks every parameter chunk is split into N equal shards and rank r
-updates only shard r: its slice of the parameters (`ShardChunk`), of their gradients and of
-their Adam states. Each of these is a chunk of its own in the rank's `ChunkManager`, so it
-lives on the device, in host memory or on disk under the same budgets as everything else.
-What the stages add to that:
+updates only shard r: its slice of the parameters (an `OwnedSlice`), of their gradients and
+of their Adam states. The gradient shard is a chunk of its own in the rank's `ChunkManager`,
+so it lives on the device, in host memory or on disk under the same budgets as everything
+else. What the stages add to that:
 
-    stage 3    the full chunk the model computes with is gathered for each use and dropped
-               after (`GatheredChunk`)
+    stage 3    the parameter shard is a chunk of its own (`ShardChunk`), and the full chunk
+               the model computes with is gathered from the shards for each use and
+               dropped after (`GatheredChunk`)
     stage 2    every rank keeps the full chunk (`ReplicaChunk`), placed and moved like one
-               process's; after the update it is all-gathered from the updated shards
+               process's; its shard is a slice of it, updated in place, after which the
+               chunk is all-gathered in place
     stage 1    as stage 2, and the full gradient chunks accumulate over the micro-batches
                and are reduced once per step, at its last backward
 
@@ -27,9 +29,10 @@ What the stages add to that:
                          rank's gradient shard (added from the second micro-batch on), divided
                          by N, and freed (`ShardedGrads`); with no device budget (ZeRO-3's
                          units) in the background, finished before the next one starts
-    optimizer pass       each shard with its gradient shard: the update touches 1/N of the
+    optimizer pass       each home with its gradient shard: the update touches 1/N of the
                          chunk; the full chunk gathered before it is stale from then and freed
-                         (stage 3), or all-gathered from the updated shards (stages 1 and 2)
+                         (stage 3), or, being the home, all-gathered in place from the updated
+                         slices before it is released (stages 1 and 2)
 
 [Note: the same moves on every rank] Every rank must reach the collectives in the same
 order: gathers follow the accesses, which the model fixes, and the evictions, which the
@@ -62,6 +65,7 @@ summation order (not bit for bit, as the one-process path is).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,6 +78,7 @@ from shardwise.zero.chunks.chunk import (
     ChunkState,
     GatheredChunk,
     GradChunk,
+    OwnedSlice,
     ParamInit,
     Slot,
     Tier,
@@ -98,18 +103,24 @@ class SeededChunk(Chunk):
 
 @dataclass(eq=False)
 class ShardChunk(SeededChunk):
-    """This rank's shard of a chunk. Its slots are *pieces*: 1-D parameters of their own
-    (what the optimizer updates), one per parameter of the chunk that overlaps the shard."""
-
-    owners: list[Slot] = field(default_factory=list, repr=False)
-    """Per piece: the slot of the full chunk whose parameter it is a piece of."""
+    """This rank's shard of a gathered chunk (ZeRO-3), its home. Its slots are *pieces*: 1-D
+    parameters of their own (what the optimizer updates), one per parameter of the chunk
+    that overlaps the shard."""
 
 
 @dataclass(eq=False)
 class ReplicaChunk(SeededChunk):
     """A full parameter chunk every rank keeps whole (ZeRO stages 1 and 2): placed and moved
-    like a chunk of one process, with no collective to bring it in; after each update its
-    bytes are all-gathered from the ranks' updated shards (`ChunkStore.update`)."""
+    like a chunk of one process, with no collective to bring it in. It is its own home: this
+    rank's optimizer steps `pieces` that view its payload, as the parameters do, and after
+    each update the chunk is all-gathered in place from the ranks' updated slices
+    (`ChunkStore`)."""
+
+    pieces: list[Slot] = field(default_factory=list, repr=False)
+    """This rank's optimizer pieces at their offsets in the chunk."""
+
+    def _views(self) -> list[Slot]:
+        return [*self.slots, *self.pieces]
 
 
 def shard_chunks(
@@ -120,13 +131,15 @@ def shard_chunks(
     *,
     gathered: bool,
     frees_after: frozenset[str] = frozenset(),
-) -> tuple[list[GatheredChunk] | list[ReplicaChunk], list[ShardChunk]]:
+) -> tuple[list[GatheredChunk] | list[ReplicaChunk], list[OwnedSlice]]:
     """Turn `chunks` (indices 0..n-1, capacities divisible by the group size) into full
     chunks with the same indices, `gathered` (ZeRO-3) or kept whole (`ReplicaChunk`, stages 1
-    and 2), and this rank's FREE shards, indices 2n..3n-1 (the full gradient chunks take
-    n..2n-1). `frees_after`: see `GatheredChunk`. Builds one chunk at a time in host memory."""
+    and 2), and the slice of each this rank's optimizer updates: with `gathered` its home is
+    this rank's FREE shard, a chunk of its own with index 2n..3n-1 (the full gradient chunks
+    take n..2n-1), else the full chunk. `frees_after`: see `GatheredChunk`. Builds one chunk
+    at a time in host memory."""
     size, rank, n = comm.group_size(group), comm.group_rank(group), len(chunks)
-    fulls, shards = [], []
+    fulls, slices = [], []
     for chunk in chunks:
         if chunk.numel % size:
             raise ValueError(
@@ -143,26 +156,38 @@ def shard_chunks(
                 torch.empty(end - start, dtype=slot.param.dtype, device="meta")
             ),
         )
-        shard = ShardChunk(
-            2 * n + chunk.index,
-            f"shard.{chunk.index}",
-            numel,
-            chunk.dtype,
-            pieces,
-            owners=owners,
-            initial=values[lo:hi].clone(),
-        )
         fields = (chunk.index, chunk.key, chunk.numel, chunk.dtype, chunk.slots)
         if gathered:  # refilled in place: the parameters view this payload
-            fulls.append(
-                GatheredChunk(
-                    *fields, payload=chunk.payload, home=shard, group=group, frees_after=frees_after
-                )
+            home = ShardChunk(
+                2 * n + chunk.index,
+                f"shard.{chunk.index}",
+                numel,
+                chunk.dtype,
+                pieces,
+                initial=values[lo:hi].clone(),
             )
+            full = GatheredChunk(
+                *fields, payload=chunk.payload, home=home, group=group, frees_after=frees_after
+            )
+            offset = 0
         else:
-            fulls.append(ReplicaChunk(*fields, initial=values))
-        shards.append(shard)
-    return fulls, shards
+            in_chunk = [dataclasses.replace(piece, offset=lo + piece.offset) for piece in pieces]
+            full = home = ReplicaChunk(*fields, initial=values, pieces=in_chunk)
+            offset = lo
+        fulls.append(full)
+        slices.append(OwnedSlice(home, offset, numel, lo, pieces, owners))
+    return fulls, slices
+
+
+def slice_grad_chunks(
+    slices: Sequence[OwnedSlice], first_index: int, dtype: torch.dtype
+) -> list[GradChunk]:
+    """FREE gradient chunks of the owned slices, indices from `first_index`: the size of a
+    slice, its pieces as slots (`ShardedGrads` reduce-scatters into them)."""
+    return [
+        GradChunk(first_index + i, f"grads.slice.{i}", owned.numel, dtype, owned.pieces)
+        for i, owned in enumerate(slices)
+    ]
 
 
 def _first_values(chunk: Chunk, io: TierIO, param_init: ParamInit | None) -> torch.Tensor:

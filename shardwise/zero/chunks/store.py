@@ -7,11 +7,14 @@ the auto policy's warm-up trace, the chunk-wise optimizer pass, and reads and wr
 parameters for checkpoints.
 
 With a data-parallel group of N > 1 ranks the chunks are sharded over it (sharding.py;
-replica groups of such ranks average their gradient shards). What the optimizer updates (the
-*homes*) are this rank's shards; at ZeRO-3 the model's parameters view *gathered* chunks that
-exist on the device only while in use, and the placement's positions are the homes; at stages
-1 and 2 every rank keeps the full chunks, which the placement places, and its shards start in
-host memory. In one process the homes are the chunks themselves.
+replica groups of such ranks average their gradient shards): this rank's optimizer updates
+1/N of each chunk (its `OwnedSlice`), in the chunk's *home*, which the placement places and
+the optimizer pass opens. At ZeRO-3 the home is this rank's shard, a chunk of its own, and
+the model's parameters view *gathered* chunks that exist on the device only while in use.
+At stages 1 and 2 every rank keeps the full chunks, each its own home: the optimizer's
+pieces view the chunk as the parameters do, and the chunk is all-gathered in place after its
+slice was updated, as the flat store's buckets are. In one process the homes are the chunks,
+updated whole.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from shardwise.zero.chunks.budget import MIB, ChunkBytes, mib_up
 from shardwise.zero.chunks.chunk import (
     Chunk,
     ChunkState,
+    OwnedSlice,
     ParamInit,
     PieceInfo,
     Tier,
@@ -56,7 +60,7 @@ from shardwise.zero.chunks.placement import (
     placement_summary,
     static_placement,
 )
-from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks
+from shardwise.zero.chunks.sharding import ShardedGrads, shard_chunks, slice_grad_chunks
 from shardwise.zero.chunks.tracer import MemoryTrace, MemoryTracer
 from shardwise.zero.module_hooks import ModuleHooks
 from shardwise.zero.offload.adam import OffloadedAdamW, offloaded_adamw_settings
@@ -153,7 +157,7 @@ class ChunkStore:
             self._bytes_of(self.chunks).check_capacity(self.placement.device_budget, host_budget)
         if self.sharded:
             io = TierIO.for_device(torch.device(device))
-            self.chunks, self.homes = shard_chunks(
+            self.chunks, self.slices = shard_chunks(
                 self.chunks,
                 self.group,
                 io,
@@ -161,22 +165,26 @@ class ChunkStore:
                 gathered=self.gathered,
                 frees_after=units.frees_after if units else frozenset(),
             )
+            self.homes = [owned.home for owned in self.slices]
             full_grads = build_grad_chunks(self.chunks, zeroed=True, dtype=self.grad_dtype)
-            home_grads = build_grad_chunks(self.homes, dtype=self.grad_dtype)
-            managed = [*self.chunks, *full_grads, *self.homes, *home_grads]
+            shards = self.homes if self.gathered else []  # homes that are chunks of their own
+            first = len(self.chunks) + len(full_grads) + len(shards)
+            home_grads = slice_grad_chunks(self.slices, first, self.grad_dtype)
+            managed = [*self.chunks, *full_grads, *shards, *home_grads]
         else:
             self.homes = self.chunks
+            self.slices = [OwnedSlice.whole(chunk) for chunk in self.chunks]
             full_grads = home_grads = build_grad_chunks(self.chunks, dtype=self.grad_dtype)
             managed = [*self.chunks, *home_grads]
+        """`slices[i]`: what this rank's optimizer updates of chunk i, in `homes[i]` (the
+        chunk, or at ZeRO-3 this rank's shard of it)."""
         self.manager = ChunkManager(
             managed, device, self.placement.device_budget, host_budget, self.disk, param_init
         )
         for i, chunk in enumerate(self.chunks):
             for follower in {full_grads[i], home_grads[i], self.homes[i]} - {chunk}:
                 self.manager.follow(follower, chunk)
-        apply_placement(self.manager, self.placement, self._placed())
-        for home in self.homes if self.whole else ():
-            self.manager.place(home, Tier.HOST)  # the chunk computes; its shard only updates
+        apply_placement(self.manager, self.placement, self.homes)
         if self.sharded:
             self.grads = ShardedGrads(
                 self.homes,
@@ -208,17 +216,17 @@ class ChunkStore:
         """Param group index -> the home it updates (see `param_groups`)."""
         self._origin = {
             id(piece.param): id(owner.param)
-            for home in (self.homes if self.sharded else ())
-            for piece, owner in zip(home.slots, home.owners, strict=True)
+            for owned in self.slices
+            for piece, owner in zip(owned.pieces, owned.owners, strict=True)
         }
-        """Id of a piece the optimizer updates (sharded) -> id of the parameter it is of."""
+        """Id of a piece the optimizer updates -> id of the parameter it is of."""
         tp_group = tp and tp.ctx.group("tp")
         self.norm_groups = [g for g in (self.group, tp_group, groups.stages) if g is not None]
         """Groups whose ranks hold disjoint gradients: norms and overflow flags sum over them."""
         self._norm_weights = (
             {
                 key: 1.0 / tp.replicas[self._origin.get(key, key)]
-                for key in (id(s.param) for home in self.homes for s in home.slots)
+                for key in (id(s.param) for owned in self.slices for s in owned.pieces)
             }
             if tp is not None
             else {}
@@ -236,31 +244,31 @@ class ChunkStore:
         """Manager index of a home -> its fp32 master copy on the device, when a device
         optimizer steps bf16/fp16 parameters ([Note: master copies on the device])."""
         self._master_pieces: dict[int, nn.Parameter] = {}
-        """Id of a home's slot parameter -> its piece of the master copy (what is stepped)."""
+        """Id of a piece of an owned slice -> its piece of the master copy (what is stepped)."""
         if plan.precision.needs_master_weights and offload.optimizer == "device":
             self._build_masters(plan.precision.master_dtype)
 
     # [Note: master copies on the device] With bf16 or fp16 parameters and Adam's states on
     # the device (``offload.optimizer='device'``), each home has an fp32 master copy on the
     # device, as the flat store's optimizer slices have: the optimizer steps pieces of it (the
-    # home's slots, in fp32) whose gradients are views of the gradient chunk (fp32, the
+    # owned slice's pieces, in fp32) whose gradients are views of the gradient chunk (fp32, the
     # reduce dtype; upcast copies with ``precision.reduce_dtype='param'``), and after each
     # home's update the master is rounded into the home. The host and disk optimizers keep
     # their own master copies (`ChunkedAdamW`).
 
     def _build_masters(self, dtype: torch.dtype) -> None:
-        for home in self.homes:
-            self.manager.access(home, read_only=True)
-            master = home.payload.detach().to(dtype=dtype, copy=True)
-            self.masters[home.index] = master
-            for slot in home.slots:
+        for owned in self.slices:
+            self.manager.access(owned.home, read_only=True)
+            master = owned.view().detach().to(dtype=dtype, copy=True)
+            self.masters[owned.home.index] = master
+            for slot in owned.pieces:
                 view = master[slot.offset : slot.offset + slot.numel].view(slot.param.shape)
                 self._master_pieces[id(slot.param)] = nn.Parameter(view)
-            self.manager.release(home, "forward")
+            self.manager.release(owned.home, "forward")
         self.manager.end_step()
 
     def _stepped(self, param: nn.Parameter) -> nn.Parameter:
-        """What the optimizer steps for a home's slot parameter: its master piece, if any."""
+        """What the optimizer steps for a piece of an owned slice: its master piece, if any."""
         return self._master_pieces.get(id(param), param)
 
     def _place_the_rest(self) -> None:
@@ -275,12 +283,8 @@ class ChunkStore:
                 if id(param) not in chunked and not param.is_meta:
                     param.data = param.data.to(self.device)
 
-    def _placed(self) -> list[Chunk]:
-        """The chunks the placement's positions stand for: those that rest between uses."""
-        return self.homes if self.gathered else self.chunks
-
     def _log_placement(self) -> None:
-        log.info(placement_summary(self._placed(), self.placement))
+        log.info(placement_summary(self.homes, self.placement))
         if self.gathered:
             log.info(
                 f"  chunks sharded over {self.ranks} rank(s): this rank keeps 1/{self.ranks} "
@@ -289,7 +293,7 @@ class ChunkStore:
         elif self.whole:
             log.info(
                 f"  every rank keeps the full chunks (above) and updates 1/{self.ranks} of "
-                "each, all-gathered after the update"
+                "each in place, all-gathered after the update"
             )
 
     # -- placement ---------------------------------------------------------------------------
@@ -297,7 +301,7 @@ class ChunkStore:
     def _bytes_of(self, chunks: list[Chunk]) -> ChunkBytes:
         """What a step over `chunks` needs of the device, as this store shards them."""
         return ChunkBytes(
-            self.model, chunks, self.ranks, self.sharded, self.gathered, self.whole, self.grad_dtype
+            self.model, chunks, self.ranks, self.sharded, self.gathered, self.grad_dtype
         )
 
     def _chunks_and_placement(
@@ -342,7 +346,7 @@ class ChunkStore:
             optim = 1.0 if self.offload.optimizer == "device" else 0.0
             placement = static_placement(chunks, self.offload.param_device_fraction, optim)
             return dataclasses.replace(placement, device_budget=budget)
-        placed = self._bytes_of(chunks).placed
+        placed = self._bytes_of(chunks).home
         on_device, room = 0, budget
         while on_device < len(chunks) and placed(on_device) <= room:
             room -= placed(on_device)
@@ -402,19 +406,21 @@ class ChunkStore:
         position = next(
             i for i, chunk in enumerate(self.chunks) if any(s.param is param for s in chunk.slots)
         )
-        home = self.homes[position]
-        grads = self.grads.of(home)
-        owners = home.owners if self.sharded else home.slots
-        mine = [(s, o) for s, o in zip(home.slots, owners, strict=True) if o.param is param]
+        owned = self.slices[position]
+        grads = self.grads.of(owned.home)
+        pairs = zip(owned.pieces, owned.owners, strict=True)
+        mine = [(piece, owner) for piece, owner in pairs if owner.param is param]
         self.manager.access(grads)
         if not self.sharded:
             view = grads.grad_view(mine[0][0])
             comm.all_reduce_(view, group)
         else:
             whole = torch.zeros(param.numel(), dtype=grads.dtype, device=self.device)
-            base = comm.group_rank(self.group) * home.numel
             parts = [
-                (grads.grad_view(piece), whole[base + piece.offset - owner.offset :][: piece.numel])
+                (
+                    grads.grad_view(piece),
+                    whole[owned.first + piece.offset - owner.offset :][: piece.numel],
+                )
                 for piece, owner in mine
             ]
             for view, part in parts:
@@ -441,7 +447,7 @@ class ChunkStore:
         budget = self.manager.device_budget
         self._bytes_of(self.chunks).check_trace(trace, budget, self.offload.device_budget_mb)
         self.placement = auto_placement(self.chunks, trace, self.manager.device_budget)
-        apply_placement(self.manager, self.placement, self._placed())
+        apply_placement(self.manager, self.placement, self.homes)
         self._log_placement()
 
     def _same_on_every_rank(self, trace: MemoryTrace) -> MemoryTrace:
@@ -463,21 +469,18 @@ class ChunkStore:
 
     def param_groups(self, groups: list[dict]) -> list[dict]:
         """`groups` (e.g. weight decay) split by home, in chunk order: the optimizer walks the
-        homes in that order, updating their slots (pieces, when sharded). Sets
-        `group_chunks`."""
+        homes in that order, updating the pieces of this rank's slices. Sets `group_chunks`."""
         members = [{id(p) for p in group["params"]} for group in groups]
         split: list[dict] = []
         self.group_chunks = []
-        for home in self.homes:
+        for owned in self.slices:
             for group, ids in zip(groups, members, strict=True):
                 params = [
-                    self._stepped(s.param)
-                    for s in home.slots
-                    if self._origin.get(id(s.param), id(s.param)) in ids
+                    self._stepped(s.param) for s in owned.pieces if self._origin[id(s.param)] in ids
                 ]
                 if params:
                     split.append({**group, "params": params})
-                    self.group_chunks.append(home)
+                    self.group_chunks.append(owned.home)
         return split
 
     def build_optimizer(
@@ -534,8 +537,6 @@ class ChunkStore:
             self._visit_skipped(len(self.homes))
         finally:
             self._clip_coef = None
-        if self.whole:
-            self._gather_updates()
 
     def sync_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the homes what every rank agrees on (before a save, a load or
@@ -547,19 +548,6 @@ class ChunkStore:
         before are dropped as their homes open for the update, or were at the step's end)."""
         if self.delayed:
             optimizer.finish_step()
-
-    @torch.no_grad()
-    def _gather_updates(self) -> None:
-        """Full chunks kept whole: each all-gathered from the ranks' updated shards, in chunk
-        order on every rank (a pass of its own: which homes an optimizer visits may differ
-        between ranks, whose shards can hold padding only)."""
-        for chunk, home in zip(self.chunks, self.homes, strict=True):
-            self.manager.access(home, read_only=True)
-            self.manager.access(chunk)
-            # into .data: see [Note: refilling keeps the version] (chunk.py)
-            comm.all_gather_(chunk.payload.data, home.payload, self.group)
-            self.manager.release(chunk, "backward")
-            self.manager.release(home, "backward")
 
     def _open_for_update(self, chunk: Chunk) -> None:
         """Bring home `chunk` for its update, after visiting the homes before it that the
@@ -605,14 +593,27 @@ class ChunkStore:
         return self._attached.get(id(param))
 
     def _close_after_update(self, chunk: Chunk) -> None:
-        master = self.masters.get(chunk.index)
-        if master is not None:
-            chunk.payload.data.copy_(master)  # see [Note: refilling keeps the version]
-        for slot in chunk.slots:
+        """After `chunk`'s update: its master rounded into it, its gradients freed, and a full
+        chunk kept whole all-gathered in place from every rank's updated slice."""
+        owned = self.slices[self._position[chunk.index]]
+        self._write_slice(owned)
+        for slot in owned.pieces:
             self._stepped(slot.param).grad = None
             self._attached.pop(id(slot.param), None)
         self.grads.detach(chunk)
         self.manager.release(chunk, "backward")
+
+    @torch.no_grad()
+    def _write_slice(self, owned: OwnedSlice) -> None:
+        """The stepped values of `owned` (on the device) into its chunk: its master rounded
+        into the slice, if it has one; a full chunk kept whole then all-gathered from every
+        rank's slice, in chunk order on every rank (the optimizer pass and checkpoint loads
+        visit every home: [Note: the same moves on every rank], sharding.py)."""
+        master = self.masters.get(owned.home.index)
+        if master is not None:  # into .data: see [Note: refilling keeps the version]
+            owned.view().data.copy_(master)
+        if self.whole:
+            comm.all_gather_(owned.home.payload.data, owned.view(), self.group)
 
     def end_step(self) -> None:
         """After the optimizer step: gradient chunks and gathered chunks freed, every chunk
@@ -670,32 +671,29 @@ class ChunkStore:
         yield from self._walk_homes(read_only=True)
 
     def load_owned(self, fill: Callable[[OwnedPiece], None]) -> None:
-        """`fill` writes each home's pieces; the full chunks follow from the homes: dropped
-        where gathered, all-gathered where kept whole."""
+        """`fill` writes each owned piece; the full chunks follow from the slices: dropped
+        where gathered (stale), all-gathered where kept whole (`_write_slice`)."""
         with torch.no_grad():
             for piece in self._walk_homes(read_only=False):
                 fill(piece)
             if self.gathered:
                 for chunk in self.chunks:
                     self._drop_gathered(chunk)
-            if self.whole:
-                self._gather_updates()
         self.manager.end_step()
 
     def _walk_homes(self, read_only: bool) -> Iterator[OwnedPiece]:
-        """Each home's pieces as the optimizer steps them (master pieces, if any); unless
-        `read_only`, a home's master is rounded into it after its pieces were written."""
+        """The pieces of each owned slice as the optimizer steps them (master pieces, if any),
+        its home brought in; unless `read_only`, the slice is written into its chunk after its
+        pieces were (`_write_slice`)."""
         first_name = {id(p): name for name, p in self.model.named_parameters()}
-        rank = comm.group_rank(self.group) if self.sharded else 0
-        for home in self.homes:
-            self.manager.access(home, read_only=read_only)
-            owners = home.owners if self.sharded else home.slots
-            for slot, owner in zip(home.slots, owners, strict=True):
-                info = PieceInfo.of(first_name[id(owner.param)], slot, owner, rank * home.numel)
-                yield OwnedPiece(info, owner.param, self._stepped(slot.param))
-            if not read_only and home.index in self.masters:
-                home.payload.data.copy_(self.masters[home.index])
-            self.manager.release(home, "forward")
+        for owned in self.slices:
+            self.manager.access(owned.home, read_only=read_only)
+            for piece, owner in zip(owned.pieces, owned.owners, strict=True):
+                info = PieceInfo.of(first_name[id(owner.param)], piece, owner, owned.first)
+                yield OwnedPiece(info, owner.param, self._stepped(piece.param))
+            if not read_only:
+                self._write_slice(owned)
+            self.manager.release(owned.home, "forward")
         self.manager.end_step()
 
     def rank_state(self) -> dict | None:
@@ -720,7 +718,7 @@ class ChunkStore:
         if self.precision.needs_master_weights:
             masters += [s["master"] for s in optimizer.state.values() if "master" in s]
             skip = ("master",)
-        homes = [h.payload for h in self.homes if self.sharded and h.tier is Tier.DEVICE]
+        homes = [h.payload for h in self.homes if self.gathered and h.tier is Tier.DEVICE]
         report = model_state_report(self.model, optimizer, grads, masters, homes, skip)
         per_tier = self.grads.bytes_per_tier()
         managed = self.manager.memory_report()

@@ -70,9 +70,11 @@ def train_rows(cfg) -> dict:
         "report": engine.memory_report(),
         "budget": chunked.manager.device_budget,
         "chunk_bytes": chunked.chunks[0].nbytes,
-        "home_bytes": [h.nbytes for h in chunked.homes],
-        "pieces": sum(s.numel for h in chunked.homes for s in h.slots),
-        "padding_only": sum(not h.slots for h in chunked.homes),
+        "slice_bytes": [s.numel * s.home.dtype.itemsize for s in chunked.slices],
+        "homes_are_chunks": all(h is c for h, c in zip(chunked.homes, chunked.chunks)),
+        "chunk_bytes_on_tiers": sum(engine.memory_report()[f"chunks_{t.value}"] for t in Tier),
+        "pieces": sum(p.numel for s in chunked.slices for p in s.pieces),
+        "padding_only": sum(not s.pieces for s in chunked.slices),
         "tiers": sorted({h.tier.value for h in chunked.homes}),
         "gathers": sum(c.tier is Tier.DEVICE for c in chunked.chunks),
         "kept": sum(c.state is not ChunkState.FREE for c in chunked.chunks),
@@ -89,7 +91,7 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
         ranks = pool2.run(train_rows, cfg)
         for got in ranks:
             assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
-            assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"]), name
+            assert all(size == got["chunk_bytes"] // 2 for size in got["slice_bytes"]), name
             peak = got["report"]["chunks_device_peak"]
             assert peak <= got["budget"], f"{name}: device peak {peak} > {got['budget']}"
         # prefetches gathered in the background, alike on every rank (their gathers pair up)
@@ -102,15 +104,19 @@ def test_every_placement_matches_single_process_on_two_ranks(pool2, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_stages_one_and_two_keep_full_chunks_and_match_single_process(pool2, stage):
-    """Every rank keeps the full chunks between steps and updates its half of each (stage 1:
-    the gradient chunks accumulate over both micro-batches and are reduced once)."""
+    """Every rank keeps the full chunks between steps and updates its half of each in place,
+    with no copy of it apart (stage 1: the gradient chunks accumulate over both micro-batches
+    and are reduced once)."""
     want = reference_run(config())
     for name in ("static-third", "auto"):
         cfg = config(**PLACEMENTS[name]).replace(zero={"stage": stage})
         for got in pool2.run(train_rows, cfg):
             assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
-            assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"]), name
-            assert got["kept"] == len(got["home_bytes"]), "full chunks kept between steps"
+            assert all(size == got["chunk_bytes"] // 2 for size in got["slice_bytes"]), name
+            assert got["kept"] == len(got["slice_bytes"]), "full chunks kept between steps"
+            assert got["homes_are_chunks"], "the slices are updated in the full chunks"
+            chunks = got["chunk_bytes"] * got["kept"]
+            assert got["chunk_bytes_on_tiers"] == chunks, "no shard kept beside the chunks"
             peak = got["report"]["chunks_device_peak"]
             assert peak <= got["budget"], f"{name}: device peak {peak} > {got['budget']}"
             print("GATHERS", name, got["background_gathers"])
@@ -124,7 +130,7 @@ def test_four_ranks_keep_a_quarter_of_every_chunk(pool4, stage):
     want = reference_run(cfg)
     for got in pool4.run(train_rows, cfg):
         assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
-        assert all(size == got["chunk_bytes"] // 4 for size in got["home_bytes"])
+        assert all(size == got["chunk_bytes"] // 4 for size in got["slice_bytes"])
         assert got["report"]["chunks_device_peak"] <= got["budget"]
 
 
@@ -156,7 +162,7 @@ def test_two_replicas_of_whole_chunks_match_single_process(pool2):
     want = reference_run(cfg)
     for got in pool2.run(train_rows, cfg):
         assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
-        assert got["home_bytes"] == [got["chunk_bytes"]] * len(got["home_bytes"])
+        assert got["slice_bytes"] == [got["chunk_bytes"]] * len(got["slice_bytes"])
 
 
 def test_two_replicas_of_two_shards_match_single_process(pool4):
@@ -169,7 +175,7 @@ def test_two_replicas_of_two_shards_match_single_process(pool4):
     want = reference_run(cfg)
     for got in pool4.run(train_rows, cfg):
         assert_parity((got["losses"], got["state"]), want, rtol=1e-5)
-        assert all(size == got["chunk_bytes"] // 2 for size in got["home_bytes"])
+        assert all(size == got["chunk_bytes"] // 2 for size in got["slice_bytes"])
 
 
 @pytest.mark.parametrize("optimizer", ["host", "device"])
@@ -189,7 +195,7 @@ def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtyp
         if optimizer == "host":
             assert masters == 4 * got["pieces"], "fp32 masters of its pieces"
         else:
-            assert masters == 2 * sum(got["home_bytes"]), "an fp32 master of each home"
+            assert masters == 2 * sum(got["slice_bytes"]), "an fp32 master of each slice"
     total = sum(p.numel() for p in build_model(plain).parameters())  # the tied head once
     assert sum(got["pieces"] for got in results) == total
 
