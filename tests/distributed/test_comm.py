@@ -122,6 +122,46 @@ def test_in_place_ops_values_and_bytes(pool4):
         assert world["broadcast"] == {"calls": 1, "payload_bytes": 4000, "wire_bytes": wire}
 
 
+def _host_pieces() -> dict:
+    """Collectives on host tensors in pieces ([Note: host collectives in pieces]), pieces made
+    tiny here (12 elements of each rank's 250, the last one shorter): sync and async, and an
+    all-gather into the tensor its input is a slice of (how ZeRO writes updated slices back)."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    everyone = [_rank_tensor(1000, r) for r in range(n)]
+    piece_bytes, comm.HOST_PIECE_BYTES = comm.HOST_PIECE_BYTES, 12 * n * 4
+    try:
+        with CommStats() as stats:
+            for async_op in (False, True):
+                gathered = torch.empty(1000, device=_device())
+                work = comm.all_gather_(gathered, _rank_tensor(250, rank), None, async_op=async_op)
+                if work is not None:
+                    work.wait()
+                assert torch.equal(gathered, torch.cat([_rank_tensor(250, r) for r in range(n)]))
+
+                shard = torch.empty(250, device=_device())
+                x = _rank_tensor(1000, rank)
+                work = comm.reduce_scatter_(shard, x, None, async_op=async_op)
+                if work is not None:
+                    assert work.wait()
+                assert torch.equal(shard, sum(everyone)[250 * rank : 250 * (rank + 1)])
+
+            in_place = _rank_tensor(1000, rank)
+            comm.all_gather_(in_place, in_place[250 * rank : 250 * (rank + 1)], None)
+            assert torch.equal(
+                in_place, torch.cat([everyone[r][250 * r : 250 * (r + 1)] for r in range(n)])
+            )
+    finally:
+        comm.HOST_PIECE_BYTES = piece_bytes
+    return {"host": _device().type == "cpu", **stats.as_dict()["world"]}
+
+
+def test_host_collectives_in_pieces_keep_values_and_count_once(pool4):
+    for got in pool4.run(_host_pieces):
+        assert got.pop("host"), "the pieces are the host's (gloo) path"
+        # one recorded collective per call, whatever the pieces
+        assert got["all_gather"]["calls"] == 3 and got["reduce_scatter"]["calls"] == 2
+
+
 def _on_mesh_axes() -> tuple:
     mesh, rank = _mesh(), dist.get_rank()
     labelled = dist.new_group(list(range(dist.get_world_size())), group_desc="everyone")
