@@ -111,7 +111,7 @@ def test_sp2_times_2d_tp4_matches_single_process(pool8):
     pool8.run(tp_engine_run, cfg, 8)
 
 
-AUTO = {"policy": "auto", "device_budget_mb": 0.25, "chunk_search_range_mb": 0}
+AUTO = {"policy": "auto", "device_budget_mb": 0.2, "chunk_search_range_mb": 0}
 """Parameter chunks placed from a traced step, under a budget that moves some of them."""
 STATIC = {"policy": "static", "param_device_fraction": 0.0, "chunk_search_range_mb": 0}
 """Every parameter chunk streamed from host memory."""
