@@ -225,7 +225,7 @@ class ChunkStore:
         """Groups whose ranks hold disjoint gradients: norms and overflow flags sum over them."""
         self._norm_weights = (
             {
-                key: 1.0 / tp.replicas[self._origin.get(key, key)]
+                key: 1.0 / tp.replicas[self._origin[key]]
                 for key in (id(s.param) for owned in self.slices for s in owned.pieces)
             }
             if tp is not None
