@@ -71,7 +71,7 @@ def train_rows(cfg) -> dict:
         "budget": chunked.manager.device_budget,
         "chunk_bytes": chunked.chunks[0].nbytes,
         "slice_bytes": [s.numel * s.home.dtype.itemsize for s in chunked.slices],
-        "homes_are_chunks": all(h is c for h, c in zip(chunked.homes, chunked.chunks)),
+        "homes_are_chunks": all(h is c for h, c in zip(chunked.homes, chunked.chunks, strict=True)),
         "chunk_bytes_on_tiers": sum(engine.memory_report()[f"chunks_{t.value}"] for t in Tier),
         "pieces": sum(p.numel for s in chunked.slices for p in s.pieces),
         "padding_only": sum(not s.pieces for s in chunked.slices),
