@@ -178,14 +178,19 @@ def test_two_replicas_of_two_shards_match_single_process(pool4):
         assert all(size == got["chunk_bytes"] // 2 for size in got["slice_bytes"])
 
 
+@pytest.mark.parametrize("stage", [0, 2])
 @pytest.mark.parametrize("optimizer", ["host", "device"])
 @pytest.mark.parametrize(("dtype", "rtol"), [("bf16", BF16_RTOL), ("fp16", 5e-2)])
-def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(pool2, dtype, rtol, optimizer):
+def test_low_precision_on_two_ranks_keeps_fp32_masters_of_its_shards(
+    pool2, dtype, rtol, optimizer, stage
+):
     """fp16 adds loss scaling: gradient shards unscaled, the overflow flag every rank's. The
-    masters are the host optimizer's, or on the device one per home."""
+    masters are the host optimizer's, or on the device one per owned slice (stage 2: rounded
+    into the full chunk, which is then all-gathered)."""
     plain = make_config(micro_batch=1, global_batch=4, dtype=dtype)
     want = reference_run(plain)
-    cfg = plain.replace(offload={**SMALLEST_CHUNKS, "policy": "static", "optimizer": optimizer})
+    offload = {**SMALLEST_CHUNKS, "policy": "static", "optimizer": optimizer}
+    cfg = plain.replace(offload=offload, zero={"stage": stage})
     results = pool2.run(train_rows, cfg)
     for got in results:
         torch.testing.assert_close(
