@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 from torch.distributed.device_mesh import DeviceMesh
 
-from shardwise.distributed import agreement, link
+from shardwise.distributed import agreement, host, link
 from shardwise.distributed.cost import ring_wire_bytes
 
 Group = DeviceMesh | ProcessGroup | None
@@ -423,47 +423,6 @@ def _all_reduce(t: torch.Tensor, g: _Group, op: Any, async_op: bool, rec: tuple)
     return _issue("all_reduce", g, t, wire, launch, async_op, rec)
 
 
-# [Note: host collectives in pieces] On tensors in host memory (gloo), a collective whose
-# buffers reach 32 MiB runs at about half the speed of smaller ones: gloo allocates a buffer
-# of that size per call, and from 32 MiB glibc serves every allocation with a fresh mmap,
-# whose pages fault in anew each time (measured on 2 ranks: all-gathering 33 MiB 23.5 ms
-# whole, 13.0 ms in two pieces; with MALLOC_MMAP_MAX_=0 the step disappears). And gloo's
-# reduce_scatter_tensor is slower than its list form at every size (8 MiB: 11.0 vs 5.5 ms;
-# 33 MiB: 33.1 vs 19.1 ms). So on the host a reduce-scatter runs in the list form over views
-# of its input, and both run in pieces of at most `HOST_PIECE_BYTES` (every rank's part of a
-# piece together): one call per piece, recorded as one collective. All-gathers are the same
-# bytes; a reduce-scatter sums each element over the same ranks, bit for bit as before on
-# 2 ranks, and on more in another order than reduce_scatter_tensor's (a few ulps apart).
-
-HOST_PIECE_BYTES = 24 * 2**20
-
-
-def _host_pieces(per_rank: int, ranks: int, itemsize: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of each rank's `per_rank` elements, a piece's parts at most
-    `HOST_PIECE_BYTES` together."""
-    step = max(1, HOST_PIECE_BYTES // (ranks * itemsize))
-    return [(lo, min(lo + step, per_rank)) for lo in range(0, per_rank, step)]
-
-
-class _PieceWorks:
-    """The works of one collective issued in pieces: complete when every piece is."""
-
-    def __init__(self, works: list[Any]) -> None:
-        self._works = works
-
-    def wait(self, *args: Any) -> bool:
-        for work in self._works:
-            work.wait(*args)
-        return True
-
-    def is_completed(self) -> bool:
-        return all(work.is_completed() for work in self._works)
-
-
-def _in_pieces(works: list[Any], async_op: bool) -> Any:
-    return _PieceWorks(works) if async_op else None
-
-
 def _reduce_scatter(
     out: torch.Tensor, inp: torch.Tensor, g: _Group, op: Any, async_op: bool, rec: tuple
 ) -> Any:
@@ -471,29 +430,11 @@ def _reduce_scatter(
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = ring_wire_bytes("reduce_scatter", g.size, inp.nbytes)
-    if out.device.type == "cpu":  # [Note: host collectives in pieces]
-        launch = partial(_host_reduce_scatter, out, inp, g, op, async_op)
+    if out.device.type == "cpu":  # [Note: host collectives in pieces] (host.py)
+        launch = partial(host.reduce_scatter, out, inp, g.pg, g.size, op, async_op)
     else:
         launch = partial(dist.reduce_scatter_single, out, inp, op=op, group=g.pg, async_op=async_op)
     return _issue("reduce_scatter", g, inp, wire, launch, async_op, rec)
-
-
-def _host_reduce_scatter(
-    out: torch.Tensor, inp: torch.Tensor, g: _Group, op: Any, async_op: bool
-) -> Any:
-    mine, every = out.view(-1), inp.view(-1)
-    n = mine.numel()
-    works = [
-        dist.reduce_scatter(
-            mine[lo:hi],
-            [every[rank * n + lo : rank * n + hi] for rank in range(g.size)],
-            op=op,
-            group=g.pg,
-            async_op=async_op,
-        )
-        for lo, hi in _host_pieces(n, g.size, inp.element_size())
-    ]
-    return _in_pieces(works, async_op)
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool, rec: tuple) -> Any:
@@ -501,26 +442,11 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool,
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = ring_wire_bytes("all_gather", g.size, inp.nbytes)
-    if out.device.type == "cpu" and out.nbytes > HOST_PIECE_BYTES:  # [Note: host ...]
-        launch = partial(_host_all_gather, out, inp, g, async_op)
+    if out.device.type == "cpu" and out.nbytes > host.PIECE_BYTES:  # see host.py
+        launch = partial(host.all_gather, out, inp, g.pg, g.size, async_op)
     else:
         launch = partial(dist.all_gather_single, out, inp, group=g.pg, async_op=async_op)
     return _issue("all_gather", g, inp, wire, launch, async_op, rec)
-
-
-def _host_all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool) -> Any:
-    every, mine = out.view(-1), inp.view(-1)
-    n = mine.numel()
-    works = [
-        dist.all_gather(
-            [every[rank * n + lo : rank * n + hi] for rank in range(g.size)],
-            mine[lo:hi],
-            group=g.pg,
-            async_op=async_op,
-        )
-        for lo, hi in _host_pieces(n, g.size, inp.element_size())
-    ]
-    return _in_pieces(works, async_op)
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool, rec: tuple) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
-from shardwise.distributed import comm
+from shardwise.distributed import comm, host
 from shardwise.distributed.agreement import CollectiveMismatchError, check_collectives
 from shardwise.distributed.comm import CommStats
 from shardwise.distributed.dims import ParallelDims
@@ -128,7 +128,7 @@ def _host_pieces() -> dict:
     all-gather into the tensor its input is a slice of (how ZeRO writes updated slices back)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     everyone = [_rank_tensor(1000, r) for r in range(n)]
-    piece_bytes, comm.HOST_PIECE_BYTES = comm.HOST_PIECE_BYTES, 12 * n * 4
+    piece_bytes, host.PIECE_BYTES = host.PIECE_BYTES, 12 * n * 4
     try:
         with CommStats() as stats:
             for async_op in (False, True):
@@ -151,7 +151,7 @@ def _host_pieces() -> dict:
                 in_place, torch.cat([everyone[r][250 * r : 250 * (r + 1)] for r in range(n)])
             )
     finally:
-        comm.HOST_PIECE_BYTES = piece_bytes
+        host.PIECE_BYTES = piece_bytes
     return {"host": _device().type == "cpu", **stats.as_dict()["world"]}
 
 
