@@ -11,7 +11,7 @@ gathered around their use, are chunks of the chunk store: zero/params.py.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,11 +37,11 @@ class FlatGroup:
     """The owned parameters in the parameter dtype: a view of the chunk's payload."""
     master: torch.Tensor
     """The owned slice in the master dtype (a copy, or `shard` itself)."""
-    pieces: list[Slot] = field(default_factory=list)
+    pieces: list[Slot]
     """What the optimizer steps: the part of each parameter inside the owned slice, a 1-D
     view of `master` (offsets from `start`), as a chunk's home holds them
     (`zero.chunks.chunk.cut`)."""
-    owners: list[Slot] = field(default_factory=list)
+    owners: list[Slot]
     """The chunk's slot of the model parameter each piece is a part of."""
 
     def owned_grad(self) -> torch.Tensor:

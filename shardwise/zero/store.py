@@ -41,9 +41,9 @@ from shardwise.precision import DynamicLossScaler
 from shardwise.run_plan import RunPlan
 from shardwise.schedule import Schedule
 from shardwise.tensor_parallel import TensorParallel
-from shardwise.zero.chunks.chunk import PieceInfo
+from shardwise.zero.chunks.chunk import ParamInit, PieceInfo
 from shardwise.zero.offload.adam import OffloadedAdamW, optimizer_factory
-from shardwise.zero.optimizer import OptimizerShards, ParamInit
+from shardwise.zero.optimizer import OptimizerShards
 from shardwise.zero.params import unit_chunks
 
 
