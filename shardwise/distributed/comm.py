@@ -430,10 +430,9 @@ def _reduce_scatter(
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = ring_wire_bytes("reduce_scatter", g.size, inp.nbytes)
-    if out.device.type == "cpu":  # [Note: host collectives in pieces] (host.py)
-        launch = partial(host.reduce_scatter, out, inp, g.pg, g.size, op, async_op)
-    else:
-        launch = partial(dist.reduce_scatter_single, out, inp, op=op, group=g.pg, async_op=async_op)
+    on_host = out.device.type == "cpu"  # [Note: host collectives in pieces] (host.py)
+    issue = host.reduce_scatter_single if on_host else dist.reduce_scatter_single
+    launch = partial(issue, out, inp, op=op, group=g.pg, async_op=async_op)
     return _issue("reduce_scatter", g, inp, wire, launch, async_op, rec)
 
 
@@ -442,10 +441,8 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, g: _Group, async_op: bool,
         out.copy_(inp.view_as(out))
         return _done(async_op)
     wire = ring_wire_bytes("all_gather", g.size, inp.nbytes)
-    if out.device.type == "cpu" and out.nbytes > host.PIECE_BYTES:  # see host.py
-        launch = partial(host.all_gather, out, inp, g.pg, g.size, async_op)
-    else:
-        launch = partial(dist.all_gather_single, out, inp, group=g.pg, async_op=async_op)
+    issue = host.all_gather_single if out.device.type == "cpu" else dist.all_gather_single
+    launch = partial(issue, out, inp, group=g.pg, async_op=async_op)
     return _issue("all_gather", g, inp, wire, launch, async_op, rec)
 
 

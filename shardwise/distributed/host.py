@@ -24,18 +24,19 @@ PIECE_BYTES = 24 * 2**20
 """The most bytes of one piece, every rank's part together: below glibc's 32 MiB."""
 
 
-def reduce_scatter(
-    out: torch.Tensor, inp: torch.Tensor, pg: Any, ranks: int, op: Any, async_op: bool
+def reduce_scatter_single(
+    out: torch.Tensor, inp: torch.Tensor, *, op: Any, group: Any, async_op: bool
 ) -> Any:
-    """`out` = this rank's part of the sum over `pg` of contiguous `inp` (`ranks` parts)."""
+    """`out` = this rank's part of the sum over `group` of contiguous `inp` (one part per
+    rank), in the list form and in pieces."""
     mine, every = out.view(-1), inp.view(-1)
-    n = mine.numel()
+    n, ranks = mine.numel(), dist.get_world_size(group)
     works = [
         dist.reduce_scatter(
             mine[lo:hi],
             [every[rank * n + lo : rank * n + hi] for rank in range(ranks)],
             op=op,
-            group=pg,
+            group=group,
             async_op=async_op,
         )
         for lo, hi in _pieces(n, ranks, inp.element_size())
@@ -43,16 +44,18 @@ def reduce_scatter(
     return _PieceWorks(works) if async_op else None
 
 
-def all_gather(out: torch.Tensor, inp: torch.Tensor, pg: Any, ranks: int, async_op: bool) -> Any:
-    """`out` = every rank's contiguous `inp` over `pg`, in rank order (`inp` may be this
-    rank's part of `out`)."""
+def all_gather_single(out: torch.Tensor, inp: torch.Tensor, *, group: Any, async_op: bool) -> Any:
+    """`out` = every rank's contiguous `inp` over `group`, in rank order (`inp` may be this
+    rank's part of `out`): whole up to `PIECE_BYTES`, in pieces above."""
+    if out.nbytes <= PIECE_BYTES:
+        return dist.all_gather_single(out, inp, group=group, async_op=async_op)
     every, mine = out.view(-1), inp.view(-1)
-    n = mine.numel()
+    n, ranks = mine.numel(), dist.get_world_size(group)
     works = [
         dist.all_gather(
             [every[rank * n + lo : rank * n + hi] for rank in range(ranks)],
             mine[lo:hi],
-            group=pg,
+            group=group,
             async_op=async_op,
         )
         for lo, hi in _pieces(n, ranks, inp.element_size())
